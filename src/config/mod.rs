@@ -1,0 +1,398 @@
+//! `weir.toml`: the operator's one config file (DESIGN §7).
+//!
+//! Every key has a serde default so that an empty file (or no file) serves a
+//! fresh checkout. Unknown keys are errors. Every key can be overridden by an
+//! environment variable `WEIR_<SECTION>__<KEY>` (`WEIR_HTTP__LISTEN=0.0.0.0:8080`);
+//! overrides are applied to the TOML document *before* it is deserialized, so
+//! an override goes through exactly the same type checks as the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Everything that can go wrong while loading the config.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub mqtt: MqttConfig,
+    pub storage: StorageConfig,
+    pub pipelines: PipelinesConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP API. Default `127.0.0.1:8080`; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `"embedded"` (default) runs rumqttd in process; otherwise
+    /// `mqtt://host:port` or `mqtts://host:port` of an external broker.
+    pub broker: String,
+    /// Listen address of the embedded broker. Default `127.0.0.1:1883`.
+    pub embedded_listen: SocketAddr,
+    /// Client id of weir's subscriber; the persistent-session identity. Default `weir`.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Largest MQTT packet weir accepts, in bytes. Default 2 MiB, so 1 MiB
+    /// batches fit with room to spare. Larger messages are dead-lettered as `oversize`.
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: "embedded".into(),
+            embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            client_id: "weir".into(),
+            username: None,
+            password: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            max_packet_bytes: 2 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where the broker is, once `mqtt.broker` has been parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerAddr {
+    Embedded,
+    External { host: String, port: u16, tls: bool },
+}
+
+impl MqttConfig {
+    pub fn broker_addr(&self) -> Result<BrokerAddr, String> {
+        if self.broker == "embedded" {
+            return Ok(BrokerAddr::Embedded);
+        }
+        let (tls, rest) = if let Some(rest) = self.broker.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = self.broker.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            return Err(format!(
+                "mqtt.broker: expected \"embedded\", \"mqtt://host:port\" or \"mqtts://host:port\", got {:?}",
+                self.broker
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => {
+                let port = port.parse::<u16>().map_err(|_| {
+                    format!("mqtt.broker: invalid port {port:?} in {:?}", self.broker)
+                })?;
+                (host.to_string(), port)
+            }
+            None => (rest.to_string(), if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(format!("mqtt.broker: missing host in {:?}", self.broker));
+        }
+        Ok(BrokerAddr::External { host, port, tls })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Data directory (fjall). Default `data`.
+    pub dir: PathBuf,
+    /// How often operator state is checkpointed. Default `10s`.
+    #[serde(with = "duration_str")]
+    pub checkpoint_interval: Duration,
+    /// How long the ingest log keeps raw events. Default `24h`.
+    #[serde(with = "duration_str")]
+    pub log_retention: Duration,
+    /// Default retention of view rows when a view sets none. Default `30 days`.
+    #[serde(with = "duration_str")]
+    pub view_retention: Duration,
+    /// How long a dead letter is kept. Default `7 days`.
+    #[serde(with = "duration_str")]
+    pub deadletter_retention: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+            checkpoint_interval: Duration::from_secs(10),
+            log_retention: Duration::from_secs(24 * 3600),
+            view_retention: Duration::from_secs(30 * 24 * 3600),
+            deadletter_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelinesConfig {
+    /// Folder of `.sql` pipeline files. Default `config/pipelines`.
+    pub dir: PathBuf,
+}
+
+impl Default for PipelinesConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("config/pipelines"),
+        }
+    }
+}
+
+/// Parses durations written as `"10s"`, `"5 minutes"`, `"24h"`, `"7 days"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// Formats a duration the way the config writes it (`"10s"`, `"1m"`).
+pub fn format_duration(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+mod duration_str {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Loads `path` (or only defaults when `None`), applies `WEIR_*` overrides
+    /// from `env`, and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (mut doc, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let doc = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        origin: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                (doc, path.display().to_string())
+            }
+            None => (toml::Table::new(), "defaults".to_string()),
+        };
+        apply_env_overrides(&mut doc, env)?;
+        let config: Config = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin,
+                message: e.message().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.mqtt.broker_addr() {
+            problems.push(e);
+        }
+        if self.mqtt.client_id.trim().is_empty() {
+            problems.push("mqtt.client_id: must not be empty".into());
+        }
+        if self.mqtt.max_packet_bytes < 1024 * 1024 + 1024 {
+            problems.push(format!(
+                "mqtt.max_packet_bytes: {} is too small, 1 MiB batches must fit",
+                self.mqtt.max_packet_bytes
+            ));
+        }
+        if self.mqtt.cert_file.is_some() != self.mqtt.key_file.is_some() {
+            problems.push("mqtt.cert_file and mqtt.key_file must be given together".into());
+        }
+        if self.mqtt.username.is_none() && self.mqtt.password.is_some() {
+            problems.push("mqtt.password: given without mqtt.username".into());
+        }
+        if matches!(
+            self.mqtt.broker_addr(),
+            Ok(BrokerAddr::External { tls: true, .. })
+        ) {
+            problems.push(
+                "mqtt.broker: mqtts:// is not supported by this build yet (TLS is not compiled in)"
+                    .into(),
+            );
+        }
+        if self.storage.checkpoint_interval.is_zero() {
+            problems.push("storage.checkpoint_interval: must be greater than 0".into());
+        }
+        if self.storage.dir.as_os_str().is_empty() {
+            problems.push("storage.dir: must not be empty".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Applies `WEIR_<SECTION>__<KEY>=value` to the TOML document. The value is
+/// read as a TOML value when it parses as one (`8080`, `true`), else as a string.
+fn apply_env_overrides(
+    doc: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("WEIR_") else {
+            continue;
+        };
+        // WEIR_LOG and friends are not config keys.
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        if !matches!(section.as_str(), "http" | "mqtt" | "storage" | "pipelines") {
+            problems.push(format!("{name}: unknown config section [{section}]"));
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let table = doc
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match table {
+            toml::Value::Table(t) => {
+                t.insert(key, parsed);
+            }
+            _ => problems.push(format!(
+                "{name}: [{section}] is not a table in the config file"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_serve_a_fresh_checkout() {
+        let c = Config::load(None, []).unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.mqtt.embedded_listen.to_string(), "127.0.0.1:1883");
+        assert_eq!(c.mqtt.broker_addr().unwrap(), BrokerAddr::Embedded);
+        assert_eq!(c.storage.dir, PathBuf::from("data"));
+        assert_eq!(c.storage.checkpoint_interval, Duration::from_secs(10));
+        assert_eq!(c.pipelines.dir, PathBuf::from("config/pipelines"));
+    }
+
+    #[test]
+    fn file_and_env_override() {
+        let f = write(
+            "[http]\nlisten = \"127.0.0.1:9000\"\n[storage]\ncheckpoint_interval = \"30s\"\n",
+        );
+        let env = vec![
+            (
+                "WEIR_MQTT__BROKER".to_string(),
+                "mqtt://broker.local:1884".to_string(),
+            ),
+            ("WEIR_STORAGE__LOG_RETENTION".to_string(), "2h".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let c = Config::load(Some(f.path()), env).unwrap();
+        assert_eq!(c.http.listen.port(), 9000);
+        assert_eq!(c.storage.checkpoint_interval, Duration::from_secs(30));
+        assert_eq!(c.storage.log_retention, Duration::from_secs(7200));
+        assert_eq!(
+            c.mqtt.broker_addr().unwrap(),
+            BrokerAddr::External {
+                host: "broker.local".into(),
+                port: 1884,
+                tls: false
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let f = write("[http]\nlisten = \"127.0.0.1:9000\"\nlisen = 1\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let env = vec![("WEIR_HTTP__PORT".to_string(), "1".to_string())];
+        let err = Config::load(None, env).unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let f = write("[storage]\ncheckpoint_interval = \"ten seconds\"\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("ten seconds"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let f = write("[mqtt]\nbroker = \"tcp://x\"\nclient_id = \"\"\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(
+            err.contains("mqtt.broker") && err.contains("mqtt.client_id"),
+            "{err}"
+        );
+    }
+}

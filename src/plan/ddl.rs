@@ -1,0 +1,388 @@
+//! `CREATE TABLE ... WITH (connector = 'mqtt', ...)`: a source stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::sql::sqlparser::ast::{
+    ColumnOption, CreateTable, CreateTableOptions, Expr, SqlOption, Value,
+};
+
+use crate::source::topic::TopicPattern;
+
+/// How the payload of a message is decoded. Only JSON today (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    Json,
+}
+
+/// The event-time column and the watermark bound of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EventTime {
+    /// `None`: event time is the arrival time (no `WATERMARK` clause).
+    pub column: Option<String>,
+    pub bound_ms: i64,
+}
+
+/// A source stream, as declared by `CREATE TABLE`.
+#[derive(Debug, Clone)]
+pub struct StreamDef {
+    pub name: String,
+    pub topic: TopicPattern,
+    pub format: PayloadFormat,
+    pub qos: u8,
+    pub idle_timeout: Duration,
+    /// Declared columns, in order.
+    pub schema: SchemaRef,
+    pub event_time: EventTime,
+    pub doc: String,
+    pub sql: String,
+    pub file: String,
+    pub line: usize,
+}
+
+impl StreamDef {
+    /// Index of the event-time column in `schema`, when there is one.
+    pub fn event_time_index(&self) -> Option<usize> {
+        let column = self.event_time.column.as_deref()?;
+        self.schema.index_of(column).ok()
+    }
+}
+
+/// The Arrow type of every `TIMESTAMP` column: UTC milliseconds.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// Maps a SQL column type to Arrow. Integers are 64-bit; decimals are doubles.
+pub fn sql_type_to_arrow(sql_type: &str) -> Option<DataType> {
+    let t = sql_type.to_ascii_uppercase();
+    let base = t.split(['(', ' ']).next().unwrap_or("");
+    Some(match base {
+        "TEXT" | "VARCHAR" | "STRING" | "CHAR" | "CHARACTER" => DataType::Utf8,
+        "BIGINT" | "INT" | "INTEGER" | "SMALLINT" | "TINYINT" | "INT8" | "INT4" | "INT2"
+        | "INT64" => DataType::Int64,
+        "DOUBLE" | "FLOAT" | "REAL" | "FLOAT8" | "FLOAT4" | "FLOAT64" | "DECIMAL" | "NUMERIC" => {
+            DataType::Float64
+        }
+        "BOOLEAN" | "BOOL" => DataType::Boolean,
+        "TIMESTAMP" | "DATETIME" | "TIMESTAMPTZ" => timestamp_type(),
+        _ => return None,
+    })
+}
+
+/// Removes a `WATERMARK FOR col AS expr` clause from a `CREATE TABLE` text
+/// (sqlparser does not know it) and returns the text without it and the clause.
+pub fn extract_watermark(text: &str) -> (String, Option<String>) {
+    let upper = blank_strings(text).to_ascii_uppercase();
+    let Some(pos) = find_word(&upper, "WATERMARK") else {
+        return (text.to_string(), None);
+    };
+    // the clause runs to the next top-level ',' or the ')' closing the column list
+    let bytes = upper.as_bytes();
+    let mut depth = 0i32;
+    let mut end = bytes.len();
+    for (i, &b) in bytes.iter().enumerate().skip(pos) {
+        match b {
+            b'(' => depth += 1,
+            b')' if depth == 0 => {
+                end = i;
+                break;
+            }
+            b')' => depth -= 1,
+            b',' if depth == 0 => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let clause = text[pos..end].trim().to_string();
+    // drop the comma that separated the clause from the previous column
+    let before = text[..pos].trim_end();
+    let before = before.strip_suffix(',').unwrap_or(before);
+    let after = &text[end..];
+    let after = if before.ends_with('(') {
+        after.strip_prefix(',').unwrap_or(after)
+    } else {
+        after
+    };
+    (format!("{before} {after}"), Some(clause))
+}
+
+/// Replaces the contents of string literals with spaces, keeping offsets.
+fn blank_strings(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quote: Option<char> = None;
+    for c in text.chars() {
+        match quote {
+            Some(q) if c == q => {
+                quote = None;
+                out.push(c);
+            }
+            Some(_) => out.extend(std::iter::repeat_n(' ', c.len_utf8())),
+            None => {
+                if c == '\'' {
+                    quote = Some(c);
+                }
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn find_word(haystack: &str, word: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = haystack[from..].find(word) {
+        let at = from + i;
+        let before_ok = at == 0 || !haystack.as_bytes()[at - 1].is_ascii_alphanumeric();
+        let after = at + word.len();
+        let after_ok =
+            after >= haystack.len() || !haystack.as_bytes()[after].is_ascii_alphanumeric();
+        if before_ok && after_ok {
+            return Some(at);
+        }
+        from = after;
+    }
+    None
+}
+
+/// Parses `WATERMARK FOR ts AS ts - INTERVAL '5' SECOND` (or `AS ts`).
+pub fn parse_watermark(clause: &str) -> Result<(String, i64), String> {
+    let words: Vec<&str> = clause.split_whitespace().collect();
+    let bad = || {
+        format!("invalid WATERMARK clause {clause:?}: expected WATERMARK FOR <column> AS <column> - INTERVAL '<n>' <unit>")
+    };
+    if words.len() < 5
+        || !words[1].eq_ignore_ascii_case("FOR")
+        || !words[3].eq_ignore_ascii_case("AS")
+    {
+        return Err(bad());
+    }
+    let column = words[2].to_ascii_lowercase();
+    if !words[4].eq_ignore_ascii_case(&column) {
+        return Err(format!(
+            "WATERMARK FOR {column}: the expression must start with {column}"
+        ));
+    }
+    if words.len() == 5 {
+        return Ok((column, 0));
+    }
+    if words[5] != "-" || words.len() < 8 || !words[6].eq_ignore_ascii_case("INTERVAL") {
+        return Err(bad());
+    }
+    let interval = words[7..].join(" ").replace('\'', "").to_ascii_lowercase();
+    let bound =
+        crate::config::parse_duration(&interval).map_err(|e| format!("WATERMARK bound: {e}"))?;
+    Ok((column, bound.as_millis() as i64))
+}
+
+/// Turns a parsed `CREATE TABLE` into a stream definition. Collects every problem.
+pub fn stream_from_create_table(
+    ct: &CreateTable,
+    watermark: Option<(String, i64)>,
+) -> Result<(String, Vec<Field>, Vec<(String, String)>, EventTime), Vec<String>> {
+    let mut problems = Vec::new();
+    let name = ct.name.to_string().to_ascii_lowercase();
+    let mut fields = Vec::new();
+    for col in &ct.columns {
+        let col_name = col.name.value.to_ascii_lowercase();
+        let not_null = col
+            .options
+            .iter()
+            .any(|o| matches!(o.option, ColumnOption::NotNull));
+        match sql_type_to_arrow(&col.data_type.to_string()) {
+            Some(dt) => fields.push(Field::new(col_name, dt, !not_null)),
+            None => problems.push(format!(
+                "column {col_name}: unsupported type {} (supported: TEXT, BIGINT, INT, DOUBLE, FLOAT, BOOLEAN, TIMESTAMP)",
+                col.data_type
+            )),
+        }
+    }
+    if fields.is_empty() && problems.is_empty() {
+        problems.push(format!("table {name} declares no columns"));
+    }
+    let mut options = Vec::new();
+    let raw_options: &[SqlOption] = match &ct.table_options {
+        CreateTableOptions::With(o)
+        | CreateTableOptions::Options(o)
+        | CreateTableOptions::Plain(o) => o,
+        _ => &[],
+    };
+    for option in raw_options {
+        match option_pair(option) {
+            Ok(pair) => options.push(pair),
+            Err(e) => problems.push(e),
+        }
+    }
+    let event_time = match watermark {
+        Some((column, bound_ms)) => {
+            match fields.iter().find(|f| f.name() == &column) {
+                None => problems.push(format!("WATERMARK FOR {column}: no such column")),
+                Some(f) if !matches!(f.data_type(), DataType::Timestamp(..)) => problems.push(
+                    format!("WATERMARK FOR {column}: the column must be a TIMESTAMP"),
+                ),
+                Some(_) => {}
+            }
+            EventTime {
+                column: Some(column),
+                bound_ms,
+            }
+        }
+        None => EventTime {
+            column: None,
+            bound_ms: 0,
+        },
+    };
+    if problems.is_empty() {
+        Ok((name, fields, options, event_time))
+    } else {
+        Err(problems)
+    }
+}
+
+/// `key = 'value'` of a `WITH (...)` list, as lowercase key and unquoted value.
+pub fn option_pair(option: &SqlOption) -> Result<(String, String), String> {
+    match option {
+        SqlOption::KeyValue { key, value } => {
+            let key = key.value.to_ascii_lowercase();
+            let value = match value {
+                Expr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+                    Value::Number(n, _) => n.clone(),
+                    Value::Boolean(b) => b.to_string(),
+                    other => other.to_string(),
+                },
+                Expr::Identifier(i) => i.value.clone(),
+                other => other.to_string(),
+            };
+            Ok((key, value))
+        }
+        other => Err(format!(
+            "unsupported option {other}: expected key = 'value'"
+        )),
+    }
+}
+
+/// Validates the `WITH` options of a stream and builds its definition.
+pub fn build_stream(
+    name: String,
+    fields: Vec<Field>,
+    options: Vec<(String, String)>,
+    event_time: EventTime,
+) -> Result<StreamDef, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut topic = None;
+    let mut qos = 1u8;
+    let mut idle_timeout = Duration::from_secs(5);
+    let mut connector = None;
+    for (key, value) in options {
+        match key.as_str() {
+            "connector" => connector = Some(value),
+            "topic" => match TopicPattern::parse(&value) {
+                Ok(t) => topic = Some(t),
+                Err(e) => problems.push(e),
+            },
+            "format" => {
+                if !value.eq_ignore_ascii_case("json") {
+                    problems.push(format!("format = '{value}': only 'json' is supported"));
+                }
+            }
+            "qos" => match value.as_str() {
+                "0" => qos = 0,
+                "1" => qos = 1,
+                _ => problems.push(format!("qos = {value}: must be 0 or 1")),
+            },
+            "idle_timeout" => match crate::config::parse_duration(&value) {
+                Ok(d) => idle_timeout = d,
+                Err(e) => problems.push(format!("idle_timeout: {e}")),
+            },
+            other => problems.push(format!(
+                "unknown option {other:?} (known: connector, topic, format, qos, idle_timeout)"
+            )),
+        }
+    }
+    match connector.as_deref() {
+        Some(c) if c.eq_ignore_ascii_case("mqtt") => {}
+        Some(c) => problems.push(format!("connector = '{c}': only 'mqtt' is supported")),
+        None => problems.push("missing option connector = 'mqtt'".into()),
+    }
+    let Some(topic) = topic else {
+        problems.push("missing option topic = '...'".into());
+        return Err(problems);
+    };
+    for binding in topic.bindings() {
+        match fields.iter().find(|f| f.name() == binding) {
+            None => problems.push(format!(
+                "topic binds {{{binding}}} but the table has no column {binding}"
+            )),
+            Some(f) if f.data_type() != &DataType::Utf8 => problems.push(format!(
+                "topic binds {{{binding}}}: column {binding} must be TEXT"
+            )),
+            Some(_) => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(StreamDef {
+        name,
+        topic,
+        format: PayloadFormat::Json,
+        qos,
+        idle_timeout,
+        schema: Arc::new(Schema::new(fields)),
+        event_time,
+        doc: String::new(),
+        sql: String::new(),
+        file: String::new(),
+        line: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_clause_is_extracted() {
+        let sql = "CREATE TABLE t (a TEXT, ts TIMESTAMP NOT NULL,\n  WATERMARK FOR ts AS ts - INTERVAL '5' SECOND\n) WITH (topic = 'x')";
+        let (rest, clause) = extract_watermark(sql);
+        assert_eq!(
+            clause.as_deref(),
+            Some("WATERMARK FOR ts AS ts - INTERVAL '5' SECOND")
+        );
+        assert!(!rest.to_uppercase().contains("WATERMARK"));
+        assert!(rest.contains("NOT NULL") && rest.contains("WITH (topic = 'x')"));
+        assert_eq!(
+            parse_watermark(clause.as_deref().unwrap()).unwrap(),
+            ("ts".into(), 5000)
+        );
+        assert_eq!(
+            parse_watermark("WATERMARK FOR ts AS ts").unwrap(),
+            ("ts".into(), 0)
+        );
+        assert!(parse_watermark("WATERMARK FOR ts AS other - INTERVAL '1' SECOND").is_err());
+    }
+
+    #[test]
+    fn watermark_word_inside_strings_is_ignored() {
+        let (rest, clause) =
+            extract_watermark("CREATE TABLE t (a TEXT) WITH (topic = 'watermark')");
+        assert!(clause.is_none());
+        assert!(rest.contains("'watermark'"));
+    }
+
+    #[test]
+    fn types_map_to_arrow() {
+        assert_eq!(sql_type_to_arrow("VARCHAR(20)"), Some(DataType::Utf8));
+        assert_eq!(
+            sql_type_to_arrow("double precision"),
+            Some(DataType::Float64)
+        );
+        assert_eq!(sql_type_to_arrow("TIMESTAMP"), Some(timestamp_type()));
+        assert_eq!(sql_type_to_arrow("BLOB"), None);
+    }
+}

@@ -1,0 +1,1102 @@
+//! Pipelines: `.sql` files -> stream definitions and view plans.
+//!
+//! Each view's `SELECT` is planned by DataFusion against the schemas of the
+//! streams and views it reads. `tumble`, `hop` and `session` are registered as
+//! planning-only UDFs so DataFusion accepts them in `GROUP BY`. The resulting
+//! (unoptimized) logical plan is then cut into three parts that the `window`
+//! operators run:
+//!
+//! ```text
+//!   Projection / Filter (HAVING)      -> post-aggregate steps (DataFusion PhysicalExprs)
+//!     Aggregate: keys, window, aggs   -> incremental aggregation (window::operator)
+//!       Filter (WHERE) / Projection   -> pre-aggregate steps (DataFusion PhysicalExprs)
+//!         TableScan: stream or view
+//! ```
+//!
+//! A view without `GROUP BY` has only steps (a filter/projection view). Every
+//! scalar expression is evaluated by DataFusion over Arrow batches.
+
+pub mod ddl;
+pub mod split;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::empty::EmptyTable;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::{SessionConfig, SessionContext, SessionState};
+use datafusion::logical_expr::{
+    create_udf, ColumnarValue, Expr, ExprSchemable, LogicalPlan, ScalarUDF, Volatility,
+};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::sql::parser::{DFParser, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{CreateTableOptions, Statement as SqlStatement};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use serde::Serialize;
+
+pub use ddl::{timestamp_type, EventTime, PayloadFormat, StreamDef};
+
+use crate::window::agg::AggKind;
+use crate::window::WindowSpec;
+
+/// A problem in a pipeline file, with the place it was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct PlanError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+/// The three shapes a view can take (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewShape {
+    /// `GROUP BY keys, tumble|hop|session(...)`: one row per key and window, written when the window closes.
+    Windowed,
+    /// `GROUP BY keys` without a window: one row per key, updated in place.
+    Updating,
+    /// No `GROUP BY`: matching rows are appended.
+    Filter,
+}
+
+/// One step of a filter/projection chain, compiled from the logical plan.
+#[derive(Debug, Clone)]
+pub enum Step {
+    Filter(Arc<dyn PhysicalExpr>),
+    Project {
+        exprs: Vec<Arc<dyn PhysicalExpr>>,
+        schema: SchemaRef,
+    },
+}
+
+/// One aggregate of a view.
+#[derive(Debug, Clone)]
+pub struct AggregateSpec {
+    pub kind: AggKind,
+    /// `None` for `count(*)`.
+    pub arg: Option<Arc<dyn PhysicalExpr>>,
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    pub percentile: f64,
+    pub float_input: bool,
+    pub output_type: DataType,
+}
+
+#[derive(Debug, Clone)]
+pub struct AggregatePlan {
+    /// Group-by expressions other than the window, in `GROUP BY` order.
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    pub key_fields: Vec<Field>,
+    pub window: Option<WindowSpec>,
+    /// Position of the window among the group expressions of `schema`.
+    pub window_position: usize,
+    pub aggs: Vec<AggregateSpec>,
+    /// DataFusion's output schema of the Aggregate node: group columns, then aggregates.
+    pub schema: SchemaRef,
+}
+
+/// What a view reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum Upstream {
+    Stream(String),
+    View(String),
+}
+
+impl Upstream {
+    pub fn name(&self) -> &str {
+        match self {
+            Upstream::Stream(n) | Upstream::View(n) => n,
+        }
+    }
+}
+
+/// A planned view, ready to be run by `window::operator::ViewOperator`.
+#[derive(Debug, Clone)]
+pub struct ViewPlan {
+    pub name: String,
+    pub doc: String,
+    pub sql: String,
+    pub file: String,
+    pub line: usize,
+    pub shape: ViewShape,
+    pub retention: Option<Duration>,
+    pub upstream: Upstream,
+    /// Schema of the rows the view reads.
+    pub input_schema: SchemaRef,
+    pub pre: Vec<Step>,
+    pub aggregate: Option<AggregatePlan>,
+    pub post: Vec<Step>,
+    /// Schema of the rows the view writes: `window_start`, `window_end` first for windowed views.
+    pub output_schema: SchemaRef,
+    /// Output columns that are group keys, in `GROUP BY` order.
+    pub key_columns: Vec<String>,
+    /// DataFusion's logical plan, for `weir check` and the API.
+    pub logical_plan: String,
+    /// Fingerprint of everything that decides the view's rows; a change means its rows are stale.
+    pub fingerprint: u64,
+}
+
+impl ViewPlan {
+    pub fn window(&self) -> Option<WindowSpec> {
+        self.aggregate.as_ref().and_then(|a| a.window)
+    }
+}
+
+/// Every stream and view of a pipelines folder. Views are in dependency order.
+#[derive(Debug, Clone, Default)]
+pub struct Pipeline {
+    pub streams: Vec<Arc<StreamDef>>,
+    pub views: Vec<Arc<ViewPlan>>,
+}
+
+impl Pipeline {
+    pub fn stream(&self, name: &str) -> Option<&Arc<StreamDef>> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    pub fn view(&self, name: &str) -> Option<&Arc<ViewPlan>> {
+        self.views.iter().find(|v| v.name == name)
+    }
+}
+
+pub const WINDOW_FUNCTIONS: [&str; 3] = ["tumble", "hop", "session"];
+
+/// Reads every `*.sql` file of `dir` (sorted by name) and plans it.
+pub fn plan_dir(dir: &Path) -> Result<Pipeline, Vec<PlanError>> {
+    let mut files = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        vec![PlanError {
+            file: dir.display().to_string(),
+            line: 0,
+            message: format!("cannot read pipelines folder: {e}"),
+        }]
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    paths.sort();
+    let mut errors = Vec::new();
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => files.push((path.display().to_string(), text)),
+            Err(e) => errors.push(PlanError {
+                file: path.display().to_string(),
+                line: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    match plan_sources(&files) {
+        Ok(p) if errors.is_empty() => Ok(p),
+        Ok(_) => Err(errors),
+        Err(mut e) => {
+            errors.append(&mut e);
+            Err(errors)
+        }
+    }
+}
+
+/// A statement that still has to be planned.
+struct PendingView {
+    name: String,
+    file: String,
+    line: usize,
+    doc: String,
+    text: String,
+    query: Box<datafusion::sql::sqlparser::ast::Query>,
+    retention: Option<Duration>,
+    references: Vec<String>,
+}
+
+/// Plans pipeline sources given as (file name, text). Collects every error.
+pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanError>> {
+    let mut errors = Vec::new();
+    let mut streams: Vec<Arc<StreamDef>> = Vec::new();
+    let mut pending: Vec<PendingView> = Vec::new();
+    let mut names: HashMap<String, (String, usize)> = HashMap::new();
+    let ctx = planning_context();
+
+    for (file, text) in files {
+        for stmt in split::split_statements(text) {
+            let err = |line: usize, message: String| PlanError {
+                file: file.clone(),
+                line,
+                message,
+            };
+            let words: Vec<String> = stmt
+                .text
+                .split_whitespace()
+                .take(3)
+                .map(|w| w.to_ascii_uppercase())
+                .collect();
+            let kind = match words.as_slice() {
+                [c, t, ..] if c == "CREATE" && t == "TABLE" => "table",
+                [c, v, ..] if c == "CREATE" && v == "VIEW" => "view",
+                [c, o, r, ..] if c == "CREATE" && o == "OR" && r == "REPLACE" => "view",
+                [c, a, ..] if c == "CREATE" && a == "ALERT" => {
+                    errors.push(err(
+                        stmt.line,
+                        "CREATE ALERT is not supported by this version of weir yet".into(),
+                    ));
+                    continue;
+                }
+                _ => {
+                    errors.push(err(
+                        stmt.line,
+                        format!(
+                            "unsupported statement {:?}: a pipeline file holds CREATE TABLE and CREATE VIEW statements",
+                            words.join(" ")
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let (sql_text, watermark) = if kind == "table" {
+                ddl::extract_watermark(&stmt.text)
+            } else {
+                (stmt.text.clone(), None)
+            };
+            let parsed = match DFParser::parse_sql_with_dialect(&sql_text, &GenericDialect {}) {
+                Ok(mut statements) if statements.len() == 1 => statements.pop_front(),
+                Ok(_) => None,
+                Err(e) => {
+                    let (line, message) = locate_parser_error(&e.to_string());
+                    errors.push(err(stmt.line + line.saturating_sub(1), message));
+                    continue;
+                }
+            };
+            let Some(DFStatement::Statement(parsed)) = parsed else {
+                errors.push(err(stmt.line, "unsupported statement".into()));
+                continue;
+            };
+            match *parsed {
+                SqlStatement::CreateTable(ct) => {
+                    let watermark = match watermark.as_deref().map(ddl::parse_watermark) {
+                        Some(Ok(w)) => Some(w),
+                        Some(Err(e)) => {
+                            errors.push(err(stmt.line, e));
+                            continue;
+                        }
+                        None => None,
+                    };
+                    let built = ddl::stream_from_create_table(&ct, watermark).and_then(
+                        |(name, fields, options, event_time)| {
+                            ddl::build_stream(name, fields, options, event_time)
+                        },
+                    );
+                    match built {
+                        Ok(mut s) => {
+                            if let Some((f, l)) = names.get(&s.name) {
+                                errors.push(err(
+                                    stmt.line,
+                                    format!("{} is already defined at {f}:{l}", s.name),
+                                ));
+                                continue;
+                            }
+                            names.insert(s.name.clone(), (file.clone(), stmt.line));
+                            s.doc = stmt.doc.clone();
+                            s.sql = stmt.text.clone();
+                            s.file = file.clone();
+                            s.line = stmt.line;
+                            streams.push(Arc::new(s));
+                        }
+                        Err(problems) => {
+                            let name = ct.name.to_string();
+                            errors.extend(
+                                problems
+                                    .into_iter()
+                                    .map(|p| err(stmt.line, format!("table {name}: {p}"))),
+                            );
+                        }
+                    }
+                }
+                SqlStatement::CreateView(cv) => {
+                    let name = cv.name.to_string().to_ascii_lowercase();
+                    let mut retention = None;
+                    let options = match &cv.options {
+                        CreateTableOptions::With(o) | CreateTableOptions::Options(o) => o.clone(),
+                        _ => vec![],
+                    };
+                    let mut bad = false;
+                    for option in &options {
+                        match ddl::option_pair(option) {
+                            Ok((key, value)) if key == "retention" => {
+                                match crate::config::parse_duration(&value) {
+                                    Ok(d) => retention = Some(d),
+                                    Err(e) => {
+                                        errors.push(err(
+                                            stmt.line,
+                                            format!("view {name}: retention: {e}"),
+                                        ));
+                                        bad = true;
+                                    }
+                                }
+                            }
+                            Ok((key, _)) => {
+                                errors.push(err(
+                                    stmt.line,
+                                    format!(
+                                        "view {name}: unknown option {key:?} (known: retention)"
+                                    ),
+                                ));
+                                bad = true;
+                            }
+                            Err(e) => {
+                                errors.push(err(stmt.line, format!("view {name}: {e}")));
+                                bad = true;
+                            }
+                        }
+                    }
+                    if let Some((f, l)) = names.get(&name) {
+                        errors.push(err(
+                            stmt.line,
+                            format!("{name} is already defined at {f}:{l}"),
+                        ));
+                        continue;
+                    }
+                    names.insert(name.clone(), (file.clone(), stmt.line));
+                    if bad {
+                        continue;
+                    }
+                    let query_stmt =
+                        DFStatement::Statement(Box::new(SqlStatement::Query(cv.query.clone())));
+                    let references = ctx
+                        .state()
+                        .resolve_table_references(&query_stmt)
+                        .map(|refs| {
+                            refs.iter()
+                                .map(|r| r.table().to_ascii_lowercase())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    pending.push(PendingView {
+                        name,
+                        file: file.clone(),
+                        line: stmt.line,
+                        doc: stmt.doc.clone(),
+                        text: stmt.text.clone(),
+                        query: cv.query,
+                        retention,
+                        references,
+                    });
+                }
+                _ => errors.push(err(stmt.line, "unsupported statement".into())),
+            }
+        }
+    }
+
+    for s in &streams {
+        register(&ctx, &s.name, s.schema.clone());
+    }
+    let stream_names: HashSet<&str> = streams.iter().map(|s| s.name.as_str()).collect();
+
+    // Plan views in dependency order; a view whose upstream failed is reported once.
+    let mut views: Vec<Arc<ViewPlan>> = Vec::new();
+    let mut planned: HashMap<String, Arc<ViewPlan>> = HashMap::new();
+    let mut failed: HashSet<String> = HashSet::new();
+    let pending_names: HashSet<String> = pending.iter().map(|p| p.name.clone()).collect();
+    let mut remaining: Vec<PendingView> = pending;
+    loop {
+        let before = remaining.len();
+        let mut next = Vec::new();
+        for p in remaining {
+            let waits_for: Vec<&String> = p
+                .references
+                .iter()
+                .filter(|r| {
+                    *r != &p.name && pending_names.contains(*r) && !planned.contains_key(*r)
+                })
+                .collect();
+            if let Some(dep) = waits_for.iter().find(|d| failed.contains(**d)) {
+                errors.push(PlanError {
+                    file: p.file.clone(),
+                    line: p.line,
+                    message: format!("view {}: reads view {dep}, which has errors", p.name),
+                });
+                failed.insert(p.name.clone());
+                continue;
+            }
+            if !waits_for.is_empty() {
+                next.push(p);
+                continue;
+            }
+            match plan_view(&ctx, &p, &stream_names, &planned) {
+                Ok(view) => {
+                    let view = Arc::new(view);
+                    register(&ctx, &view.name, view.output_schema.clone());
+                    planned.insert(view.name.clone(), view.clone());
+                    views.push(view);
+                }
+                Err(e) => {
+                    errors.push(e);
+                    failed.insert(p.name.clone());
+                }
+            }
+        }
+        remaining = next;
+        if remaining.is_empty() {
+            break;
+        }
+        if remaining.len() == before {
+            for p in &remaining {
+                errors.push(PlanError {
+                    file: p.file.clone(),
+                    line: p.line,
+                    message: format!("view {}: circular reference between views", p.name),
+                });
+            }
+            break;
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(Pipeline { streams, views })
+    } else {
+        errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        Err(errors)
+    }
+}
+
+fn register(ctx: &SessionContext, name: &str, schema: SchemaRef) {
+    let table: Arc<dyn TableProvider> = Arc::new(EmptyTable::new(schema));
+    // EmptyTable registration into the default in-memory catalog cannot fail
+    // except for a duplicate name, which plan_sources has already rejected.
+    let _ = ctx.register_table(name, table);
+}
+
+/// A DataFusion context for planning pipelines: spans on, window UDFs registered.
+pub fn planning_context() -> SessionContext {
+    let mut config = SessionConfig::new();
+    config.options_mut().sql_parser.collect_spans = true;
+    let ctx = SessionContext::new_with_config(config);
+    for udf in window_udfs() {
+        ctx.register_udf(udf);
+    }
+    ctx
+}
+
+/// `tumble`, `hop` and `session` as UDFs that DataFusion can plan. They are
+/// never executed: the planner turns them into a `WindowSpec`.
+pub fn window_udfs() -> Vec<ScalarUDF> {
+    let interval = DataType::Interval(datafusion::arrow::datatypes::IntervalUnit::MonthDayNano);
+    let not_here = |name: &'static str| -> datafusion::logical_expr::ScalarFunctionImplementation {
+        Arc::new(move |_: &[ColumnarValue]| {
+            Err(DataFusionError::Plan(format!(
+                "{name}() can only be used in the GROUP BY of a view"
+            )))
+        })
+    };
+    vec![
+        create_udf(
+            "tumble",
+            vec![interval.clone()],
+            timestamp_type(),
+            Volatility::Volatile,
+            not_here("tumble"),
+        ),
+        create_udf(
+            "hop",
+            vec![interval.clone(), interval.clone()],
+            timestamp_type(),
+            Volatility::Volatile,
+            not_here("hop"),
+        ),
+        create_udf(
+            "session",
+            vec![interval],
+            timestamp_type(),
+            Volatility::Volatile,
+            not_here("session"),
+        ),
+    ]
+}
+
+/// Finds "Line: N, Column: M" in a sqlparser message; returns (line, message).
+fn locate_parser_error(message: &str) -> (usize, String) {
+    let line = message
+        .find("Line: ")
+        .and_then(|i| message[i + 6..].split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let clean = message
+        .trim_start_matches("SQL error: ")
+        .trim_start_matches("ParserError(\"")
+        .trim_end_matches("\")")
+        .to_string();
+    (line, format!("syntax error: {clean}"))
+}
+
+/// Maps a DataFusion error to a file line: the diagnostic span when DataFusion
+/// gives one, else the first line of the statement that mentions a quoted name
+/// from the message, else the statement's first line.
+fn locate_planning_error(e: &DataFusionError, p: &PendingView) -> PlanError {
+    let message = clean_message(e);
+    let mut line = p.line;
+    if let Some(span) = e.diagnostic().and_then(|d| d.span) {
+        if span.start.line > 0 {
+            line = p.line + span.start.line as usize - 1;
+        }
+    } else if let Some(name) = quoted_name(&message) {
+        let needle = name
+            .rsplit('.')
+            .next()
+            .unwrap_or(&name)
+            .to_ascii_lowercase();
+        if let Some(offset) = p
+            .text
+            .lines()
+            .position(|l| l.to_ascii_lowercase().contains(&needle))
+        {
+            line = p.line + offset;
+        }
+    }
+    PlanError {
+        file: p.file.clone(),
+        line,
+        message: format!("view {}: {message}", p.name),
+    }
+}
+
+fn clean_message(e: &DataFusionError) -> String {
+    let text = e.strip_backtrace();
+    let text = text
+        .trim_start_matches("Error during planning: ")
+        .trim_start_matches("Schema error: ")
+        .trim_start_matches("This feature is not implemented: ");
+    // DataFusion's "Valid fields are ..." lists can be very long; keep the first sentence.
+    text.split(". Valid fields are")
+        .next()
+        .unwrap_or(text)
+        .split("\n")
+        .next()
+        .unwrap_or(text)
+        .to_string()
+}
+
+fn quoted_name(message: &str) -> Option<String> {
+    for (open, close) in [("named ", "."), ("'", "'"), ("\"", "\"")] {
+        if let Some(start) = message.find(open) {
+            let rest = &message[start + open.len()..];
+            let end = if open == "named " {
+                rest.find([' ', ',']).unwrap_or(rest.len())
+            } else {
+                rest.find(close)?
+            };
+            let name = rest[..end].trim_matches(['\'', '"', '.']).to_string();
+            if !name.is_empty() {
+                return Some(name);
+            }
+        }
+    }
+    None
+}
+
+fn plan_view(
+    ctx: &SessionContext,
+    p: &PendingView,
+    streams: &HashSet<&str>,
+    planned: &HashMap<String, Arc<ViewPlan>>,
+) -> Result<ViewPlan, PlanError> {
+    let state = ctx.state();
+    let statement = DFStatement::Statement(Box::new(SqlStatement::Query(p.query.clone())));
+    let plan = futures::executor::block_on(state.statement_to_plan(statement))
+        .map_err(|e| locate_planning_error(&e, p))?;
+    let fail = |message: String| PlanError {
+        file: p.file.clone(),
+        line: p.line,
+        message: format!("view {}: {message}", p.name),
+    };
+    compile(&state, p, &plan, streams, planned).map_err(fail)
+}
+
+/// Cuts the logical plan into pre-steps, aggregate and post-steps.
+fn compile(
+    state: &SessionState,
+    p: &PendingView,
+    plan: &LogicalPlan,
+    streams: &HashSet<&str>,
+    planned: &HashMap<String, Arc<ViewPlan>>,
+) -> Result<ViewPlan, String> {
+    // Walk down from the top, collecting nodes above the aggregate.
+    let mut above: Vec<&LogicalPlan> = Vec::new();
+    let mut node = plan;
+    let aggregate = loop {
+        match node {
+            LogicalPlan::Projection(x) => {
+                above.push(node);
+                node = &x.input;
+            }
+            LogicalPlan::Filter(x) => {
+                above.push(node);
+                node = &x.input;
+            }
+            LogicalPlan::SubqueryAlias(x) => {
+                above.push(node);
+                node = &x.input;
+            }
+            LogicalPlan::Aggregate(a) => break Some(a),
+            LogicalPlan::TableScan(_) => break None,
+            other => return Err(unsupported_node(other)),
+        }
+    };
+    // Below the aggregate (or the whole plan for a filter view).
+    let mut below: Vec<&LogicalPlan> = Vec::new();
+    let scan = if let Some(a) = aggregate {
+        let mut node: &LogicalPlan = &a.input;
+        loop {
+            match node {
+                LogicalPlan::Projection(x) => {
+                    below.push(node);
+                    node = &x.input;
+                }
+                LogicalPlan::Filter(x) => {
+                    below.push(node);
+                    node = &x.input;
+                }
+                LogicalPlan::SubqueryAlias(x) => {
+                    below.push(node);
+                    node = &x.input;
+                }
+                LogicalPlan::TableScan(t) => break t,
+                LogicalPlan::Aggregate(_) => {
+                    return Err("an aggregate over an aggregate is not supported: define the inner one as its own view and read from it".into())
+                }
+                other => return Err(unsupported_node(other)),
+            }
+        }
+    } else {
+        below = std::mem::take(&mut above);
+        match node {
+            LogicalPlan::TableScan(t) => t,
+            _ => return Err("a view must read FROM a stream or a view".into()),
+        }
+    };
+
+    let source = scan.table_name.table().to_ascii_lowercase();
+    let upstream = if streams.contains(source.as_str()) {
+        Upstream::Stream(source.clone())
+    } else if planned.contains_key(&source) {
+        Upstream::View(source.clone())
+    } else {
+        return Err(format!("{source} is neither a stream nor a view"));
+    };
+    if let (Some(_), Upstream::View(v)) = (aggregate, &upstream) {
+        if planned
+            .get(v)
+            .is_some_and(|v| v.shape == ViewShape::Updating)
+        {
+            return Err(format!(
+                "cannot aggregate over {v}: it is an updating view whose rows change in place; aggregate over its source instead"
+            ));
+        }
+    }
+    let input_schema: SchemaRef = Arc::new(scan.projected_schema.as_arrow().clone());
+
+    // Steps are listed top-down; they run bottom-up.
+    below.reverse();
+    above.reverse();
+    let pre = compile_steps(state, &below)?;
+    let post = compile_steps(state, &above)?;
+
+    let (shape, aggregate_plan) = match aggregate {
+        None => (ViewShape::Filter, None),
+        Some(a) => {
+            let agg = compile_aggregate(state, a)?;
+            let shape = if agg.window.is_some() {
+                ViewShape::Windowed
+            } else {
+                ViewShape::Updating
+            };
+            (shape, Some(agg))
+        }
+    };
+
+    // Output schema: window bounds first for windowed views.
+    let plan_schema = plan.schema().as_arrow();
+    let mut fields: Vec<Field> = Vec::new();
+    if shape == ViewShape::Windowed {
+        for name in ["window_start", "window_end"] {
+            if plan_schema.field_with_name(name).is_err() {
+                fields.push(Field::new(name, timestamp_type(), false));
+            }
+        }
+    }
+    fields.extend(plan_schema.fields().iter().map(|f| f.as_ref().clone()));
+    let output_schema = Arc::new(Schema::new(fields));
+
+    let key_columns = match (&aggregate_plan, above.last()) {
+        (Some(agg), Some(LogicalPlan::Projection(proj))) => {
+            let key_names: Vec<&str> = agg.key_fields.iter().map(|f| f.name().as_str()).collect();
+            let mut keys = Vec::new();
+            for key in &key_names {
+                for (i, e) in proj.expr.iter().enumerate() {
+                    if let Expr::Column(c) = unalias(e) {
+                        if c.name == *key || c.flat_name() == *key {
+                            keys.push(proj.schema.field(i).name().clone());
+                            break;
+                        }
+                    }
+                }
+            }
+            keys
+        }
+        _ => Vec::new(),
+    };
+
+    let logical_plan = plan.display_indent_schema().to_string();
+    let fingerprint = fingerprint(&[&p.text, &logical_plan, &format!("{:?}", p.retention)]);
+    Ok(ViewPlan {
+        name: p.name.clone(),
+        doc: p.doc.clone(),
+        sql: p.text.clone(),
+        file: p.file.clone(),
+        line: p.line,
+        shape,
+        retention: p.retention,
+        upstream,
+        input_schema,
+        pre,
+        aggregate: aggregate_plan,
+        post,
+        output_schema,
+        key_columns,
+        logical_plan,
+        fingerprint,
+    })
+}
+
+fn unsupported_node(node: &LogicalPlan) -> String {
+    match node {
+        LogicalPlan::Sort(_) => "ORDER BY has no meaning in a continuous view: sort when you query its rows".into(),
+        LogicalPlan::Limit(_) => "LIMIT is not supported in a view".into(),
+        LogicalPlan::Distinct(_) => "SELECT DISTINCT is not supported in a view: use GROUP BY".into(),
+        LogicalPlan::Join(_) => "joins are not supported yet: a view reads one stream or view".into(),
+        LogicalPlan::Window(_) => {
+            "window functions (OVER) are not supported: use tumble(), hop() or session() in GROUP BY".into()
+        }
+        LogicalPlan::Union(_) => "UNION is not supported in a view".into(),
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => "a view must read FROM a stream or a view".into(),
+        other => format!("unsupported construct in a view: {}", other.display()),
+    }
+}
+
+fn unalias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => unalias(&a.expr),
+        other => other,
+    }
+}
+
+fn window_function_in(e: &Expr) -> Option<String> {
+    let mut found = None;
+    let _ = e.apply(|e| {
+        if let Expr::ScalarFunction(f) = e {
+            if WINDOW_FUNCTIONS.contains(&f.name()) {
+                found = Some(f.name().to_string());
+                return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+use datafusion::common::tree_node::TreeNode;
+
+fn physical(
+    state: &SessionState,
+    e: &Expr,
+    schema: &DFSchema,
+) -> Result<Arc<dyn PhysicalExpr>, String> {
+    if let Some(f) = window_function_in(e) {
+        return Err(format!("{f}() may only appear in GROUP BY"));
+    }
+    state
+        .create_physical_expr(e.clone(), schema)
+        .map_err(|err| clean_message(&err))
+}
+
+fn compile_steps(state: &SessionState, nodes: &[&LogicalPlan]) -> Result<Vec<Step>, String> {
+    let mut steps = Vec::new();
+    for node in nodes {
+        match node {
+            LogicalPlan::Filter(f) => steps.push(Step::Filter(physical(
+                state,
+                &f.predicate,
+                f.input.schema(),
+            )?)),
+            LogicalPlan::Projection(proj) => {
+                let exprs = proj
+                    .expr
+                    .iter()
+                    .map(|e| physical(state, e, proj.input.schema()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                steps.push(Step::Project {
+                    exprs,
+                    schema: Arc::new(proj.schema.as_arrow().clone()),
+                });
+            }
+            // An alias renames the qualifier only; the columns stay where they are.
+            _ => {}
+        }
+    }
+    Ok(steps)
+}
+
+fn compile_aggregate(
+    state: &SessionState,
+    a: &datafusion::logical_expr::Aggregate,
+) -> Result<AggregatePlan, String> {
+    let input_schema = a.input.schema();
+    let mut keys = Vec::new();
+    let mut key_fields = Vec::new();
+    let mut window = None;
+    let mut window_position = 0;
+    for (i, g) in a.group_expr.iter().enumerate() {
+        if let Expr::GroupingSet(_) = g {
+            return Err("GROUPING SETS, CUBE and ROLLUP are not supported in a view".into());
+        }
+        if let Expr::ScalarFunction(f) = unalias(g) {
+            if WINDOW_FUNCTIONS.contains(&f.name()) {
+                if window.is_some() {
+                    return Err("a view may group by one window function only".into());
+                }
+                window = Some(window_spec(f.name(), &f.args)?);
+                window_position = i;
+                continue;
+            }
+        }
+        keys.push(physical(state, g, input_schema)?);
+        key_fields.push(a.schema.field(i).as_ref().clone());
+    }
+    let group_count = a.group_expr.len();
+    let mut aggs = Vec::new();
+    for (j, e) in a.aggr_expr.iter().enumerate() {
+        let Expr::AggregateFunction(af) = unalias(e) else {
+            return Err(format!("unsupported aggregate expression {e}"));
+        };
+        let name = af.func.name().to_string();
+        let params = &af.params;
+        let Some(kind) = AggKind::from_function_name(&name, params.distinct) else {
+            return Err(if params.distinct {
+                format!("{name}(DISTINCT ...) is not supported: only count(DISTINCT ...) is")
+            } else {
+                format!(
+                    "aggregate {name}() is not supported in a view (supported: count, count(DISTINCT), sum, min, max, avg, first_value, last_value, approx_percentile_cont)"
+                )
+            });
+        };
+        let (value_expr, percentile) = if kind == AggKind::ApproxPercentile {
+            // approx_percentile_cont(x, q) or approx_percentile_cont(q) WITHIN GROUP (ORDER BY x)
+            let (value, q) = if let Some(order) = params.order_by.first() {
+                (Some(&order.expr), params.args.first())
+            } else {
+                (params.args.first(), params.args.get(1))
+            };
+            let q = match q.map(unalias) {
+                Some(Expr::Literal(v, _)) => literal_f64(v),
+                _ => None,
+            };
+            let Some(q) = q.filter(|q| (0.0..=1.0).contains(q)) else {
+                return Err(
+                    "approx_percentile_cont needs a constant percentile between 0 and 1".into(),
+                );
+            };
+            (value, q)
+        } else {
+            (params.args.first(), 0.0)
+        };
+        let arg = match value_expr.map(unalias) {
+            None => None,
+            // count(*) / count(1): every row counts
+            Some(Expr::Literal(v, _)) if kind == AggKind::Count && !v.is_null() => None,
+            Some(e) => Some(physical(state, e, input_schema)?),
+        };
+        let float_input = match value_expr {
+            Some(e) => e
+                .get_type(input_schema)
+                .map(|t| t.is_floating() || matches!(t, DataType::Decimal128(..)))
+                .unwrap_or(true),
+            None => false,
+        };
+        let filter = match &params.filter {
+            Some(f) => Some(physical(state, f, input_schema)?),
+            None => None,
+        };
+        aggs.push(AggregateSpec {
+            kind,
+            arg,
+            filter,
+            percentile,
+            float_input,
+            output_type: a.schema.field(group_count + j).data_type().clone(),
+        });
+    }
+    Ok(AggregatePlan {
+        keys,
+        key_fields,
+        window,
+        window_position,
+        aggs,
+        schema: Arc::new(a.schema.as_arrow().clone()),
+    })
+}
+
+fn literal_f64(v: &ScalarValue) -> Option<f64> {
+    match v {
+        ScalarValue::Float64(Some(x)) => Some(*x),
+        ScalarValue::Float32(Some(x)) => Some(f64::from(*x)),
+        ScalarValue::Int64(Some(x)) => Some(*x as f64),
+        ScalarValue::Decimal128(Some(x), _, scale) => {
+            Some(*x as f64 / 10f64.powi(i32::from(*scale)))
+        }
+        _ => None,
+    }
+}
+
+fn interval_ms(e: &Expr, function: &str) -> Result<i64, String> {
+    let bad = || format!("{function}() takes interval literals such as INTERVAL '1' MINUTE");
+    let Expr::Literal(v, _) = unalias(e) else {
+        return Err(bad());
+    };
+    let ms = match v {
+        ScalarValue::IntervalMonthDayNano(Some(i)) => {
+            if i.months != 0 {
+                return Err(format!(
+                    "{function}(): month intervals have no fixed length; use days"
+                ));
+            }
+            i64::from(i.days) * 86_400_000 + i.nanoseconds / 1_000_000
+        }
+        ScalarValue::IntervalDayTime(Some(i)) => {
+            i64::from(i.days) * 86_400_000 + i64::from(i.milliseconds)
+        }
+        _ => return Err(bad()),
+    };
+    if ms <= 0 {
+        return Err(format!("{function}(): the interval must be positive"));
+    }
+    Ok(ms)
+}
+
+fn window_spec(name: &str, args: &[Expr]) -> Result<WindowSpec, String> {
+    match (name, args) {
+        ("tumble", [size]) => Ok(WindowSpec::Tumble {
+            size_ms: interval_ms(size, name)?,
+        }),
+        ("hop", [slide, size]) => {
+            let (slide_ms, size_ms) = (interval_ms(slide, name)?, interval_ms(size, name)?);
+            if slide_ms > size_ms {
+                return Err("hop(slide, size): the slide must not be larger than the size".into());
+            }
+            Ok(WindowSpec::Hop { slide_ms, size_ms })
+        }
+        ("session", [gap]) => Ok(WindowSpec::Session {
+            gap_ms: interval_ms(gap, name)?,
+        }),
+        _ => Err(format!("wrong number of arguments to {name}()")),
+    }
+}
+
+/// FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
+pub fn fingerprint(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// Human-readable plan of a whole pipeline, as `weir check` prints it.
+pub fn describe(pipeline: &Pipeline) -> String {
+    let mut out = String::new();
+    for s in &pipeline.streams {
+        out.push_str(&format!("stream {} ({}:{})\n", s.name, s.file, s.line));
+        out.push_str(&format!(
+            "  topic: {}  qos: {}  idle_timeout: {}\n",
+            s.topic.as_str(),
+            s.qos,
+            crate::config::format_duration(s.idle_timeout)
+        ));
+        match &s.event_time.column {
+            Some(c) => out.push_str(&format!(
+                "  event time: {c} (watermark bound {} ms)\n",
+                s.event_time.bound_ms
+            )),
+            None => out.push_str("  event time: arrival time\n"),
+        }
+        for f in s.schema.fields() {
+            out.push_str(&format!(
+                "  {} {}{}\n",
+                f.name(),
+                f.data_type(),
+                if f.is_nullable() { "" } else { " NOT NULL" }
+            ));
+        }
+    }
+    for v in &pipeline.views {
+        out.push_str(&format!("\nview {} ({}:{})\n", v.name, v.file, v.line));
+        let shape = match v.window() {
+            Some(w) => format!("windowed ({})", describe_window(&w)),
+            None => format!("{:?}", v.shape).to_ascii_lowercase(),
+        };
+        out.push_str(&format!(
+            "  shape: {shape}\n  reads: {}\n",
+            v.upstream.name()
+        ));
+        if !v.key_columns.is_empty() {
+            out.push_str(&format!("  keys: {}\n", v.key_columns.join(", ")));
+        }
+        out.push_str("  output:");
+        for f in v.output_schema.fields() {
+            out.push_str(&format!(" {} {},", f.name(), f.data_type()));
+        }
+        out.pop();
+        out.push_str("\n  plan:\n");
+        for line in v.logical_plan.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    out
+}
+
+pub fn describe_window(w: &WindowSpec) -> String {
+    let d = |ms: i64| crate::config::format_duration(Duration::from_millis(ms as u64));
+    match *w {
+        WindowSpec::Tumble { size_ms } => format!("tumble {}", d(size_ms)),
+        WindowSpec::Hop { slide_ms, size_ms } => {
+            format!("hop {} every {}", d(size_ms), d(slide_ms))
+        }
+        WindowSpec::Session { gap_ms } => format!("session gap {}", d(gap_ms)),
+    }
+}
+
+/// Stable ordering of views by name, for listings.
+pub fn views_by_name(pipeline: &Pipeline) -> BTreeMap<&str, &Arc<ViewPlan>> {
+    pipeline
+        .views
+        .iter()
+        .map(|v| (v.name.as_str(), v))
+        .collect()
+}
+
+impl fmt::Display for ViewShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ViewShape::Windowed => "windowed",
+            ViewShape::Updating => "updating",
+            ViewShape::Filter => "filter",
+        })
+    }
+}

@@ -1,0 +1,731 @@
+//! Incremental aggregate state: one `AggState` per (group, aggregate).
+//!
+//! DataFusion evaluates each aggregate's argument and `FILTER` expression over
+//! the whole batch; these states only fold the resulting arrays in, row by row,
+//! and can be merged (session windows merge when a late-arriving event bridges
+//! two sessions) and serialized (checkpoints).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Float64Builder,
+    Int64Array, Int64Builder, StringArray, StringBuilder,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::arrow::error::ArrowError;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::Millis;
+
+/// The aggregates weir computes incrementally (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggKind {
+    Count,
+    CountDistinct,
+    Sum,
+    Min,
+    Max,
+    Avg,
+    FirstValue,
+    LastValue,
+    /// `approx_percentile_cont(x, q)`, backed by HdrHistogram.
+    ApproxPercentile,
+}
+
+impl AggKind {
+    pub fn from_function_name(name: &str, distinct: bool) -> Option<AggKind> {
+        Some(match (name.to_ascii_lowercase().as_str(), distinct) {
+            ("count", false) => AggKind::Count,
+            ("count", true) => AggKind::CountDistinct,
+            ("sum", false) => AggKind::Sum,
+            ("min", _) => AggKind::Min,
+            ("max", _) => AggKind::Max,
+            ("avg" | "mean", false) => AggKind::Avg,
+            ("first_value", false) => AggKind::FirstValue,
+            ("last_value", false) => AggKind::LastValue,
+            ("approx_percentile_cont", false) => AggKind::ApproxPercentile,
+            _ => return None,
+        })
+    }
+}
+
+/// One value of an aggregate's argument.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Scalar {
+    Null,
+    Int(i64),
+    Float(f64),
+    Str(Box<str>),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn is_null(&self) -> bool {
+        matches!(self, Scalar::Null)
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Scalar::Int(v) => Some(v as f64),
+            Scalar::Float(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Ordering for min/max; values of one argument always share a variant.
+    fn less_than(&self, other: &Scalar) -> bool {
+        match (self, other) {
+            (Scalar::Int(a), Scalar::Int(b)) => a < b,
+            (Scalar::Float(a), Scalar::Float(b)) => a.total_cmp(b).is_lt(),
+            (Scalar::Str(a), Scalar::Str(b)) => a < b,
+            (Scalar::Bool(a), Scalar::Bool(b)) => a < b,
+            _ => false,
+        }
+    }
+
+    /// A hashable form for `count(DISTINCT)`.
+    fn distinct_key(&self) -> Option<DistinctKey> {
+        match self {
+            Scalar::Null => None,
+            Scalar::Int(v) => Some(DistinctKey::Int(*v)),
+            Scalar::Float(v) => Some(DistinctKey::Float(v.to_bits())),
+            Scalar::Str(s) => Some(DistinctKey::Str(s.clone())),
+            Scalar::Bool(b) => Some(DistinctKey::Int(i64::from(*b))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DistinctKey {
+    Int(i64),
+    Float(u64),
+    Str(Box<str>),
+}
+
+/// An aggregate's argument for one batch, normalised to a few Arrow types so
+/// that the per-row fold is a cheap match.
+pub enum Arg {
+    /// `count(*)`.
+    None,
+    Int(Int64Array),
+    Float(Float64Array),
+    Str(StringArray),
+    Bool(BooleanArray),
+}
+
+impl Arg {
+    /// Normalises an evaluated argument: integers, dates and timestamps become
+    /// Int64 (in their own unit), floats and decimals Float64, text Utf8.
+    pub fn from_array(array: &ArrayRef) -> Result<Arg, ArrowError> {
+        let dt = array.data_type();
+        Ok(match dt {
+            DataType::Boolean => Arg::Bool(array.as_boolean().clone()),
+            DataType::Float16
+            | DataType::Float32
+            | DataType::Float64
+            | DataType::Decimal128(..) => Arg::Float(
+                cast(array, &DataType::Float64)?
+                    .as_primitive::<Float64Type>()
+                    .clone(),
+            ),
+            DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Dictionary(..) => {
+                Arg::Str(cast(array, &DataType::Utf8)?.as_string::<i32>().clone())
+            }
+            DataType::Null => Arg::None,
+            _ => Arg::Int(
+                cast(array, &DataType::Int64)?
+                    .as_primitive::<Int64Type>()
+                    .clone(),
+            ),
+        })
+    }
+
+    #[inline]
+    pub fn get(&self, row: usize) -> Scalar {
+        match self {
+            Arg::None => Scalar::Int(1),
+            Arg::Int(a) => {
+                if a.is_null(row) {
+                    Scalar::Null
+                } else {
+                    Scalar::Int(a.value(row))
+                }
+            }
+            Arg::Float(a) => {
+                if a.is_null(row) {
+                    Scalar::Null
+                } else {
+                    Scalar::Float(a.value(row))
+                }
+            }
+            Arg::Str(a) => {
+                if a.is_null(row) {
+                    Scalar::Null
+                } else {
+                    Scalar::Str(a.value(row).into())
+                }
+            }
+            Arg::Bool(a) => {
+                if a.is_null(row) {
+                    Scalar::Null
+                } else {
+                    Scalar::Bool(a.value(row))
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn is_null(&self, row: usize) -> bool {
+        match self {
+            Arg::None => false,
+            Arg::Int(a) => a.is_null(row),
+            Arg::Float(a) => a.is_null(row),
+            Arg::Str(a) => a.is_null(row),
+            Arg::Bool(a) => a.is_null(row),
+        }
+    }
+
+    #[inline]
+    fn f64(&self, row: usize) -> Option<f64> {
+        match self {
+            Arg::Float(a) if !a.is_null(row) => Some(a.value(row)),
+            Arg::Int(a) if !a.is_null(row) => Some(a.value(row) as f64),
+            _ => None,
+        }
+    }
+}
+
+/// State of one aggregate for one group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AggState {
+    Count(i64),
+    CountDistinct(HashSet<DistinctKey>),
+    SumInt(Option<i64>),
+    SumFloat(Option<f64>),
+    Min(Scalar),
+    Max(Scalar),
+    Avg {
+        sum: f64,
+        count: i64,
+    },
+    /// Value at the smallest event time (ties: the first to arrive).
+    First {
+        ts: Millis,
+        value: Scalar,
+    },
+    /// Value at the largest event time (ties: the last to arrive).
+    Last {
+        ts: Millis,
+        value: Scalar,
+    },
+    Percentile(Percentile),
+}
+
+impl AggState {
+    /// A fresh state. `float_input` picks a float or integer sum.
+    pub fn new(kind: AggKind, float_input: bool, percentile: f64) -> AggState {
+        match kind {
+            AggKind::Count => AggState::Count(0),
+            AggKind::CountDistinct => AggState::CountDistinct(HashSet::new()),
+            AggKind::Sum if float_input => AggState::SumFloat(None),
+            AggKind::Sum => AggState::SumInt(None),
+            AggKind::Min => AggState::Min(Scalar::Null),
+            AggKind::Max => AggState::Max(Scalar::Null),
+            AggKind::Avg => AggState::Avg { sum: 0.0, count: 0 },
+            AggKind::FirstValue => AggState::First {
+                ts: Millis::MAX,
+                value: Scalar::Null,
+            },
+            AggKind::LastValue => AggState::Last {
+                ts: Millis::MIN,
+                value: Scalar::Null,
+            },
+            AggKind::ApproxPercentile => AggState::Percentile(Percentile::new(percentile)),
+        }
+    }
+
+    /// Folds row `row` of `arg` (event time `ts`) into the state. SQL
+    /// semantics: NULL arguments are skipped, except by first/last_value.
+    #[inline]
+    pub fn update(&mut self, arg: &Arg, row: usize, ts: Millis) {
+        match self {
+            AggState::Count(n) => {
+                if !arg.is_null(row) {
+                    *n += 1;
+                }
+            }
+            AggState::CountDistinct(set) => {
+                if let Some(k) = arg.get(row).distinct_key() {
+                    set.insert(k);
+                }
+            }
+            AggState::SumInt(sum) => {
+                if let Arg::Int(a) = arg {
+                    if !a.is_null(row) {
+                        *sum = Some(sum.unwrap_or(0).wrapping_add(a.value(row)));
+                    }
+                }
+            }
+            AggState::SumFloat(sum) => {
+                if let Some(v) = arg.f64(row) {
+                    *sum = Some(sum.unwrap_or(0.0) + v);
+                }
+            }
+            AggState::Min(current) => {
+                if arg.is_null(row) {
+                    return;
+                }
+                let v = arg.get(row);
+                if current.is_null() || v.less_than(current) {
+                    *current = v;
+                }
+            }
+            AggState::Max(current) => {
+                if arg.is_null(row) {
+                    return;
+                }
+                let v = arg.get(row);
+                if current.is_null() || current.less_than(&v) {
+                    *current = v;
+                }
+            }
+            AggState::Avg { sum, count } => {
+                if let Some(v) = arg.f64(row) {
+                    *sum += v;
+                    *count += 1;
+                }
+            }
+            AggState::First { ts: first, value } => {
+                if ts < *first {
+                    *first = ts;
+                    *value = arg.get(row);
+                }
+            }
+            AggState::Last { ts: last, value } => {
+                if ts >= *last {
+                    *last = ts;
+                    *value = arg.get(row);
+                }
+            }
+            AggState::Percentile(p) => {
+                if let Some(v) = arg.f64(row) {
+                    p.record(v);
+                }
+            }
+        }
+    }
+
+    /// Merges another state of the same aggregate into this one.
+    pub fn merge(&mut self, other: AggState) {
+        match (self, other) {
+            (AggState::Count(a), AggState::Count(b)) => *a += b,
+            (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(b),
+            (AggState::SumInt(a), AggState::SumInt(b)) => {
+                if let Some(b) = b {
+                    *a = Some(a.unwrap_or(0).wrapping_add(b));
+                }
+            }
+            (AggState::SumFloat(a), AggState::SumFloat(b)) => {
+                if let Some(b) = b {
+                    *a = Some(a.unwrap_or(0.0) + b);
+                }
+            }
+            (AggState::Min(a), AggState::Min(b)) => {
+                if !b.is_null() && (a.is_null() || b.less_than(a)) {
+                    *a = b;
+                }
+            }
+            (AggState::Max(a), AggState::Max(b)) => {
+                if !b.is_null() && (a.is_null() || a.less_than(&b)) {
+                    *a = b;
+                }
+            }
+            (AggState::Avg { sum, count }, AggState::Avg { sum: s, count: c }) => {
+                *sum += s;
+                *count += c;
+            }
+            (AggState::First { ts, value }, AggState::First { ts: t, value: v }) => {
+                if t < *ts {
+                    *ts = t;
+                    *value = v;
+                }
+            }
+            (AggState::Last { ts, value }, AggState::Last { ts: t, value: v }) => {
+                if t >= *ts {
+                    *ts = t;
+                    *value = v;
+                }
+            }
+            (AggState::Percentile(a), AggState::Percentile(b)) => a.merge(b),
+            // states of one aggregate always share a variant
+            _ => {}
+        }
+    }
+
+    /// The aggregate's current value.
+    pub fn evaluate(&self) -> Scalar {
+        match self {
+            AggState::Count(n) => Scalar::Int(*n),
+            AggState::CountDistinct(set) => Scalar::Int(set.len() as i64),
+            AggState::SumInt(s) => s.map_or(Scalar::Null, Scalar::Int),
+            AggState::SumFloat(s) => s.map_or(Scalar::Null, Scalar::Float),
+            AggState::Min(v) | AggState::Max(v) => v.clone(),
+            AggState::Avg { sum, count } => {
+                if *count == 0 {
+                    Scalar::Null
+                } else {
+                    Scalar::Float(sum / *count as f64)
+                }
+            }
+            AggState::First { value, .. } | AggState::Last { value, .. } => value.clone(),
+            AggState::Percentile(p) => p.value().map_or(Scalar::Null, Scalar::Float),
+        }
+    }
+}
+
+/// Builds an Arrow array of `data_type` from evaluated aggregate values.
+pub fn scalars_to_array(values: &[Scalar], data_type: &DataType) -> Result<ArrayRef, ArrowError> {
+    let array: ArrayRef = match data_type {
+        DataType::Boolean => {
+            let mut b = BooleanBuilder::with_capacity(values.len());
+            for v in values {
+                match v {
+                    Scalar::Bool(x) => b.append_value(*x),
+                    _ => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let mut b = StringBuilder::with_capacity(values.len(), values.len() * 8);
+            for v in values {
+                match v {
+                    Scalar::Str(s) => b.append_value(s),
+                    _ => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => {
+            let mut b = Float64Builder::with_capacity(values.len());
+            for v in values {
+                b.append_option(v.as_f64());
+            }
+            Arc::new(b.finish())
+        }
+        _ => {
+            let mut b = Int64Builder::with_capacity(values.len());
+            for v in values {
+                match v {
+                    Scalar::Int(x) => b.append_value(*x),
+                    Scalar::Float(x) => b.append_value(*x as i64),
+                    Scalar::Bool(x) => b.append_value(i64::from(*x)),
+                    _ => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
+    };
+    if array.data_type() == data_type {
+        Ok(array)
+    } else {
+        cast(&array, data_type)
+    }
+}
+
+/// Values kept exactly up to this many; beyond, an HdrHistogram takes over.
+const EXACT_LIMIT: usize = 128;
+/// Histogram resolution: values are recorded in thousandths.
+const SCALE: f64 = 1000.0;
+
+/// `approx_percentile_cont` state. Small groups (a terminal's samples in one
+/// minute) keep their values and answer exactly; larger ones switch to an
+/// HdrHistogram with 3 significant digits, whose memory stays bounded
+/// however many values arrive. Negative values go to a second histogram of
+/// magnitudes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Percentile {
+    q: f64,
+    exact: Vec<f64>,
+    #[serde(with = "histogram_serde")]
+    positive: Option<Histogram<u64>>,
+    #[serde(with = "histogram_serde")]
+    negative: Option<Histogram<u64>>,
+}
+
+impl PartialEq for Percentile {
+    fn eq(&self, other: &Self) -> bool {
+        self.q == other.q
+            && self.exact == other.exact
+            && self.positive.as_ref().map(|h| (h.len(), h.max()))
+                == other.positive.as_ref().map(|h| (h.len(), h.max()))
+            && self.negative.as_ref().map(|h| (h.len(), h.max()))
+                == other.negative.as_ref().map(|h| (h.len(), h.max()))
+    }
+}
+
+impl Percentile {
+    pub fn new(q: f64) -> Self {
+        Self {
+            q: q.clamp(0.0, 1.0),
+            exact: Vec::new(),
+            positive: None,
+            negative: None,
+        }
+    }
+
+    fn histograms_active(&self) -> bool {
+        self.positive.is_some()
+    }
+
+    pub fn record(&mut self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        if !self.histograms_active() {
+            self.exact.push(v);
+            if self.exact.len() <= EXACT_LIMIT {
+                return;
+            }
+            self.positive = Some(new_histogram());
+            self.negative = Some(new_histogram());
+            for v in std::mem::take(&mut self.exact) {
+                self.record_histogram(v);
+            }
+            return;
+        }
+        self.record_histogram(v);
+    }
+
+    fn record_histogram(&mut self, v: f64) {
+        let scaled = (v.abs() * SCALE).round().min(u64::MAX as f64 / 4.0) as u64;
+        let h = if v < 0.0 {
+            &mut self.negative
+        } else {
+            &mut self.positive
+        };
+        if let Some(h) = h {
+            // `record` grows the auto-resizing histogram; clamp only if it cannot grow
+            if h.record(scaled).is_err() {
+                h.saturating_record(scaled);
+            }
+        }
+    }
+
+    pub fn merge(&mut self, other: Percentile) {
+        if !other.histograms_active() {
+            for v in other.exact {
+                self.record(v);
+            }
+            return;
+        }
+        if !self.histograms_active() {
+            let mine = std::mem::take(&mut self.exact);
+            self.positive = other.positive;
+            self.negative = other.negative;
+            for v in mine {
+                self.record_histogram(v);
+            }
+            return;
+        }
+        if let (Some(a), Some(b)) = (&mut self.positive, &other.positive) {
+            let _ = a.add(b);
+        }
+        if let (Some(a), Some(b)) = (&mut self.negative, &other.negative) {
+            let _ = a.add(b);
+        }
+    }
+
+    /// Continuous percentile (linear interpolation) over the exact values,
+    /// or the histogram's value at the quantile.
+    pub fn value(&self) -> Option<f64> {
+        if !self.histograms_active() {
+            if self.exact.is_empty() {
+                return None;
+            }
+            let mut sorted = self.exact.clone();
+            sorted.sort_by(f64::total_cmp);
+            let rank = self.q * (sorted.len() - 1) as f64;
+            let lo = rank.floor() as usize;
+            let hi = rank.ceil() as usize;
+            let frac = rank - lo as f64;
+            return Some(sorted[lo] + (sorted[hi] - sorted[lo]) * frac);
+        }
+        let positive = self.positive.as_ref()?;
+        let negative = self.negative.as_ref()?;
+        let total = positive.len() + negative.len();
+        if total == 0 {
+            return None;
+        }
+        let rank = self.q * total as f64;
+        let neg = negative.len() as f64;
+        if rank < neg {
+            // the most negative values are the largest magnitudes
+            let q = 1.0 - rank / neg;
+            Some(-(negative.value_at_quantile(q) as f64) / SCALE)
+        } else {
+            let q = if positive.is_empty() {
+                0.0
+            } else {
+                (rank - neg) / positive.len() as f64
+            };
+            Some(positive.value_at_quantile(q.min(1.0)) as f64 / SCALE)
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 3 significant digits, auto-resizing: 0.1 % relative error at any magnitude.
+    match Histogram::new(3) {
+        Ok(h) => h,
+        // new(3) only fails for sigfig > 5
+        Err(_) => unreachable!("3 significant digits is a valid histogram precision"),
+    }
+}
+
+mod histogram_serde {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    /// Histograms travel as their recorded (value, count) pairs.
+    pub fn serialize<S: Serializer>(h: &Option<Histogram<u64>>, s: S) -> Result<S::Ok, S::Error> {
+        let pairs: Option<Vec<(u64, u64)>> = h.as_ref().map(|h| {
+            h.iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect()
+        });
+        pairs.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Histogram<u64>>, D::Error> {
+        let pairs: Option<Vec<(u64, u64)>> = Option::deserialize(d)?;
+        Ok(pairs.map(|pairs| {
+            let mut h = new_histogram();
+            for (value, count) in pairs {
+                let _ = h.record_n(value, count);
+            }
+            h
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn floats(values: &[Option<f64>]) -> Arg {
+        Arg::Float(Float64Array::from(values.to_vec()))
+    }
+
+    fn fold(kind: AggKind, arg: &Arg, rows: usize, float: bool) -> Scalar {
+        let mut s = AggState::new(kind, float, 0.5);
+        for i in 0..rows {
+            s.update(arg, i, i as Millis);
+        }
+        s.evaluate()
+    }
+
+    #[test]
+    fn sql_semantics_skip_nulls() {
+        let arg = floats(&[Some(3.0), None, Some(1.0), Some(2.0)]);
+        assert_eq!(fold(AggKind::Count, &arg, 4, true), Scalar::Int(3));
+        assert_eq!(fold(AggKind::Sum, &arg, 4, true), Scalar::Float(6.0));
+        assert_eq!(fold(AggKind::Min, &arg, 4, true), Scalar::Float(1.0));
+        assert_eq!(fold(AggKind::Max, &arg, 4, true), Scalar::Float(3.0));
+        assert_eq!(fold(AggKind::Avg, &arg, 4, true), Scalar::Float(2.0));
+        assert_eq!(fold(AggKind::FirstValue, &arg, 4, true), Scalar::Float(3.0));
+        assert_eq!(fold(AggKind::LastValue, &arg, 4, true), Scalar::Float(2.0));
+        assert_eq!(
+            fold(AggKind::ApproxPercentile, &arg, 4, true),
+            Scalar::Float(2.0)
+        );
+        let empty = floats(&[None]);
+        assert_eq!(fold(AggKind::Sum, &empty, 1, true), Scalar::Null);
+        assert_eq!(fold(AggKind::Avg, &empty, 1, true), Scalar::Null);
+        assert_eq!(fold(AggKind::Count, &Arg::None, 3, false), Scalar::Int(3));
+    }
+
+    #[test]
+    fn count_distinct_and_strings() {
+        let arg = Arg::Str(StringArray::from(vec![
+            Some("b"),
+            Some("a"),
+            Some("b"),
+            None,
+        ]));
+        assert_eq!(fold(AggKind::CountDistinct, &arg, 4, false), Scalar::Int(2));
+        assert_eq!(fold(AggKind::Min, &arg, 4, false), Scalar::Str("a".into()));
+        assert_eq!(fold(AggKind::Max, &arg, 4, false), Scalar::Str("b".into()));
+    }
+
+    #[test]
+    fn first_and_last_follow_event_time_not_arrival() {
+        let arg = floats(&[Some(10.0), Some(20.0), Some(30.0)]);
+        let mut first = AggState::new(AggKind::FirstValue, true, 0.0);
+        let mut last = AggState::new(AggKind::LastValue, true, 0.0);
+        for (row, ts) in [(0, 500), (1, 100), (2, 300)] {
+            first.update(&arg, row, ts);
+            last.update(&arg, row, ts);
+        }
+        assert_eq!(first.evaluate(), Scalar::Float(20.0));
+        assert_eq!(last.evaluate(), Scalar::Float(10.0));
+    }
+
+    #[test]
+    fn merge_equals_folding_everything() {
+        let arg = floats(&(0..300).map(|i| Some(i as f64)).collect::<Vec<_>>());
+        for kind in [
+            AggKind::Count,
+            AggKind::Sum,
+            AggKind::Min,
+            AggKind::Max,
+            AggKind::Avg,
+            AggKind::FirstValue,
+            AggKind::LastValue,
+        ] {
+            let mut a = AggState::new(kind, true, 0.9);
+            let mut b = AggState::new(kind, true, 0.9);
+            let mut all = AggState::new(kind, true, 0.9);
+            for i in 0..300 {
+                all.update(&arg, i, i as Millis);
+                if i % 3 == 0 {
+                    a.update(&arg, i, i as Millis)
+                } else {
+                    b.update(&arg, i, i as Millis)
+                }
+            }
+            a.merge(b);
+            assert_eq!(a.evaluate(), all.evaluate(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn percentile_switches_to_histogram_within_its_precision() {
+        let mut p = Percentile::new(0.99);
+        for i in 1..=10_000 {
+            p.record(i as f64);
+        }
+        let v = p.value().unwrap();
+        assert!((v - 9_900.0).abs() / 9_900.0 < 0.002, "{v}");
+        let mut n = Percentile::new(0.5);
+        for i in -500..500 {
+            n.record(i as f64);
+        }
+        let v = n.value().unwrap();
+        assert!(v.abs() <= 1.0, "{v}");
+        // round-trips through serialization (checkpoints)
+        let json = serde_json::to_string(&p).unwrap();
+        let back: Percentile = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.value(), p.value());
+    }
+}
