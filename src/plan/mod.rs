@@ -751,7 +751,7 @@ fn compile(
         _ => Vec::new(),
     };
 
-    let logical_plan = plan.display_indent_schema().to_string();
+    let logical_plan = plan.display_indent().to_string();
     let fingerprint = fingerprint(&[&p.text, &logical_plan, &format!("{:?}", p.retention)]);
     Ok(ViewPlan {
         name: p.name.clone(),

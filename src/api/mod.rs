@@ -1,0 +1,405 @@
+//! The HTTP API (axum), version 1 (DESIGN §6).
+//!
+//! Handlers only read: the store, the pipeline definitions and the metrics.
+//! Store scans run on the blocking pool, so a large scan never stalls the
+//! async workers, and nothing here can slow the pipeline thread. Errors are
+//! `{"error": {"code", "message"}}` with a 4xx/5xx status; internal errors are
+//! logged, not returned.
+
+mod query;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::obs::{Metrics, format_time, now_ms};
+use crate::plan::{Pipeline, ViewPlan, ViewShape, describe_window};
+use crate::source::decode::RejectReason;
+use crate::store::Store;
+use crate::window::operator::time_key;
+
+/// What the handlers share.
+pub struct AppState {
+    pub store: Store,
+    pub pipeline: Arc<Pipeline>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 10_000;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/streams", get(streams))
+        .route("/api/v1/views", get(views))
+        .route("/api/v1/views/{name}", get(view))
+        .route("/api/v1/views/{name}/rows", get(view_rows))
+        .route("/api/v1/query", post(query::query))
+        .route("/api/v1/deadletter", get(dead_letters))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// An API error: status, machine-readable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, code: "bad_request", message: message.into() }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into() }
+    }
+
+    /// Logs the internal error; the client only learns that something failed.
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "API request failed");
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: "internal error; see the server log".into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<axum::Json<Value>, ApiError>;
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+async fn healthz() -> axum::Json<Value> {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not_ready",
+            message: "sources are not subscribed yet".into(),
+        }
+        .into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(now_ms()),
+    )
+        .into_response()
+}
+
+fn schema_json(schema: &datafusion::arrow::datatypes::Schema) -> Value {
+    Value::Array(
+        schema
+            .fields()
+            .iter()
+            .map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+            .collect(),
+    )
+}
+
+async fn streams(State(state): State<Arc<AppState>>) -> ApiResult {
+    let items: Vec<Value> = state
+        .pipeline
+        .streams
+        .iter()
+        .map(|s| {
+            let m = &state.metrics.streams[&s.name];
+            json!({
+                "name": s.name,
+                "doc": s.doc,
+                "topic": s.topic.as_str(),
+                "subscription": s.topic.filter(),
+                "format": s.format,
+                "qos": s.qos,
+                "idle_timeout": crate::config::format_duration(s.idle_timeout),
+                "event_time": s.event_time.column,
+                "watermark_bound_ms": s.event_time.bound_ms,
+                "schema": schema_json(&s.schema),
+                "counters": {
+                    "messages": m.messages.load(Ordering::Relaxed),
+                    "ingested": m.ingested.load(Ordering::Relaxed),
+                    "rejected": m.rejected_total(),
+                    "late": m.late.load(Ordering::Relaxed),
+                },
+                "watermark": m.watermark().map(format_time),
+                "file": s.file,
+                "line": s.line,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"items": items, "next_cursor": null})))
+}
+
+fn view_json(view: &ViewPlan, row_count: Option<usize>) -> Value {
+    let window = view.window().map(|w| {
+        let mut v = serde_json::to_value(w).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.insert("description".into(), Value::String(describe_window(&w)));
+        }
+        v
+    });
+    json!({
+        "name": view.name,
+        "doc": view.doc,
+        "sql": view.sql,
+        "shape": view.shape,
+        "window": window,
+        "keys": view.key_columns,
+        "schema": schema_json(&view.output_schema),
+        "upstream": view.upstream,
+        "retention": view.retention.map(crate::config::format_duration),
+        "row_count": row_count,
+        "file": view.file,
+        "line": view.line,
+    })
+}
+
+async fn views(State(state): State<Arc<AppState>>) -> ApiResult {
+    let st = state.clone();
+    let counts = tokio::task::spawn_blocking(move || {
+        st.pipeline
+            .views
+            .iter()
+            .map(|v| st.store.count_rows(&v.name))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let items: Vec<Value> = state
+        .pipeline
+        .views
+        .iter()
+        .zip(counts)
+        .map(|(v, n)| view_json(v, Some(n)))
+        .collect();
+    Ok(axum::Json(json!({"items": items, "next_cursor": null})))
+}
+
+fn find_view(state: &AppState, name: &str) -> Result<Arc<ViewPlan>, ApiError> {
+    state
+        .pipeline
+        .view(name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no view named {name:?}")))
+}
+
+async fn view(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
+    let view = find_view(&state, &name)?;
+    let st = state.clone();
+    let n = name.clone();
+    let count = tokio::task::spawn_blocking(move || st.store.count_rows(&n))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let mut body = view_json(&view, Some(count));
+    if let Value::Object(m) = &mut body {
+        m.insert("plan".into(), Value::String(view.logical_plan.clone()));
+    }
+    Ok(axum::Json(body))
+}
+
+/// `limit` with its default and maximum.
+pub fn parse_limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}, got {text:?}"))),
+        },
+    }
+}
+
+/// A time given as RFC 3339 or epoch milliseconds.
+pub fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| ApiError::bad_request(format!("{name} must be an RFC 3339 time or epoch milliseconds, got {text:?}")))
+}
+
+pub fn encode_cursor(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn decode_cursor(text: &str) -> Result<Vec<u8>, ApiError> {
+    let bad = || ApiError::bad_request("invalid cursor: pass back the next_cursor of a previous page");
+    if text.len() % 2 != 0 || text.is_empty() {
+        return Err(bad());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(bad))
+        .collect()
+}
+
+fn json_matches(value: Option<&Value>, wanted: &str) -> bool {
+    match value {
+        Some(Value::String(s)) => s == wanted,
+        Some(Value::Number(n)) => n.to_string() == wanted || n.as_f64().zip(wanted.parse::<f64>().ok()).is_some_and(|(a, b)| a == b),
+        Some(Value::Bool(b)) => b.to_string() == wanted,
+        Some(Value::Null) | None => wanted.is_empty() || wanted == "null",
+        Some(other) => other.to_string() == wanted,
+    }
+}
+
+async fn view_rows(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let view = find_view(&state, &name)?;
+    let limit = parse_limit(&params)?;
+    let cursor = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let columns: Vec<&str> = view.output_schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let mut filters: Vec<(String, String)> = Vec::new();
+    for (k, v) in &params {
+        if k == "key" {
+            let column = view
+                .key_columns
+                .first()
+                .cloned()
+                .or_else(|| match view.shape {
+                    ViewShape::Filter => columns.first().map(|c| c.to_string()),
+                    _ => None,
+                })
+                .ok_or_else(|| ApiError::bad_request(format!("view {name} has no key column in its output; use key.<column>=")))?;
+            filters.push((column, v.clone()));
+        } else if let Some(column) = k.strip_prefix("key.") {
+            if !columns.contains(&column) {
+                return Err(ApiError::bad_request(format!("view {name} has no column {column:?}")));
+            }
+            filters.push((column.to_string(), v.clone()));
+        } else if !matches!(k.as_str(), "limit" | "cursor" | "from" | "to") {
+            return Err(ApiError::bad_request(format!(
+                "unknown parameter {k:?} (known: key, key.<column>, from, to, limit, cursor)"
+            )));
+        }
+    }
+    let from = params.get("from").map(|t| parse_time("from", t)).transpose()?;
+    let to = params.get("to").map(|t| parse_time("to", t)).transpose()?;
+    if view.shape == ViewShape::Updating && (from.is_some() || to.is_some()) {
+        return Err(ApiError::bad_request(format!(
+            "view {name} is an updating view (one row per key): from/to do not apply"
+        )));
+    }
+    let st = state.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        let from_key = from.map(time_key);
+        let to_key = to.map(time_key);
+        st.store.scan_rows(
+            &name,
+            from_key.as_ref().map(|k| k.as_slice()),
+            to_key.as_ref().map(|k| k.as_slice()),
+            cursor.as_deref(),
+            limit,
+            |row| filters.iter().all(|(c, v)| json_matches(row.get(c), v)),
+        )
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let items: Vec<Value> = page.items.into_iter().map(|r| Value::Object(r.value)).collect();
+    Ok(axum::Json(json!({
+        "items": items,
+        "next_cursor": page.next.map(|k| encode_cursor(&k)),
+    })))
+}
+
+async fn dead_letters(State(state): State<Arc<AppState>>, Query(params): Query<HashMap<String, String>>) -> ApiResult {
+    let limit = parse_limit(&params)?;
+    let cursor = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let stream = params.get("stream").cloned();
+    let reason = match params.get("reason") {
+        None => None,
+        Some(r) => Some(RejectReason::parse(r).ok_or_else(|| {
+            ApiError::bad_request(format!("reason must be one of malformed, schema, oversize, late; got {r:?}"))
+        })?),
+    };
+    for k in params.keys() {
+        if !matches!(k.as_str(), "limit" | "cursor" | "stream" | "reason") {
+            return Err(ApiError::bad_request(format!("unknown parameter {k:?} (known: stream, reason, limit, cursor)")));
+        }
+    }
+    let st = state.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        st.store.dead_letters(cursor.as_deref(), limit, |d| {
+            stream.as_ref().is_none_or(|s| &d.stream == s) && reason.is_none_or(|r| d.reason == r)
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let items: Vec<Value> = page
+        .items
+        .into_iter()
+        .map(|d| {
+            json!({
+                "stream": d.stream,
+                "topic": d.topic,
+                "reason": d.reason,
+                "detail": d.detail,
+                "payload": d.payload,
+                "received_at": format_time(d.received_at),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"items": items, "next_cursor": page.next.map(|k| encode_cursor(&k))})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let key = vec![0u8, 1, 254, 255];
+        assert_eq!(decode_cursor(&encode_cursor(&key)).unwrap(), key);
+        assert!(decode_cursor("zz").is_err());
+        assert!(decode_cursor("abc").is_err());
+    }
+
+    #[test]
+    fn limits_and_times() {
+        let params = |v: &str| HashMap::from([("limit".to_string(), v.to_string())]);
+        assert_eq!(parse_limit(&HashMap::new()).unwrap(), DEFAULT_LIMIT);
+        assert_eq!(parse_limit(&params("10000")).unwrap(), 10_000);
+        assert!(parse_limit(&params("0")).is_err());
+        assert!(parse_limit(&params("10001")).is_err());
+        assert_eq!(parse_time("from", "1970-01-01T00:01:00Z").unwrap(), 60_000);
+        assert_eq!(parse_time("from", "60000").unwrap(), 60_000);
+        assert!(parse_time("from", "yesterday").is_err());
+    }
+}

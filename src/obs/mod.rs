@@ -1,0 +1,210 @@
+//! Observability: counters and gauges rendered in the Prometheus text format,
+//! and tracing set-up.
+//!
+//! Streams and views are known at start, so every series is created once and
+//! updated with relaxed atomics: no locks on the hot path.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::source::decode::RejectReason;
+
+/// Counters of one source stream.
+#[derive(Debug, Default)]
+pub struct StreamMetrics {
+    pub messages: AtomicU64,
+    pub ingested: AtomicU64,
+    /// Indexed like `RejectReason::ALL`.
+    pub rejected: [AtomicU64; 4],
+    pub late: AtomicU64,
+    /// Epoch ms; `i64::MIN` until the first event.
+    pub watermark: AtomicI64,
+    pub max_event_time: AtomicI64,
+}
+
+impl StreamMetrics {
+    fn new() -> Self {
+        Self {
+            watermark: AtomicI64::new(i64::MIN),
+            max_event_time: AtomicI64::new(i64::MIN),
+            ..Default::default()
+        }
+    }
+
+    pub fn reject(&self, reason: RejectReason) {
+        self.reject_n(reason, 1);
+    }
+
+    pub fn reject_n(&self, reason: RejectReason, n: u64) {
+        let i = RejectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.rejected[i].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn watermark(&self) -> Option<i64> {
+        Some(self.watermark.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN)
+    }
+}
+
+/// Counters of one view.
+#[derive(Debug, Default)]
+pub struct ViewMetrics {
+    pub rows_written: AtomicU64,
+    pub errors: AtomicU64,
+    pub open_groups: AtomicU64,
+    pub late: AtomicU64,
+}
+
+/// All of weir's metrics. Cheap to share behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub streams: BTreeMap<String, Arc<StreamMetrics>>,
+    pub views: BTreeMap<String, Arc<ViewMetrics>>,
+    /// Messages with a topic no stream matches.
+    pub unmatched_messages: AtomicU64,
+    pub ingest_queue_depth: AtomicI64,
+    pub ingest_queue_capacity: AtomicI64,
+    pub pipeline_batches: AtomicU64,
+    pub mqtt_connected: AtomicI64,
+    pub mqtt_reconnects: AtomicU64,
+    pub store_disk_bytes: AtomicU64,
+    pub store_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new<'a>(streams: impl IntoIterator<Item = &'a str>, views: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            streams: streams.into_iter().map(|s| (s.to_string(), Arc::new(StreamMetrics::new()))).collect(),
+            views: views.into_iter().map(|v| (v.to_string(), Arc::new(ViewMetrics::default()))).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The Prometheus text exposition of every series; `now` is epoch ms.
+    pub fn render(&self, now: i64) -> String {
+        let mut out = String::with_capacity(4096);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        header(&mut out, "weir_mqtt_messages_total", "counter", "MQTT messages received, per stream.");
+        for (s, m) in &self.streams {
+            let _ = writeln!(out, "weir_mqtt_messages_total{{stream=\"{s}\"}} {}", load(&m.messages));
+        }
+        let _ = writeln!(out, "weir_mqtt_messages_total{{stream=\"\"}} {}", load(&self.unmatched_messages));
+        header(&mut out, "weir_ingested_events_total", "counter", "Events decoded and accepted, per stream.");
+        for (s, m) in &self.streams {
+            let _ = writeln!(out, "weir_ingested_events_total{{stream=\"{s}\"}} {}", load(&m.ingested));
+        }
+        header(&mut out, "weir_rejected_events_total", "counter", "Messages or rows sent to the dead-letter store, per stream and reason.");
+        for (s, m) in &self.streams {
+            for (i, reason) in RejectReason::ALL.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "weir_rejected_events_total{{stream=\"{s}\",reason=\"{}\"}} {}",
+                    reason.as_str(),
+                    load(&m.rejected[i])
+                );
+            }
+        }
+        header(&mut out, "weir_late_events_total", "counter", "Events whose window had closed, per stream.");
+        for (s, m) in &self.streams {
+            let _ = writeln!(out, "weir_late_events_total{{stream=\"{s}\"}} {}", load(&m.late));
+        }
+        header(&mut out, "weir_watermark_lag_seconds", "gauge", "Wall clock minus the stream's watermark.");
+        for (s, m) in &self.streams {
+            if let Some(w) = m.watermark() {
+                let _ = writeln!(out, "weir_watermark_lag_seconds{{stream=\"{s}\"}} {:.3}", (now - w) as f64 / 1000.0);
+            }
+        }
+        header(&mut out, "weir_watermark_timestamp_seconds", "gauge", "The stream's watermark, as a Unix time.");
+        for (s, m) in &self.streams {
+            if let Some(w) = m.watermark() {
+                let _ = writeln!(out, "weir_watermark_timestamp_seconds{{stream=\"{s}\"}} {:.3}", w as f64 / 1000.0);
+            }
+        }
+        header(&mut out, "weir_view_rows_written_total", "counter", "Rows written (upserted) to the store, per view.");
+        for (v, m) in &self.views {
+            let _ = writeln!(out, "weir_view_rows_written_total{{view=\"{v}\"}} {}", load(&m.rows_written));
+        }
+        header(&mut out, "weir_view_late_events_total", "counter", "Input rows left out of a closed window, per view.");
+        for (v, m) in &self.views {
+            let _ = writeln!(out, "weir_view_late_events_total{{view=\"{v}\"}} {}", load(&m.late));
+        }
+        header(&mut out, "weir_view_errors_total", "counter", "Batches a view failed to evaluate.");
+        for (v, m) in &self.views {
+            let _ = writeln!(out, "weir_view_errors_total{{view=\"{v}\"}} {}", load(&m.errors));
+        }
+        header(&mut out, "weir_view_open_groups", "gauge", "Open (key, window) groups held in memory, per view.");
+        for (v, m) in &self.views {
+            let _ = writeln!(out, "weir_view_open_groups{{view=\"{v}\"}} {}", load(&m.open_groups));
+        }
+        let gauges: [(&str, &str, &str, i64); 7] = [
+            ("weir_ingest_queue_depth", "gauge", "Messages waiting between the MQTT source and the pipeline.", self.ingest_queue_depth.load(Ordering::Relaxed)),
+            ("weir_ingest_queue_capacity", "gauge", "Capacity of that queue; when full, weir stops reading from the broker.", self.ingest_queue_capacity.load(Ordering::Relaxed)),
+            ("weir_pipeline_batches_total", "counter", "Micro-batches run through the pipeline.", load(&self.pipeline_batches) as i64),
+            ("weir_mqtt_connected", "gauge", "1 while the MQTT source is connected and subscribed.", self.mqtt_connected.load(Ordering::Relaxed)),
+            ("weir_mqtt_reconnects_total", "counter", "Connection errors after which the source reconnected.", load(&self.mqtt_reconnects) as i64),
+            ("weir_store_disk_bytes", "gauge", "Bytes the store uses on disk.", load(&self.store_disk_bytes) as i64),
+            ("weir_store_errors_total", "counter", "Failed store writes.", load(&self.store_errors) as i64),
+        ];
+        for (name, kind, help, value) in gauges {
+            header(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Logs to stderr; `WEIR_LOG` (or `RUST_LOG`) sets the filter, default `info`
+/// for weir and `warn` for the embedded broker.
+pub fn init_tracing() {
+    let filter = std::env::var("WEIR_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Wall clock, epoch ms. Only `engine` and `api` read the clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Epoch ms as RFC 3339 UTC with milliseconds (the API's time format).
+pub fn format_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new(["telemetry"], ["health"]);
+        m.streams["telemetry"].ingested.fetch_add(3, Ordering::Relaxed);
+        m.streams["telemetry"].reject(RejectReason::Schema);
+        m.streams["telemetry"].watermark.store(1_000, Ordering::Relaxed);
+        let text = m.render(3_500);
+        assert!(text.contains("weir_ingested_events_total{stream=\"telemetry\"} 3\n"));
+        assert!(text.contains("weir_rejected_events_total{stream=\"telemetry\",reason=\"schema\"} 1\n"));
+        assert!(text.contains("weir_watermark_lag_seconds{stream=\"telemetry\"} 2.500\n"));
+        assert!(text.contains("# TYPE weir_view_rows_written_total counter"));
+        assert_eq!(format_time(1_500), "1970-01-01T00:00:01.500Z");
+    }
+}

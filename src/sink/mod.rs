@@ -1,0 +1,111 @@
+//! Sinks: what the pipeline writes out. Today that is view rows and dead
+//! letters to the store; MQTT and webhook notifications join with alerts.
+//!
+//! Rows are stored as JSON objects in the API's shape (times as RFC 3339 UTC
+//! with milliseconds), so reading a row back is a copy, not a conversion.
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit, UInt64Type};
+use datafusion::arrow::util::display::array_value_to_string;
+use serde_json::{Map, Number, Value};
+
+use crate::obs::format_time;
+use crate::source::decode::{RejectReason, Rejected};
+use crate::store::{Store, StoreError};
+use crate::window::operator::ViewOutput;
+
+/// One cell as a JSON value.
+pub fn cell_to_json(array: &dyn Array, row: usize) -> Value {
+    if array.is_null(row) {
+        return Value::Null;
+    }
+    let float = |v: f64| Number::from_f64(v).map_or(Value::Null, Value::Number);
+    match array.data_type() {
+        DataType::Utf8 => Value::String(array.as_string::<i32>().value(row).to_string()),
+        DataType::LargeUtf8 => Value::String(array.as_string::<i64>().value(row).to_string()),
+        DataType::Utf8View => Value::String(array.as_string_view().value(row).to_string()),
+        DataType::Boolean => Value::Bool(array.as_boolean().value(row)),
+        DataType::Int64 => Value::from(array.as_primitive::<Int64Type>().value(row)),
+        DataType::Int32 => Value::from(array.as_primitive::<Int32Type>().value(row)),
+        DataType::UInt64 => Value::from(array.as_primitive::<UInt64Type>().value(row)),
+        DataType::Float64 => float(array.as_primitive::<Float64Type>().value(row)),
+        DataType::Float32 => float(f64::from(array.as_primitive::<Float32Type>().value(row))),
+        DataType::Timestamp(unit, _) => {
+            let v = match unit {
+                TimeUnit::Second => array.as_primitive::<datafusion::arrow::datatypes::TimestampSecondType>().value(row) * 1000,
+                TimeUnit::Millisecond => array.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>().value(row),
+                TimeUnit::Microsecond => array.as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>().value(row) / 1000,
+                TimeUnit::Nanosecond => array.as_primitive::<datafusion::arrow::datatypes::TimestampNanosecondType>().value(row) / 1_000_000,
+            };
+            Value::String(format_time(v))
+        }
+        DataType::Int8 | DataType::Int16 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
+            match array_value_to_string(array, row).ok().and_then(|s| s.parse::<i64>().ok()) {
+                Some(v) => Value::from(v),
+                None => Value::Null,
+            }
+        }
+        _ => array_value_to_string(array, row).map_or(Value::Null, Value::String),
+    }
+}
+
+/// A batch as JSON objects keyed by column name.
+pub fn batch_to_json(batch: &RecordBatch) -> Vec<Map<String, Value>> {
+    let schema = batch.schema();
+    (0..batch.num_rows())
+        .map(|row| {
+            schema
+                .fields()
+                .iter()
+                .zip(batch.columns())
+                .map(|(f, c)| (f.name().clone(), cell_to_json(c.as_ref(), row)))
+                .collect()
+        })
+        .collect()
+}
+
+/// Upserts a view's output rows. Returns the number of rows written.
+pub fn write_view_output(store: &Store, view: &str, output: &ViewOutput) -> Result<usize, StoreError> {
+    let rows = batch_to_json(&output.rows);
+    let pairs = output.keys.iter().cloned().zip(rows).map(|(key, row)| {
+        // a Map of JSON values always serializes
+        let value = serde_json::to_vec(&row).unwrap_or_default();
+        (key, value)
+    });
+    store.write_rows(view, pairs)
+}
+
+/// Dead letters for input rows that were late for windowed views.
+pub fn late_rows(
+    stream: &str,
+    batch: &RecordBatch,
+    event_time: &[i64],
+    rows: &[u32],
+    topics: &[&str],
+    received_at: &[i64],
+    detail: impl Fn(i64) -> String,
+) -> Vec<Rejected> {
+    let json = |row: usize| -> String {
+        let schema = batch.schema();
+        let map: Map<String, Value> = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(f, c)| (f.name().clone(), cell_to_json(c.as_ref(), row)))
+            .collect();
+        Value::Object(map).to_string()
+    };
+    rows.iter()
+        .map(|&r| {
+            let r = r as usize;
+            Rejected {
+                stream: stream.to_string(),
+                topic: topics.get(r).copied().unwrap_or("").to_string(),
+                reason: RejectReason::Late,
+                detail: detail(event_time.get(r).copied().unwrap_or(0)),
+                payload: json(r),
+                received_at: received_at.get(r).copied().unwrap_or(0),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,638 @@
+//! JSON payloads -> Arrow `RecordBatch`es of a stream's schema.
+//!
+//! A message holds one object, an array of objects, or newline-delimited
+//! objects (DESIGN §2). The decoder walks the JSON with a schema-driven serde
+//! visitor straight into typed cells (strings stay borrowed from the payload),
+//! so there is no intermediate `serde_json::Value`. A row with a missing
+//! `NOT NULL` column or a wrongly typed field is rejected on its own: the
+//! visitor records the problem and keeps going, so the good rows of the same
+//! message are kept. Only a JSON syntax error rejects the whole message.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Array, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMillisecondBuilder,
+};
+use datafusion::arrow::datatypes::DataType;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::plan::StreamDef;
+
+/// Why a message or row was rejected (the dead-letter `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// Not decodable: bad JSON, not an object, unknown topic.
+    Malformed,
+    /// Decodable, but does not fit the stream's schema.
+    Schema,
+    /// Larger than `mqtt.max_packet_bytes`.
+    Oversize,
+    /// Its window had already closed.
+    Late,
+}
+
+impl RejectReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::Schema => "schema",
+            RejectReason::Oversize => "oversize",
+            RejectReason::Late => "late",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RejectReason> {
+        Some(match text {
+            "malformed" => RejectReason::Malformed,
+            "schema" => RejectReason::Schema,
+            "oversize" => RejectReason::Oversize,
+            "late" => RejectReason::Late,
+            _ => return None,
+        })
+    }
+
+    pub const ALL: [RejectReason; 4] =
+        [RejectReason::Malformed, RejectReason::Schema, RejectReason::Oversize, RejectReason::Late];
+}
+
+/// A message as it came off the broker.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// Wall-clock arrival, epoch ms.
+    pub received_at: i64,
+}
+
+/// A rejected message or row, on its way to the dead-letter store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub stream: String,
+    pub topic: String,
+    pub reason: RejectReason,
+    pub detail: String,
+    /// The raw payload text, truncated to `PAYLOAD_LIMIT` bytes.
+    pub payload: String,
+    pub received_at: i64,
+}
+
+/// How much of a rejected payload the dead-letter store keeps.
+pub const PAYLOAD_LIMIT: usize = 4096;
+
+pub fn truncate_payload(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&payload[..payload.len().min(PAYLOAD_LIMIT)]).into_owned();
+    if payload.len() > PAYLOAD_LIMIT {
+        format!("{text}... ({} bytes in all)", payload.len())
+    } else {
+        text
+    }
+}
+
+/// The decoded rows of a stream, with each row's event time (ms).
+#[derive(Debug)]
+pub struct Decoded {
+    pub batch: RecordBatch,
+    pub event_time: Int64Array,
+    /// For each row, the index of the message it came from.
+    pub message_index: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ColumnType {
+    Text,
+    Int,
+    Float,
+    Bool,
+    Timestamp,
+}
+
+/// One decoded field, borrowing strings from the payload when it can.
+#[derive(Debug, Clone)]
+enum Cell<'a> {
+    Missing,
+    Null,
+    Text(Cow<'a, str>),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Bad(String),
+}
+
+enum ColumnBuilder {
+    Text(StringBuilder),
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Bool(BooleanBuilder),
+    Timestamp(TimestampMillisecondBuilder),
+}
+
+/// Decodes the messages of one stream. Reusable across batches.
+pub struct Decoder {
+    stream: Arc<StreamDef>,
+    names: Vec<String>,
+    types: Vec<ColumnType>,
+    nullable: Vec<bool>,
+    event_time_column: Option<usize>,
+    max_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(stream: Arc<StreamDef>, max_bytes: usize) -> Self {
+        let schema = stream.schema.clone();
+        let names = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let types = schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Utf8 => ColumnType::Text,
+                DataType::Int64 => ColumnType::Int,
+                DataType::Float64 => ColumnType::Float,
+                DataType::Boolean => ColumnType::Bool,
+                _ => ColumnType::Timestamp,
+            })
+            .collect();
+        let nullable = schema.fields().iter().map(|f| f.is_nullable()).collect();
+        let event_time_column = stream.event_time_index();
+        Self { stream, names, types, nullable, event_time_column, max_bytes }
+    }
+
+    pub fn stream(&self) -> &Arc<StreamDef> {
+        &self.stream
+    }
+
+    /// Decodes `messages` into one batch; rejected messages and rows are appended to `rejects`.
+    pub fn decode(&self, messages: &[Message], rejects: &mut Vec<Rejected>) -> Decoded {
+        let width = self.names.len();
+        let mut builders: Vec<ColumnBuilder> = self
+            .types
+            .iter()
+            .map(|t| match t {
+                ColumnType::Text => ColumnBuilder::Text(StringBuilder::new()),
+                ColumnType::Int => ColumnBuilder::Int(Int64Builder::new()),
+                ColumnType::Float => ColumnBuilder::Float(Float64Builder::new()),
+                ColumnType::Bool => ColumnBuilder::Bool(BooleanBuilder::new()),
+                ColumnType::Timestamp => {
+                    ColumnBuilder::Timestamp(TimestampMillisecondBuilder::new().with_timezone("UTC"))
+                }
+            })
+            .collect();
+        let mut event_time = Int64Builder::new();
+        let mut message_index = Vec::new();
+        let mut cells: Vec<Cell> = Vec::new();
+        let mut problems: Vec<(usize, String)> = Vec::new();
+
+        for (m, message) in messages.iter().enumerate() {
+            let reject = |reason: RejectReason, detail: String| Rejected {
+                stream: self.stream.name.clone(),
+                topic: message.topic.clone(),
+                reason,
+                detail,
+                payload: truncate_payload(&message.payload),
+                received_at: message.received_at,
+            };
+            if message.payload.len() > self.max_bytes {
+                rejects.push(reject(
+                    RejectReason::Oversize,
+                    format!("message of {} bytes exceeds the limit of {} bytes", message.payload.len(), self.max_bytes),
+                ));
+                continue;
+            }
+            let Some(bound) = self.stream.topic.bind(&message.topic) else {
+                rejects.push(reject(
+                    RejectReason::Malformed,
+                    format!("topic {} does not match {}", message.topic, self.stream.topic.as_str()),
+                ));
+                continue;
+            };
+            cells.clear();
+            problems.clear();
+            if let Err(e) = self.parse_payload(&message.payload, &mut cells, &mut problems) {
+                rejects.push(reject(RejectReason::Malformed, format!("invalid JSON: {e}")));
+                continue;
+            }
+            let rows = cells.len() / width.max(1);
+            let mut problem_iter = problems.iter().peekable();
+            for r in 0..rows {
+                let row = &mut cells[r * width..(r + 1) * width];
+                if let Some((_, p)) = problem_iter.next_if(|(pr, _)| *pr == r) {
+                    rejects.push(reject(RejectReason::Schema, format!("row {r}: {p}")));
+                    continue;
+                }
+                // topic levels fill columns the payload does not carry
+                for (name, value) in &bound {
+                    if let Some(c) = self.names.iter().position(|n| n == name) {
+                        if matches!(row[c], Cell::Missing | Cell::Null) {
+                            row[c] = Cell::Text(Cow::Borrowed(value));
+                        }
+                    }
+                }
+                if let Some(problem) = self.check_row(row) {
+                    rejects.push(reject(RejectReason::Schema, format!("row {r}: {problem}")));
+                    continue;
+                }
+                let t = match self.event_time_column {
+                    Some(c) => match row[c] {
+                        Cell::Int(t) => t,
+                        _ => message.received_at,
+                    },
+                    None => message.received_at,
+                };
+                for (c, cell) in row.iter().enumerate() {
+                    append(&mut builders[c], cell);
+                }
+                event_time.append_value(t);
+                message_index.push(m as u32);
+            }
+        }
+        let columns: Vec<ArrayRef> = builders
+            .into_iter()
+            .map(|b| -> ArrayRef {
+                match b {
+                    ColumnBuilder::Text(mut b) => Arc::new(b.finish()),
+                    ColumnBuilder::Int(mut b) => Arc::new(b.finish()),
+                    ColumnBuilder::Float(mut b) => Arc::new(b.finish()),
+                    ColumnBuilder::Bool(mut b) => Arc::new(b.finish()),
+                    ColumnBuilder::Timestamp(mut b) => Arc::new(b.finish()),
+                }
+            })
+            .collect();
+        let rows = message_index.len();
+        let batch = RecordBatch::try_new_with_options(
+            self.stream.schema.clone(),
+            columns,
+            &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows)),
+        )
+        // The builders follow the schema's types and check_row enforces NOT NULL,
+        // so the batch always matches the schema.
+        .unwrap_or_else(|_| RecordBatch::new_empty(self.stream.schema.clone()));
+        Decoded { batch, event_time: event_time.finish(), message_index }
+    }
+
+    /// A row is valid when every NOT NULL column has a value and no field had the wrong type.
+    fn check_row(&self, row: &[Cell]) -> Option<String> {
+        for (c, cell) in row.iter().enumerate() {
+            match cell {
+                Cell::Bad(why) => return Some(format!("field {}: {why}", self.names[c])),
+                Cell::Missing | Cell::Null if !self.nullable[c] => {
+                    return Some(format!("missing NOT NULL column {}", self.names[c]));
+                }
+                _ => {}
+            }
+        }
+        if let Some(c) = self.event_time_column {
+            if !matches!(row[c], Cell::Int(_)) {
+                return Some(format!("missing event time {}", self.names[c]));
+            }
+        }
+        None
+    }
+
+    fn parse_payload<'a>(
+        &self,
+        payload: &'a [u8],
+        cells: &mut Vec<Cell<'a>>,
+        problems: &mut Vec<(usize, String)>,
+    ) -> Result<(), serde_json::Error> {
+        let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+        if first == Some(&b'[') {
+            let mut de = serde_json::Deserializer::from_slice(payload);
+            de.deserialize_seq(RowsVisitor { decoder: self, cells, problems })?;
+            return de.end();
+        }
+        // One object, or newline-delimited objects.
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        RowSeed { decoder: self, cells, problems, row: 0 }.deserialize(&mut de)?;
+        if de.end().is_ok() {
+            return Ok(());
+        }
+        cells.clear();
+        problems.clear();
+        for (row, line) in payload
+            .split(|b| *b == b'\n')
+            .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+            .enumerate()
+        {
+            let mut de = serde_json::Deserializer::from_slice(line);
+            RowSeed { decoder: self, cells, problems, row }.deserialize(&mut de)?;
+            de.end()?;
+        }
+        Ok(())
+    }
+}
+
+fn append(builder: &mut ColumnBuilder, cell: &Cell) {
+    match (builder, cell) {
+        (ColumnBuilder::Text(b), Cell::Text(s)) => b.append_value(s),
+        (ColumnBuilder::Text(b), _) => b.append_null(),
+        (ColumnBuilder::Int(b), Cell::Int(v)) => b.append_value(*v),
+        (ColumnBuilder::Int(b), _) => b.append_null(),
+        (ColumnBuilder::Float(b), Cell::Float(v)) => b.append_value(*v),
+        (ColumnBuilder::Float(b), Cell::Int(v)) => b.append_value(*v as f64),
+        (ColumnBuilder::Float(b), _) => b.append_null(),
+        (ColumnBuilder::Bool(b), Cell::Bool(v)) => b.append_value(*v),
+        (ColumnBuilder::Bool(b), _) => b.append_null(),
+        (ColumnBuilder::Timestamp(b), Cell::Int(v)) => b.append_value(*v),
+        (ColumnBuilder::Timestamp(b), _) => b.append_null(),
+    }
+}
+
+/// Visits a JSON array of rows.
+struct RowsVisitor<'d, 'c, 'a> {
+    decoder: &'d Decoder,
+    cells: &'c mut Vec<Cell<'a>>,
+    problems: &'c mut Vec<(usize, String)>,
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut row = 0;
+        loop {
+            let seed = RowSeed { decoder: self.decoder, cells: &mut *self.cells, problems: &mut *self.problems, row };
+            if seq.next_element_seed(seed)?.is_none() {
+                return Ok(());
+            }
+            row += 1;
+        }
+    }
+}
+
+/// Decodes one row (a JSON object) into `width` cells.
+struct RowSeed<'d, 'c, 'a> {
+    decoder: &'d Decoder,
+    cells: &'c mut Vec<Cell<'a>>,
+    problems: &'c mut Vec<(usize, String)>,
+    row: usize,
+}
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for RowSeed<'_, '_, 'a> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let d = self.decoder;
+        let start = self.cells.len();
+        self.cells.extend(std::iter::repeat_n(Cell::Missing, d.names.len()));
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match d.names.iter().position(|n| n.as_str() == key.as_ref()) {
+                Some(c) => {
+                    let cell = map.next_value_seed(CellSeed(d.types[c]))?;
+                    self.cells[start + c] = cell;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.not_an_object("an array")
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.not_an_object("a string")
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.not_an_object("a number")
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.not_an_object("a number")
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.not_an_object("a number")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.not_an_object("a boolean")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.not_an_object("null")
+    }
+}
+
+impl RowSeed<'_, '_, '_> {
+    fn not_an_object<E>(self, got: &str) -> Result<(), E> {
+        // keep the row count aligned: an all-missing row that is reported as a problem
+        self.cells.extend(std::iter::repeat_n(Cell::Missing, self.decoder.names.len()));
+        self.problems.push((self.row, format!("expected a JSON object, got {got}")));
+        Ok(())
+    }
+}
+
+/// Decodes one field as its column's type; a wrong type becomes `Cell::Bad`.
+struct CellSeed(ColumnType);
+
+impl<'de> DeserializeSeed<'de> for CellSeed {
+    type Value = Cell<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Cell<'de>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CellSeed {
+    type Value = Cell<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cell<'de>, E> {
+        Ok(self.text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cell<'de>, E> {
+        Ok(self.text(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Cell<'de>, E> {
+        Ok(self.text(Cow::Owned(v)))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Cell<'de>, E> {
+        Ok(match self.0 {
+            ColumnType::Int | ColumnType::Timestamp => Cell::Int(v),
+            ColumnType::Float => Cell::Float(v as f64),
+            other => mismatch(other, "a number"),
+        })
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Cell<'de>, E> {
+        match i64::try_from(v) {
+            Ok(v) => self.visit_i64(v),
+            Err(_) if self.0 == ColumnType::Float => Ok(Cell::Float(v as f64)),
+            Err(_) => Ok(Cell::Bad(format!("{v} is out of range"))),
+        }
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Cell<'de>, E> {
+        Ok(match self.0 {
+            ColumnType::Float => Cell::Float(v),
+            ColumnType::Int if v.fract() == 0.0 && v.abs() < 9.0e15 => Cell::Int(v as i64),
+            ColumnType::Timestamp if v.is_finite() && v.abs() < 9.0e15 => Cell::Int(v.round() as i64),
+            other => mismatch(other, "a fractional number"),
+        })
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Cell<'de>, E> {
+        Ok(match self.0 {
+            ColumnType::Bool => Cell::Bool(v),
+            other => mismatch(other, "a boolean"),
+        })
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Cell<'de>, E> {
+        Ok(Cell::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Cell<'de>, E> {
+        Ok(Cell::Null)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Cell<'de>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(mismatch(self.0, "an object"))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Cell<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(mismatch(self.0, "an array"))
+    }
+}
+
+impl CellSeed {
+    fn text<'de>(&self, v: Cow<'de, str>) -> Cell<'de> {
+        match self.0 {
+            ColumnType::Text => Cell::Text(v),
+            ColumnType::Timestamp => match chrono::DateTime::parse_from_rfc3339(&v) {
+                Ok(t) => Cell::Int(t.timestamp_millis()),
+                Err(e) => Cell::Bad(format!("{v:?} is not an RFC 3339 timestamp ({e})")),
+            },
+            other => mismatch(other, "a string"),
+        }
+    }
+}
+
+fn mismatch<'a>(expected: ColumnType, got: &str) -> Cell<'a> {
+    let expected = match expected {
+        ColumnType::Text => "a string",
+        ColumnType::Int => "an integer",
+        ColumnType::Float => "a number",
+        ColumnType::Bool => "a boolean",
+        ColumnType::Timestamp => "epoch milliseconds or an RFC 3339 string",
+    };
+    Cell::Bad(format!("expected {expected}, got {got}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::plan_sources;
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+
+    fn decoder() -> Decoder {
+        let sql = "CREATE TABLE telemetry (terminal_id TEXT NOT NULL, merchant_id TEXT, ts TIMESTAMP NOT NULL,
+            battery_pct DOUBLE, charging BOOLEAN, error_count BIGINT,
+            WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+            WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json');";
+        let p = plan_sources(&[("t.sql".into(), sql.into())]).unwrap();
+        Decoder::new(p.streams[0].clone(), 1024)
+    }
+
+    fn message(topic: &str, payload: &str) -> Message {
+        Message { topic: topic.into(), payload: Bytes::from(payload.to_string()), received_at: 777 }
+    }
+
+    fn decode(messages: &[Message]) -> (String, Vec<i64>, Vec<Rejected>) {
+        let mut rejects = Vec::new();
+        let d = decoder().decode(messages, &mut rejects);
+        let text = pretty_format_batches(&[d.batch]).unwrap().to_string();
+        (text, d.event_time.values().to_vec(), rejects)
+    }
+
+    #[test]
+    fn object_array_and_ndjson() {
+        let (text, times, rejects) = decode(&[
+            message("terminals/T1/telemetry", r#"{"ts": 1000, "battery_pct": 50, "charging": true, "extra": {"x": 1}}"#),
+            message("terminals/T2/telemetry", r#"[{"ts": "1970-01-01T00:00:02Z", "battery_pct": 40.5}, {"ts": 3000, "terminal_id": "T9"}]"#),
+            message("terminals/T3/telemetry", "{\"ts\": 4000, \"error_count\": 2}\n{\"ts\": 5000}\n"),
+        ]);
+        assert!(rejects.is_empty(), "{rejects:?}");
+        assert_eq!(times, vec![1000, 2000, 3000, 4000, 5000]);
+        assert!(text.contains("| T1          |             | 1970-01-01T00:00:01Z | 50.0"), "{text}");
+        // a value in the payload wins over the topic level
+        assert!(text.contains("| T9 "), "{text}");
+        assert!(text.contains("| T3 ") && text.contains("| 2 "), "{text}");
+    }
+
+    #[test]
+    fn bad_rows_are_rejected_alone() {
+        let (_, times, rejects) = decode(&[message(
+            "terminals/T1/telemetry",
+            r#"[{"ts": 1000}, {"ts": 2000, "battery_pct": "full"}, {"battery_pct": 3}, 7, {"ts": 5000}]"#,
+        )]);
+        assert_eq!(times, vec![1000, 5000]);
+        let details: Vec<_> = rejects.iter().map(|r| (r.reason, r.detail.as_str())).collect();
+        assert_eq!(
+            details,
+            vec![
+                (RejectReason::Schema, "row 1: field battery_pct: expected a number, got a string"),
+                (RejectReason::Schema, "row 2: missing NOT NULL column ts"),
+                (RejectReason::Schema, "row 3: expected a JSON object, got a number"),
+            ]
+        );
+        assert!(rejects[0].payload.contains("\"full\""));
+        assert_eq!(rejects[0].received_at, 777);
+    }
+
+    #[test]
+    fn malformed_and_oversize_messages() {
+        let big = format!(r#"{{"ts": 1, "pad": "{}"}}"#, "x".repeat(2000));
+        let (_, times, rejects) = decode(&[
+            message("terminals/T1/telemetry", "{\"ts\": 1"),
+            message("terminals/T1/telemetry", &big),
+            message("terminals/T1/other", "{\"ts\": 1}"),
+            message("terminals/T1/telemetry", "{\"ts\": 9}"),
+        ]);
+        assert_eq!(times, vec![9]);
+        let reasons: Vec<_> = rejects.iter().map(|r| r.reason).collect();
+        assert_eq!(reasons, vec![RejectReason::Malformed, RejectReason::Oversize, RejectReason::Malformed]);
+        assert!(rejects[0].detail.starts_with("invalid JSON"), "{}", rejects[0].detail);
+    }
+
+    #[test]
+    fn bad_timestamp_string_is_a_schema_error() {
+        let (_, _, rejects) = decode(&[message("terminals/T1/telemetry", r#"{"ts": "yesterday"}"#)]);
+        assert_eq!(rejects.len(), 1);
+        assert_eq!(rejects[0].reason, RejectReason::Schema);
+        assert!(rejects[0].detail.contains("RFC 3339"), "{}", rejects[0].detail);
+    }
+}

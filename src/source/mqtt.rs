@@ -1,0 +1,122 @@
+//! The MQTT subscriber (rumqttc): one subscription per stream topic filter.
+//!
+//! Messages go into a bounded channel to the pipeline. When the channel is
+//! full the send waits, the event loop is not polled, and so weir stops
+//! reading from the broker (backpressure) instead of buffering without bound.
+//! After every (re)connect all filters are subscribed again: a broker that
+//! lost the session would otherwise silently stop delivering.
+//!
+//! Acknowledgement: rumqttc acknowledges a QoS 1 message when it is read off
+//! the socket. The durable ingest log (the next step) will switch this to
+//! manual acks sent after the durable append.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::decode::Message;
+use crate::obs::{Metrics, now_ms};
+
+/// Where to connect and as whom.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// (filter, qos) per stream.
+    pub filters: Vec<(String, u8)>,
+    pub max_packet_bytes: usize,
+}
+
+/// Runs until `shutdown`; `ready` is set while connected and subscribed.
+pub async fn run(
+    options: SourceOptions,
+    tx: mpsc::Sender<Message>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut mqtt = MqttOptions::new(options.client_id.clone(), options.host.clone(), options.port);
+    mqtt.set_keep_alive(Duration::from_secs(15));
+    // Packets above our own limit are still read (and dead-lettered as
+    // oversize by the decoder) rather than dropping the connection.
+    let incoming_limit = options.max_packet_bytes.saturating_mul(8);
+    mqtt.set_max_packet_size(incoming_limit, incoming_limit);
+    mqtt.set_clean_session(true);
+    if let Some(user) = &options.username {
+        mqtt.set_credentials(user.clone(), options.password.clone().unwrap_or_default());
+    }
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
+    let filters: Vec<SubscribeFilter> = options
+        .filters
+        .iter()
+        .map(|(f, q)| SubscribeFilter::new(f.clone(), if *q == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce }))
+        .collect();
+    let mut backoff = Duration::from_millis(100);
+    let mut pending_subacks = 0usize;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!(host = %options.host, port = options.port, session_present = ack.session_present, "connected to MQTT broker");
+                // Subscribe after every connect; try_ because the request channel is
+                // drained by this very loop, so an awaiting send could deadlock.
+                pending_subacks = 1;
+                if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                    tracing::warn!(error = %e, "could not queue subscriptions");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let failed = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if failed {
+                    tracing::error!("broker refused a subscription");
+                }
+                pending_subacks = pending_subacks.saturating_sub(1);
+                if pending_subacks == 0 {
+                    ready.store(true, Ordering::SeqCst);
+                    metrics.mqtt_connected.store(1, Ordering::Relaxed);
+                    tracing::info!(filters = ?options.filters, "subscribed");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let message = Message {
+                    topic: publish.topic,
+                    payload: publish.payload,
+                    received_at: now_ms(),
+                };
+                metrics.ingest_queue_depth.store((tx.max_capacity() - tx.capacity()) as i64, Ordering::Relaxed);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    sent = tx.send(message) => if sent.is_err() { break },
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ready.store(false, Ordering::SeqCst);
+                metrics.mqtt_connected.store(0, Ordering::Relaxed);
+                metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    ready.store(false, Ordering::SeqCst);
+    let _ = client.try_disconnect();
+}

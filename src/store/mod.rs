@@ -1,0 +1,373 @@
+//! The store: the only module that touches fjall.
+//!
+//! Keyspaces:
+//! - `rows`: view rows. Key `view \0 suffix`, where the suffix comes from the
+//!   operator (`window::operator::ViewOutput::keys`): window start and group
+//!   key, group key, or event time and position — big-endian, so a range scan
+//!   is a time range. Value: the row as a JSON object. Writes are upserts, so
+//!   writing the same row twice (a replay) leaves one row.
+//! - `deadletter`: rejected input. Key `received_at (BE) | sequence`.
+//! - `meta`: small facts about views (the fingerprint of their plan).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::source::decode::{RejectReason, Rejected};
+use crate::window::operator::time_key;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store at {path}: {source}")]
+    Open { path: String, source: fjall::Error },
+    #[error("store {what}: {source}")]
+    Io { what: &'static str, source: fjall::Error },
+    #[error("store {what}: corrupt value: {message}")]
+    Corrupt { what: &'static str, message: String },
+}
+
+/// A dead letter as stored and served (DESIGN §6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub stream: String,
+    pub topic: String,
+    pub reason: RejectReason,
+    pub detail: String,
+    pub payload: String,
+    /// Epoch ms; the API formats it as RFC 3339.
+    pub received_at: i64,
+}
+
+/// One stored view row.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    /// Key without the view prefix; its first 8 bytes are a time for windowed and filter views.
+    pub key: Vec<u8>,
+    pub value: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A page of a range scan.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Key to continue after, when more items may follow.
+    pub next: Option<Vec<u8>>,
+}
+
+impl<T> Default for Page<T> {
+    fn default() -> Self {
+        Self { items: Vec::new(), next: None }
+    }
+}
+
+/// Cheap to clone: fjall handles are reference counted.
+#[derive(Clone)]
+pub struct Store {
+    db: Database,
+    rows: Keyspace,
+    deadletter: Keyspace,
+    meta: Keyspace,
+    dead_letter_seq: std::sync::Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn io(what: &'static str) -> impl Fn(fjall::Error) -> StoreError {
+    move |source| StoreError::Io { what, source }
+}
+
+fn view_prefix(view: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(view.len() + 1);
+    p.extend_from_slice(view.as_bytes());
+    p.push(0);
+    p
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(fjall::Error::from(e)))?;
+        let db = Database::builder(dir).open().map_err(open_err)?;
+        let rows = db.keyspace("rows", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let deadletter = db.keyspace("deadletter", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(open_err)?;
+        // continue the dead-letter sequence after the newest stored one
+        let seq = match deadletter.last_key_value() {
+            Some(guard) => {
+                let key = guard.key().map_err(open_err)?;
+                key.get(8..16).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes) + 1
+            }
+            None => 0,
+        };
+        Ok(Store {
+            db,
+            rows,
+            deadletter,
+            meta,
+            dead_letter_seq: std::sync::Arc::new(AtomicU64::new(seq)),
+        })
+    }
+
+    /// Upserts rows of one view in one atomic batch.
+    pub fn write_rows(&self, view: &str, rows: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<usize, StoreError> {
+        let prefix = view_prefix(view);
+        let mut batch = self.db.batch();
+        let mut n = 0;
+        for (suffix, value) in rows {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&suffix);
+            batch.insert(&self.rows, key, value);
+            n += 1;
+        }
+        batch.commit().map_err(io("write rows"))?;
+        Ok(n)
+    }
+
+    pub fn write_dead_letters(&self, items: &[Rejected]) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for r in items {
+            let seq = self.dead_letter_seq.fetch_add(1, Ordering::Relaxed);
+            let mut key = time_key(r.received_at).to_vec();
+            key.extend_from_slice(&seq.to_be_bytes());
+            let letter = DeadLetter {
+                stream: r.stream.clone(),
+                topic: r.topic.clone(),
+                reason: r.reason,
+                detail: r.detail.clone(),
+                payload: r.payload.clone(),
+                received_at: r.received_at,
+            };
+            let value = serde_json::to_vec(&letter)
+                .map_err(|e| StoreError::Corrupt { what: "dead letter", message: e.to_string() })?;
+            batch.insert(&self.deadletter, key, value);
+        }
+        batch.commit().map_err(io("write dead letters"))
+    }
+
+    /// Rows of `view` with key suffix in `[from, to)`, after `cursor`, up to `limit` that pass `keep`.
+    pub fn scan_rows(
+        &self,
+        view: &str,
+        from: Option<&[u8]>,
+        to: Option<&[u8]>,
+        cursor: Option<&[u8]>,
+        limit: usize,
+        mut keep: impl FnMut(&serde_json::Map<String, serde_json::Value>) -> bool,
+    ) -> Result<Page<StoredRow>, StoreError> {
+        let prefix = view_prefix(view);
+        let with_prefix = |s: &[u8]| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(s);
+            k
+        };
+        let mut start = with_prefix(from.unwrap_or(&[]));
+        if let Some(c) = cursor {
+            let mut after = with_prefix(c);
+            after.push(0); // the smallest key greater than the cursor
+            if after > start {
+                start = after;
+            }
+        }
+        let end = match to {
+            Some(t) => with_prefix(t),
+            None => {
+                let mut e = prefix.clone();
+                // the view name is followed by \0; \1 ends the prefix range
+                if let Some(last) = e.last_mut() {
+                    *last = 1;
+                }
+                e
+            }
+        };
+        let mut page = Page::default();
+        if start >= end {
+            return Ok(page);
+        }
+        for guard in self.rows.range(start..end) {
+            let (key, value) = guard.into_inner().map_err(io("scan rows"))?;
+            let value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&value)
+                .map_err(|e| StoreError::Corrupt { what: "view row", message: e.to_string() })?;
+            let suffix = key[prefix.len()..].to_vec();
+            if !keep(&value) {
+                continue;
+            }
+            if page.items.len() == limit {
+                page.next = page.items.last().map(|r: &StoredRow| r.key.clone());
+                break;
+            }
+            page.items.push(StoredRow { key: suffix, value });
+        }
+        Ok(page)
+    }
+
+    /// Number of stored rows of a view (a key-only scan).
+    pub fn count_rows(&self, view: &str) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for guard in self.rows.prefix(view_prefix(view)) {
+            guard.key().map_err(io("count rows"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Deletes every row of a view (its plan changed: the old rows are stale).
+    pub fn clear_view(&self, view: &str) -> Result<usize, StoreError> {
+        let mut batch = self.db.batch();
+        let mut n = 0;
+        for guard in self.rows.prefix(view_prefix(view)) {
+            batch.remove(&self.rows, guard.key().map_err(io("clear view"))?);
+            n += 1;
+        }
+        batch.commit().map_err(io("clear view"))?;
+        Ok(n)
+    }
+
+    /// Deletes rows of a time-keyed view whose time is before `before` (retention).
+    pub fn expire_rows(&self, view: &str, before: i64) -> Result<usize, StoreError> {
+        let prefix = view_prefix(view);
+        let mut end = prefix.clone();
+        end.extend_from_slice(&time_key(before));
+        let mut batch = self.db.batch();
+        let mut n = 0;
+        for guard in self.rows.range(prefix..end) {
+            batch.remove(&self.rows, guard.key().map_err(io("expire rows"))?);
+            n += 1;
+        }
+        batch.commit().map_err(io("expire rows"))?;
+        Ok(n)
+    }
+
+    /// Deletes dead letters received before `before`.
+    pub fn expire_dead_letters(&self, before: i64) -> Result<usize, StoreError> {
+        let end = time_key(before).to_vec();
+        let mut batch = self.db.batch();
+        let mut n = 0;
+        for guard in self.deadletter.range(..end) {
+            batch.remove(&self.deadletter, guard.key().map_err(io("expire dead letters"))?);
+            n += 1;
+        }
+        batch.commit().map_err(io("expire dead letters"))?;
+        Ok(n)
+    }
+
+    /// Dead letters, newest first, that pass `keep`; `cursor` continues a previous page.
+    pub fn dead_letters(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+        mut keep: impl FnMut(&DeadLetter) -> bool,
+    ) -> Result<Page<DeadLetter>, StoreError> {
+        let iter = match cursor {
+            Some(c) => self.deadletter.range(..c.to_vec()),
+            None => self.deadletter.iter(),
+        };
+        let mut page = Page::default();
+        let mut last_key: Option<Vec<u8>> = None;
+        for guard in iter.rev() {
+            let (key, value) = guard.into_inner().map_err(io("scan dead letters"))?;
+            let letter: DeadLetter = serde_json::from_slice(&value)
+                .map_err(|e| StoreError::Corrupt { what: "dead letter", message: e.to_string() })?;
+            if !keep(&letter) {
+                continue;
+            }
+            if page.items.len() == limit {
+                page.next = last_key;
+                break;
+            }
+            last_key = Some(key.to_vec());
+            page.items.push(letter);
+        }
+        Ok(page)
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key).map_err(io("read meta"))?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(key, value).map_err(io("write meta"))
+    }
+
+    /// Bytes on disk.
+    pub fn disk_space(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Flushes the journal to disk.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(io("sync"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: i64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"v": v})).unwrap()
+    }
+
+    #[test]
+    fn upserts_ranges_and_paging() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = |t: i64, k: &str| {
+            let mut key = time_key(t).to_vec();
+            key.extend_from_slice(k.as_bytes());
+            key
+        };
+        store.write_rows("v", vec![(key(0, "a"), row(1)), (key(60_000, "a"), row(2)), (key(60_000, "b"), row(3))]).unwrap();
+        store.write_rows("v", vec![(key(0, "a"), row(10))]).unwrap(); // upsert
+        store.write_rows("v2", vec![(key(0, "a"), row(99))]).unwrap();
+        assert_eq!(store.count_rows("v").unwrap(), 3);
+        let all = store.scan_rows("v", None, None, None, 10, |_| true).unwrap();
+        let values: Vec<_> = all.items.iter().map(|r| r.value["v"].as_i64().unwrap()).collect();
+        assert_eq!(values, vec![10, 2, 3]);
+        let range = store.scan_rows("v", Some(&time_key(60_000)), Some(&time_key(120_000)), None, 10, |_| true).unwrap();
+        assert_eq!(range.items.len(), 2);
+        let first = store.scan_rows("v", None, None, None, 2, |_| true).unwrap();
+        assert_eq!(first.items.len(), 2);
+        let rest = store.scan_rows("v", None, None, first.next.as_deref(), 2, |_| true).unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.items[0].value["v"], 3);
+        assert!(rest.next.is_none());
+        assert_eq!(store.expire_rows("v", 60_000).unwrap(), 1);
+        assert_eq!(store.clear_view("v").unwrap(), 2);
+        assert_eq!(store.count_rows("v2").unwrap(), 1);
+    }
+
+    #[test]
+    fn dead_letters_newest_first_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let letter = |t: i64, reason| Rejected {
+            stream: "s".into(),
+            topic: "t".into(),
+            reason,
+            detail: format!("d{t}"),
+            payload: "{}".into(),
+            received_at: t,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.write_dead_letters(&[letter(1, RejectReason::Malformed), letter(2, RejectReason::Schema)]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        store.write_dead_letters(&[letter(3, RejectReason::Malformed)]).unwrap();
+        let page = store.dead_letters(None, 2, |_| true).unwrap();
+        assert_eq!(page.items.iter().map(|d| d.received_at).collect::<Vec<_>>(), vec![3, 2]);
+        let next = store.dead_letters(page.next.as_deref(), 2, |_| true).unwrap();
+        assert_eq!(next.items.iter().map(|d| d.received_at).collect::<Vec<_>>(), vec![1]);
+        let malformed = store.dead_letters(None, 10, |d| d.reason == RejectReason::Malformed).unwrap();
+        assert_eq!(malformed.items.len(), 2);
+    }
+}
