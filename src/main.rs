@@ -9,7 +9,11 @@ use weir::config::Config;
 use weir::plan;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "A single-node stream engine for device telemetry: MQTT in, windowed SQL views out.")]
+#[command(
+    name = "weir",
+    version,
+    about = "A single-node stream engine for device telemetry: MQTT in, windowed SQL views out."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,7 +97,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -9,18 +9,18 @@
 mod query;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
+use axum::Router;
+use serde_json::{json, Value};
 
-use crate::obs::{Metrics, format_time, now_ms};
-use crate::plan::{Pipeline, ViewPlan, ViewShape, describe_window};
+use crate::obs::{format_time, now_ms, Metrics};
+use crate::plan::{describe_window, Pipeline, ViewPlan, ViewShape};
 use crate::source::decode::RejectReason;
 use crate::store::Store;
 use crate::window::operator::time_key;
@@ -61,11 +61,19 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, code: "bad_request", message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into() }
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
     }
 
     /// Logs the internal error; the client only learns that something failed.
@@ -235,7 +243,9 @@ pub fn parse_limit(params: &HashMap<String, String>) -> Result<usize, ApiError> 
         None => Ok(DEFAULT_LIMIT),
         Some(text) => match text.parse::<usize>() {
             Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}, got {text:?}"))),
+            _ => Err(ApiError::bad_request(format!(
+                "limit must be an integer from 1 to {MAX_LIMIT}, got {text:?}"
+            ))),
         },
     }
 }
@@ -247,7 +257,11 @@ pub fn parse_time(name: &str, text: &str) -> Result<i64, ApiError> {
     }
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|_| ApiError::bad_request(format!("{name} must be an RFC 3339 time or epoch milliseconds, got {text:?}")))
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "{name} must be an RFC 3339 time or epoch milliseconds, got {text:?}"
+            ))
+        })
 }
 
 pub fn encode_cursor(key: &[u8]) -> String {
@@ -255,23 +269,34 @@ pub fn encode_cursor(key: &[u8]) -> String {
 }
 
 pub fn decode_cursor(text: &str) -> Result<Vec<u8>, ApiError> {
-    let bad = || ApiError::bad_request("invalid cursor: pass back the next_cursor of a previous page");
-    if text.len() % 2 != 0 || text.is_empty() {
+    let bad =
+        || ApiError::bad_request("invalid cursor: pass back the next_cursor of a previous page");
+    if !text.len().is_multiple_of(2) || text.is_empty() {
         return Err(bad());
     }
     (0..text.len())
         .step_by(2)
-        .map(|i| text.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(bad))
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(bad)
+        })
         .collect()
 }
 
 fn json_matches(value: Option<&Value>, wanted: &str) -> bool {
     match value {
         Some(Value::String(s)) => s == wanted,
-        Some(Value::Number(n)) => n.to_string() == wanted || n.as_f64().zip(wanted.parse::<f64>().ok()).is_some_and(|(a, b)| a == b),
+        Some(Value::Number(n)) => {
+            n.to_string() == wanted
+                || n.as_f64()
+                    .zip(wanted.parse::<f64>().ok())
+                    .is_some_and(|(a, b)| a == b)
+        }
         Some(Value::Bool(b)) => b.to_string() == wanted,
         Some(Value::Null) | None => wanted.is_empty() || wanted == "null",
-        Some(other) => other.to_string() == wanted,
+        // arrays and objects are never key values
+        Some(_) => false,
     }
 }
 
@@ -279,11 +304,16 @@ async fn view_rows(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     let view = find_view(&state, &name)?;
     let limit = parse_limit(&params)?;
     let cursor = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
-    let columns: Vec<&str> = view.output_schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let columns: Vec<&str> = view
+        .output_schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
     let mut filters: Vec<(String, String)> = Vec::new();
     for (k, v) in &params {
         if k == "key" {
@@ -295,11 +325,17 @@ async fn view_rows(
                     ViewShape::Filter => columns.first().map(|c| c.to_string()),
                     _ => None,
                 })
-                .ok_or_else(|| ApiError::bad_request(format!("view {name} has no key column in its output; use key.<column>=")))?;
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "view {name} has no key column in its output; use key.<column>="
+                    ))
+                })?;
             filters.push((column, v.clone()));
         } else if let Some(column) = k.strip_prefix("key.") {
             if !columns.contains(&column) {
-                return Err(ApiError::bad_request(format!("view {name} has no column {column:?}")));
+                return Err(ApiError::bad_request(format!(
+                    "view {name} has no column {column:?}"
+                )));
             }
             filters.push((column.to_string(), v.clone()));
         } else if !matches!(k.as_str(), "limit" | "cursor" | "from" | "to") {
@@ -308,7 +344,10 @@ async fn view_rows(
             )));
         }
     }
-    let from = params.get("from").map(|t| parse_time("from", t)).transpose()?;
+    let from = params
+        .get("from")
+        .map(|t| parse_time("from", t))
+        .transpose()?;
     let to = params.get("to").map(|t| parse_time("to", t)).transpose()?;
     if view.shape == ViewShape::Updating && (from.is_some() || to.is_some()) {
         return Err(ApiError::bad_request(format!(
@@ -325,32 +364,52 @@ async fn view_rows(
             to_key.as_ref().map(|k| k.as_slice()),
             cursor.as_deref(),
             limit,
-            |row| filters.iter().all(|(c, v)| json_matches(row.get(c), v)),
+            |row| {
+                filters.is_empty() || {
+                    let row: serde_json::Map<String, Value> =
+                        serde_json::from_str(row).unwrap_or_default();
+                    filters.iter().all(|(c, v)| json_matches(row.get(c), v))
+                }
+            },
         )
     })
     .await
     .map_err(ApiError::internal)?
     .map_err(ApiError::internal)?;
-    let items: Vec<Value> = page.items.into_iter().map(|r| Value::Object(r.value)).collect();
-    Ok(axum::Json(json!({
-        "items": items,
-        "next_cursor": page.next.map(|k| encode_cursor(&k)),
-    })))
+    let rows: Vec<String> = page.items.into_iter().map(|r| r.json).collect();
+    Ok(raw_list(&rows, page.next.as_deref()))
 }
 
-async fn dead_letters(State(state): State<Arc<AppState>>, Query(params): Query<HashMap<String, String>>) -> ApiResult {
+/// A list response whose items are JSON texts already in column order.
+fn raw_list(items: &[String], next: Option<&[u8]>) -> Response {
+    let next = match next {
+        Some(k) => Value::String(encode_cursor(k)).to_string(),
+        None => "null".into(),
+    };
+    let body = format!("{{\"items\":[{}],\"next_cursor\":{next}}}", items.join(","));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn dead_letters(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult {
     let limit = parse_limit(&params)?;
     let cursor = params.get("cursor").map(|c| decode_cursor(c)).transpose()?;
     let stream = params.get("stream").cloned();
     let reason = match params.get("reason") {
         None => None,
         Some(r) => Some(RejectReason::parse(r).ok_or_else(|| {
-            ApiError::bad_request(format!("reason must be one of malformed, schema, oversize, late; got {r:?}"))
+            ApiError::bad_request(format!(
+                "reason must be one of malformed, schema, oversize, late; got {r:?}"
+            ))
         })?),
     };
     for k in params.keys() {
         if !matches!(k.as_str(), "limit" | "cursor" | "stream" | "reason") {
-            return Err(ApiError::bad_request(format!("unknown parameter {k:?} (known: stream, reason, limit, cursor)")));
+            return Err(ApiError::bad_request(format!(
+                "unknown parameter {k:?} (known: stream, reason, limit, cursor)"
+            )));
         }
     }
     let st = state.clone();
@@ -376,7 +435,9 @@ async fn dead_letters(State(state): State<Arc<AppState>>, Query(params): Query<H
             })
         })
         .collect();
-    Ok(axum::Json(json!({"items": items, "next_cursor": page.next.map(|k| encode_cursor(&k))})))
+    Ok(axum::Json(
+        json!({"items": items, "next_cursor": page.next.map(|k| encode_cursor(&k))}),
+    ))
 }
 
 #[cfg(test)]

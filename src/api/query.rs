@@ -9,16 +9,18 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::catalog::MemTable;
 use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 
-use super::{ApiError, ApiResult, AppState, MAX_LIMIT};
-use crate::sink::batch_to_json;
+use super::{ApiError, AppState, MAX_LIMIT};
+use crate::sink::batch_to_json_text;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,18 +28,25 @@ struct QueryRequest {
     sql: String,
 }
 
-pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> ApiResult {
-    let request: QueryRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}")))?;
+pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let request: QueryRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}"))
+    })?;
     let statements = DFParser::parse_sql_with_dialect(&request.sql, &GenericDialect {})
         .map_err(|e| ApiError::bad_request(format!("invalid SQL: {e}")))?;
     if statements.len() != 1 {
-        return Err(ApiError::bad_request(format!("expected exactly one query, got {} statements", statements.len())));
+        return Err(ApiError::bad_request(format!(
+            "expected exactly one query, got {} statements",
+            statements.len()
+        )));
     }
     let statement = &statements[0];
-    let is_query = matches!(statement, DFStatement::Statement(s) if matches!(**s, SqlStatement::Query(_)));
+    let is_query =
+        matches!(statement, DFStatement::Statement(s) if matches!(**s, SqlStatement::Query(_)));
     if !is_query {
-        return Err(ApiError::bad_request("only read-only queries (SELECT ...) are allowed"));
+        return Err(ApiError::bad_request(
+            "only read-only queries (SELECT ...) are allowed",
+        ));
     }
     let ctx = SessionContext::new();
     let references = ctx
@@ -49,16 +58,23 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> ApiResult
         let name = r.table().to_ascii_lowercase();
         match state.pipeline.view(&name) {
             Some(v) => views.push(v.clone()),
-            None => return Err(ApiError::bad_request(format!("no view named {name:?}: queries read stored views"))),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "no view named {name:?}: queries read stored views"
+                )))
+            }
         }
     }
     for view in views {
         let st = state.clone();
         let name = view.name.clone();
-        let rows = tokio::task::spawn_blocking(move || st.store.scan_rows(&name, None, None, None, usize::MAX, |_| true))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::internal)?;
+        let rows = tokio::task::spawn_blocking(move || {
+            st.store
+                .scan_rows(&name, None, None, None, usize::MAX, |_| true)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
         let schema = Arc::new(Schema::new(
             view.output_schema
                 .fields()
@@ -66,15 +82,25 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> ApiResult
                 .map(|f| Field::new(f.name(), f.data_type().clone(), true))
                 .collect::<Vec<_>>(),
         ));
-        let values: Vec<Value> = rows.items.into_iter().map(|r| Value::Object(r.value)).collect();
+        let values: Vec<Value> = rows
+            .items
+            .iter()
+            .map(|r| serde_json::from_str(&r.json))
+            .collect::<Result<_, _>>()
+            .map_err(ApiError::internal)?;
         let mut decoder = arrow_json::ReaderBuilder::new(schema.clone())
             .with_batch_size(values.len().max(1))
             .build_decoder()
             .map_err(ApiError::internal)?;
         decoder.serialize(&values).map_err(ApiError::internal)?;
-        let batches: Vec<_> = decoder.flush().map_err(ApiError::internal)?.into_iter().collect();
+        let batches: Vec<_> = decoder
+            .flush()
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .collect();
         let table = MemTable::try_new(schema, vec![batches]).map_err(ApiError::internal)?;
-        ctx.register_table(view.name.as_str(), Arc::new(table)).map_err(ApiError::internal)?;
+        ctx.register_table(view.name.as_str(), Arc::new(table))
+            .map_err(ApiError::internal)?;
     }
     let options = SQLOptions::new()
         .with_allow_ddl(false)
@@ -84,18 +110,32 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> ApiResult
         .sql_with_options(&request.sql, options)
         .await
         .map_err(|e| ApiError::bad_request(e.strip_backtrace()))?;
-    let columns: Vec<String> = frame.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let batches = frame.collect().await.map_err(|e| ApiError::bad_request(e.strip_backtrace()))?;
-    let mut rows: Vec<Value> = Vec::new();
+    let columns: Vec<String> = frame
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let batches = frame
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(e.strip_backtrace()))?;
+    let mut rows: Vec<String> = Vec::new();
     let mut truncated = false;
     for batch in &batches {
-        for row in batch_to_json(batch) {
+        for row in batch_to_json_text(batch) {
             if rows.len() == MAX_LIMIT {
                 truncated = true;
                 break;
             }
-            rows.push(Value::Object(row));
+            rows.push(row);
         }
     }
-    Ok(axum::Json(json!({"columns": columns, "rows": rows, "truncated": truncated})))
+    // rows are spliced in as text to keep their columns in SELECT order
+    let body = format!(
+        "{{\"columns\":{},\"rows\":[{}],\"truncated\":{truncated}}}",
+        json!(columns),
+        rows.join(",")
+    );
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }

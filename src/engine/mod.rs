@@ -21,8 +21,8 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -31,14 +31,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::{BrokerAddr, Config};
-use crate::obs::{Metrics, StreamMetrics, ViewMetrics, now_ms};
+use crate::obs::{now_ms, Metrics, StreamMetrics, ViewMetrics};
 use crate::plan::{Pipeline, StreamDef, Upstream, ViewShape};
 use crate::sink;
 use crate::source::decode::{Decoder, Message, RejectReason, Rejected};
 use crate::source::{broker, mqtt};
 use crate::store::{Store, StoreError};
-use crate::window::Watermark;
 use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
+use crate::window::Watermark;
 
 /// Most messages taken into one micro-batch.
 const MAX_BATCH_MESSAGES: usize = 512;
@@ -57,7 +57,10 @@ pub enum EngineError {
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
     #[error("HTTP API cannot listen on {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error("view {view}: {message}")]
@@ -120,26 +123,38 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         pipeline.streams.iter().map(|s| s.name.as_str()),
         pipeline.views.iter().map(|v| v.name.as_str()),
     ));
-    metrics.ingest_queue_capacity.store(INGEST_QUEUE as i64, Ordering::Relaxed);
-    metrics.store_disk_bytes.store(store.disk_space(), Ordering::Relaxed);
+    metrics
+        .ingest_queue_capacity
+        .store(INGEST_QUEUE as i64, Ordering::Relaxed);
+    metrics
+        .store_disk_bytes
+        .store(store.disk_space(), Ordering::Relaxed);
 
-    let (host, port, embedded_broker) = match config.mqtt.broker_addr().map_err(EngineError::Config)? {
-        BrokerAddr::Embedded => {
-            // The broker accepts more than weir does, so that an oversize
-            // message reaches weir and is dead-lettered instead of vanishing.
-            let addr = broker::start(config.mqtt.embedded_listen, config.mqtt.max_packet_bytes * 4)?;
-            tracing::info!(%addr, "embedded MQTT broker listening");
-            (addr.ip().to_string(), addr.port(), Some(addr))
-        }
-        BrokerAddr::External { host, port, .. } => (host, port, None),
-    };
+    let (host, port, embedded_broker) =
+        match config.mqtt.broker_addr().map_err(EngineError::Config)? {
+            BrokerAddr::Embedded => {
+                // The broker accepts more than weir does, so that an oversize
+                // message reaches weir and is dead-lettered instead of vanishing.
+                let addr = broker::start(
+                    config.mqtt.embedded_listen,
+                    config.mqtt.max_packet_bytes * 4,
+                )?;
+                tracing::info!(%addr, "embedded MQTT broker listening");
+                (addr.ip().to_string(), addr.port(), Some(addr))
+            }
+            BrokerAddr::External { host, port, .. } => (host, port, None),
+        };
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
-        .map_err(|source| EngineError::Http { addr: config.http.listen, source })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| EngineError::Http { addr: config.http.listen, source })?;
+        .map_err(|source| EngineError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| EngineError::Http {
+        addr: config.http.listen,
+        source,
+    })?;
 
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
@@ -155,7 +170,12 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let mut tasks = Vec::new();
 
     // Pipeline thread.
-    let runner = Runner::new(&pipeline, store.clone(), metrics.clone(), config.mqtt.max_packet_bytes)?;
+    let runner = Runner::new(
+        &pipeline,
+        store.clone(),
+        metrics.clone(),
+        config.mqtt.max_packet_bytes,
+    )?;
     let handle = tokio::runtime::Handle::current();
     let token = shutdown.clone();
     let pipeline_thread = std::thread::Builder::new()
@@ -170,10 +190,20 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         client_id: config.mqtt.client_id.clone(),
         username: config.mqtt.username.clone(),
         password: config.mqtt.password.clone(),
-        filters: pipeline.streams.iter().map(|s| (s.topic.filter(), s.qos)).collect(),
+        filters: pipeline
+            .streams
+            .iter()
+            .map(|s| (s.topic.filter(), s.qos))
+            .collect(),
         max_packet_bytes: config.mqtt.max_packet_bytes,
     };
-    tasks.push(tokio::spawn(mqtt::run(options, tx, ready.clone(), metrics.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(mqtt::run(
+        options,
+        tx,
+        ready.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )));
 
     // HTTP API.
     let router = api::router(state.clone());
@@ -226,7 +256,13 @@ fn reconcile_views(store: &Store, pipeline: &Pipeline) -> Result<(), StoreError>
     Ok(())
 }
 
-async fn housekeeping(store: Store, pipeline: Arc<Pipeline>, metrics: Arc<Metrics>, config: Config, shutdown: CancellationToken) {
+async fn housekeeping(
+    store: Store,
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    config: Config,
+    shutdown: CancellationToken,
+) {
     let mut interval = tokio::time::interval(HOUSEKEEPING);
     loop {
         tokio::select! {
@@ -249,10 +285,14 @@ async fn housekeeping(store: Store, pipeline: Arc<Pipeline>, metrics: Arc<Metric
                     tracing::warn!(view = %view.name, error = %e, "retention failed");
                 }
             }
-            if let Err(e) = store.expire_dead_letters(now - config.storage.deadletter_retention.as_millis() as i64) {
+            if let Err(e) = store
+                .expire_dead_letters(now - config.storage.deadletter_retention.as_millis() as i64)
+            {
                 tracing::warn!(error = %e, "dead-letter retention failed");
             }
-            metrics.store_disk_bytes.store(store.disk_space(), Ordering::Relaxed);
+            metrics
+                .store_disk_bytes
+                .store(store.disk_space(), Ordering::Relaxed);
         })
         .await;
     }
@@ -284,7 +324,12 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(pipeline: &Pipeline, store: Store, metrics: Arc<Metrics>, max_bytes: usize) -> Result<Self, EngineError> {
+    fn new(
+        pipeline: &Pipeline,
+        store: Store,
+        metrics: Arc<Metrics>,
+        max_bytes: usize,
+    ) -> Result<Self, EngineError> {
         let streams = pipeline
             .streams
             .iter()
@@ -297,8 +342,10 @@ impl Runner {
             .collect::<Vec<_>>();
         let mut views: Vec<ViewRuntime> = Vec::new();
         for (i, v) in pipeline.views.iter().enumerate() {
-            let operator = ViewOperator::new(v.clone())
-                .map_err(|e| EngineError::View { view: v.name.clone(), message: e.to_string() })?;
+            let operator = ViewOperator::new(v.clone()).map_err(|e| EngineError::View {
+                view: v.name.clone(),
+                message: e.to_string(),
+            })?;
             let (root, upstream_view) = match &v.upstream {
                 Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
                 Upstream::View(u) => {
@@ -307,7 +354,10 @@ impl Runner {
                 }
             };
             let Some(root) = root else {
-                return Err(EngineError::View { view: v.name.clone(), message: "upstream not found".into() });
+                return Err(EngineError::View {
+                    view: v.name.clone(),
+                    message: "upstream not found".into(),
+                });
             };
             views.push(ViewRuntime {
                 operator,
@@ -316,10 +366,21 @@ impl Runner {
                 metrics: metrics.views[&v.name].clone(),
             });
         }
-        Ok(Self { streams, views, store, metrics, seq: 0 })
+        Ok(Self {
+            streams,
+            views,
+            store,
+            metrics,
+            seq: 0,
+        })
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Message>, handle: tokio::runtime::Handle, shutdown: CancellationToken) {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Message>,
+        handle: tokio::runtime::Handle,
+        shutdown: CancellationToken,
+    ) {
         let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
         let mut last_tick = now_ms();
         loop {
@@ -341,7 +402,9 @@ impl Runner {
                             Err(_) => break,
                         }
                     }
-                    self.metrics.ingest_queue_depth.store(rx.len() as i64, Ordering::Relaxed);
+                    self.metrics
+                        .ingest_queue_depth
+                        .store(rx.len() as i64, Ordering::Relaxed);
                     self.ingest(&mut messages);
                 }
                 Some(None) => {}
@@ -362,15 +425,24 @@ impl Runner {
 
     /// Decodes and processes one micro-batch of messages.
     fn ingest(&mut self, messages: &mut Vec<Message>) {
-        self.metrics.pipeline_batches.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .pipeline_batches
+            .fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let mut rejects: Vec<Rejected> = Vec::new();
-        let mut per_stream: Vec<Vec<Message>> = (0..self.streams.len()).map(|_| Vec::new()).collect();
+        let mut per_stream: Vec<Vec<Message>> =
+            (0..self.streams.len()).map(|_| Vec::new()).collect();
         for m in messages.drain(..) {
-            match self.streams.iter().position(|s| s.def.topic.matches(&m.topic, |_, _| {})) {
+            match self
+                .streams
+                .iter()
+                .position(|s| s.def.topic.matches(&m.topic, |_, _| {}))
+            {
                 Some(i) => per_stream[i].push(m),
                 None => {
-                    self.metrics.unmatched_messages.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .unmatched_messages
+                        .fetch_add(1, Ordering::Relaxed);
                     rejects.push(Rejected {
                         stream: String::new(),
                         topic: m.topic.clone(),
@@ -387,28 +459,50 @@ impl Runner {
                 continue;
             }
             let stream = &self.streams[i];
-            stream.metrics.messages.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+            stream
+                .metrics
+                .messages
+                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
             let before = rejects.len();
             let decoded = stream.decoder.decode(msgs, &mut rejects);
             for r in &rejects[before..] {
                 stream.metrics.reject(r.reason);
             }
             let rows = decoded.batch.num_rows();
-            stream.metrics.ingested.fetch_add(rows as u64, Ordering::Relaxed);
+            stream
+                .metrics
+                .ingested
+                .fetch_add(rows as u64, Ordering::Relaxed);
             if rows == 0 {
                 continue;
             }
-            let max_event_time = decoded.event_time.values().iter().copied().max().unwrap_or(i64::MIN);
+            let max_event_time = decoded
+                .event_time
+                .values()
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(i64::MIN);
             let watermark_before = stream.watermark.current();
             let seq = self.next_seq();
             let batch = EventBatch::new(decoded.batch, decoded.event_time, seq);
             let (late, late_views) = self.run_views(i, Some(&batch), None);
             if !late.is_empty() {
                 let rows: Vec<u32> = late.into_iter().collect();
-                let topics: Vec<&str> = decoded.message_index.iter().map(|&m| msgs[m as usize].topic.as_str()).collect();
-                let received: Vec<i64> = decoded.message_index.iter().map(|&m| msgs[m as usize].received_at).collect();
+                let topics: Vec<&str> = decoded
+                    .message_index
+                    .iter()
+                    .map(|&m| msgs[m as usize].topic.as_str())
+                    .collect();
+                let received: Vec<i64> = decoded
+                    .message_index
+                    .iter()
+                    .map(|&m| msgs[m as usize].received_at)
+                    .collect();
                 let views = late_views.join(", ");
-                let watermark = watermark_before.map(crate::obs::format_time).unwrap_or_default();
+                let watermark = watermark_before
+                    .map(crate::obs::format_time)
+                    .unwrap_or_default();
                 let letters = sink::late_rows(
                     &self.streams[i].def.name,
                     &batch.data,
@@ -423,8 +517,13 @@ impl Runner {
                         )
                     },
                 );
-                self.streams[i].metrics.late.fetch_add(letters.len() as u64, Ordering::Relaxed);
-                self.streams[i].metrics.reject_n(RejectReason::Late, letters.len() as u64);
+                self.streams[i]
+                    .metrics
+                    .late
+                    .fetch_add(letters.len() as u64, Ordering::Relaxed);
+                self.streams[i]
+                    .metrics
+                    .reject_n(RejectReason::Late, letters.len() as u64);
                 rejects.extend(letters);
             }
             let stream = &mut self.streams[i];
@@ -463,7 +562,12 @@ impl Runner {
     /// Runs the views rooted at stream `root` in dependency order, on a batch
     /// of the stream, or on a watermark. Returns the late rows of the stream
     /// batch and the views they were late for.
-    fn run_views(&mut self, root: usize, batch: Option<&EventBatch>, watermark: Option<i64>) -> (BTreeSet<u32>, Vec<String>) {
+    fn run_views(
+        &mut self,
+        root: usize,
+        batch: Option<&EventBatch>,
+        watermark: Option<i64>,
+    ) -> (BTreeSet<u32>, Vec<String>) {
         let mut late = BTreeSet::new();
         let mut late_views = Vec::new();
         let mut outputs: Vec<Vec<ViewOutput>> = (0..self.views.len()).map(|_| Vec::new()).collect();
@@ -474,11 +578,18 @@ impl Runner {
             let inputs: Vec<EventBatch> = match self.views[v].upstream_view {
                 None => batch.into_iter().cloned().collect(),
                 Some(u) => {
-                    let upstream: Vec<(datafusion::arrow::array::RecordBatch, datafusion::arrow::array::Int64Array)> =
-                        outputs[u].iter().map(|o| (o.rows.clone(), o.event_time.clone())).collect();
+                    let upstream: Vec<(
+                        datafusion::arrow::array::RecordBatch,
+                        datafusion::arrow::array::Int64Array,
+                    )> = outputs[u]
+                        .iter()
+                        .map(|o| (o.rows.clone(), o.event_time.clone()))
+                        .collect();
                     upstream
                         .into_iter()
-                        .map(|(rows, event_time)| EventBatch::new(rows, event_time, self.next_seq()))
+                        .map(|(rows, event_time)| {
+                            EventBatch::new(rows, event_time, self.next_seq())
+                        })
                         .collect()
                 }
             };
@@ -489,7 +600,9 @@ impl Runner {
                 match view.operator.process(input) {
                     Ok(p) => {
                         if !p.late_rows.is_empty() {
-                            view.metrics.late.fetch_add(p.late_rows.len() as u64, Ordering::Relaxed);
+                            view.metrics
+                                .late
+                                .fetch_add(p.late_rows.len() as u64, Ordering::Relaxed);
                             if view.upstream_view.is_none() {
                                 late.extend(p.late_rows.iter().copied());
                                 late_views.push(name.clone());
@@ -515,7 +628,9 @@ impl Runner {
             for out in &produced {
                 match sink::write_view_output(&self.store, &name, out) {
                     Ok(n) => {
-                        view.metrics.rows_written.fetch_add(n as u64, Ordering::Relaxed);
+                        view.metrics
+                            .rows_written
+                            .fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
                         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -523,7 +638,9 @@ impl Runner {
                     }
                 }
             }
-            view.metrics.open_groups.store(view.operator.open_groups() as u64, Ordering::Relaxed);
+            view.metrics
+                .open_groups
+                .store(view.operator.open_groups() as u64, Ordering::Relaxed);
             outputs[v] = produced;
         }
         (late, late_views)

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::source::decode::RejectReason;
 
@@ -38,12 +38,18 @@ impl StreamMetrics {
     }
 
     pub fn reject_n(&self, reason: RejectReason, n: u64) {
-        let i = RejectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let i = RejectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.rejected[i].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn rejected_total(&self) -> u64 {
-        self.rejected.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.rejected
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn watermark(&self) -> Option<i64> {
@@ -77,10 +83,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new<'a>(streams: impl IntoIterator<Item = &'a str>, views: impl IntoIterator<Item = &'a str>) -> Self {
+    pub fn new<'a>(
+        streams: impl IntoIterator<Item = &'a str>,
+        views: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
         Self {
-            streams: streams.into_iter().map(|s| (s.to_string(), Arc::new(StreamMetrics::new()))).collect(),
-            views: views.into_iter().map(|v| (v.to_string(), Arc::new(ViewMetrics::default()))).collect(),
+            streams: streams
+                .into_iter()
+                .map(|s| (s.to_string(), Arc::new(StreamMetrics::new())))
+                .collect(),
+            views: views
+                .into_iter()
+                .map(|v| (v.to_string(), Arc::new(ViewMetrics::default())))
+                .collect(),
             ..Default::default()
         }
     }
@@ -89,16 +104,43 @@ impl Metrics {
     pub fn render(&self, now: i64) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        header(&mut out, "weir_mqtt_messages_total", "counter", "MQTT messages received, per stream.");
+        header(
+            &mut out,
+            "weir_mqtt_messages_total",
+            "counter",
+            "MQTT messages received, per stream.",
+        );
         for (s, m) in &self.streams {
-            let _ = writeln!(out, "weir_mqtt_messages_total{{stream=\"{s}\"}} {}", load(&m.messages));
+            let _ = writeln!(
+                out,
+                "weir_mqtt_messages_total{{stream=\"{s}\"}} {}",
+                load(&m.messages)
+            );
         }
-        let _ = writeln!(out, "weir_mqtt_messages_total{{stream=\"\"}} {}", load(&self.unmatched_messages));
-        header(&mut out, "weir_ingested_events_total", "counter", "Events decoded and accepted, per stream.");
+        let _ = writeln!(
+            out,
+            "weir_mqtt_messages_total{{stream=\"\"}} {}",
+            load(&self.unmatched_messages)
+        );
+        header(
+            &mut out,
+            "weir_ingested_events_total",
+            "counter",
+            "Events decoded and accepted, per stream.",
+        );
         for (s, m) in &self.streams {
-            let _ = writeln!(out, "weir_ingested_events_total{{stream=\"{s}\"}} {}", load(&m.ingested));
+            let _ = writeln!(
+                out,
+                "weir_ingested_events_total{{stream=\"{s}\"}} {}",
+                load(&m.ingested)
+            );
         }
-        header(&mut out, "weir_rejected_events_total", "counter", "Messages or rows sent to the dead-letter store, per stream and reason.");
+        header(
+            &mut out,
+            "weir_rejected_events_total",
+            "counter",
+            "Messages or rows sent to the dead-letter store, per stream and reason.",
+        );
         for (s, m) in &self.streams {
             for (i, reason) in RejectReason::ALL.iter().enumerate() {
                 let _ = writeln!(
@@ -109,46 +151,144 @@ impl Metrics {
                 );
             }
         }
-        header(&mut out, "weir_late_events_total", "counter", "Events whose window had closed, per stream.");
+        header(
+            &mut out,
+            "weir_late_events_total",
+            "counter",
+            "Events whose window had closed, per stream.",
+        );
         for (s, m) in &self.streams {
-            let _ = writeln!(out, "weir_late_events_total{{stream=\"{s}\"}} {}", load(&m.late));
+            let _ = writeln!(
+                out,
+                "weir_late_events_total{{stream=\"{s}\"}} {}",
+                load(&m.late)
+            );
         }
-        header(&mut out, "weir_watermark_lag_seconds", "gauge", "Wall clock minus the stream's watermark.");
+        header(
+            &mut out,
+            "weir_watermark_lag_seconds",
+            "gauge",
+            "Wall clock minus the stream's watermark.",
+        );
         for (s, m) in &self.streams {
             if let Some(w) = m.watermark() {
-                let _ = writeln!(out, "weir_watermark_lag_seconds{{stream=\"{s}\"}} {:.3}", (now - w) as f64 / 1000.0);
+                let _ = writeln!(
+                    out,
+                    "weir_watermark_lag_seconds{{stream=\"{s}\"}} {:.3}",
+                    (now - w) as f64 / 1000.0
+                );
             }
         }
-        header(&mut out, "weir_watermark_timestamp_seconds", "gauge", "The stream's watermark, as a Unix time.");
+        header(
+            &mut out,
+            "weir_watermark_timestamp_seconds",
+            "gauge",
+            "The stream's watermark, as a Unix time.",
+        );
         for (s, m) in &self.streams {
             if let Some(w) = m.watermark() {
-                let _ = writeln!(out, "weir_watermark_timestamp_seconds{{stream=\"{s}\"}} {:.3}", w as f64 / 1000.0);
+                let _ = writeln!(
+                    out,
+                    "weir_watermark_timestamp_seconds{{stream=\"{s}\"}} {:.3}",
+                    w as f64 / 1000.0
+                );
             }
         }
-        header(&mut out, "weir_view_rows_written_total", "counter", "Rows written (upserted) to the store, per view.");
+        header(
+            &mut out,
+            "weir_view_rows_written_total",
+            "counter",
+            "Rows written (upserted) to the store, per view.",
+        );
         for (v, m) in &self.views {
-            let _ = writeln!(out, "weir_view_rows_written_total{{view=\"{v}\"}} {}", load(&m.rows_written));
+            let _ = writeln!(
+                out,
+                "weir_view_rows_written_total{{view=\"{v}\"}} {}",
+                load(&m.rows_written)
+            );
         }
-        header(&mut out, "weir_view_late_events_total", "counter", "Input rows left out of a closed window, per view.");
+        header(
+            &mut out,
+            "weir_view_late_events_total",
+            "counter",
+            "Input rows left out of a closed window, per view.",
+        );
         for (v, m) in &self.views {
-            let _ = writeln!(out, "weir_view_late_events_total{{view=\"{v}\"}} {}", load(&m.late));
+            let _ = writeln!(
+                out,
+                "weir_view_late_events_total{{view=\"{v}\"}} {}",
+                load(&m.late)
+            );
         }
-        header(&mut out, "weir_view_errors_total", "counter", "Batches a view failed to evaluate.");
+        header(
+            &mut out,
+            "weir_view_errors_total",
+            "counter",
+            "Batches a view failed to evaluate.",
+        );
         for (v, m) in &self.views {
-            let _ = writeln!(out, "weir_view_errors_total{{view=\"{v}\"}} {}", load(&m.errors));
+            let _ = writeln!(
+                out,
+                "weir_view_errors_total{{view=\"{v}\"}} {}",
+                load(&m.errors)
+            );
         }
-        header(&mut out, "weir_view_open_groups", "gauge", "Open (key, window) groups held in memory, per view.");
+        header(
+            &mut out,
+            "weir_view_open_groups",
+            "gauge",
+            "Open (key, window) groups held in memory, per view.",
+        );
         for (v, m) in &self.views {
-            let _ = writeln!(out, "weir_view_open_groups{{view=\"{v}\"}} {}", load(&m.open_groups));
+            let _ = writeln!(
+                out,
+                "weir_view_open_groups{{view=\"{v}\"}} {}",
+                load(&m.open_groups)
+            );
         }
         let gauges: [(&str, &str, &str, i64); 7] = [
-            ("weir_ingest_queue_depth", "gauge", "Messages waiting between the MQTT source and the pipeline.", self.ingest_queue_depth.load(Ordering::Relaxed)),
-            ("weir_ingest_queue_capacity", "gauge", "Capacity of that queue; when full, weir stops reading from the broker.", self.ingest_queue_capacity.load(Ordering::Relaxed)),
-            ("weir_pipeline_batches_total", "counter", "Micro-batches run through the pipeline.", load(&self.pipeline_batches) as i64),
-            ("weir_mqtt_connected", "gauge", "1 while the MQTT source is connected and subscribed.", self.mqtt_connected.load(Ordering::Relaxed)),
-            ("weir_mqtt_reconnects_total", "counter", "Connection errors after which the source reconnected.", load(&self.mqtt_reconnects) as i64),
-            ("weir_store_disk_bytes", "gauge", "Bytes the store uses on disk.", load(&self.store_disk_bytes) as i64),
-            ("weir_store_errors_total", "counter", "Failed store writes.", load(&self.store_errors) as i64),
+            (
+                "weir_ingest_queue_depth",
+                "gauge",
+                "Messages waiting between the MQTT source and the pipeline.",
+                self.ingest_queue_depth.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_ingest_queue_capacity",
+                "gauge",
+                "Capacity of that queue; when full, weir stops reading from the broker.",
+                self.ingest_queue_capacity.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_pipeline_batches_total",
+                "counter",
+                "Micro-batches run through the pipeline.",
+                load(&self.pipeline_batches) as i64,
+            ),
+            (
+                "weir_mqtt_connected",
+                "gauge",
+                "1 while the MQTT source is connected and subscribed.",
+                self.mqtt_connected.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_mqtt_reconnects_total",
+                "counter",
+                "Connection errors after which the source reconnected.",
+                load(&self.mqtt_reconnects) as i64,
+            ),
+            (
+                "weir_store_disk_bytes",
+                "gauge",
+                "Bytes the store uses on disk.",
+                load(&self.store_disk_bytes) as i64,
+            ),
+            (
+                "weir_store_errors_total",
+                "counter",
+                "Failed store writes.",
+                load(&self.store_errors) as i64,
+            ),
         ];
         for (name, kind, help, value) in gauges {
             header(&mut out, name, kind, help);
@@ -168,10 +308,13 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 pub fn init_tracing() {
     let filter = std::env::var("WEIR_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn".to_string());
+        .unwrap_or_else(|_| {
+            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn".to_string()
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -197,12 +340,18 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::new(["telemetry"], ["health"]);
-        m.streams["telemetry"].ingested.fetch_add(3, Ordering::Relaxed);
+        m.streams["telemetry"]
+            .ingested
+            .fetch_add(3, Ordering::Relaxed);
         m.streams["telemetry"].reject(RejectReason::Schema);
-        m.streams["telemetry"].watermark.store(1_000, Ordering::Relaxed);
+        m.streams["telemetry"]
+            .watermark
+            .store(1_000, Ordering::Relaxed);
         let text = m.render(3_500);
         assert!(text.contains("weir_ingested_events_total{stream=\"telemetry\"} 3\n"));
-        assert!(text.contains("weir_rejected_events_total{stream=\"telemetry\",reason=\"schema\"} 1\n"));
+        assert!(
+            text.contains("weir_rejected_events_total{stream=\"telemetry\",reason=\"schema\"} 1\n")
+        );
         assert!(text.contains("weir_watermark_lag_seconds{stream=\"telemetry\"} 2.500\n"));
         assert!(text.contains("# TYPE weir_view_rows_written_total counter"));
         assert_eq!(format_time(1_500), "1970-01-01T00:00:01.500Z");

@@ -137,7 +137,8 @@ fn find_word(haystack: &str, word: &str) -> Option<usize> {
     let mut from = 0;
     while let Some(i) = haystack[from..].find(word) {
         let at = from + i;
-        let before_ok = at == 0 || !haystack.as_bytes()[at - 1].is_ascii_alphanumeric();
+        let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        let before_ok = at == 0 || !is_word(haystack.as_bytes()[at - 1]);
         let after = at + word.len();
         let after_ok =
             after >= haystack.len() || !haystack.as_bytes()[after].is_ascii_alphanumeric();
@@ -179,11 +180,19 @@ pub fn parse_watermark(clause: &str) -> Result<(String, i64), String> {
     Ok((column, bound.as_millis() as i64))
 }
 
+/// What a `CREATE TABLE` declares, before its options are checked.
+pub struct TableParts {
+    pub name: String,
+    pub fields: Vec<Field>,
+    pub options: Vec<(String, String)>,
+    pub event_time: EventTime,
+}
+
 /// Turns a parsed `CREATE TABLE` into a stream definition. Collects every problem.
 pub fn stream_from_create_table(
     ct: &CreateTable,
     watermark: Option<(String, i64)>,
-) -> Result<(String, Vec<Field>, Vec<(String, String)>, EventTime), Vec<String>> {
+) -> Result<TableParts, Vec<String>> {
     let mut problems = Vec::new();
     let name = ct.name.to_string().to_ascii_lowercase();
     let mut fields = Vec::new();
@@ -237,7 +246,12 @@ pub fn stream_from_create_table(
         },
     };
     if problems.is_empty() {
-        Ok((name, fields, options, event_time))
+        Ok(TableParts {
+            name,
+            fields,
+            options,
+            event_time,
+        })
     } else {
         Err(problems)
     }
@@ -267,12 +281,13 @@ pub fn option_pair(option: &SqlOption) -> Result<(String, String), String> {
 }
 
 /// Validates the `WITH` options of a stream and builds its definition.
-pub fn build_stream(
-    name: String,
-    fields: Vec<Field>,
-    options: Vec<(String, String)>,
-    event_time: EventTime,
-) -> Result<StreamDef, Vec<String>> {
+pub fn build_stream(parts: TableParts) -> Result<StreamDef, Vec<String>> {
+    let TableParts {
+        name,
+        fields,
+        options,
+        event_time,
+    } = parts;
     let mut problems = Vec::new();
     let mut topic = None;
     let mut qos = 1u8;

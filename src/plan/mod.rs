@@ -249,11 +249,12 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                     continue;
                 }
                 _ => {
+                    let start: Vec<&str> = stmt.text.split_whitespace().take(3).collect();
                     errors.push(err(
                         stmt.line,
                         format!(
                             "unsupported statement {:?}: a pipeline file holds CREATE TABLE and CREATE VIEW statements",
-                            words.join(" ")
+                            start.join(" ")
                         ),
                     ));
                     continue;
@@ -287,11 +288,8 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                         }
                         None => None,
                     };
-                    let built = ddl::stream_from_create_table(&ct, watermark).and_then(
-                        |(name, fields, options, event_time)| {
-                            ddl::build_stream(name, fields, options, event_time)
-                        },
-                    );
+                    let built =
+                        ddl::stream_from_create_table(&ct, watermark).and_then(ddl::build_stream);
                     match built {
                         Ok(mut s) => {
                             if let Some((f, l)) = names.get(&s.name) {
@@ -415,6 +413,22 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                     *r != &p.name && pending_names.contains(*r) && !planned.contains_key(*r)
                 })
                 .collect();
+            if let Some(unknown) = p
+                .references
+                .iter()
+                .find(|r| !stream_names.contains(r.as_str()) && !pending_names.contains(*r))
+            {
+                errors.push(PlanError {
+                    file: p.file.clone(),
+                    line: p.line,
+                    message: format!(
+                        "view {}: reads {unknown}, which is neither a stream nor a view",
+                        p.name
+                    ),
+                });
+                failed.insert(p.name.clone());
+                continue;
+            }
             if let Some(dep) = waits_for.iter().find(|d| failed.contains(**d)) {
                 errors.push(PlanError {
                     file: p.file.clone(),
@@ -519,19 +533,37 @@ pub fn window_udfs() -> Vec<ScalarUDF> {
     ]
 }
 
-/// Finds "Line: N, Column: M" in a sqlparser message; returns (line, message).
+/// Finds " at Line: N, Column: M" in a sqlparser message (relative to the
+/// statement); returns (line in the statement, message without it).
 fn locate_parser_error(message: &str) -> (usize, String) {
-    let line = message
-        .find("Line: ")
-        .and_then(|i| message[i + 6..].split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1);
-    let clean = message
+    let number_after = |label: &str| {
+        message
+            .find(label)
+            .and_then(|i| {
+                message[i + label.len()..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+            })
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    let line = number_after("Line: ").unwrap_or(1);
+    let column = number_after("Column: ");
+    let mut clean = message
         .trim_start_matches("SQL error: ")
         .trim_start_matches("ParserError(\"")
         .trim_end_matches("\")")
         .to_string();
-    (line, format!("syntax error: {clean}"))
+    if let Some(at) = clean.find(" at Line: ") {
+        clean.truncate(at);
+    }
+    match column {
+        Some(c) if line == 1 => (
+            line,
+            format!("syntax error: {clean} (column {c} of the statement)"),
+        ),
+        Some(c) => (line, format!("syntax error: {clean} (column {c})")),
+        None => (line, format!("syntax error: {clean}")),
+    }
 }
 
 /// Maps a DataFusion error to a file line: the diagnostic span when DataFusion

@@ -5,9 +5,11 @@
 //! with milliseconds), so reading a row back is a copy, not a conversion.
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{DataType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit, UInt64Type,
+};
 use datafusion::arrow::util::display::array_value_to_string;
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 
 use crate::obs::format_time;
 use crate::source::decode::{RejectReason, Rejected};
@@ -32,15 +34,39 @@ pub fn cell_to_json(array: &dyn Array, row: usize) -> Value {
         DataType::Float32 => float(f64::from(array.as_primitive::<Float32Type>().value(row))),
         DataType::Timestamp(unit, _) => {
             let v = match unit {
-                TimeUnit::Second => array.as_primitive::<datafusion::arrow::datatypes::TimestampSecondType>().value(row) * 1000,
-                TimeUnit::Millisecond => array.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>().value(row),
-                TimeUnit::Microsecond => array.as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>().value(row) / 1000,
-                TimeUnit::Nanosecond => array.as_primitive::<datafusion::arrow::datatypes::TimestampNanosecondType>().value(row) / 1_000_000,
+                TimeUnit::Second => {
+                    array
+                        .as_primitive::<datafusion::arrow::datatypes::TimestampSecondType>()
+                        .value(row)
+                        * 1000
+                }
+                TimeUnit::Millisecond => array
+                    .as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>()
+                    .value(row),
+                TimeUnit::Microsecond => {
+                    array
+                        .as_primitive::<datafusion::arrow::datatypes::TimestampMicrosecondType>()
+                        .value(row)
+                        / 1000
+                }
+                TimeUnit::Nanosecond => {
+                    array
+                        .as_primitive::<datafusion::arrow::datatypes::TimestampNanosecondType>()
+                        .value(row)
+                        / 1_000_000
+                }
             };
             Value::String(format_time(v))
         }
-        DataType::Int8 | DataType::Int16 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
-            match array_value_to_string(array, row).ok().and_then(|s| s.parse::<i64>().ok()) {
+        DataType::Int8
+        | DataType::Int16
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => {
+            match array_value_to_string(array, row)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
                 Some(v) => Value::from(v),
                 None => Value::Null,
             }
@@ -49,29 +75,46 @@ pub fn cell_to_json(array: &dyn Array, row: usize) -> Value {
     }
 }
 
-/// A batch as JSON objects keyed by column name.
-pub fn batch_to_json(batch: &RecordBatch) -> Vec<Map<String, Value>> {
+/// Each row of a batch as a JSON object text, keys in column order (a
+/// `serde_json::Map` would sort them, and users read columns in the order
+/// their SELECT lists them).
+pub fn batch_to_json_text(batch: &RecordBatch) -> Vec<String> {
     let schema = batch.schema();
+    let names: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| Value::String(f.name().clone()).to_string())
+        .collect();
     (0..batch.num_rows())
         .map(|row| {
-            schema
-                .fields()
-                .iter()
-                .zip(batch.columns())
-                .map(|(f, c)| (f.name().clone(), cell_to_json(c.as_ref(), row)))
-                .collect()
+            let mut text = String::from("{");
+            for (c, (name, column)) in names.iter().zip(batch.columns()).enumerate() {
+                if c > 0 {
+                    text.push(',');
+                }
+                text.push_str(name);
+                text.push(':');
+                text.push_str(&cell_to_json(column.as_ref(), row).to_string());
+            }
+            text.push('}');
+            text
         })
         .collect()
 }
 
 /// Upserts a view's output rows. Returns the number of rows written.
-pub fn write_view_output(store: &Store, view: &str, output: &ViewOutput) -> Result<usize, StoreError> {
-    let rows = batch_to_json(&output.rows);
-    let pairs = output.keys.iter().cloned().zip(rows).map(|(key, row)| {
-        // a Map of JSON values always serializes
-        let value = serde_json::to_vec(&row).unwrap_or_default();
-        (key, value)
-    });
+pub fn write_view_output(
+    store: &Store,
+    view: &str,
+    output: &ViewOutput,
+) -> Result<usize, StoreError> {
+    let rows = batch_to_json_text(&output.rows);
+    let pairs = output
+        .keys
+        .iter()
+        .cloned()
+        .zip(rows)
+        .map(|(key, row)| (key, row.into_bytes()));
     store.write_rows(view, pairs)
 }
 
@@ -85,16 +128,8 @@ pub fn late_rows(
     received_at: &[i64],
     detail: impl Fn(i64) -> String,
 ) -> Vec<Rejected> {
-    let json = |row: usize| -> String {
-        let schema = batch.schema();
-        let map: Map<String, Value> = schema
-            .fields()
-            .iter()
-            .zip(batch.columns())
-            .map(|(f, c)| (f.name().clone(), cell_to_json(c.as_ref(), row)))
-            .collect();
-        Value::Object(map).to_string()
-    };
+    let texts = batch_to_json_text(batch);
+    let json = |row: usize| texts.get(row).cloned().unwrap_or_default();
     rows.iter()
         .map(|&r| {
             let r = r as usize;

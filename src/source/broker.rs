@@ -14,7 +14,10 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 #[non_exhaustive]
 pub enum BrokerError {
     #[error("embedded broker cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("embedded broker thread: {0}")]
     Thread(std::io::Error),
 }
@@ -23,8 +26,14 @@ pub enum BrokerError {
 pub fn start(listen: SocketAddr, max_payload_bytes: usize) -> Result<SocketAddr, BrokerError> {
     // rumqttd reports a failed bind only inside its own thread; bind here first
     // so that a port in use is a clear start-up error, and to resolve port 0.
-    let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Listen { addr: listen, source })?;
-    let addr = probe.local_addr().map_err(|source| BrokerError::Listen { addr: listen, source })?;
+    let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Listen {
+        addr: listen,
+        source,
+    })?;
+    let addr = probe.local_addr().map_err(|source| BrokerError::Listen {
+        addr: listen,
+        source,
+    })?;
     drop(probe);
 
     let connections = ConnectionSettings {

@@ -56,8 +56,12 @@ impl RejectReason {
         })
     }
 
-    pub const ALL: [RejectReason; 4] =
-        [RejectReason::Malformed, RejectReason::Schema, RejectReason::Oversize, RejectReason::Late];
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::Malformed,
+        RejectReason::Schema,
+        RejectReason::Oversize,
+        RejectReason::Late,
+    ];
 }
 
 /// A message as it came off the broker.
@@ -158,7 +162,14 @@ impl Decoder {
             .collect();
         let nullable = schema.fields().iter().map(|f| f.is_nullable()).collect();
         let event_time_column = stream.event_time_index();
-        Self { stream, names, types, nullable, event_time_column, max_bytes }
+        Self {
+            stream,
+            names,
+            types,
+            nullable,
+            event_time_column,
+            max_bytes,
+        }
     }
 
     pub fn stream(&self) -> &Arc<StreamDef> {
@@ -176,9 +187,9 @@ impl Decoder {
                 ColumnType::Int => ColumnBuilder::Int(Int64Builder::new()),
                 ColumnType::Float => ColumnBuilder::Float(Float64Builder::new()),
                 ColumnType::Bool => ColumnBuilder::Bool(BooleanBuilder::new()),
-                ColumnType::Timestamp => {
-                    ColumnBuilder::Timestamp(TimestampMillisecondBuilder::new().with_timezone("UTC"))
-                }
+                ColumnType::Timestamp => ColumnBuilder::Timestamp(
+                    TimestampMillisecondBuilder::new().with_timezone("UTC"),
+                ),
             })
             .collect();
         let mut event_time = Int64Builder::new();
@@ -198,21 +209,32 @@ impl Decoder {
             if message.payload.len() > self.max_bytes {
                 rejects.push(reject(
                     RejectReason::Oversize,
-                    format!("message of {} bytes exceeds the limit of {} bytes", message.payload.len(), self.max_bytes),
+                    format!(
+                        "message of {} bytes exceeds the limit of {} bytes",
+                        message.payload.len(),
+                        self.max_bytes
+                    ),
                 ));
                 continue;
             }
             let Some(bound) = self.stream.topic.bind(&message.topic) else {
                 rejects.push(reject(
                     RejectReason::Malformed,
-                    format!("topic {} does not match {}", message.topic, self.stream.topic.as_str()),
+                    format!(
+                        "topic {} does not match {}",
+                        message.topic,
+                        self.stream.topic.as_str()
+                    ),
                 ));
                 continue;
             };
             cells.clear();
             problems.clear();
             if let Err(e) = self.parse_payload(&message.payload, &mut cells, &mut problems) {
-                rejects.push(reject(RejectReason::Malformed, format!("invalid JSON: {e}")));
+                rejects.push(reject(
+                    RejectReason::Malformed,
+                    format!("invalid JSON: {e}"),
+                ));
                 continue;
             }
             let rows = cells.len() / width.max(1);
@@ -270,7 +292,11 @@ impl Decoder {
         // The builders follow the schema's types and check_row enforces NOT NULL,
         // so the batch always matches the schema.
         .unwrap_or_else(|_| RecordBatch::new_empty(self.stream.schema.clone()));
-        Decoded { batch, event_time: event_time.finish(), message_index }
+        Decoded {
+            batch,
+            event_time: event_time.finish(),
+            message_index,
+        }
     }
 
     /// A row is valid when every NOT NULL column has a value and no field had the wrong type.
@@ -301,12 +327,22 @@ impl Decoder {
         let first = payload.iter().find(|b| !b.is_ascii_whitespace());
         if first == Some(&b'[') {
             let mut de = serde_json::Deserializer::from_slice(payload);
-            de.deserialize_seq(RowsVisitor { decoder: self, cells, problems })?;
+            de.deserialize_seq(RowsVisitor {
+                decoder: self,
+                cells,
+                problems,
+            })?;
             return de.end();
         }
         // One object, or newline-delimited objects.
         let mut de = serde_json::Deserializer::from_slice(payload);
-        RowSeed { decoder: self, cells, problems, row: 0 }.deserialize(&mut de)?;
+        RowSeed {
+            decoder: self,
+            cells,
+            problems,
+            row: 0,
+        }
+        .deserialize(&mut de)?;
         if de.end().is_ok() {
             return Ok(());
         }
@@ -318,7 +354,13 @@ impl Decoder {
             .enumerate()
         {
             let mut de = serde_json::Deserializer::from_slice(line);
-            RowSeed { decoder: self, cells, problems, row }.deserialize(&mut de)?;
+            RowSeed {
+                decoder: self,
+                cells,
+                problems,
+                row,
+            }
+            .deserialize(&mut de)?;
             de.end()?;
         }
         Ok(())
@@ -358,7 +400,12 @@ impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut row = 0;
         loop {
-            let seed = RowSeed { decoder: self.decoder, cells: &mut *self.cells, problems: &mut *self.problems, row };
+            let seed = RowSeed {
+                decoder: self.decoder,
+                cells: &mut *self.cells,
+                problems: &mut *self.problems,
+                row,
+            };
             if seq.next_element_seed(seed)?.is_none() {
                 return Ok(());
             }
@@ -393,7 +440,8 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let d = self.decoder;
         let start = self.cells.len();
-        self.cells.extend(std::iter::repeat_n(Cell::Missing, d.names.len()));
+        self.cells
+            .extend(std::iter::repeat_n(Cell::Missing, d.names.len()));
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match d.names.iter().position(|n| n.as_str() == key.as_ref()) {
                 Some(c) => {
@@ -441,8 +489,10 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
 impl RowSeed<'_, '_, '_> {
     fn not_an_object<E>(self, got: &str) -> Result<(), E> {
         // keep the row count aligned: an all-missing row that is reported as a problem
-        self.cells.extend(std::iter::repeat_n(Cell::Missing, self.decoder.names.len()));
-        self.problems.push((self.row, format!("expected a JSON object, got {got}")));
+        self.cells
+            .extend(std::iter::repeat_n(Cell::Missing, self.decoder.names.len()));
+        self.problems
+            .push((self.row, format!("expected a JSON object, got {got}")));
         Ok(())
     }
 }
@@ -497,7 +547,9 @@ impl<'de> Visitor<'de> for CellSeed {
         Ok(match self.0 {
             ColumnType::Float => Cell::Float(v),
             ColumnType::Int if v.fract() == 0.0 && v.abs() < 9.0e15 => Cell::Int(v as i64),
-            ColumnType::Timestamp if v.is_finite() && v.abs() < 9.0e15 => Cell::Int(v.round() as i64),
+            ColumnType::Timestamp if v.is_finite() && v.abs() < 9.0e15 => {
+                Cell::Int(v.round() as i64)
+            }
             other => mismatch(other, "a fractional number"),
         })
     }
@@ -568,7 +620,11 @@ mod tests {
     }
 
     fn message(topic: &str, payload: &str) -> Message {
-        Message { topic: topic.into(), payload: Bytes::from(payload.to_string()), received_at: 777 }
+        Message {
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_string()),
+            received_at: 777,
+        }
     }
 
     fn decode(messages: &[Message]) -> (String, Vec<i64>, Vec<Rejected>) {
@@ -581,13 +637,25 @@ mod tests {
     #[test]
     fn object_array_and_ndjson() {
         let (text, times, rejects) = decode(&[
-            message("terminals/T1/telemetry", r#"{"ts": 1000, "battery_pct": 50, "charging": true, "extra": {"x": 1}}"#),
-            message("terminals/T2/telemetry", r#"[{"ts": "1970-01-01T00:00:02Z", "battery_pct": 40.5}, {"ts": 3000, "terminal_id": "T9"}]"#),
-            message("terminals/T3/telemetry", "{\"ts\": 4000, \"error_count\": 2}\n{\"ts\": 5000}\n"),
+            message(
+                "terminals/T1/telemetry",
+                r#"{"ts": 1000, "battery_pct": 50, "charging": true, "extra": {"x": 1}}"#,
+            ),
+            message(
+                "terminals/T2/telemetry",
+                r#"[{"ts": "1970-01-01T00:00:02Z", "battery_pct": 40.5}, {"ts": 3000, "terminal_id": "T9"}]"#,
+            ),
+            message(
+                "terminals/T3/telemetry",
+                "{\"ts\": 4000, \"error_count\": 2}\n{\"ts\": 5000}\n",
+            ),
         ]);
         assert!(rejects.is_empty(), "{rejects:?}");
         assert_eq!(times, vec![1000, 2000, 3000, 4000, 5000]);
-        assert!(text.contains("| T1          |             | 1970-01-01T00:00:01Z | 50.0"), "{text}");
+        assert!(
+            text.contains("| T1          |             | 1970-01-01T00:00:01Z | 50.0"),
+            "{text}"
+        );
         // a value in the payload wins over the topic level
         assert!(text.contains("| T9 "), "{text}");
         assert!(text.contains("| T3 ") && text.contains("| 2 "), "{text}");
@@ -600,13 +668,22 @@ mod tests {
             r#"[{"ts": 1000}, {"ts": 2000, "battery_pct": "full"}, {"battery_pct": 3}, 7, {"ts": 5000}]"#,
         )]);
         assert_eq!(times, vec![1000, 5000]);
-        let details: Vec<_> = rejects.iter().map(|r| (r.reason, r.detail.as_str())).collect();
+        let details: Vec<_> = rejects
+            .iter()
+            .map(|r| (r.reason, r.detail.as_str()))
+            .collect();
         assert_eq!(
             details,
             vec![
-                (RejectReason::Schema, "row 1: field battery_pct: expected a number, got a string"),
+                (
+                    RejectReason::Schema,
+                    "row 1: field battery_pct: expected a number, got a string"
+                ),
                 (RejectReason::Schema, "row 2: missing NOT NULL column ts"),
-                (RejectReason::Schema, "row 3: expected a JSON object, got a number"),
+                (
+                    RejectReason::Schema,
+                    "row 3: expected a JSON object, got a number"
+                ),
             ]
         );
         assert!(rejects[0].payload.contains("\"full\""));
@@ -624,15 +701,31 @@ mod tests {
         ]);
         assert_eq!(times, vec![9]);
         let reasons: Vec<_> = rejects.iter().map(|r| r.reason).collect();
-        assert_eq!(reasons, vec![RejectReason::Malformed, RejectReason::Oversize, RejectReason::Malformed]);
-        assert!(rejects[0].detail.starts_with("invalid JSON"), "{}", rejects[0].detail);
+        assert_eq!(
+            reasons,
+            vec![
+                RejectReason::Malformed,
+                RejectReason::Oversize,
+                RejectReason::Malformed
+            ]
+        );
+        assert!(
+            rejects[0].detail.starts_with("invalid JSON"),
+            "{}",
+            rejects[0].detail
+        );
     }
 
     #[test]
     fn bad_timestamp_string_is_a_schema_error() {
-        let (_, _, rejects) = decode(&[message("terminals/T1/telemetry", r#"{"ts": "yesterday"}"#)]);
+        let (_, _, rejects) =
+            decode(&[message("terminals/T1/telemetry", r#"{"ts": "yesterday"}"#)]);
         assert_eq!(rejects.len(), 1);
         assert_eq!(rejects[0].reason, RejectReason::Schema);
-        assert!(rejects[0].detail.contains("RFC 3339"), "{}", rejects[0].detail);
+        assert!(
+            rejects[0].detail.contains("RFC 3339"),
+            "{}",
+            rejects[0].detail
+        );
     }
 }

@@ -10,8 +10,8 @@
 //! the socket. The durable ingest log (the next step) will switch this to
 //! manual acks sent after the durable append.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::decode::Message;
-use crate::obs::{Metrics, now_ms};
+use crate::obs::{now_ms, Metrics};
 
 /// Where to connect and as whom.
 #[derive(Debug, Clone)]
@@ -42,7 +42,11 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut mqtt = MqttOptions::new(options.client_id.clone(), options.host.clone(), options.port);
+    let mut mqtt = MqttOptions::new(
+        options.client_id.clone(),
+        options.host.clone(),
+        options.port,
+    );
     mqtt.set_keep_alive(Duration::from_secs(15));
     // Packets above our own limit are still read (and dead-lettered as
     // oversize by the decoder) rather than dropping the connection.
@@ -56,7 +60,16 @@ pub async fn run(
     let filters: Vec<SubscribeFilter> = options
         .filters
         .iter()
-        .map(|(f, q)| SubscribeFilter::new(f.clone(), if *q == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce }))
+        .map(|(f, q)| {
+            SubscribeFilter::new(
+                f.clone(),
+                if *q == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                },
+            )
+        })
         .collect();
     let mut backoff = Duration::from_millis(100);
     let mut pending_subacks = 0usize;
@@ -97,7 +110,10 @@ pub async fn run(
                     payload: publish.payload,
                     received_at: now_ms(),
                 };
-                metrics.ingest_queue_depth.store((tx.max_capacity() - tx.capacity()) as i64, Ordering::Relaxed);
+                metrics.ingest_queue_depth.store(
+                    (tx.max_capacity() - tx.capacity()) as i64,
+                    Ordering::Relaxed,
+                );
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     sent = tx.send(message) => if sent.is_err() { break },

@@ -24,7 +24,10 @@ pub enum StoreError {
     #[error("store at {path}: {source}")]
     Open { path: String, source: fjall::Error },
     #[error("store {what}: {source}")]
-    Io { what: &'static str, source: fjall::Error },
+    Io {
+        what: &'static str,
+        source: fjall::Error,
+    },
     #[error("store {what}: corrupt value: {message}")]
     Corrupt { what: &'static str, message: String },
 }
@@ -46,7 +49,8 @@ pub struct DeadLetter {
 pub struct StoredRow {
     /// Key without the view prefix; its first 8 bytes are a time for windowed and filter views.
     pub key: Vec<u8>,
-    pub value: serde_json::Map<String, serde_json::Value>,
+    /// The row as a JSON object text, columns in SELECT order.
+    pub json: String,
 }
 
 /// A page of a range scan.
@@ -59,7 +63,10 @@ pub struct Page<T> {
 
 impl<T> Default for Page<T> {
     fn default() -> Self {
-        Self { items: Vec::new(), next: None }
+        Self {
+            items: Vec::new(),
+            next: None,
+        }
     }
 }
 
@@ -92,17 +99,29 @@ fn view_prefix(view: &str) -> Vec<u8> {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
+        let open_err = |source| StoreError::Open {
+            path: dir.display().to_string(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(|e| open_err(fjall::Error::from(e)))?;
         let db = Database::builder(dir).open().map_err(open_err)?;
-        let rows = db.keyspace("rows", KeyspaceCreateOptions::default).map_err(open_err)?;
-        let deadletter = db.keyspace("deadletter", KeyspaceCreateOptions::default).map_err(open_err)?;
-        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let rows = db
+            .keyspace("rows", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let deadletter = db
+            .keyspace("deadletter", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
         // continue the dead-letter sequence after the newest stored one
         let seq = match deadletter.last_key_value() {
             Some(guard) => {
                 let key = guard.key().map_err(open_err)?;
-                key.get(8..16).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes) + 1
+                key.get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_be_bytes)
+                    + 1
             }
             None => 0,
         };
@@ -116,7 +135,11 @@ impl Store {
     }
 
     /// Upserts rows of one view in one atomic batch.
-    pub fn write_rows(&self, view: &str, rows: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<usize, StoreError> {
+    pub fn write_rows(
+        &self,
+        view: &str,
+        rows: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Result<usize, StoreError> {
         let prefix = view_prefix(view);
         let mut batch = self.db.batch();
         let mut n = 0;
@@ -147,8 +170,10 @@ impl Store {
                 payload: r.payload.clone(),
                 received_at: r.received_at,
             };
-            let value = serde_json::to_vec(&letter)
-                .map_err(|e| StoreError::Corrupt { what: "dead letter", message: e.to_string() })?;
+            let value = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
+                what: "dead letter",
+                message: e.to_string(),
+            })?;
             batch.insert(&self.deadletter, key, value);
         }
         batch.commit().map_err(io("write dead letters"))
@@ -162,7 +187,7 @@ impl Store {
         to: Option<&[u8]>,
         cursor: Option<&[u8]>,
         limit: usize,
-        mut keep: impl FnMut(&serde_json::Map<String, serde_json::Value>) -> bool,
+        mut keep: impl FnMut(&str) -> bool,
     ) -> Result<Page<StoredRow>, StoreError> {
         let prefix = view_prefix(view);
         let with_prefix = |s: &[u8]| {
@@ -195,17 +220,19 @@ impl Store {
         }
         for guard in self.rows.range(start..end) {
             let (key, value) = guard.into_inner().map_err(io("scan rows"))?;
-            let value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&value)
-                .map_err(|e| StoreError::Corrupt { what: "view row", message: e.to_string() })?;
+            let json = String::from_utf8(value.to_vec()).map_err(|e| StoreError::Corrupt {
+                what: "view row",
+                message: e.to_string(),
+            })?;
             let suffix = key[prefix.len()..].to_vec();
-            if !keep(&value) {
+            if !keep(&json) {
                 continue;
             }
             if page.items.len() == limit {
                 page.next = page.items.last().map(|r: &StoredRow| r.key.clone());
                 break;
             }
-            page.items.push(StoredRow { key: suffix, value });
+            page.items.push(StoredRow { key: suffix, json });
         }
         Ok(page)
     }
@@ -253,7 +280,10 @@ impl Store {
         let mut batch = self.db.batch();
         let mut n = 0;
         for guard in self.deadletter.range(..end) {
-            batch.remove(&self.deadletter, guard.key().map_err(io("expire dead letters"))?);
+            batch.remove(
+                &self.deadletter,
+                guard.key().map_err(io("expire dead letters"))?,
+            );
             n += 1;
         }
         batch.commit().map_err(io("expire dead letters"))?;
@@ -275,8 +305,11 @@ impl Store {
         let mut last_key: Option<Vec<u8>> = None;
         for guard in iter.rev() {
             let (key, value) = guard.into_inner().map_err(io("scan dead letters"))?;
-            let letter: DeadLetter = serde_json::from_slice(&value)
-                .map_err(|e| StoreError::Corrupt { what: "dead letter", message: e.to_string() })?;
+            let letter: DeadLetter =
+                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    what: "dead letter",
+                    message: e.to_string(),
+                })?;
             if !keep(&letter) {
                 continue;
             }
@@ -291,7 +324,11 @@ impl Store {
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(key).map_err(io("read meta"))?.map(|v| v.to_vec()))
+        Ok(self
+            .meta
+            .get(key)
+            .map_err(io("read meta"))?
+            .map(|v| v.to_vec()))
     }
 
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -305,7 +342,9 @@ impl Store {
 
     /// Flushes the journal to disk.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.db.persist(fjall::PersistMode::SyncAll).map_err(io("sync"))
+        self.db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(io("sync"))
     }
 }
 
@@ -326,20 +365,49 @@ mod tests {
             key.extend_from_slice(k.as_bytes());
             key
         };
-        store.write_rows("v", vec![(key(0, "a"), row(1)), (key(60_000, "a"), row(2)), (key(60_000, "b"), row(3))]).unwrap();
+        store
+            .write_rows(
+                "v",
+                vec![
+                    (key(0, "a"), row(1)),
+                    (key(60_000, "a"), row(2)),
+                    (key(60_000, "b"), row(3)),
+                ],
+            )
+            .unwrap();
         store.write_rows("v", vec![(key(0, "a"), row(10))]).unwrap(); // upsert
-        store.write_rows("v2", vec![(key(0, "a"), row(99))]).unwrap();
+        store
+            .write_rows("v2", vec![(key(0, "a"), row(99))])
+            .unwrap();
         assert_eq!(store.count_rows("v").unwrap(), 3);
-        let all = store.scan_rows("v", None, None, None, 10, |_| true).unwrap();
-        let values: Vec<_> = all.items.iter().map(|r| r.value["v"].as_i64().unwrap()).collect();
+        let all = store
+            .scan_rows("v", None, None, None, 10, |_| true)
+            .unwrap();
+        let v = |r: &StoredRow| {
+            serde_json::from_str::<serde_json::Value>(&r.json).unwrap()["v"]
+                .as_i64()
+                .unwrap()
+        };
+        let values: Vec<_> = all.items.iter().map(v).collect();
         assert_eq!(values, vec![10, 2, 3]);
-        let range = store.scan_rows("v", Some(&time_key(60_000)), Some(&time_key(120_000)), None, 10, |_| true).unwrap();
+        let range = store
+            .scan_rows(
+                "v",
+                Some(&time_key(60_000)),
+                Some(&time_key(120_000)),
+                None,
+                10,
+                |_| true,
+            )
+            .unwrap();
         assert_eq!(range.items.len(), 2);
         let first = store.scan_rows("v", None, None, None, 2, |_| true).unwrap();
         assert_eq!(first.items.len(), 2);
-        let rest = store.scan_rows("v", None, None, first.next.as_deref(), 2, |_| true).unwrap();
+        let rest = store
+            .scan_rows("v", None, None, first.next.as_deref(), 2, |_| true)
+            .unwrap();
         assert_eq!(rest.items.len(), 1);
-        assert_eq!(rest.items[0].value["v"], 3);
+        assert_eq!(v(&rest.items[0]), 3);
         assert!(rest.next.is_none());
         assert_eq!(store.expire_rows("v", 60_000).unwrap(), 1);
         assert_eq!(store.clear_view("v").unwrap(), 2);
@@ -359,15 +427,32 @@ mod tests {
         };
         {
             let store = Store::open(dir.path()).unwrap();
-            store.write_dead_letters(&[letter(1, RejectReason::Malformed), letter(2, RejectReason::Schema)]).unwrap();
+            store
+                .write_dead_letters(&[
+                    letter(1, RejectReason::Malformed),
+                    letter(2, RejectReason::Schema),
+                ])
+                .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        store.write_dead_letters(&[letter(3, RejectReason::Malformed)]).unwrap();
+        store
+            .write_dead_letters(&[letter(3, RejectReason::Malformed)])
+            .unwrap();
         let page = store.dead_letters(None, 2, |_| true).unwrap();
-        assert_eq!(page.items.iter().map(|d| d.received_at).collect::<Vec<_>>(), vec![3, 2]);
-        let next = store.dead_letters(page.next.as_deref(), 2, |_| true).unwrap();
-        assert_eq!(next.items.iter().map(|d| d.received_at).collect::<Vec<_>>(), vec![1]);
-        let malformed = store.dead_letters(None, 10, |d| d.reason == RejectReason::Malformed).unwrap();
+        assert_eq!(
+            page.items.iter().map(|d| d.received_at).collect::<Vec<_>>(),
+            vec![3, 2]
+        );
+        let next = store
+            .dead_letters(page.next.as_deref(), 2, |_| true)
+            .unwrap();
+        assert_eq!(
+            next.items.iter().map(|d| d.received_at).collect::<Vec<_>>(),
+            vec![1]
+        );
+        let malformed = store
+            .dead_letters(None, 10, |d| d.reason == RejectReason::Malformed)
+            .unwrap();
         assert_eq!(malformed.items.len(), 2);
     }
 }

@@ -328,44 +328,35 @@ impl AggState {
         match (self, other) {
             (AggState::Count(a), AggState::Count(b)) => *a += b,
             (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(b),
-            (AggState::SumInt(a), AggState::SumInt(b)) => {
-                if let Some(b) = b {
-                    *a = Some(a.unwrap_or(0).wrapping_add(b));
-                }
+            (AggState::SumInt(a), AggState::SumInt(Some(b))) => {
+                *a = Some(a.unwrap_or(0).wrapping_add(b))
             }
-            (AggState::SumFloat(a), AggState::SumFloat(b)) => {
-                if let Some(b) = b {
-                    *a = Some(a.unwrap_or(0.0) + b);
-                }
+            (AggState::SumFloat(a), AggState::SumFloat(Some(b))) => *a = Some(a.unwrap_or(0.0) + b),
+            (AggState::Min(a), AggState::Min(b))
+                if !b.is_null() && (a.is_null() || b.less_than(a)) =>
+            {
+                *a = b
             }
-            (AggState::Min(a), AggState::Min(b)) => {
-                if !b.is_null() && (a.is_null() || b.less_than(a)) {
-                    *a = b;
-                }
-            }
-            (AggState::Max(a), AggState::Max(b)) => {
-                if !b.is_null() && (a.is_null() || a.less_than(&b)) {
-                    *a = b;
-                }
+            (AggState::Max(a), AggState::Max(b))
+                if !b.is_null() && (a.is_null() || a.less_than(&b)) =>
+            {
+                *a = b
             }
             (AggState::Avg { sum, count }, AggState::Avg { sum: s, count: c }) => {
                 *sum += s;
                 *count += c;
             }
-            (AggState::First { ts, value }, AggState::First { ts: t, value: v }) => {
-                if t < *ts {
-                    *ts = t;
-                    *value = v;
-                }
+            (AggState::First { ts, value }, AggState::First { ts: t, value: v }) if t < *ts => {
+                *ts = t;
+                *value = v;
             }
-            (AggState::Last { ts, value }, AggState::Last { ts: t, value: v }) => {
-                if t >= *ts {
-                    *ts = t;
-                    *value = v;
-                }
+            (AggState::Last { ts, value }, AggState::Last { ts: t, value: v }) if t >= *ts => {
+                *ts = t;
+                *value = v;
             }
             (AggState::Percentile(a), AggState::Percentile(b)) => a.merge(b),
-            // states of one aggregate always share a variant
+            // nothing to take from `other` (empty, or not better), or mismatched
+            // variants, which states of one aggregate never are
             _ => {}
         }
     }

@@ -1,0 +1,332 @@
+//! Helpers for the scenarios in `tests/`: a real weir on port 0 with a temp
+//! dir, a real MQTT publisher (rumqttc), real HTTP (reqwest). Waiting is done
+//! by polling for the state a user would see, with a generous deadline; no
+//! test asserts on timing.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde_json::Value;
+use weir::config::Config;
+use weir::engine::Running;
+
+/// 2023-11-14T22:13:00Z: a whole minute, so windows line up with T0.
+pub const T0: i64 = 1_699_999_980_000;
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Weir {
+    pub running: Option<Running>,
+    pub base: String,
+    pub broker_port: u16,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+impl Weir {
+    /// Starts weir with these pipeline files and the embedded broker.
+    pub async fn start(pipelines: &[(&str, &str)]) -> Weir {
+        Self::start_with(pipelines, None).await
+    }
+
+    /// Starts weir; `broker` is `Some("mqtt://...")` for an external broker.
+    pub async fn start_with(pipelines: &[(&str, &str)], broker: Option<String>) -> Weir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pipeline_dir = dir.path().join("pipelines");
+        std::fs::create_dir_all(&pipeline_dir).expect("pipelines dir");
+        for (name, sql) in pipelines {
+            std::fs::write(pipeline_dir.join(name), sql).expect("write pipeline");
+        }
+        Self::start_in(dir, broker).await
+    }
+
+    /// Starts weir on an existing data/pipelines folder (for restarts).
+    pub async fn start_in(dir: tempfile::TempDir, broker: Option<String>) -> Weir {
+        let mut config = Config::default();
+        config.http.listen = "127.0.0.1:0".parse().expect("addr");
+        config.mqtt.embedded_listen = "127.0.0.1:0".parse().expect("addr");
+        config.mqtt.client_id = format!("weir-test-{}", std::process::id());
+        config.storage.dir = dir.path().join("data");
+        config.pipelines.dir = dir.path().join("pipelines");
+        let external_port = broker.as_ref().map(|b| {
+            b.rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port")
+        });
+        if let Some(b) = broker {
+            config.mqtt.broker = b;
+        }
+        let pipeline = weir::plan::plan_dir(&config.pipelines.dir).expect("pipelines plan");
+        let running = weir::engine::start(config, pipeline)
+            .await
+            .expect("weir starts");
+        let base = format!("http://{}", running.http_addr);
+        let broker_port = running
+            .embedded_broker
+            .map(|a| a.port())
+            .or(external_port)
+            .expect("broker port");
+        let weir = Weir {
+            running: Some(running),
+            base,
+            broker_port,
+            dir,
+            http: reqwest::Client::new(),
+        };
+        weir.wait_ready().await;
+        weir
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_for("weir to be ready", || async {
+            let r = self
+                .http
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get_ok(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Rows of a view (first page of up to 10 000).
+    pub async fn rows(&self, view: &str) -> Vec<Value> {
+        let body = self
+            .get_ok(&format!("/api/v1/views/{view}/rows?limit=10000"))
+            .await;
+        body["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until `view` has `n` rows and returns them.
+    pub async fn wait_rows(&self, view: &str, n: usize) -> Vec<Value> {
+        wait_for(&format!("{view} to have {n} rows"), || async {
+            let rows = self.rows(view).await;
+            (rows.len() == n).then_some(rows)
+        })
+        .await
+    }
+
+    pub async fn publish(&self, messages: &[(&str, String)]) {
+        publish(self.broker_port, messages, QoS::AtLeastOnce).await;
+    }
+
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        self.dir
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or panics naming `what` after `DEADLINE`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("gave up waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes with a real MQTT client and returns once the broker has
+/// acknowledged every message (QoS 1) or they are all written (QoS 0).
+pub async fn publish(port: u16, messages: &[(&str, String)], qos: QoS) {
+    let id = format!("test-pub-{}-{}", std::process::id(), rand_suffix());
+    let mut options = MqttOptions::new(id, "127.0.0.1", port);
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let owned: Vec<(String, String)> = messages
+        .iter()
+        .map(|(t, p)| (t.to_string(), p.clone()))
+        .collect();
+    let sender = client.clone();
+    let send = tokio::spawn(async move {
+        for (topic, payload) in owned {
+            sender
+                .publish(topic, qos, false, payload)
+                .await
+                .expect("queue publish");
+        }
+    });
+    let expected = messages.len();
+    let mut done = 0;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while done < expected {
+        let event = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .expect("publish deadline");
+        match event.expect("MQTT publish connection") {
+            Event::Incoming(Packet::PubAck(_)) if qos == QoS::AtLeastOnce => done += 1,
+            Event::Outgoing(Outgoing::Publish(_)) if qos == QoS::AtMostOnce => done += 1,
+            _ => {}
+        }
+    }
+    send.await.expect("sender");
+    let _ = client.disconnect().await;
+    // let the disconnect go out
+    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A Mosquitto the test starts on `port`; killed when dropped.
+pub struct Mosquitto {
+    child: std::process::Child,
+    _conf: tempfile::NamedTempFile,
+}
+
+impl Mosquitto {
+    pub async fn start(port: u16) -> Mosquitto {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)");
+        let mut conf = tempfile::NamedTempFile::new().expect("conf");
+        std::io::Write::write_all(
+            &mut conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n").as_bytes(),
+        )
+        .expect("write conf");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(conf.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        wait_for("mosquitto to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Mosquitto { child, _conf: conf }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A telemetry stream and three views, one of each shape. The idle timeout is
+/// long so that only the test's own events move the watermark.
+pub const TELEMETRY: &str = "
+CREATE TABLE telemetry (
+  terminal_id TEXT NOT NULL,
+  merchant_id TEXT,
+  ts TIMESTAMP NOT NULL,
+  battery_pct DOUBLE,
+  app_latency_ms DOUBLE,
+  WATERMARK FOR ts AS ts - INTERVAL '5' SECOND
+) WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json', qos = 1, idle_timeout = '1h');
+
+-- Health per terminal per minute.
+CREATE VIEW health_1m AS
+SELECT terminal_id, count(*) AS samples, min(battery_pct) AS min_battery, avg(app_latency_ms) AS avg_latency_ms
+FROM telemetry
+GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+
+-- Latest battery per terminal.
+CREATE VIEW latest AS
+SELECT terminal_id, last_value(battery_pct) AS battery_pct, count(*) AS reports
+FROM telemetry
+GROUP BY terminal_id;
+
+-- Low battery readings.
+CREATE VIEW low_battery AS
+SELECT terminal_id, ts, battery_pct FROM telemetry WHERE battery_pct < 20;
+";
+
+/// A telemetry event as JSON text.
+pub fn event(ts: i64, battery: f64, latency: Option<f64>) -> String {
+    match latency {
+        Some(l) => format!(r#"{{"ts": {ts}, "battery_pct": {battery}, "app_latency_ms": {l}}}"#),
+        None => format!(r#"{{"ts": {ts}, "battery_pct": {battery}}}"#),
+    }
+}
+
+/// Finds the row whose `column` equals `value`.
+pub fn row_with<'a>(rows: &'a [Value], column: &str, value: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r[column].as_str() == Some(value))
+        .unwrap_or_else(|| panic!("no row with {column} = {value} in {rows:?}"))
+}
