@@ -31,11 +31,11 @@ GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
 -- Latest known status of every terminal, updated in place.
 CREATE VIEW terminal_latest AS
 SELECT terminal_id,
-       last_value(merchant_id) AS merchant_id,
-       last_value(battery_pct) AS battery_pct,
-       last_value(charging) AS charging,
-       last_value(network) AS network,
-       last_value(app_version) AS app_version,
+       last_value(merchant_id) IGNORE NULLS AS merchant_id,
+       last_value(battery_pct) IGNORE NULLS AS battery_pct,
+       last_value(charging) IGNORE NULLS AS charging,
+       last_value(network) IGNORE NULLS AS network,
+       last_value(app_version) IGNORE NULLS AS app_version,
        max(ts) AS last_seen,
        count(*) AS reports
 FROM telemetry

@@ -85,6 +85,8 @@ pub struct AggregateSpec {
     pub filter: Option<Arc<dyn PhysicalExpr>>,
     pub percentile: f64,
     pub float_input: bool,
+    /// `IGNORE NULLS`: rows whose argument is NULL are skipped (first_value/last_value).
+    pub ignore_nulls: bool,
     pub output_type: DataType,
 }
 
@@ -969,6 +971,10 @@ fn compile_aggregate(
             filter,
             percentile,
             float_input,
+            ignore_nulls: matches!(
+                params.null_treatment,
+                Some(datafusion::logical_expr::expr::NullTreatment::IgnoreNulls)
+            ),
             output_type: a.schema.field(group_count + j).data_type().clone(),
         });
     }

@@ -183,7 +183,7 @@ impl Arg {
     }
 
     #[inline]
-    fn is_null(&self, row: usize) -> bool {
+    pub fn is_null(&self, row: usize) -> bool {
         match self {
             Arg::None => false,
             Arg::Int(a) => a.is_null(row),

@@ -322,8 +322,12 @@ impl ViewOperator {
             }
         };
         let n_aggs = agg.aggs.len();
+        let ignore_nulls: Vec<bool> = agg.aggs.iter().map(|a| a.ignore_nulls).collect();
         let fold = |states: &mut [AggState], i: usize, t: Millis| {
             for j in 0..n_aggs {
+                if ignore_nulls[j] && args[j].is_null(i) {
+                    continue;
+                }
                 if let Some(mask) = &masks[j] {
                     if mask.is_null(i) || !mask.value(i) {
                         continue;
