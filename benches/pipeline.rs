@@ -62,6 +62,7 @@ fn messages() -> Vec<Message> {
             topic: format!("terminals/T{:05}/telemetry", m % TERMINALS),
             payload: Bytes::from(payload),
             received_at: T0,
+            ack: None,
         });
     }
     out

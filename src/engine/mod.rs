@@ -34,7 +34,7 @@ use crate::config::{BrokerAddr, Config};
 use crate::obs::{now_ms, Metrics, StreamMetrics, ViewMetrics};
 use crate::plan::{Pipeline, StreamDef, Upstream, ViewShape};
 use crate::sink;
-use crate::source::decode::{Decoder, Message, RejectReason, Rejected};
+use crate::source::decode::{AckToken, Decoder, Message, RejectReason, Rejected};
 use crate::source::{broker, mqtt};
 use crate::store::{Store, StoreError};
 use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
@@ -167,6 +167,9 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     });
 
     let (tx, rx) = mpsc::channel::<Message>(INGEST_QUEUE);
+    // Unbounded, but never larger than the messages in flight, which the
+    // broker's inflight window and INGEST_QUEUE bound.
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Vec<AckToken>>();
     let mut tasks = Vec::new();
 
     // Pipeline thread.
@@ -180,7 +183,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let token = shutdown.clone();
     let pipeline_thread = std::thread::Builder::new()
         .name("weir-pipeline".into())
-        .spawn(move || runner.run(rx, handle, token))
+        .spawn(move || runner.run(rx, ack_tx, handle, token))
         .map_err(EngineError::Thread)?;
 
     // MQTT source.
@@ -200,6 +203,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     tasks.push(tokio::spawn(mqtt::run(
         options,
         tx,
+        ack_rx,
         ready.clone(),
         metrics.clone(),
         shutdown.clone(),
@@ -378,6 +382,7 @@ impl Runner {
     fn run(
         mut self,
         mut rx: mpsc::Receiver<Message>,
+        acks: mpsc::UnboundedSender<Vec<AckToken>>,
         handle: tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) {
@@ -405,7 +410,13 @@ impl Runner {
                     self.metrics
                         .ingest_queue_depth
                         .store(rx.len() as i64, Ordering::Relaxed);
+                    let tokens: Vec<AckToken> = messages.iter().filter_map(|m| m.ack).collect();
                     self.ingest(&mut messages);
+                    // Processed and written: now the broker may forget them.
+                    // (The durable ingest-log append will go right before this.)
+                    if !tokens.is_empty() {
+                        let _ = acks.send(tokens);
+                    }
                 }
                 Some(None) => {}
             }

@@ -71,6 +71,18 @@ pub struct Message {
     pub payload: Bytes,
     /// Wall-clock arrival, epoch ms.
     pub received_at: i64,
+    /// What the source needs to acknowledge the message once it is processed
+    /// (QoS 1); `None` for QoS 0.
+    pub ack: Option<AckToken>,
+}
+
+/// Identifies a QoS 1 delivery on one connection of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    /// Packet ids are reused after a reconnect, so an ack for an older
+    /// connection must not be sent on the new one.
+    pub connection: u64,
+    pub pkid: u16,
 }
 
 /// A rejected message or row, on its way to the dead-letter store.
@@ -624,6 +636,7 @@ mod tests {
             topic: topic.into(),
             payload: Bytes::from(payload.to_string()),
             received_at: 777,
+            ack: None,
         }
     }
 

@@ -6,9 +6,11 @@
 //! After every (re)connect all filters are subscribed again: a broker that
 //! lost the session would otherwise silently stop delivering.
 //!
-//! Acknowledgement: rumqttc acknowledges a QoS 1 message when it is read off
-//! the socket. The durable ingest log (the next step) will switch this to
-//! manual acks sent after the durable append.
+//! Acknowledgement: acks are manual. A QoS 1 message is acknowledged (PUBACK)
+//! only after the pipeline has decoded it, run it through every view and
+//! written the resulting rows; the pipeline sends its `AckToken`s back over
+//! `acks`. The durable ingest log will slot in before that point, so that the
+//! ack follows the durable append (DESIGN §4).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::decode::Message;
+use super::decode::{AckToken, Message};
 use crate::obs::{now_ms, Metrics};
 
 /// Where to connect and as whom.
@@ -38,6 +40,7 @@ pub struct SourceOptions {
 pub async fn run(
     options: SourceOptions,
     tx: mpsc::Sender<Message>,
+    mut acks: mpsc::UnboundedReceiver<Vec<AckToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -53,6 +56,7 @@ pub async fn run(
     let incoming_limit = options.max_packet_bytes.saturating_mul(8);
     mqtt.set_max_packet_size(incoming_limit, incoming_limit);
     mqtt.set_clean_session(true);
+    mqtt.set_manual_acks(true);
     if let Some(user) = &options.username {
         mqtt.set_credentials(user.clone(), options.password.clone().unwrap_or_default());
     }
@@ -73,13 +77,25 @@ pub async fn run(
         .collect();
     let mut backoff = Duration::from_millis(100);
     let mut pending_subacks = 0usize;
+    // Counts connections, so acks from an earlier one are dropped.
+    let mut connection = 0u64;
+    // Acks that did not fit the client's request queue yet.
+    let mut unsent: std::collections::VecDeque<AckToken> = std::collections::VecDeque::new();
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(batch) = acks.recv() => {
+                unsent.extend(batch.into_iter().filter(|a| a.connection == connection));
+                send_acks(&client, &mut unsent);
+                continue;
+            }
             event = eventloop.poll() => event,
         };
+        send_acks(&client, &mut unsent);
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                connection += 1;
+                unsent.clear();
                 backoff = Duration::from_millis(100);
                 tracing::info!(host = %options.host, port = options.port, session_present = ack.session_present, "connected to MQTT broker");
                 // Subscribe after every connect; try_ because the request channel is
@@ -105,10 +121,15 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let ack = (publish.qos != QoS::AtMostOnce).then_some(AckToken {
+                    connection,
+                    pkid: publish.pkid,
+                });
                 let message = Message {
                     topic: publish.topic,
                     payload: publish.payload,
                     received_at: now_ms(),
+                    ack,
                 };
                 metrics.ingest_queue_depth.store(
                     (tx.max_capacity() - tx.capacity()) as i64,
@@ -135,4 +156,17 @@ pub async fn run(
     }
     ready.store(false, Ordering::SeqCst);
     let _ = client.try_disconnect();
+}
+
+/// Queues PUBACKs on the client without waiting: the request queue is drained
+/// by this same task's `poll`, so an awaiting send could deadlock.
+fn send_acks(client: &AsyncClient, unsent: &mut std::collections::VecDeque<AckToken>) {
+    while let Some(token) = unsent.front() {
+        let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::<u8>::new());
+        publish.pkid = token.pkid;
+        if client.try_ack(&publish).is_err() {
+            return;
+        }
+        unsent.pop_front();
+    }
 }
