@@ -11,9 +11,14 @@ use rumqttc::QoS;
 async fn hundreds_of_qos1_messages_all_arrive() {
     let port = free_port();
     let _mosquitto = Mosquitto::start(port).await;
-    let weir = Weir::start_with(&[("telemetry.sql", TELEMETRY)], Some(format!("mqtt://127.0.0.1:{port}"))).await;
-    let messages: Vec<(&str, String)> =
-        (0..300).map(|i| ("terminals/Q1/telemetry", event(T0 + i * 100, 50.0, None))).collect();
+    let weir = Weir::start_with(
+        &[("telemetry.sql", TELEMETRY)],
+        Some(format!("mqtt://127.0.0.1:{port}")),
+    )
+    .await;
+    let messages: Vec<(&str, String)> = (0..300)
+        .map(|i| ("terminals/Q1/telemetry", event(T0 + i * 100, 50.0, None)))
+        .collect();
     publish(port, &messages, QoS::AtLeastOnce).await;
     wait_for("all 300 QoS 1 messages to be counted", || async {
         let rows = weir.rows("latest").await;

@@ -87,6 +87,7 @@ pub async fn run(
             Some(batch) = acks.recv() => {
                 unsent.extend(batch.into_iter().filter(|a| a.connection == connection));
                 send_acks(&client, &mut unsent);
+                tracing::trace!(unsent = unsent.len(), connection, "acks queued");
                 continue;
             }
             event = eventloop.poll() => event,
