@@ -104,149 +104,114 @@ impl Metrics {
     pub fn render(&self, now: i64) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        header(
+        let per_stream =
+            |value: &dyn Fn(&StreamMetrics) -> Option<String>| -> Vec<(String, String)> {
+                self.streams
+                    .iter()
+                    .filter_map(|(s, m)| value(m).map(|v| (format!("stream=\"{s}\""), v)))
+                    .collect()
+            };
+        let per_view = |value: &dyn Fn(&ViewMetrics) -> u64| -> Vec<(String, String)> {
+            self.views
+                .iter()
+                .map(|(v, m)| (format!("view=\"{v}\""), value(m).to_string()))
+                .collect()
+        };
+
+        let mut messages = per_stream(&|m| Some(load(&m.messages).to_string()));
+        messages.push((
+            "stream=\"\"".into(),
+            load(&self.unmatched_messages).to_string(),
+        ));
+        family(
             &mut out,
             "weir_mqtt_messages_total",
             "counter",
-            "MQTT messages received, per stream.",
+            "MQTT messages received, per stream (\"\": matching no stream).",
+            messages,
         );
-        for (s, m) in &self.streams {
-            let _ = writeln!(
-                out,
-                "weir_mqtt_messages_total{{stream=\"{s}\"}} {}",
-                load(&m.messages)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "weir_mqtt_messages_total{{stream=\"\"}} {}",
-            load(&self.unmatched_messages)
-        );
-        header(
+        family(
             &mut out,
             "weir_ingested_events_total",
             "counter",
             "Events decoded and accepted, per stream.",
+            per_stream(&|m| Some(load(&m.ingested).to_string())),
         );
-        for (s, m) in &self.streams {
-            let _ = writeln!(
-                out,
-                "weir_ingested_events_total{{stream=\"{s}\"}} {}",
-                load(&m.ingested)
-            );
-        }
-        header(
+        let rejected = self
+            .streams
+            .iter()
+            .flat_map(|(s, m)| {
+                RejectReason::ALL
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, reason)| {
+                        (
+                            format!("stream=\"{s}\",reason=\"{}\"", reason.as_str()),
+                            m.rejected[i].load(Ordering::Relaxed).to_string(),
+                        )
+                    })
+            })
+            .collect();
+        family(
             &mut out,
             "weir_rejected_events_total",
             "counter",
             "Messages or rows sent to the dead-letter store, per stream and reason.",
+            rejected,
         );
-        for (s, m) in &self.streams {
-            for (i, reason) in RejectReason::ALL.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "weir_rejected_events_total{{stream=\"{s}\",reason=\"{}\"}} {}",
-                    reason.as_str(),
-                    load(&m.rejected[i])
-                );
-            }
-        }
-        header(
+        family(
             &mut out,
             "weir_late_events_total",
             "counter",
             "Events whose window had closed, per stream.",
+            per_stream(&|m| Some(load(&m.late).to_string())),
         );
-        for (s, m) in &self.streams {
-            let _ = writeln!(
-                out,
-                "weir_late_events_total{{stream=\"{s}\"}} {}",
-                load(&m.late)
-            );
-        }
-        header(
+        family(
             &mut out,
             "weir_watermark_lag_seconds",
             "gauge",
             "Wall clock minus the stream's watermark.",
+            per_stream(&|m| {
+                m.watermark()
+                    .map(|w| format!("{:.3}", (now - w) as f64 / 1000.0))
+            }),
         );
-        for (s, m) in &self.streams {
-            if let Some(w) = m.watermark() {
-                let _ = writeln!(
-                    out,
-                    "weir_watermark_lag_seconds{{stream=\"{s}\"}} {:.3}",
-                    (now - w) as f64 / 1000.0
-                );
-            }
-        }
-        header(
+        family(
             &mut out,
             "weir_watermark_timestamp_seconds",
             "gauge",
             "The stream's watermark, as a Unix time.",
+            per_stream(&|m| m.watermark().map(|w| format!("{:.3}", w as f64 / 1000.0))),
         );
-        for (s, m) in &self.streams {
-            if let Some(w) = m.watermark() {
-                let _ = writeln!(
-                    out,
-                    "weir_watermark_timestamp_seconds{{stream=\"{s}\"}} {:.3}",
-                    w as f64 / 1000.0
-                );
-            }
-        }
-        header(
+        family(
             &mut out,
             "weir_view_rows_written_total",
             "counter",
             "Rows written (upserted) to the store, per view.",
+            per_view(&|m| load(&m.rows_written)),
         );
-        for (v, m) in &self.views {
-            let _ = writeln!(
-                out,
-                "weir_view_rows_written_total{{view=\"{v}\"}} {}",
-                load(&m.rows_written)
-            );
-        }
-        header(
+        family(
             &mut out,
             "weir_view_late_events_total",
             "counter",
             "Input rows left out of a closed window, per view.",
+            per_view(&|m| load(&m.late)),
         );
-        for (v, m) in &self.views {
-            let _ = writeln!(
-                out,
-                "weir_view_late_events_total{{view=\"{v}\"}} {}",
-                load(&m.late)
-            );
-        }
-        header(
+        family(
             &mut out,
             "weir_view_errors_total",
             "counter",
             "Batches a view failed to evaluate.",
+            per_view(&|m| load(&m.errors)),
         );
-        for (v, m) in &self.views {
-            let _ = writeln!(
-                out,
-                "weir_view_errors_total{{view=\"{v}\"}} {}",
-                load(&m.errors)
-            );
-        }
-        header(
+        family(
             &mut out,
             "weir_view_open_groups",
             "gauge",
             "Open (key, window) groups held in memory, per view.",
+            per_view(&|m| load(&m.open_groups)),
         );
-        for (v, m) in &self.views {
-            let _ = writeln!(
-                out,
-                "weir_view_open_groups{{view=\"{v}\"}} {}",
-                load(&m.open_groups)
-            );
-        }
-        let gauges: [(&str, &str, &str, i64); 7] = [
+        let single: [(&str, &str, &str, i64); 7] = [
             (
                 "weir_ingest_queue_depth",
                 "gauge",
@@ -290,17 +255,30 @@ impl Metrics {
                 load(&self.store_errors) as i64,
             ),
         ];
-        for (name, kind, help, value) in gauges {
-            header(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {value}");
+        for (name, kind, help, value) in single {
+            family(
+                &mut out,
+                name,
+                kind,
+                help,
+                vec![(String::new(), value.to_string())],
+            );
         }
         out
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+/// One metric family: HELP, TYPE, and a line per (labels, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, series: Vec<(String, String)>) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in series {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
 }
 
 /// Logs to stderr; `WEIR_LOG` (or `RUST_LOG`) sets the filter, default `info`

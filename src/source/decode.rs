@@ -85,8 +85,8 @@ pub struct AckToken {
     pub pkid: u16,
 }
 
-/// A rejected message or row, on its way to the dead-letter store.
-#[derive(Debug, Clone, PartialEq)]
+/// A rejected message or row: what the dead-letter store keeps and serves.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rejected {
     pub stream: String,
     pub topic: String,

@@ -13,9 +13,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
-use serde::{Deserialize, Serialize};
 
-use crate::source::decode::{RejectReason, Rejected};
+use crate::source::decode::Rejected;
 use crate::window::operator::time_key;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,17 +31,8 @@ pub enum StoreError {
     Corrupt { what: &'static str, message: String },
 }
 
-/// A dead letter as stored and served (DESIGN §6).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    pub stream: String,
-    pub topic: String,
-    pub reason: RejectReason,
-    pub detail: String,
-    pub payload: String,
-    /// Epoch ms; the API formats it as RFC 3339.
-    pub received_at: i64,
-}
+/// A dead letter as stored and served (DESIGN §6); `received_at` is epoch ms.
+pub type DeadLetter = Rejected;
 
 /// One stored view row.
 #[derive(Debug, Clone)]
@@ -162,15 +152,7 @@ impl Store {
             let seq = self.dead_letter_seq.fetch_add(1, Ordering::Relaxed);
             let mut key = time_key(r.received_at).to_vec();
             key.extend_from_slice(&seq.to_be_bytes());
-            let letter = DeadLetter {
-                stream: r.stream.clone(),
-                topic: r.topic.clone(),
-                reason: r.reason,
-                detail: r.detail.clone(),
-                payload: r.payload.clone(),
-                received_at: r.received_at,
-            };
-            let value = serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt {
+            let value = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt {
                 what: "dead letter",
                 message: e.to_string(),
             })?;
@@ -351,6 +333,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::decode::RejectReason;
 
     fn row(v: i64) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({"v": v})).unwrap()
