@@ -45,7 +45,7 @@ fn txn(id: &str, merchant: &str, second: i64, amount: i64, kind: &str) -> (&'sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn windows_over_filters_and_windows() {
     let weir = Weir::start(&[("tx.sql", PIPELINE)]).await;
-    let messages = vec![
+    let messages = [
         txn("a", "M1", 5, 1000, "payment"),
         txn("b", "M1", 20, 250, "refund"),
         txn("c", "M1", 40, 750, "refund"),
