@@ -247,6 +247,9 @@ impl Config {
         if self.mqtt.cert_file.is_some() != self.mqtt.key_file.is_some() {
             problems.push("mqtt.cert_file and mqtt.key_file must be given together".into());
         }
+        if self.mqtt.ca_file.is_some() || self.mqtt.cert_file.is_some() {
+            problems.push("mqtt.ca_file, mqtt.cert_file, mqtt.key_file: TLS is not supported by this build yet".into());
+        }
         if self.mqtt.username.is_none() && self.mqtt.password.is_some() {
             problems.push("mqtt.password: given without mqtt.username".into());
         }
