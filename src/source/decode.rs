@@ -8,7 +8,6 @@
 //! visitor records the problem and keeps going, so the good rows of the same
 //! message are kept. Only a JSON syntax error rejects the whole message.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -127,16 +126,52 @@ enum ColumnType {
     Timestamp,
 }
 
-/// One decoded field, borrowing strings from the payload when it can.
-#[derive(Debug, Clone)]
+/// One decoded field. `Copy`, so a row of cells is set up with a memset: text
+/// borrows from the payload, and the rare string that cannot be borrowed (one
+/// with JSON escapes) or a field's error message lives in `Scratch::owned`.
+#[derive(Debug, Clone, Copy)]
 enum Cell<'a> {
     Missing,
     Null,
-    Text(Cow<'a, str>),
+    Text(&'a str),
+    /// Index into `Scratch::owned`.
+    OwnedText(u32),
     Int(i64),
     Float(f64),
     Bool(bool),
-    Bad(String),
+    /// Why the field does not fit its column; index into `Scratch::owned`.
+    Bad(u32),
+}
+
+/// Per-message working space of the decoder, reused across messages.
+#[derive(Default)]
+struct Scratch<'a> {
+    /// `width` cells per row.
+    cells: Vec<Cell<'a>>,
+    /// Rows that are not objects: (row, why).
+    problems: Vec<(usize, String)>,
+    owned: Vec<String>,
+}
+
+impl<'a> Scratch<'a> {
+    fn clear(&mut self) {
+        self.cells.clear();
+        self.problems.clear();
+        self.owned.clear();
+    }
+
+    fn text(&self, cell: &Cell<'a>) -> Option<&str> {
+        match *cell {
+            Cell::Text(s) => Some(s),
+            Cell::OwnedText(i) => self.owned.get(i as usize).map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+fn keep(owned: &mut Vec<String>, text: String) -> u32 {
+    owned.push(text);
+    (owned.len() - 1) as u32
 }
 
 enum ColumnBuilder {
@@ -206,8 +241,7 @@ impl Decoder {
             .collect();
         let mut event_time = Int64Builder::new();
         let mut message_index = Vec::new();
-        let mut cells: Vec<Cell> = Vec::new();
-        let mut problems: Vec<(usize, String)> = Vec::new();
+        let mut scratch = Scratch::default();
 
         for (m, message) in messages.iter().enumerate() {
             let reject = |reason: RejectReason, detail: String| Rejected {
@@ -240,32 +274,41 @@ impl Decoder {
                 ));
                 continue;
             };
-            cells.clear();
-            problems.clear();
-            if let Err(e) = self.parse_payload(&message.payload, &mut cells, &mut problems) {
+            scratch.clear();
+            let text = match std::str::from_utf8(&message.payload) {
+                Ok(text) => text,
+                Err(e) => {
+                    rejects.push(reject(
+                        RejectReason::Malformed,
+                        format!("payload is not UTF-8: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            if let Err(e) = self.parse_payload(text, &mut scratch) {
                 rejects.push(reject(
                     RejectReason::Malformed,
                     format!("invalid JSON: {e}"),
                 ));
                 continue;
             }
-            let rows = cells.len() / width.max(1);
-            let mut problem_iter = problems.iter().peekable();
+            let rows = scratch.cells.len() / width.max(1);
             for r in 0..rows {
-                let row = &mut cells[r * width..(r + 1) * width];
-                if let Some((_, p)) = problem_iter.next_if(|(pr, _)| *pr == r) {
+                if let Some((_, p)) = scratch.problems.iter().find(|(pr, _)| *pr == r) {
                     rejects.push(reject(RejectReason::Schema, format!("row {r}: {p}")));
                     continue;
                 }
+                let row = &mut scratch.cells[r * width..(r + 1) * width];
                 // topic levels fill columns the payload does not carry
                 for (name, value) in &bound {
                     if let Some(c) = self.names.iter().position(|n| n == name) {
                         if matches!(row[c], Cell::Missing | Cell::Null) {
-                            row[c] = Cell::Text(Cow::Borrowed(value));
+                            row[c] = Cell::Text(value);
                         }
                     }
                 }
-                if let Some(problem) = self.check_row(row) {
+                let row = &scratch.cells[r * width..(r + 1) * width];
+                if let Some(problem) = self.check_row(row, &scratch.owned) {
                     rejects.push(reject(RejectReason::Schema, format!("row {r}: {problem}")));
                     continue;
                 }
@@ -277,7 +320,7 @@ impl Decoder {
                     None => message.received_at,
                 };
                 for (c, cell) in row.iter().enumerate() {
-                    append(&mut builders[c], cell);
+                    append(&mut builders[c], cell, &scratch);
                 }
                 event_time.append_value(t);
                 message_index.push(m as u32);
@@ -312,10 +355,15 @@ impl Decoder {
     }
 
     /// A row is valid when every NOT NULL column has a value and no field had the wrong type.
-    fn check_row(&self, row: &[Cell]) -> Option<String> {
+    fn check_row(&self, row: &[Cell], owned: &[String]) -> Option<String> {
         for (c, cell) in row.iter().enumerate() {
             match cell {
-                Cell::Bad(why) => return Some(format!("field {}: {why}", self.names[c])),
+                Cell::Bad(why) => {
+                    let why = owned
+                        .get(*why as usize)
+                        .map_or("invalid value", String::as_str);
+                    return Some(format!("field {}: {why}", self.names[c]));
+                }
                 Cell::Missing | Cell::Null if !self.nullable[c] => {
                     return Some(format!("missing NOT NULL column {}", self.names[c]));
                 }
@@ -330,46 +378,43 @@ impl Decoder {
         None
     }
 
+    /// Parses a payload already checked to be UTF-8 (once, for the whole
+    /// message: `from_str` then skips serde_json's per-string validation).
     fn parse_payload<'a>(
         &self,
-        payload: &'a [u8],
-        cells: &mut Vec<Cell<'a>>,
-        problems: &mut Vec<(usize, String)>,
+        payload: &'a str,
+        scratch: &mut Scratch<'a>,
     ) -> Result<(), serde_json::Error> {
-        let first = payload.iter().find(|b| !b.is_ascii_whitespace());
-        if first == Some(&b'[') {
-            let mut de = serde_json::Deserializer::from_slice(payload);
+        let first = payload.bytes().find(|b| !b.is_ascii_whitespace());
+        if first == Some(b'[') {
+            let mut de = serde_json::Deserializer::from_str(payload);
             de.deserialize_seq(RowsVisitor {
                 decoder: self,
-                cells,
-                problems,
+                scratch,
             })?;
             return de.end();
         }
         // One object, or newline-delimited objects.
-        let mut de = serde_json::Deserializer::from_slice(payload);
+        let mut de = serde_json::Deserializer::from_str(payload);
         RowSeed {
             decoder: self,
-            cells,
-            problems,
+            scratch,
             row: 0,
         }
         .deserialize(&mut de)?;
         if de.end().is_ok() {
             return Ok(());
         }
-        cells.clear();
-        problems.clear();
+        scratch.clear();
         for (row, line) in payload
-            .split(|b| *b == b'\n')
-            .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+            .split('\n')
+            .filter(|l| !l.trim().is_empty())
             .enumerate()
         {
-            let mut de = serde_json::Deserializer::from_slice(line);
+            let mut de = serde_json::Deserializer::from_str(line);
             RowSeed {
                 decoder: self,
-                cells,
-                problems,
+                scratch,
                 row,
             }
             .deserialize(&mut de)?;
@@ -379,10 +424,12 @@ impl Decoder {
     }
 }
 
-fn append(builder: &mut ColumnBuilder, cell: &Cell) {
+fn append(builder: &mut ColumnBuilder, cell: &Cell, scratch: &Scratch) {
     match (builder, cell) {
-        (ColumnBuilder::Text(b), Cell::Text(s)) => b.append_value(s),
-        (ColumnBuilder::Text(b), _) => b.append_null(),
+        (ColumnBuilder::Text(b), cell) => match scratch.text(cell) {
+            Some(s) => b.append_value(s),
+            None => b.append_null(),
+        },
         (ColumnBuilder::Int(b), Cell::Int(v)) => b.append_value(*v),
         (ColumnBuilder::Int(b), _) => b.append_null(),
         (ColumnBuilder::Float(b), Cell::Float(v)) => b.append_value(*v),
@@ -398,8 +445,7 @@ fn append(builder: &mut ColumnBuilder, cell: &Cell) {
 /// Visits a JSON array of rows.
 struct RowsVisitor<'d, 'c, 'a> {
     decoder: &'d Decoder,
-    cells: &'c mut Vec<Cell<'a>>,
-    problems: &'c mut Vec<(usize, String)>,
+    scratch: &'c mut Scratch<'a>,
 }
 
 impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
@@ -414,8 +460,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
         loop {
             let seed = RowSeed {
                 decoder: self.decoder,
-                cells: &mut *self.cells,
-                problems: &mut *self.problems,
+                scratch: &mut *self.scratch,
                 row,
             };
             if seq.next_element_seed(seed)?.is_none() {
@@ -429,8 +474,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
 /// Decodes one row (a JSON object) into `width` cells.
 struct RowSeed<'d, 'c, 'a> {
     decoder: &'d Decoder,
-    cells: &'c mut Vec<Cell<'a>>,
-    problems: &'c mut Vec<(usize, String)>,
+    scratch: &'c mut Scratch<'a>,
     row: usize,
 }
 
@@ -451,14 +495,24 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let d = self.decoder;
-        let start = self.cells.len();
-        self.cells
-            .extend(std::iter::repeat_n(Cell::Missing, d.names.len()));
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match d.names.iter().position(|n| n.as_str() == key.as_ref()) {
+        let start = self.scratch.cells.len();
+        self.scratch
+            .cells
+            .resize(start + d.names.len(), Cell::Missing);
+        // KeySeed finds the column without allocating the key (serde's
+        // Cow<str> always would).
+        let mut hint = 0;
+        while let Some(column) = map.next_key_seed(KeySeed {
+            names: &d.names,
+            hint: &mut hint,
+        })? {
+            match column {
                 Some(c) => {
-                    let cell = map.next_value_seed(CellSeed(d.types[c]))?;
-                    self.cells[start + c] = cell;
+                    let cell = map.next_value_seed(CellSeed {
+                        column: d.types[c],
+                        owned: &mut self.scratch.owned,
+                    })?;
+                    self.scratch.cells[start + c] = cell;
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -501,18 +555,60 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
 impl RowSeed<'_, '_, '_> {
     fn not_an_object<E>(self, got: &str) -> Result<(), E> {
         // keep the row count aligned: an all-missing row that is reported as a problem
-        self.cells
-            .extend(std::iter::repeat_n(Cell::Missing, self.decoder.names.len()));
-        self.problems
+        let width = self.decoder.names.len();
+        self.scratch
+            .cells
+            .resize(self.scratch.cells.len() + width, Cell::Missing);
+        self.scratch
+            .problems
             .push((self.row, format!("expected a JSON object, got {got}")));
         Ok(())
     }
 }
 
-/// Decodes one field as its column's type; a wrong type becomes `Cell::Bad`.
-struct CellSeed(ColumnType);
+/// Maps an object key to its column index (`None`: not a column) without
+/// allocating. Producers write fields in a steady order, so the column after
+/// the previous match (`hint`) is tried first: usually one comparison per key.
+struct KeySeed<'n, 'h> {
+    names: &'n [String],
+    hint: &'h mut usize,
+}
 
-impl<'de> DeserializeSeed<'de> for CellSeed {
+impl<'de> DeserializeSeed<'de> for KeySeed<'_, '_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<usize>, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed<'_, '_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+        let found = if self.names.get(*self.hint).is_some_and(|n| n == v) {
+            Some(*self.hint)
+        } else {
+            self.names.iter().position(|n| n == v)
+        };
+        if let Some(c) = found {
+            *self.hint = c + 1;
+        }
+        Ok(found)
+    }
+}
+
+/// Decodes one field as its column's type; a wrong type becomes `Cell::Bad`.
+struct CellSeed<'o> {
+    column: ColumnType,
+    owned: &'o mut Vec<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for CellSeed<'_> {
     type Value = Cell<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Cell<'de>, D::Error> {
@@ -520,7 +616,7 @@ impl<'de> DeserializeSeed<'de> for CellSeed {
     }
 }
 
-impl<'de> Visitor<'de> for CellSeed {
+impl<'de> Visitor<'de> for CellSeed<'_> {
     type Value = Cell<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -528,48 +624,47 @@ impl<'de> Visitor<'de> for CellSeed {
     }
 
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cell<'de>, E> {
-        Ok(self.text(Cow::Borrowed(v)))
+        Ok(match self.column {
+            ColumnType::Text => Cell::Text(v),
+            _ => self.text(v),
+        })
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Cell<'de>, E> {
-        Ok(self.text(Cow::Owned(v.to_string())))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Cell<'de>, E> {
-        Ok(self.text(Cow::Owned(v)))
+        Ok(self.text(v))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Cell<'de>, E> {
-        Ok(match self.0 {
+        Ok(match self.column {
             ColumnType::Int | ColumnType::Timestamp => Cell::Int(v),
             ColumnType::Float => Cell::Float(v as f64),
-            other => mismatch(other, "a number"),
+            _ => self.mismatch("a number"),
         })
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Cell<'de>, E> {
         match i64::try_from(v) {
             Ok(v) => self.visit_i64(v),
-            Err(_) if self.0 == ColumnType::Float => Ok(Cell::Float(v as f64)),
-            Err(_) => Ok(Cell::Bad(format!("{v} is out of range"))),
+            Err(_) if self.column == ColumnType::Float => Ok(Cell::Float(v as f64)),
+            Err(_) => Ok(Cell::Bad(keep(self.owned, format!("{v} is out of range")))),
         }
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Cell<'de>, E> {
-        Ok(match self.0 {
+        Ok(match self.column {
             ColumnType::Float => Cell::Float(v),
             ColumnType::Int if v.fract() == 0.0 && v.abs() < 9.0e15 => Cell::Int(v as i64),
             ColumnType::Timestamp if v.is_finite() && v.abs() < 9.0e15 => {
                 Cell::Int(v.round() as i64)
             }
-            other => mismatch(other, "a fractional number"),
+            _ => self.mismatch("a fractional number"),
         })
     }
 
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<Cell<'de>, E> {
-        Ok(match self.0 {
+        Ok(match self.column {
             ColumnType::Bool => Cell::Bool(v),
-            other => mismatch(other, "a boolean"),
+            _ => self.mismatch("a boolean"),
         })
     }
 
@@ -583,37 +678,41 @@ impl<'de> Visitor<'de> for CellSeed {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Cell<'de>, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(mismatch(self.0, "an object"))
+        Ok(self.mismatch("an object"))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Cell<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(mismatch(self.0, "an array"))
+        Ok(self.mismatch("an array"))
     }
 }
 
-impl CellSeed {
-    fn text<'de>(&self, v: Cow<'de, str>) -> Cell<'de> {
-        match self.0 {
-            ColumnType::Text => Cell::Text(v),
-            ColumnType::Timestamp => match chrono::DateTime::parse_from_rfc3339(&v) {
+impl CellSeed<'_> {
+    /// A string that cannot be borrowed (it had escapes), or one for a non-text column.
+    fn text<'de>(self, v: &str) -> Cell<'de> {
+        match self.column {
+            ColumnType::Text => Cell::OwnedText(keep(self.owned, v.to_string())),
+            ColumnType::Timestamp => match chrono::DateTime::parse_from_rfc3339(v) {
                 Ok(t) => Cell::Int(t.timestamp_millis()),
-                Err(e) => Cell::Bad(format!("{v:?} is not an RFC 3339 timestamp ({e})")),
+                Err(e) => Cell::Bad(keep(
+                    self.owned,
+                    format!("{v:?} is not an RFC 3339 timestamp ({e})"),
+                )),
             },
-            other => mismatch(other, "a string"),
+            _ => self.mismatch("a string"),
         }
     }
-}
 
-fn mismatch<'a>(expected: ColumnType, got: &str) -> Cell<'a> {
-    let expected = match expected {
-        ColumnType::Text => "a string",
-        ColumnType::Int => "an integer",
-        ColumnType::Float => "a number",
-        ColumnType::Bool => "a boolean",
-        ColumnType::Timestamp => "epoch milliseconds or an RFC 3339 string",
-    };
-    Cell::Bad(format!("expected {expected}, got {got}"))
+    fn mismatch<'de>(self, got: &str) -> Cell<'de> {
+        let expected = match self.column {
+            ColumnType::Text => "a string",
+            ColumnType::Int => "an integer",
+            ColumnType::Float => "a number",
+            ColumnType::Bool => "a boolean",
+            ColumnType::Timestamp => "epoch milliseconds or an RFC 3339 string",
+        };
+        Cell::Bad(keep(self.owned, format!("expected {expected}, got {got}")))
+    }
 }
 
 #[cfg(test)]
@@ -724,6 +823,32 @@ mod tests {
         );
         assert!(
             rejects[0].detail.starts_with("invalid JSON"),
+            "{}",
+            rejects[0].detail
+        );
+    }
+
+    #[test]
+    fn escaped_strings_and_non_utf8() {
+        let (text, _, rejects) = decode(&[
+            message(
+                "terminals/T1/telemetry",
+                r#"{"ts": 1, "merchant_id": "M\"1\u00e9", "terminal_id": "T\\x"}"#,
+            ),
+            Message {
+                topic: "terminals/T1/telemetry".into(),
+                payload: Bytes::from_static(b"{\"ts\": 1, \"merchant_id\": \"\xff\"}"),
+                received_at: 1,
+                ack: None,
+            },
+        ]);
+        assert!(
+            text.contains(r#"| T\x "#) && text.contains(r#"M"1é"#),
+            "{text}"
+        );
+        assert_eq!(rejects.len(), 1);
+        assert!(
+            rejects[0].detail.contains("not UTF-8"),
             "{}",
             rejects[0].detail
         );

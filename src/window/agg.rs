@@ -207,7 +207,9 @@ impl Arg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AggState {
     Count(i64),
-    CountDistinct(HashSet<DistinctKey>),
+    // The two large states are boxed so that every state stays small: a group
+    // holds one per aggregate, and new groups clone a template of them.
+    CountDistinct(Box<HashSet<DistinctKey>>),
     SumInt(Option<i64>),
     SumFloat(Option<f64>),
     Min(Scalar),
@@ -226,7 +228,7 @@ pub enum AggState {
         ts: Millis,
         value: Scalar,
     },
-    Percentile(Percentile),
+    Percentile(Box<Percentile>),
 }
 
 impl AggState {
@@ -234,7 +236,7 @@ impl AggState {
     pub fn new(kind: AggKind, float_input: bool, percentile: f64) -> AggState {
         match kind {
             AggKind::Count => AggState::Count(0),
-            AggKind::CountDistinct => AggState::CountDistinct(HashSet::new()),
+            AggKind::CountDistinct => AggState::CountDistinct(Box::default()),
             AggKind::Sum if float_input => AggState::SumFloat(None),
             AggKind::Sum => AggState::SumInt(None),
             AggKind::Min => AggState::Min(Scalar::Null),
@@ -248,7 +250,9 @@ impl AggState {
                 ts: Millis::MIN,
                 value: Scalar::Null,
             },
-            AggKind::ApproxPercentile => AggState::Percentile(Percentile::new(percentile)),
+            AggKind::ApproxPercentile => {
+                AggState::Percentile(Box::new(Percentile::new(percentile)))
+            }
         }
     }
 
@@ -327,7 +331,7 @@ impl AggState {
     pub fn merge(&mut self, other: AggState) {
         match (self, other) {
             (AggState::Count(a), AggState::Count(b)) => *a += b,
-            (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(b),
+            (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(*b),
             (AggState::SumInt(a), AggState::SumInt(Some(b))) => {
                 *a = Some(a.unwrap_or(0).wrapping_add(b))
             }
@@ -354,7 +358,7 @@ impl AggState {
                 *ts = t;
                 *value = v;
             }
-            (AggState::Percentile(a), AggState::Percentile(b)) => a.merge(b),
+            (AggState::Percentile(a), AggState::Percentile(b)) => a.merge(*b),
             // nothing to take from `other` (empty, or not better), or mismatched
             // variants, which states of one aggregate never are
             _ => {}

@@ -87,10 +87,12 @@ pub struct Processed {
     pub late_rows: Vec<u32>,
 }
 
+type KeyMap<V> = HashMap<Box<[u8]>, V, ahash::RandomState>;
+
 /// Groups of one window (or of an updating view): key bytes -> aggregate states.
 #[derive(Debug, Default, Clone)]
 struct Groups {
-    index: HashMap<Box<[u8]>, usize>,
+    index: KeyMap<usize>,
     keys: Vec<Box<[u8]>>,
     /// `aggs` states per group, flattened.
     states: Vec<AggState>,
@@ -360,25 +362,49 @@ impl ViewOperator {
                 }
             }
             State::Fixed { windows } => {
-                let spec = agg.window.unwrap_or(WindowSpec::Tumble { size_ms: 1 });
-                let size = spec.size_ms();
-                for i in 0..n {
-                    let t = batch.event_time.value(i);
-                    let mut late = false;
-                    for start in spec.window_starts(t) {
+                let (slide, size) = match agg.window {
+                    Some(WindowSpec::Hop { slide_ms, size_ms }) => (slide_ms, size_ms),
+                    Some(w) => (w.size_ms(), w.size_ms()),
+                    None => (1, 1),
+                };
+                // A row belongs to the windows starting at last_start(t) - j * slide
+                // for j = 0.. while they still contain t (WindowSpec::window_starts).
+                // Rows mostly come in event-time order, so consecutive rows share a
+                // window: its groups are looked up once per run of rows, not per row.
+                let last_start = |t: Millis| t - t.rem_euclid(slide);
+                let windows_per_row = (size + slide - 1) / slide;
+                let times = batch.event_time.values();
+                let mut late = vec![false; n];
+                for j in 0..windows_per_row {
+                    let mut i = 0;
+                    while i < n {
+                        let start = last_start(times[i]) - j * slide;
+                        let mut end = i + 1;
+                        while end < n && last_start(times[end]) - j * slide == start {
+                            end += 1;
+                        }
                         if is_closed(start + size, watermark) {
-                            late = true;
+                            for r in i..end {
+                                // late only for windows that contain the row
+                                late[r] |= start + size > times[r];
+                            }
+                            i = end;
                             continue;
                         }
                         let groups = windows.entry(start).or_default();
-                        let g = groups.group(key_of(i), &self.fresh);
-                        fold(&mut groups.states[g * n_aggs..(g + 1) * n_aggs], i, t);
-                        groups.event_time[g] = groups.event_time[g].max(t);
-                    }
-                    if late {
-                        late_rows.push(batch.row_ids.value(i));
+                        for r in i..end {
+                            let t = times[r];
+                            if start + size <= t {
+                                continue; // this window ends before t
+                            }
+                            let g = groups.group(key_of(r), &self.fresh);
+                            fold(&mut groups.states[g * n_aggs..(g + 1) * n_aggs], r, t);
+                            groups.event_time[g] = groups.event_time[g].max(t);
+                        }
+                        i = end;
                     }
                 }
+                late_rows.extend((0..n).filter(|&r| late[r]).map(|r| batch.row_ids.value(r)));
             }
             State::Sessions {
                 sessions,
