@@ -19,7 +19,8 @@ use weir::window::operator::{EventBatch, ViewOperator};
 
 const TERMINALS: usize = 10_000;
 const EVENTS_PER_MESSAGE: usize = 100;
-const MESSAGES: usize = 200;
+/// 1 200 messages of 100 events: 12 samples for each of 10 000 terminals, one minute.
+const MESSAGES: usize = 1200;
 const T0: i64 = 1_699_999_980_000;
 
 fn pipeline() -> Pipeline {

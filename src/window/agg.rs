@@ -207,9 +207,9 @@ impl Arg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AggState {
     Count(i64),
-    // The two large states are boxed so that every state stays small: a group
-    // holds one per aggregate, and new groups clone a template of them.
-    CountDistinct(Box<HashSet<DistinctKey>>),
+    // Every state stays small and allocation-free until it holds values: a
+    // group holds one per aggregate, and new groups clone a template of them.
+    CountDistinct(HashSet<DistinctKey, ahash::RandomState>),
     SumInt(Option<i64>),
     SumFloat(Option<f64>),
     Min(Scalar),
@@ -228,7 +228,7 @@ pub enum AggState {
         ts: Millis,
         value: Scalar,
     },
-    Percentile(Box<Percentile>),
+    Percentile(Percentile),
 }
 
 impl AggState {
@@ -236,7 +236,7 @@ impl AggState {
     pub fn new(kind: AggKind, float_input: bool, percentile: f64) -> AggState {
         match kind {
             AggKind::Count => AggState::Count(0),
-            AggKind::CountDistinct => AggState::CountDistinct(Box::default()),
+            AggKind::CountDistinct => AggState::CountDistinct(HashSet::default()),
             AggKind::Sum if float_input => AggState::SumFloat(None),
             AggKind::Sum => AggState::SumInt(None),
             AggKind::Min => AggState::Min(Scalar::Null),
@@ -250,9 +250,7 @@ impl AggState {
                 ts: Millis::MIN,
                 value: Scalar::Null,
             },
-            AggKind::ApproxPercentile => {
-                AggState::Percentile(Box::new(Percentile::new(percentile)))
-            }
+            AggKind::ApproxPercentile => AggState::Percentile(Percentile::new(percentile)),
         }
     }
 
@@ -331,7 +329,7 @@ impl AggState {
     pub fn merge(&mut self, other: AggState) {
         match (self, other) {
             (AggState::Count(a), AggState::Count(b)) => *a += b,
-            (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(*b),
+            (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(b),
             (AggState::SumInt(a), AggState::SumInt(Some(b))) => {
                 *a = Some(a.unwrap_or(0).wrapping_add(b))
             }
@@ -358,7 +356,7 @@ impl AggState {
                 *ts = t;
                 *value = v;
             }
-            (AggState::Percentile(a), AggState::Percentile(b)) => a.merge(*b),
+            (AggState::Percentile(a), AggState::Percentile(b)) => a.merge(b),
             // nothing to take from `other` (empty, or not better), or mismatched
             // variants, which states of one aggregate never are
             _ => {}
@@ -450,20 +448,31 @@ const SCALE: f64 = 1000.0;
 pub struct Percentile {
     q: f64,
     exact: Vec<f64>,
+    /// Positive values and negative magnitudes, once there are too many to keep.
+    histograms: Option<Box<Histograms>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Histograms {
     #[serde(with = "histogram_serde")]
-    positive: Option<Histogram<u64>>,
+    positive: Histogram<u64>,
     #[serde(with = "histogram_serde")]
-    negative: Option<Histogram<u64>>,
+    negative: Histogram<u64>,
 }
 
 impl PartialEq for Percentile {
     fn eq(&self, other: &Self) -> bool {
-        self.q == other.q
-            && self.exact == other.exact
-            && self.positive.as_ref().map(|h| (h.len(), h.max()))
-                == other.positive.as_ref().map(|h| (h.len(), h.max()))
-            && self.negative.as_ref().map(|h| (h.len(), h.max()))
-                == other.negative.as_ref().map(|h| (h.len(), h.max()))
+        let shape = |p: &Percentile| {
+            p.histograms.as_ref().map(|h| {
+                (
+                    h.positive.len(),
+                    h.positive.max(),
+                    h.negative.len(),
+                    h.negative.max(),
+                )
+            })
+        };
+        self.q == other.q && self.exact == other.exact && shape(self) == shape(other)
     }
 }
 
@@ -472,77 +481,56 @@ impl Percentile {
         Self {
             q: q.clamp(0.0, 1.0),
             exact: Vec::new(),
-            positive: None,
-            negative: None,
+            histograms: None,
         }
-    }
-
-    fn histograms_active(&self) -> bool {
-        self.positive.is_some()
     }
 
     pub fn record(&mut self, v: f64) {
         if !v.is_finite() {
             return;
         }
-        if !self.histograms_active() {
-            self.exact.push(v);
-            if self.exact.len() <= EXACT_LIMIT {
-                return;
-            }
-            self.positive = Some(new_histogram());
-            self.negative = Some(new_histogram());
-            for v in std::mem::take(&mut self.exact) {
-                self.record_histogram(v);
-            }
-            return;
-        }
-        self.record_histogram(v);
-    }
-
-    fn record_histogram(&mut self, v: f64) {
-        let scaled = (v.abs() * SCALE).round().min(u64::MAX as f64 / 4.0) as u64;
-        let h = if v < 0.0 {
-            &mut self.negative
-        } else {
-            &mut self.positive
-        };
-        if let Some(h) = h {
-            // `record` grows the auto-resizing histogram; clamp only if it cannot grow
-            if h.record(scaled).is_err() {
-                h.saturating_record(scaled);
+        match &mut self.histograms {
+            Some(h) => h.record(v),
+            None => {
+                self.exact.push(v);
+                if self.exact.len() > EXACT_LIMIT {
+                    let mut h = Box::new(Histograms {
+                        positive: new_histogram(),
+                        negative: new_histogram(),
+                    });
+                    for v in std::mem::take(&mut self.exact) {
+                        h.record(v);
+                    }
+                    self.histograms = Some(h);
+                }
             }
         }
     }
 
     pub fn merge(&mut self, other: Percentile) {
-        if !other.histograms_active() {
-            for v in other.exact {
-                self.record(v);
+        match (&mut self.histograms, other.histograms) {
+            (_, None) => {
+                for v in other.exact {
+                    self.record(v);
+                }
             }
-            return;
-        }
-        if !self.histograms_active() {
-            let mine = std::mem::take(&mut self.exact);
-            self.positive = other.positive;
-            self.negative = other.negative;
-            for v in mine {
-                self.record_histogram(v);
+            (None, Some(mut theirs)) => {
+                for v in std::mem::take(&mut self.exact) {
+                    theirs.record(v);
+                }
+                self.histograms = Some(theirs);
             }
-            return;
-        }
-        if let (Some(a), Some(b)) = (&mut self.positive, &other.positive) {
-            let _ = a.add(b);
-        }
-        if let (Some(a), Some(b)) = (&mut self.negative, &other.negative) {
-            let _ = a.add(b);
+            (Some(mine), Some(theirs)) => {
+                let _ = mine.positive.add(&theirs.positive);
+                let _ = mine.negative.add(&theirs.negative);
+            }
         }
     }
 
     /// Continuous percentile (linear interpolation) over the exact values,
-    /// or the histogram's value at the quantile.
+    /// or the histograms' value at the quantile.
     pub fn value(&self) -> Option<f64> {
-        if !self.histograms_active() {
+        let Some(h) = &self.histograms else {
             if self.exact.is_empty() {
                 return None;
             }
@@ -553,26 +541,39 @@ impl Percentile {
             let hi = rank.ceil() as usize;
             let frac = rank - lo as f64;
             return Some(sorted[lo] + (sorted[hi] - sorted[lo]) * frac);
-        }
-        let positive = self.positive.as_ref()?;
-        let negative = self.negative.as_ref()?;
-        let total = positive.len() + negative.len();
+        };
+        let total = h.positive.len() + h.negative.len();
         if total == 0 {
             return None;
         }
         let rank = self.q * total as f64;
-        let neg = negative.len() as f64;
+        let neg = h.negative.len() as f64;
         if rank < neg {
             // the most negative values are the largest magnitudes
             let q = 1.0 - rank / neg;
-            Some(-(negative.value_at_quantile(q) as f64) / SCALE)
+            Some(-(h.negative.value_at_quantile(q) as f64) / SCALE)
         } else {
-            let q = if positive.is_empty() {
+            let q = if h.positive.is_empty() {
                 0.0
             } else {
-                (rank - neg) / positive.len() as f64
+                (rank - neg) / h.positive.len() as f64
             };
-            Some(positive.value_at_quantile(q.min(1.0)) as f64 / SCALE)
+            Some(h.positive.value_at_quantile(q.min(1.0)) as f64 / SCALE)
+        }
+    }
+}
+
+impl Histograms {
+    fn record(&mut self, v: f64) {
+        let scaled = (v.abs() * SCALE).round().min(u64::MAX as f64 / 4.0) as u64;
+        let h = if v < 0.0 {
+            &mut self.negative
+        } else {
+            &mut self.positive
+        };
+        // `record` grows the auto-resizing histogram; clamp only if it cannot grow
+        if h.record(scaled).is_err() {
+            h.saturating_record(scaled);
         }
     }
 }
@@ -591,26 +592,21 @@ mod histogram_serde {
     use serde::{Deserializer, Serializer};
 
     /// Histograms travel as their recorded (value, count) pairs.
-    pub fn serialize<S: Serializer>(h: &Option<Histogram<u64>>, s: S) -> Result<S::Ok, S::Error> {
-        let pairs: Option<Vec<(u64, u64)>> = h.as_ref().map(|h| {
-            h.iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect()
-        });
+    pub fn serialize<S: Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(u64, u64)> = h
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
         pairs.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Histogram<u64>>, D::Error> {
-        let pairs: Option<Vec<(u64, u64)>> = Option::deserialize(d)?;
-        Ok(pairs.map(|pairs| {
-            let mut h = new_histogram();
-            for (value, count) in pairs {
-                let _ = h.record_n(value, count);
-            }
-            h
-        }))
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {
+        let pairs: Vec<(u64, u64)> = Vec::deserialize(d)?;
+        let mut h = new_histogram();
+        for (value, count) in pairs {
+            let _ = h.record_n(value, count);
+        }
+        Ok(h)
     }
 }
 

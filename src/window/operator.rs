@@ -469,8 +469,11 @@ impl ViewOperator {
             return Ok(None);
         }
         self.watermark = Some(watermark);
-        let mut closed: Vec<Closed> = Vec::new();
         let n_aggs = self.fresh.len();
+        // Closed windows and sessions leave the state here; the rows are then
+        // built from borrowed states, without copying them per group.
+        let mut closed_windows: Vec<(Millis, Millis, Groups)> = Vec::new();
+        let mut closed_sessions: Vec<(Box<[u8]>, Session)> = Vec::new();
         match &mut self.state {
             State::Filter | State::Updating { .. } => return Ok(None),
             State::Fixed { windows } => {
@@ -480,16 +483,7 @@ impl ViewOperator {
                     if !is_closed(start + size, Some(watermark)) {
                         break;
                     }
-                    let groups = entry.remove();
-                    let mut states = groups.states.into_iter();
-                    for (key, _) in groups.keys.into_iter().zip(groups.event_time) {
-                        closed.push(Closed {
-                            key,
-                            window: Some((start, start + size)),
-                            states: states.by_ref().take(n_aggs).collect(),
-                            event_time: start + size - 1,
-                        });
-                    }
+                    closed_windows.push((start, start + size, entry.remove()));
                 }
             }
             State::Sessions {
@@ -504,13 +498,7 @@ impl ViewOperator {
                     let mut k = 0;
                     while k < list.len() {
                         if is_closed(list[k].end, Some(watermark)) {
-                            let s = list.swap_remove(k);
-                            closed.push(Closed {
-                                key: key.clone(),
-                                window: Some((s.start, s.end)),
-                                states: s.states,
-                                event_time: s.end - 1,
-                            });
+                            closed_sessions.push((key.clone(), list.swap_remove(k)));
                         } else {
                             next = next.min(list[k].end);
                             k += 1;
@@ -520,8 +508,28 @@ impl ViewOperator {
                 });
                 *next_close = next;
                 // deterministic output order: by window, then key
-                closed.sort_by(|a, b| (a.window, &a.key).cmp(&(b.window, &b.key)));
+                closed_sessions
+                    .sort_by(|a, b| (a.1.start, a.1.end, &a.0).cmp(&(b.1.start, b.1.end, &b.0)));
             }
+        }
+        let mut closed: Vec<Closed> = Vec::new();
+        for (start, end, groups) in &closed_windows {
+            for g in 0..groups.len() {
+                closed.push(Closed {
+                    key: &groups.keys[g],
+                    window: Some((*start, *end)),
+                    states: &groups.states[g * n_aggs..(g + 1) * n_aggs],
+                    event_time: end - 1,
+                });
+            }
+        }
+        for (key, session) in &closed_sessions {
+            closed.push(Closed {
+                key,
+                window: Some((session.start, session.end)),
+                states: &session.states,
+                event_time: session.end - 1,
+            });
         }
         if closed.is_empty() {
             return Ok(None);
@@ -531,34 +539,38 @@ impl ViewOperator {
 
     fn emit_updates(&mut self) -> Result<Option<ViewOutput>, OperatorError> {
         let n_aggs = self.fresh.len();
-        let State::Updating {
-            groups,
-            dirty,
-            is_dirty,
-        } = &mut self.state
-        else {
+        let changed: Vec<usize> = match &mut self.state {
+            State::Updating {
+                dirty, is_dirty, ..
+            } => {
+                for &g in dirty.iter() {
+                    is_dirty[g] = false;
+                }
+                std::mem::take(dirty)
+            }
+            _ => return Ok(None),
+        };
+        let State::Updating { groups, .. } = &self.state else {
             return Ok(None);
         };
-        if dirty.is_empty() {
+        if changed.is_empty() {
             return Ok(None);
         }
-        let mut rows = Vec::with_capacity(dirty.len());
-        for &g in dirty.iter() {
-            is_dirty[g] = false;
-            rows.push(Closed {
-                key: groups.keys[g].clone(),
+        let rows: Vec<Closed> = changed
+            .iter()
+            .map(|&g| Closed {
+                key: &groups.keys[g],
                 window: None,
-                states: groups.states[g * n_aggs..(g + 1) * n_aggs].to_vec(),
+                states: &groups.states[g * n_aggs..(g + 1) * n_aggs],
                 event_time: groups.event_time[g],
-            });
-        }
-        dirty.clear();
+            })
+            .collect();
         self.emit(&rows)
     }
 
     /// Builds the Aggregate node's output batch from group states, runs the
     /// post-aggregate steps and adds the window columns.
-    fn emit(&self, entries: &[Closed]) -> Result<Option<ViewOutput>, OperatorError> {
+    fn emit(&self, entries: &[Closed<'_>]) -> Result<Option<ViewOutput>, OperatorError> {
         let (Some(agg), Some(schema)) = (&self.plan.aggregate, &self.aggregate_schema) else {
             return Ok(None);
         };
@@ -566,7 +578,7 @@ impl ViewOperator {
         let mut key_arrays: Vec<ArrayRef> = match &self.converter {
             Some(c) => {
                 let parser = c.parser();
-                c.convert_rows(entries.iter().map(|e| parser.parse(&e.key)))
+                c.convert_rows(entries.iter().map(|e| parser.parse(e.key)))
                     .map_err(self.arrow_err())?
             }
             None => Vec::new(),
@@ -630,7 +642,7 @@ impl ViewOperator {
                 if let Some((start, _)) = e.window {
                     key.extend_from_slice(&time_key(start));
                 }
-                key.extend_from_slice(&e.key);
+                key.extend_from_slice(e.key);
                 key
             })
             .collect();
@@ -777,11 +789,11 @@ impl ViewOperator {
     }
 }
 
-/// A group ready to be emitted.
-struct Closed {
-    key: Box<[u8]>,
+/// A group ready to be emitted, borrowing its key and states.
+struct Closed<'a> {
+    key: &'a [u8],
     window: Option<(Millis, Millis)>,
-    states: Vec<AggState>,
+    states: &'a [AggState],
     event_time: Millis,
 }
 
