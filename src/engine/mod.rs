@@ -109,10 +109,6 @@ impl Running {
         }
         tracing::info!("weir stopped");
     }
-
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
 }
 
 /// Starts weir: store, broker (when embedded), MQTT source, pipeline, HTTP API.

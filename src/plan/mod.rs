@@ -19,7 +19,7 @@
 pub mod ddl;
 pub mod split;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1118,15 +1118,6 @@ pub fn describe_window(w: &WindowSpec) -> String {
         }
         WindowSpec::Session { gap_ms } => format!("session gap {}", d(gap_ms)),
     }
-}
-
-/// Stable ordering of views by name, for listings.
-pub fn views_by_name(pipeline: &Pipeline) -> BTreeMap<&str, &Arc<ViewPlan>> {
-    pipeline
-        .views
-        .iter()
-        .map(|v| (v.name.as_str(), v))
-        .collect()
 }
 
 impl fmt::Display for ViewShape {

@@ -219,10 +219,6 @@ impl Decoder {
         }
     }
 
-    pub fn stream(&self) -> &Arc<StreamDef> {
-        &self.stream
-    }
-
     /// Decodes `messages` into one batch; rejected messages and rows are appended to `rejects`.
     pub fn decode(&self, messages: &[Message], rejects: &mut Vec<Rejected>) -> Decoded {
         let width = self.names.len();

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::agg::{scalars_to_array, AggState, Arg, Scalar};
 use super::{is_closed, Millis, WindowSpec};
-use crate::plan::{AggregatePlan, Step, ViewPlan, ViewShape};
+use crate::plan::{Step, ViewPlan, ViewShape};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -221,7 +221,6 @@ impl ViewOperator {
                         .is_some_and(|f| f.name() == name)
                 })
                 .map(|(_, n)| n)
-                .take_while(|_| true)
                 .collect::<Vec<_>>()
         } else {
             Vec::new()
@@ -817,11 +816,6 @@ pub fn time_key(t: Millis) -> [u8; 8] {
     ((t as u64) ^ (1 << 63)).to_be_bytes()
 }
 
-/// Inverse of `time_key`.
-pub fn time_from_key(bytes: [u8; 8]) -> Millis {
-    (u64::from_be_bytes(bytes) ^ (1 << 63)) as Millis
-}
-
 fn nullable(schema: &Schema) -> SchemaRef {
     Arc::new(Schema::new(
         schema
@@ -868,11 +862,6 @@ pub fn run_steps(steps: &[Step], mut batch: EventBatch) -> Result<EventBatch, Da
         }
     }
     Ok(batch)
-}
-
-/// Recomputes which plan fits an aggregate (used by tests and benches).
-pub fn aggregate_of(plan: &ViewPlan) -> Option<&AggregatePlan> {
-    plan.aggregate.as_ref()
 }
 
 #[cfg(test)]
@@ -1144,6 +1133,10 @@ mod tests {
             assert!(!straight.is_empty(), "{sql}");
             assert_eq!(straight, run(true), "{sql}");
         }
+    }
+
+    fn time_from_key(bytes: [u8; 8]) -> Millis {
+        (u64::from_be_bytes(bytes) ^ (1 << 63)) as Millis
     }
 
     #[test]
