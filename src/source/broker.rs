@@ -13,7 +13,10 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
-    #[error("embedded broker cannot listen on {addr}: {source}")]
+    #[error(
+        "embedded broker cannot listen on {addr}: {source} (another broker there? use it with \
+         WEIR_MQTT__BROKER=mqtt://{addr}, or move the embedded one with WEIR_MQTT__EMBEDDED_LISTEN)"
+    )]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
