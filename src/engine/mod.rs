@@ -496,16 +496,6 @@ impl Runner {
             let (late, late_views) = self.run_views(i, Some(&batch), None);
             if !late.is_empty() {
                 let rows: Vec<u32> = late.into_iter().collect();
-                let topics: Vec<&str> = decoded
-                    .message_index
-                    .iter()
-                    .map(|&m| msgs[m as usize].topic.as_str())
-                    .collect();
-                let received: Vec<i64> = decoded
-                    .message_index
-                    .iter()
-                    .map(|&m| msgs[m as usize].received_at)
-                    .collect();
                 let views = late_views.join(", ");
                 let watermark = watermark_before
                     .map(crate::obs::format_time)
@@ -515,8 +505,10 @@ impl Runner {
                     &batch.data,
                     batch.event_time.values(),
                     &rows,
-                    &topics,
-                    &received,
+                    |r| {
+                        let m = &msgs[decoded.message_index.get(r).copied().unwrap_or(0) as usize];
+                        (m.topic.as_str(), m.received_at)
+                    },
                     |t| {
                         format!(
                             "event time {} is behind the watermark {watermark}: its window had closed in {views}",

@@ -4,7 +4,8 @@
 //! Rows are stored as JSON objects in the API's shape (times as RFC 3339 UTC
 //! with milliseconds), so reading a row back is a copy, not a conversion.
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit, UInt64Type,
 };
@@ -119,27 +120,30 @@ pub fn write_view_output(
 }
 
 /// Dead letters for input rows that were late for windowed views.
-pub fn late_rows(
+pub fn late_rows<'m>(
     stream: &str,
     batch: &RecordBatch,
     event_time: &[i64],
     rows: &[u32],
-    topics: &[&str],
-    received_at: &[i64],
+    // (topic, received_at) of the message a row came from
+    source: impl Fn(usize) -> (&'m str, i64),
     detail: impl Fn(i64) -> String,
 ) -> Vec<Rejected> {
-    let texts = batch_to_json_text(batch);
-    let json = |row: usize| texts.get(row).cloned().unwrap_or_default();
+    // Only the late rows are formatted, not the whole batch they came in.
+    let picked = take_record_batch(batch, &UInt32Array::from(rows.to_vec()));
+    let texts = picked.map(|b| batch_to_json_text(&b)).unwrap_or_default();
     rows.iter()
-        .map(|&r| {
+        .enumerate()
+        .map(|(i, &r)| {
             let r = r as usize;
+            let (topic, received_at) = source(r);
             Rejected {
                 stream: stream.to_string(),
-                topic: topics.get(r).copied().unwrap_or("").to_string(),
+                topic: topic.to_string(),
                 reason: RejectReason::Late,
                 detail: detail(event_time.get(r).copied().unwrap_or(0)),
-                payload: json(r),
-                received_at: received_at.get(r).copied().unwrap_or(0),
+                payload: texts.get(i).cloned().unwrap_or_default(),
+                received_at,
             }
         })
         .collect()
