@@ -576,21 +576,10 @@ impl Runner {
             }
             let inputs: Vec<EventBatch> = match self.views[v].upstream_view {
                 None => batch.into_iter().cloned().collect(),
-                Some(u) => {
-                    let upstream: Vec<(
-                        datafusion::arrow::array::RecordBatch,
-                        datafusion::arrow::array::Int64Array,
-                    )> = outputs[u]
-                        .iter()
-                        .map(|o| (o.rows.clone(), o.event_time.clone()))
-                        .collect();
-                    upstream
-                        .into_iter()
-                        .map(|(rows, event_time)| {
-                            EventBatch::new(rows, event_time, self.next_seq())
-                        })
-                        .collect()
-                }
+                Some(u) => outputs[u]
+                    .iter()
+                    .map(|o| EventBatch::new(o.rows.clone(), o.event_time.clone(), self.next_seq()))
+                    .collect(),
             };
             let view = &mut self.views[v];
             let name = view.operator.plan().name.clone();
