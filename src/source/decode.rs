@@ -189,13 +189,15 @@ pub struct Decoder {
     types: Vec<ColumnType>,
     nullable: Vec<bool>,
     event_time_column: Option<usize>,
+    /// Column of each `{name}` level of the topic, in `TopicPattern::bindings` order.
+    bound_columns: Vec<Option<usize>>,
     max_bytes: usize,
 }
 
 impl Decoder {
     pub fn new(stream: Arc<StreamDef>, max_bytes: usize) -> Self {
         let schema = stream.schema.clone();
-        let names = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let types = schema
             .fields()
             .iter()
@@ -209,12 +211,19 @@ impl Decoder {
             .collect();
         let nullable = schema.fields().iter().map(|f| f.is_nullable()).collect();
         let event_time_column = stream.event_time_index();
+        // planning checked that every binding names a column; None keeps the zip aligned regardless
+        let bound_columns = stream
+            .topic
+            .bindings()
+            .map(|b| names.iter().position(|n| n == b))
+            .collect();
         Self {
             stream,
             names,
             types,
             nullable,
             event_time_column,
+            bound_columns,
             max_bytes,
         }
     }
@@ -296,8 +305,8 @@ impl Decoder {
                 }
                 let row = &mut scratch.cells[r * width..(r + 1) * width];
                 // topic levels fill columns the payload does not carry
-                for (name, value) in &bound {
-                    if let Some(c) = self.names.iter().position(|n| n == name) {
+                for (column, (_, value)) in self.bound_columns.iter().zip(&bound) {
+                    if let Some(c) = *column {
                         if matches!(row[c], Cell::Missing | Cell::Null) {
                             row[c] = Cell::Text(value);
                         }
