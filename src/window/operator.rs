@@ -274,7 +274,9 @@ impl ViewOperator {
         if batch.num_rows() == 0 {
             return Ok(Processed::default());
         }
-        let Some(agg) = self.plan.aggregate.clone() else {
+        // an Arc clone, so that the plan can be read while the state is updated
+        let plan = Arc::clone(&self.plan);
+        let Some(agg) = plan.aggregate.as_ref() else {
             return Ok(Processed {
                 output: Some(self.filter_output(batch)),
                 late_rows: Vec::new(),
