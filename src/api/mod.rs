@@ -33,6 +33,17 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
 }
 
+/// Runs a store read on the blocking pool, so a long scan never stalls the
+/// async workers; a failure is logged and answered as a 500.
+pub async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
+}
+
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
 
@@ -194,16 +205,14 @@ fn view_json(view: &ViewPlan, row_count: Option<usize>) -> Value {
 
 async fn views(State(state): State<Arc<AppState>>) -> ApiResult {
     let st = state.clone();
-    let counts = tokio::task::spawn_blocking(move || {
+    let counts = blocking(move || {
         st.pipeline
             .views
             .iter()
             .map(|v| st.store.count_rows(&v.name))
             .collect::<Result<Vec<_>, _>>()
     })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    .await?;
     let items: Vec<Value> = state
         .pipeline
         .views
@@ -226,10 +235,7 @@ async fn view(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> A
     let view = find_view(&state, &name)?;
     let st = state.clone();
     let n = name.clone();
-    let count = tokio::task::spawn_blocking(move || st.store.count_rows(&n))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let count = blocking(move || st.store.count_rows(&n)).await?;
     let mut body = view_json(&view, Some(count));
     if let Value::Object(m) = &mut body {
         m.insert("plan".into(), Value::String(view.logical_plan.clone()));
@@ -355,7 +361,7 @@ async fn view_rows(
         )));
     }
     let st = state.clone();
-    let page = tokio::task::spawn_blocking(move || {
+    let page = blocking(move || {
         let from_key = from.map(time_key);
         let to_key = to.map(time_key);
         st.store.scan_rows(
@@ -373,9 +379,7 @@ async fn view_rows(
             },
         )
     })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    .await?;
     let rows: Vec<String> = page.items.into_iter().map(|r| r.json).collect();
     Ok(raw_list(&rows, page.next.as_deref()))
 }
@@ -413,14 +417,12 @@ async fn dead_letters(
         }
     }
     let st = state.clone();
-    let page = tokio::task::spawn_blocking(move || {
+    let page = blocking(move || {
         st.store.dead_letters(cursor.as_deref(), limit, |d| {
             stream.as_ref().is_none_or(|s| &d.stream == s) && reason.is_none_or(|r| d.reason == r)
         })
     })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    .await?;
     let items: Vec<Value> = page
         .items
         .into_iter()

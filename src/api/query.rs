@@ -19,7 +19,7 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState, MAX_LIMIT};
+use super::{blocking, ApiError, AppState, MAX_LIMIT};
 use crate::sink::batch_to_json_text;
 
 #[derive(serde::Deserialize)]
@@ -68,13 +68,11 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
     for view in views {
         let st = state.clone();
         let name = view.name.clone();
-        let rows = tokio::task::spawn_blocking(move || {
+        let rows = blocking(move || {
             st.store
                 .scan_rows(&name, None, None, None, usize::MAX, |_| true)
         })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+        .await?;
         let schema = Arc::new(Schema::new(
             view.output_schema
                 .fields()
