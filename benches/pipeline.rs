@@ -64,6 +64,7 @@ fn messages() -> Vec<Message> {
             payload: Bytes::from(payload),
             received_at: T0,
             ack: None,
+            dup: false,
         });
     }
     out

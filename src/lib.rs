@@ -18,6 +18,7 @@
 //! ([`window::operator::ViewOperator::snapshot`]).
 
 pub mod api;
+pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod log;

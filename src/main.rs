@@ -115,8 +115,13 @@ fn main() -> ExitCode {
                         return ExitCode::from(1);
                     }
                 };
-                running.wait_for(shutdown_signal()).await;
-                ExitCode::SUCCESS
+                match running.wait_for(shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
             })
         }
     }

@@ -31,6 +31,9 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    /// False until the checkpoint is restored and the log replayed.
+    pub recovered: Arc<AtomicBool>,
+    pub health: Arc<crate::obs::Health>,
 }
 
 /// Runs a store read on the blocking pool, so a long scan never stalls the
@@ -111,20 +114,37 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
-async fn healthz() -> axum::Json<Value> {
-    axum::Json(json!({"status": "ok"}))
+/// 200 while weir can store what it receives; 503 with the reason when the
+/// store refuses writes (weir then acknowledges nothing).
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.health.problem() {
+        None => axum::Json(json!({"status": "ok"})).into_response(),
+        Some(problem) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unhealthy",
+            message: problem,
+        }
+        .into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.load(Ordering::SeqCst) {
-        axum::Json(json!({"status": "ready"})).into_response()
-    } else {
+    let not_ready = |message: &str| {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
-            message: "sources are not subscribed yet".into(),
+            message: message.into(),
         }
         .into_response()
+    };
+    if !state.recovered.load(Ordering::SeqCst) {
+        not_ready("restoring the checkpoint and replaying the ingest log")
+    } else if let Some(problem) = state.health.problem() {
+        not_ready(&problem)
+    } else if !state.ready.load(Ordering::SeqCst) {
+        not_ready("sources are not subscribed yet")
+    } else {
+        axum::Json(json!({"status": "ready"})).into_response()
     }
 }
 

@@ -143,6 +143,23 @@ pub struct StorageConfig {
     /// How long a dead letter is kept. Default `7 days`.
     #[serde(with = "duration_str")]
     pub deadletter_retention: Duration,
+    /// When an acknowledged message is safe. Default `sync`.
+    pub durability: Durability,
+}
+
+/// How far the ingest log goes before a QoS 1 message is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Appended and fsynced, once per micro-batch (group commit): survives a
+    /// power cut.
+    Sync,
+    /// Appended and handed to the operating system: survives weir being
+    /// killed, not the machine losing power.
+    Buffered,
+    /// No ingest log: acknowledged once processed. A crash loses what came
+    /// after the last checkpoint.
+    None,
 }
 
 impl Default for StorageConfig {
@@ -153,6 +170,7 @@ impl Default for StorageConfig {
             log_retention: Duration::from_secs(24 * 3600),
             view_retention: Duration::from_secs(30 * 24 * 3600),
             deadletter_retention: Duration::from_secs(7 * 24 * 3600),
+            durability: Durability::Sync,
         }
     }
 }

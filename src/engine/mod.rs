@@ -2,26 +2,29 @@
 //!
 //! ```text
 //!  MQTT source task ──bounded channel──▶ pipeline thread ──▶ store (fjall)
-//!   (rumqttc)            (backpressure)   decode, views,        ▲
-//!                                         watermarks            │ reads
+//!   (rumqttc)  ◀──acks after the append── decode, log append,    ▲
+//!                                         views, checkpoints     │ reads
 //!                                                          HTTP API (axum)
 //! ```
 //!
-//! The pipeline runs on its own OS thread: decoding and aggregation are CPU
-//! work that would otherwise stall the async workers that serve HTTP and
-//! MQTT. It takes messages in micro-batches (everything queued, up to
-//! `MAX_BATCH_MESSAGES`), decodes them per stream into one Arrow batch, and
-//! runs the views in dependency order. For each stream batch every view first
+//! The pipeline runs on its own OS thread (`pipeline`): decoding and
+//! aggregation are CPU work that would otherwise stall the async workers
+//! that serve HTTP and MQTT. For each stream batch every view first
 //! processes the data and then sees the advanced watermark, and a view runs
 //! after the views it reads, so data always precedes the watermark that
 //! follows it — the ordering Flink's watermarks give.
 //!
-//! One `CancellationToken` stops everything; `Running::shutdown` waits for
-//! every task and thread to finish.
+//! Start-up: store, HTTP (so `/readyz` answers 503 while recovering),
+//! pipeline thread — which restores the checkpoint and replays the log —
+//! and only then the MQTT source. Shutdown (SIGTERM, SIGINT): one
+//! `CancellationToken` stops the source; the pipeline takes in what was
+//! queued, writes a final checkpoint and syncs; `Running::shutdown` waits
+//! for every task and thread.
 
-use std::collections::BTreeSet;
+mod pipeline;
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,21 +34,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::{BrokerAddr, Config};
-use crate::obs::{now_ms, Metrics, StreamMetrics, ViewMetrics};
-use crate::plan::{Pipeline, StreamDef, Upstream, ViewShape};
-use crate::sink;
-use crate::source::decode::{AckToken, Decoder, Message, RejectReason, Rejected};
+use crate::obs::{now_ms, Health, Metrics};
+use crate::plan::{Pipeline, ViewShape};
+use crate::source::decode::{AckToken, Message};
 use crate::source::{broker, mqtt};
 use crate::store::{Store, StoreError};
-use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
-use crate::window::Watermark;
 
-/// Most messages taken into one micro-batch.
-const MAX_BATCH_MESSAGES: usize = 512;
 /// Capacity of the channel between the MQTT source and the pipeline.
 const INGEST_QUEUE: usize = 256;
-/// How often idle streams are checked and their watermarks moved.
-const TICK: Duration = Duration::from_millis(250);
 /// How often retention runs.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
@@ -78,6 +74,8 @@ pub struct Running {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     pipeline: Option<std::thread::JoinHandle<()>>,
+    /// Set when weir stopped itself because it could not go on.
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Running {
@@ -87,14 +85,21 @@ impl Running {
         self.join().await;
     }
 
-    /// Waits until something cancels the engine (the shutdown token), then stops.
-    pub async fn wait_for(mut self, signal: impl std::future::Future<Output = ()>) {
+    /// Runs until `signal` (or a fatal error), then stops; the error, if any.
+    pub async fn wait_for(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
         tokio::select! {
             _ = signal => {}
             _ = self.shutdown.cancelled() => {}
         }
         self.shutdown.cancel();
         self.join().await;
+        match self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     async fn join(&mut self) {
@@ -153,6 +158,10 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     })?;
 
     let ready = Arc::new(AtomicBool::new(false));
+    let recovered = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
+    let fatal = Arc::new(std::sync::Mutex::new(None));
+    let log_floor = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
     let pipeline = Arc::new(pipeline);
     let state = Arc::new(AppState {
@@ -160,6 +169,8 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         pipeline: pipeline.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
+        recovered: recovered.clone(),
+        health: health.clone(),
     });
 
     let (tx, rx) = mpsc::channel::<Message>(INGEST_QUEUE);
@@ -168,18 +179,38 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Vec<AckToken>>();
     let mut tasks = Vec::new();
 
-    // Pipeline thread.
-    let runner = Runner::new(
+    // Pipeline thread: recovery first, then the live loop.
+    let mut runner = pipeline::Runner::new(
         &pipeline,
         store.clone(),
         metrics.clone(),
-        config.mqtt.max_packet_bytes,
+        health.clone(),
+        pipeline::Settings {
+            durability: config.storage.durability,
+            checkpoint_interval: config.storage.checkpoint_interval,
+            max_message_bytes: config.mqtt.max_packet_bytes,
+        },
+        log_floor.clone(),
     )?;
     let handle = tokio::runtime::Handle::current();
     let token = shutdown.clone();
+    let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel::<()>();
+    let recovered_flag = recovered.clone();
+    let fatal_slot = fatal.clone();
     let pipeline_thread = std::thread::Builder::new()
         .name("weir-pipeline".into())
-        .spawn(move || runner.run(rx, ack_tx, handle, token))
+        .spawn(move || {
+            if let Err(e) = runner.recover() {
+                tracing::error!(error = %e, "recovery failed; weir stops");
+                *fatal_slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(format!("recovery failed: {e}"));
+                token.cancel();
+                return;
+            }
+            recovered_flag.store(true, Ordering::SeqCst);
+            let _ = recovered_tx.send(());
+            runner.run(rx, ack_tx, handle, token)
+        })
         .map_err(EngineError::Thread)?;
 
     // MQTT source.
@@ -196,14 +227,17 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             .collect(),
         max_packet_bytes: config.mqtt.max_packet_bytes,
     };
-    tasks.push(tokio::spawn(mqtt::run(
-        options,
-        tx,
-        ack_rx,
-        ready.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    )));
+    let source_metrics = metrics.clone();
+    let source_ready = ready.clone();
+    let token = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        // The broker keeps our session (and queues for it) until replay is done.
+        tokio::select! {
+            _ = token.cancelled() => return,
+            r = recovered_rx => if r.is_err() { return },
+        }
+        mqtt::run(options, tx, ack_rx, source_ready, source_metrics, token).await;
+    }));
 
     // HTTP API.
     let router = api::router(state.clone());
@@ -224,6 +258,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         pipeline.clone(),
         metrics,
         config.clone(),
+        log_floor,
         shutdown.clone(),
     )));
 
@@ -234,6 +269,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         shutdown,
         tasks,
         pipeline: Some(pipeline_thread),
+        fatal,
     })
 }
 
@@ -261,6 +297,7 @@ async fn housekeeping(
     pipeline: Arc<Pipeline>,
     metrics: Arc<Metrics>,
     config: Config,
+    log_floor: Arc<AtomicU64>,
     shutdown: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(HOUSEKEEPING);
@@ -273,8 +310,21 @@ async fn housekeeping(
         let pipeline = pipeline.clone();
         let metrics = metrics.clone();
         let config = config.clone();
+        let floor = log_floor.load(Ordering::Relaxed);
         let _ = tokio::task::spawn_blocking(move || {
             let now = now_ms();
+            // The log keeps everything since the older checkpoint, and at
+            // least `log_retention` of history.
+            let retained =
+                crate::log::seq_at(now - config.storage.log_retention.as_millis() as i64);
+            match store.truncate_log(floor.min(retained)) {
+                Ok(n) => {
+                    metrics
+                        .log_truncated_records
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "log retention failed"),
+            }
             for view in &pipeline.views {
                 // updating views hold one row per key and are not time-keyed
                 if view.shape == ViewShape::Updating {
@@ -295,342 +345,5 @@ async fn housekeeping(
                 .store(store.disk_space(), Ordering::Relaxed);
         })
         .await;
-    }
-}
-
-struct StreamRuntime {
-    def: Arc<StreamDef>,
-    decoder: Decoder,
-    watermark: Watermark,
-    metrics: Arc<StreamMetrics>,
-}
-
-struct ViewRuntime {
-    operator: ViewOperator,
-    /// Index of the stream at the root of this view's inputs.
-    root: usize,
-    /// Index of the view it reads, if it reads a view.
-    upstream_view: Option<usize>,
-    metrics: Arc<ViewMetrics>,
-}
-
-/// The pipeline: decoders, watermarks and operators, on one thread.
-struct Runner {
-    streams: Vec<StreamRuntime>,
-    views: Vec<ViewRuntime>,
-    store: Store,
-    metrics: Arc<Metrics>,
-    seq: u64,
-}
-
-impl Runner {
-    fn new(
-        pipeline: &Pipeline,
-        store: Store,
-        metrics: Arc<Metrics>,
-        max_bytes: usize,
-    ) -> Result<Self, EngineError> {
-        let streams = pipeline
-            .streams
-            .iter()
-            .map(|s| StreamRuntime {
-                def: s.clone(),
-                decoder: Decoder::new(s.clone(), max_bytes),
-                watermark: Watermark::new(s.event_time.bound_ms, s.idle_timeout.as_millis() as i64),
-                metrics: metrics.streams[&s.name].clone(),
-            })
-            .collect::<Vec<_>>();
-        let mut views: Vec<ViewRuntime> = Vec::new();
-        for (i, v) in pipeline.views.iter().enumerate() {
-            let operator = ViewOperator::new(v.clone()).map_err(|e| EngineError::View {
-                view: v.name.clone(),
-                message: e.to_string(),
-            })?;
-            let (root, upstream_view) = match &v.upstream {
-                Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
-                Upstream::View(u) => {
-                    let up = pipeline.views[..i].iter().position(|x| &x.name == u);
-                    (up.map(|u| views[u].root), up)
-                }
-            };
-            let Some(root) = root else {
-                return Err(EngineError::View {
-                    view: v.name.clone(),
-                    message: "upstream not found".into(),
-                });
-            };
-            views.push(ViewRuntime {
-                operator,
-                root,
-                upstream_view,
-                metrics: metrics.views[&v.name].clone(),
-            });
-        }
-        Ok(Self {
-            streams,
-            views,
-            store,
-            metrics,
-            seq: 0,
-        })
-    }
-
-    fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Message>,
-        acks: mpsc::UnboundedSender<Vec<AckToken>>,
-        handle: tokio::runtime::Handle,
-        shutdown: CancellationToken,
-    ) {
-        let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
-        let mut last_tick = now_ms();
-        loop {
-            let first = handle.block_on(async {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => None,
-                    m = rx.recv() => m.map(Some),
-                    _ = tokio::time::sleep(TICK) => Some(None),
-                }
-            });
-            match first {
-                None => break,
-                Some(Some(m)) => {
-                    messages.push(m);
-                    while messages.len() < MAX_BATCH_MESSAGES {
-                        match rx.try_recv() {
-                            Ok(m) => messages.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                    self.metrics
-                        .ingest_queue_depth
-                        .store(rx.len() as i64, Ordering::Relaxed);
-                    let tokens: Vec<AckToken> = messages.iter().filter_map(|m| m.ack).collect();
-                    self.ingest(&mut messages);
-                    // Processed and written: now the broker may forget them.
-                    // (The durable ingest-log append will go right before this.)
-                    if !tokens.is_empty() {
-                        let _ = acks.send(tokens);
-                    }
-                }
-                Some(None) => {}
-            }
-            let now = now_ms();
-            if now - last_tick >= TICK.as_millis() as i64 {
-                last_tick = now;
-                self.tick(now);
-            }
-        }
-        tracing::info!("pipeline stopped");
-    }
-
-    fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
-    }
-
-    /// Decodes and processes one micro-batch of messages.
-    fn ingest(&mut self, messages: &mut Vec<Message>) {
-        self.metrics
-            .pipeline_batches
-            .fetch_add(1, Ordering::Relaxed);
-        let now = now_ms();
-        let mut rejects: Vec<Rejected> = Vec::new();
-        let mut per_stream: Vec<Vec<Message>> =
-            (0..self.streams.len()).map(|_| Vec::new()).collect();
-        for m in messages.drain(..) {
-            match self
-                .streams
-                .iter()
-                .position(|s| s.def.topic.matches(&m.topic, |_, _| {}))
-            {
-                Some(i) => per_stream[i].push(m),
-                None => {
-                    self.metrics
-                        .unmatched_messages
-                        .fetch_add(1, Ordering::Relaxed);
-                    rejects.push(Rejected {
-                        stream: String::new(),
-                        topic: m.topic.clone(),
-                        reason: RejectReason::Malformed,
-                        detail: format!("topic {} matches no stream", m.topic),
-                        payload: crate::source::decode::truncate_payload(&m.payload),
-                        received_at: m.received_at,
-                    });
-                }
-            }
-        }
-        for (i, msgs) in per_stream.iter().enumerate() {
-            if msgs.is_empty() {
-                continue;
-            }
-            let stream = &self.streams[i];
-            stream
-                .metrics
-                .messages
-                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-            let before = rejects.len();
-            let decoded = stream.decoder.decode(msgs, &mut rejects);
-            for r in &rejects[before..] {
-                stream.metrics.reject(r.reason);
-            }
-            let rows = decoded.batch.num_rows();
-            stream
-                .metrics
-                .ingested
-                .fetch_add(rows as u64, Ordering::Relaxed);
-            if rows == 0 {
-                continue;
-            }
-            let max_event_time = decoded
-                .event_time
-                .values()
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(i64::MIN);
-            let watermark_before = stream.watermark.current();
-            let seq = self.next_seq();
-            let batch = EventBatch::new(decoded.batch, decoded.event_time, seq);
-            let (late, late_views) = self.run_views(i, Some(&batch), None);
-            if !late.is_empty() {
-                let rows: Vec<u32> = late.into_iter().collect();
-                let views = late_views.join(", ");
-                let watermark = watermark_before
-                    .map(crate::obs::format_time)
-                    .unwrap_or_default();
-                let letters = sink::late_rows(
-                    &self.streams[i].def.name,
-                    &batch.data,
-                    batch.event_time.values(),
-                    &rows,
-                    |r| {
-                        let m = &msgs[decoded.message_index.get(r).copied().unwrap_or(0) as usize];
-                        (m.topic.as_str(), m.received_at)
-                    },
-                    |t| {
-                        format!(
-                            "event time {} is behind the watermark {watermark}: its window had closed in {views}",
-                            crate::obs::format_time(t)
-                        )
-                    },
-                );
-                self.streams[i]
-                    .metrics
-                    .late
-                    .fetch_add(letters.len() as u64, Ordering::Relaxed);
-                self.streams[i]
-                    .metrics
-                    .reject_n(RejectReason::Late, letters.len() as u64);
-                rejects.extend(letters);
-            }
-            let stream = &mut self.streams[i];
-            stream.watermark.observe(max_event_time, now);
-            self.publish_watermark(i);
-            let watermark = self.streams[i].watermark.current();
-            self.run_views(i, None, watermark);
-        }
-        if let Err(e) = self.store.write_dead_letters(&rejects) {
-            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, lost = rejects.len(), "cannot store dead letters");
-        }
-    }
-
-    /// Moves idle streams' watermarks with the wall clock.
-    fn tick(&mut self, now: i64) {
-        for i in 0..self.streams.len() {
-            if self.streams[i].watermark.on_tick(now) {
-                self.publish_watermark(i);
-                let watermark = self.streams[i].watermark.current();
-                self.run_views(i, None, watermark);
-            }
-        }
-    }
-
-    fn publish_watermark(&self, i: usize) {
-        let s = &self.streams[i];
-        if let Some(w) = s.watermark.current() {
-            s.metrics.watermark.store(w, Ordering::Relaxed);
-        }
-        if let Some(t) = s.watermark.max_event_time() {
-            s.metrics.max_event_time.store(t, Ordering::Relaxed);
-        }
-    }
-
-    /// Runs the views rooted at stream `root` in dependency order, on a batch
-    /// of the stream, or on a watermark. Returns the late rows of the stream
-    /// batch and the views they were late for.
-    fn run_views(
-        &mut self,
-        root: usize,
-        batch: Option<&EventBatch>,
-        watermark: Option<i64>,
-    ) -> (BTreeSet<u32>, Vec<String>) {
-        let mut late = BTreeSet::new();
-        let mut late_views = Vec::new();
-        let mut outputs: Vec<Vec<ViewOutput>> = (0..self.views.len()).map(|_| Vec::new()).collect();
-        for v in 0..self.views.len() {
-            if self.views[v].root != root {
-                continue;
-            }
-            let inputs: Vec<EventBatch> = match self.views[v].upstream_view {
-                None => batch.into_iter().cloned().collect(),
-                Some(u) => outputs[u]
-                    .iter()
-                    .map(|o| EventBatch::new(o.rows.clone(), o.event_time.clone(), self.next_seq()))
-                    .collect(),
-            };
-            let view = &mut self.views[v];
-            let name = view.operator.plan().name.clone();
-            let mut produced = Vec::new();
-            for input in &inputs {
-                match view.operator.process(input) {
-                    Ok(p) => {
-                        if !p.late_rows.is_empty() {
-                            view.metrics
-                                .late
-                                .fetch_add(p.late_rows.len() as u64, Ordering::Relaxed);
-                            if view.upstream_view.is_none() {
-                                late.extend(p.late_rows.iter().copied());
-                                late_views.push(name.clone());
-                            }
-                        }
-                        produced.extend(p.output);
-                    }
-                    Err(e) => {
-                        view.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(view = %name, error = %e, rows = input.num_rows(), "view failed on a batch; its rows were skipped");
-                    }
-                }
-            }
-            if let Some(w) = watermark {
-                match view.operator.advance_watermark(w) {
-                    Ok(out) => produced.extend(out),
-                    Err(e) => {
-                        view.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(view = %name, error = %e, "view failed to close windows");
-                    }
-                }
-            }
-            for out in &produced {
-                match sink::write_view_output(&self.store, &name, out) {
-                    Ok(n) => {
-                        view.metrics
-                            .rows_written
-                            .fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(view = %name, error = %e, "cannot store view rows");
-                    }
-                }
-            }
-            view.metrics
-                .open_groups
-                .store(view.operator.open_groups() as u64, Ordering::Relaxed);
-            outputs[v] = produced;
-        }
-        (late, late_views)
     }
 }

@@ -80,6 +80,23 @@ pub struct Metrics {
     pub mqtt_reconnects: AtomicU64,
     pub store_disk_bytes: AtomicU64,
     pub store_errors: AtomicU64,
+    /// 0 while the store refuses writes (and nothing is acknowledged).
+    pub store_healthy: AtomicI64,
+    /// Nanoseconds the MQTT source waited on a full ingest queue.
+    pub source_blocked_ns: AtomicU64,
+    /// QoS 1 redeliveries recognised as already logged and dropped.
+    pub duplicates_dropped: AtomicU64,
+    pub log_records: AtomicU64,
+    pub log_bytes: AtomicU64,
+    /// Nanoseconds spent appending and syncing the ingest log.
+    pub log_append_ns: AtomicU64,
+    pub log_truncated_records: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_last_ms: AtomicU64,
+    pub checkpoint_last_bytes: AtomicU64,
+    pub replayed_records: AtomicU64,
+    pub replayed_events: AtomicU64,
+    pub recovery_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -96,6 +113,7 @@ impl Metrics {
                 .into_iter()
                 .map(|v| (v.to_string(), Arc::new(ViewMetrics::default())))
                 .collect(),
+            store_healthy: AtomicI64::new(1),
             ..Default::default()
         }
     }
@@ -211,6 +229,90 @@ impl Metrics {
             "Open (key, window) groups held in memory, per view.",
             per_view(&|m| load(&m.open_groups)),
         );
+        let seconds = |c: &AtomicU64| format!("{:.3}", load(c) as f64 / 1e9);
+        let more: [(&str, &str, &str, String); 13] = [
+            (
+                "weir_store_healthy",
+                "gauge",
+                "0 while the store refuses writes; weir then acknowledges nothing.",
+                self.store_healthy.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "weir_source_blocked_seconds_total",
+                "counter",
+                "Time the MQTT source waited on a full ingest queue (backpressure).",
+                seconds(&self.source_blocked_ns),
+            ),
+            (
+                "weir_duplicates_dropped_total",
+                "counter",
+                "QoS 1 redeliveries (DUP) already in the ingest log, acknowledged and dropped.",
+                load(&self.duplicates_dropped).to_string(),
+            ),
+            (
+                "weir_log_records_total",
+                "counter",
+                "Records appended to the ingest log.",
+                load(&self.log_records).to_string(),
+            ),
+            (
+                "weir_log_bytes_total",
+                "counter",
+                "Bytes appended to the ingest log.",
+                load(&self.log_bytes).to_string(),
+            ),
+            (
+                "weir_log_append_seconds_total",
+                "counter",
+                "Time spent appending to (and syncing) the ingest log.",
+                seconds(&self.log_append_ns),
+            ),
+            (
+                "weir_log_truncated_records_total",
+                "counter",
+                "Log records deleted by retention.",
+                load(&self.log_truncated_records).to_string(),
+            ),
+            (
+                "weir_checkpoints_total",
+                "counter",
+                "Checkpoints written.",
+                load(&self.checkpoints).to_string(),
+            ),
+            (
+                "weir_checkpoint_last_duration_seconds",
+                "gauge",
+                "How long the last checkpoint took (snapshot, write, sync).",
+                format!("{:.3}", load(&self.checkpoint_last_ms) as f64 / 1000.0),
+            ),
+            (
+                "weir_checkpoint_last_bytes",
+                "gauge",
+                "Size of the last checkpoint's operator state.",
+                load(&self.checkpoint_last_bytes).to_string(),
+            ),
+            (
+                "weir_replayed_records_total",
+                "counter",
+                "Log records replayed at start-up.",
+                load(&self.replayed_records).to_string(),
+            ),
+            (
+                "weir_replayed_events_total",
+                "counter",
+                "Events replayed from the log at start-up.",
+                load(&self.replayed_events).to_string(),
+            ),
+            (
+                "weir_recovery_seconds",
+                "gauge",
+                "Time from start to the end of replay.",
+                format!("{:.3}", load(&self.recovery_ms) as f64 / 1000.0),
+            ),
+        ];
+        for (name, kind, help, value) in more {
+            family(&mut out, name, kind, help, vec![(String::new(), value)]);
+        }
         let single: [(&str, &str, &str, i64); 7] = [
             (
                 "weir_ingest_queue_depth",
@@ -278,6 +380,29 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, series: Vec<(Str
         } else {
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
+    }
+}
+
+/// What `/healthz` reports: `None` while healthy, else why not.
+#[derive(Debug, Default)]
+pub struct Health {
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn fail(&self, why: String) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    pub fn clear(&self) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -73,6 +73,8 @@ pub struct Message {
     /// What the source needs to acknowledge the message once it is processed
     /// (QoS 1); `None` for QoS 0.
     pub ack: Option<AckToken>,
+    /// The broker's DUP flag: it may have delivered this message before.
+    pub dup: bool,
 }
 
 /// Identifies a QoS 1 delivery on one connection of the source.
@@ -741,6 +743,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             received_at: 777,
             ack: None,
+            dup: false,
         }
     }
 
@@ -845,6 +848,7 @@ mod tests {
                 payload: Bytes::from_static(b"{\"ts\": 1, \"merchant_id\": \"\xff\"}"),
                 received_at: 1,
                 ack: None,
+                dup: false,
             },
         ]);
         assert!(

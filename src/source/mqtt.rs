@@ -2,15 +2,21 @@
 //!
 //! Messages go into a bounded channel to the pipeline. When the channel is
 //! full the send waits, the event loop is not polled, and so weir stops
-//! reading from the broker (backpressure) instead of buffering without bound.
-//! After every (re)connect all filters are subscribed again: a broker that
-//! lost the session would otherwise silently stop delivering.
+//! reading from the broker (backpressure) instead of buffering without bound;
+//! the time spent waiting is `weir_source_blocked_seconds_total`.
+//!
+//! Session: persistent (`clean_session = false`, the configured client id),
+//! so the broker queues QoS 1 messages while weir is down or replaying. When
+//! the broker reports no session (first connect, or it lost it) the filters
+//! are subscribed again; when it has one they are not, because subscribing
+//! again would redeliver retained messages.
 //!
 //! Acknowledgement: acks are manual. A QoS 1 message is acknowledged (PUBACK)
-//! only after the pipeline has decoded it, run it through every view and
-//! written the resulting rows; the pipeline sends its `AckToken`s back over
-//! `acks`. The durable ingest log will slot in before that point, so that the
-//! ack follows the durable append (DESIGN §4).
+//! only once the pipeline has appended it to the durable ingest log; the
+//! pipeline sends its `AckToken`s back over `acks`. Tokens carry the
+//! connection they came on: one from an earlier connection is not sent,
+//! since the broker redelivers that message anyway (and the log's dedup
+//! recognises it).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -55,7 +61,7 @@ pub async fn run(
     // oversize by the decoder) rather than dropping the connection.
     let incoming_limit = options.max_packet_bytes.saturating_mul(8);
     mqtt.set_max_packet_size(incoming_limit, incoming_limit);
-    mqtt.set_clean_session(true);
+    mqtt.set_clean_session(false);
     mqtt.set_manual_acks(true);
     if let Some(user) = &options.username {
         mqtt.set_credentials(user.clone(), options.password.clone().unwrap_or_default());
@@ -99,11 +105,16 @@ pub async fn run(
                 unsent.clear();
                 backoff = Duration::from_millis(100);
                 tracing::info!(host = %options.host, port = options.port, session_present = ack.session_present, "connected to MQTT broker");
-                // Subscribe after every connect; try_ because the request channel is
-                // drained by this very loop, so an awaiting send could deadlock.
-                pending_subacks = 1;
-                if let Err(e) = client.try_subscribe_many(filters.clone()) {
-                    tracing::warn!(error = %e, "could not queue subscriptions");
+                if ack.session_present {
+                    ready.store(true, Ordering::SeqCst);
+                    metrics.mqtt_connected.store(1, Ordering::Relaxed);
+                } else {
+                    // try_ because the request channel is drained by this very
+                    // loop, so an awaiting send could deadlock.
+                    pending_subacks = 1;
+                    if let Err(e) = client.try_subscribe_many(filters.clone()) {
+                        tracing::warn!(error = %e, "could not queue subscriptions");
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -131,14 +142,29 @@ pub async fn run(
                     payload: publish.payload,
                     received_at: now_ms(),
                     ack,
+                    dup: publish.dup,
                 };
                 metrics.ingest_queue_depth.store(
                     (tx.max_capacity() - tx.capacity()) as i64,
                     Ordering::Relaxed,
                 );
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    sent = tx.send(message) => if sent.is_err() { break },
+                match tx.try_send(message) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    Err(mpsc::error::TrySendError::Full(message)) => {
+                        // Backpressure: stop reading from the broker until there is room.
+                        let blocked = std::time::Instant::now();
+                        let sent = tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            sent = tx.send(message) => sent,
+                        };
+                        metrics
+                            .source_blocked_ns
+                            .fetch_add(blocked.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
                 }
             }
             Ok(_) => {}
@@ -156,7 +182,20 @@ pub async fn run(
         }
     }
     ready.store(false, Ordering::SeqCst);
-    let _ = client.try_disconnect();
+    metrics.mqtt_connected.store(0, Ordering::Relaxed);
+    // Send the acks already owed, then a clean DISCONNECT (the session stays).
+    send_acks(&client, &mut unsent);
+    if client.try_disconnect().is_ok() {
+        let flush = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+    }
 }
 
 /// Queues PUBACKs on the client without waiting: the request queue is drained

@@ -6,13 +6,29 @@
 //!   key, group key, or event time and position — big-endian, so a range scan
 //!   is a time range. Value: the row as a JSON object. Writes are upserts, so
 //!   writing the same row twice (a replay) leaves one row.
-//! - `deadletter`: rejected input. Key `received_at (BE) | sequence`.
+//! - `deadletter`: rejected input. Key `received_at (BE) | sequence`; late
+//!   events are keyed by `received_at | log sequence | row` instead, so that a
+//!   replay rewrites the same letter rather than adding one.
 //! - `meta`: small facts about views (the fingerprint of their plan).
+//! - `log`: the ingest log (`crate::log`), key = sequence number (BE), value =
+//!   an encoded record. Values are large, so the keyspace separates them
+//!   into blob files (fjall's key-value separation).
+//! - `logids`: the identities of each log record's QoS 1 messages, same key;
+//!   small, so the dedup window is rebuilt at start-up without reading rows.
+//! - `checkpoint`: two checkpoint slots (`crate::checkpoint`), each a
+//!   `<slot>/manifest` and one `<slot>/part/<view>` per operator, replaced
+//!   together in one atomic batch.
+//!
+//! Durability: every commit reaches the operating system before it returns
+//! (fjall's default), which survives kill -9; [`Store::persist`] adds an
+//! fsync, which survives a power cut. fjall's journal is one sequential file
+//! for all keyspaces, so a write is never durable before the writes made
+//! ahead of it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions};
 
 use crate::source::decode::Rejected;
 use crate::window::operator::time_key;
@@ -67,7 +83,25 @@ pub struct Store {
     rows: Keyspace,
     deadletter: Keyspace,
     meta: Keyspace,
+    log: Keyspace,
+    logids: Keyspace,
+    checkpoint: Keyspace,
     dead_letter_seq: std::sync::Arc<AtomicU64>,
+}
+
+/// One record to append: its sequence number, encoded bytes, and packed message ids.
+#[derive(Debug, Clone)]
+pub struct LogAppend {
+    pub seq: u64,
+    pub record: Vec<u8>,
+    pub ids: Vec<u8>,
+}
+
+/// A stored checkpoint: the manifest and the parts, as written.
+#[derive(Debug, Clone, Default)]
+pub struct StoredCheckpoint {
+    pub manifest: Vec<u8>,
+    pub parts: Vec<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -78,6 +112,13 @@ impl std::fmt::Debug for Store {
 
 fn io(what: &'static str) -> impl Fn(fjall::Error) -> StoreError {
     move |source| StoreError::Io { what, source }
+}
+
+fn dead_letter_json(r: &Rejected) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(r).map_err(|e| StoreError::Corrupt {
+        what: "dead letter",
+        message: e.to_string(),
+    })
 }
 
 fn view_prefix(view: &str) -> Vec<u8> {
@@ -104,6 +145,15 @@ impl Store {
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(open_err)?;
+        let separated = || {
+            KeyspaceCreateOptions::default()
+                .with_kv_separation(Some(KvSeparationOptions::default()))
+        };
+        let log = db.keyspace("log", separated).map_err(open_err)?;
+        let logids = db
+            .keyspace("logids", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let checkpoint = db.keyspace("checkpoint", separated).map_err(open_err)?;
         // continue the dead-letter sequence after the newest stored one
         let seq = match deadletter.last_key_value() {
             Some(guard) => {
@@ -120,8 +170,166 @@ impl Store {
             rows,
             deadletter,
             meta,
+            log,
+            logids,
+            checkpoint,
             dead_letter_seq: std::sync::Arc::new(AtomicU64::new(seq)),
         })
+    }
+
+    /// Appends log records and the dead letters of the same micro-batch in
+    /// one atomic batch. On return the bytes are with the operating system;
+    /// call [`Store::persist`] to have them on disk.
+    pub fn append_log(
+        &self,
+        records: &[LogAppend],
+        letters: &[Rejected],
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for r in records {
+            let key = r.seq.to_be_bytes();
+            batch.insert(&self.log, key, r.record.as_slice());
+            if !r.ids.is_empty() {
+                batch.insert(&self.logids, key, r.ids.as_slice());
+            }
+        }
+        self.add_dead_letters(&mut batch, letters)?;
+        batch.commit().map_err(io("append to the ingest log"))
+    }
+
+    /// fsyncs the journal: everything committed so far survives a power cut.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        self.db
+            .persist(fjall::PersistMode::SyncData)
+            .map_err(io("sync the journal"))
+    }
+
+    /// Calls `f` with every log record after `after`, in order, until it returns false.
+    pub fn scan_log(
+        &self,
+        after: u64,
+        mut f: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        for guard in self.log.range(start..) {
+            let (key, value) = guard.into_inner().map_err(io("read the ingest log"))?;
+            let seq = key
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "ingest log",
+                    message: format!("key of {} bytes", key.len()),
+                })?;
+            if !f(seq, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest log record's sequence number.
+    pub fn last_log_seq(&self) -> Result<Option<u64>, StoreError> {
+        match self.log.last_key_value() {
+            Some(guard) => {
+                let key = guard.key().map_err(io("read the ingest log"))?;
+                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes one log record (a partial write found at start-up).
+    pub fn remove_log_record(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        batch.remove(&self.log, seq.to_be_bytes());
+        batch.remove(&self.logids, seq.to_be_bytes());
+        batch.commit().map_err(io("remove a log record"))
+    }
+
+    /// Packed message ids of the newest log records, newest first, until
+    /// `enough` says the caller has what it needs.
+    pub fn recent_log_ids(&self, mut enough: impl FnMut(&[u8]) -> bool) -> Result<(), StoreError> {
+        for guard in self.logids.iter().rev() {
+            let value = guard.value().map_err(io("read log ids"))?;
+            if enough(&value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes log records with a sequence number below `below` (retention).
+    pub fn truncate_log(&self, below: u64) -> Result<usize, StoreError> {
+        let end = below.to_be_bytes();
+        let mut n = 0;
+        // in chunks, so that a long backlog does not become one huge batch
+        loop {
+            let mut batch = self.db.batch();
+            let mut in_batch = 0;
+            for guard in self.log.range(..end).take(1024) {
+                let key = guard.key().map_err(io("truncate the ingest log"))?;
+                batch.remove(&self.logids, key.clone());
+                batch.remove(&self.log, key);
+                in_batch += 1;
+            }
+            if in_batch == 0 {
+                return Ok(n);
+            }
+            batch.commit().map_err(io("truncate the ingest log"))?;
+            n += in_batch;
+        }
+    }
+
+    /// Replaces the checkpoint in `slot` (0 or 1): new manifest and parts,
+    /// the slot's old parts removed, in one atomic batch.
+    pub fn write_checkpoint(
+        &self,
+        slot: u8,
+        checkpoint: &StoredCheckpoint,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for guard in self.checkpoint.prefix(format!("{slot}/part/")) {
+            batch.remove(
+                &self.checkpoint,
+                guard.key().map_err(io("write checkpoint"))?,
+            );
+        }
+        for (name, bytes) in &checkpoint.parts {
+            batch.insert(
+                &self.checkpoint,
+                format!("{slot}/part/{name}"),
+                bytes.as_slice(),
+            );
+        }
+        batch.insert(
+            &self.checkpoint,
+            format!("{slot}/manifest"),
+            checkpoint.manifest.as_slice(),
+        );
+        batch.commit().map_err(io("write checkpoint"))
+    }
+
+    /// The checkpoint in `slot`, as written.
+    pub fn read_checkpoint(&self, slot: u8) -> Result<Option<StoredCheckpoint>, StoreError> {
+        let Some(manifest) = self
+            .checkpoint
+            .get(format!("{slot}/manifest"))
+            .map_err(io("read checkpoint"))?
+        else {
+            return Ok(None);
+        };
+        let prefix = format!("{slot}/part/");
+        let mut parts = Vec::new();
+        for guard in self.checkpoint.prefix(&prefix) {
+            let (key, value) = guard.into_inner().map_err(io("read checkpoint"))?;
+            let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            parts.push((name, value.to_vec()));
+        }
+        Ok(Some(StoredCheckpoint {
+            manifest: manifest.to_vec(),
+            parts,
+        }))
     }
 
     /// Upserts rows of one view in one atomic batch.
@@ -148,15 +356,38 @@ impl Store {
             return Ok(());
         }
         let mut batch = self.db.batch();
+        self.add_dead_letters(&mut batch, items)?;
+        batch.commit().map_err(io("write dead letters"))
+    }
+
+    fn add_dead_letters(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        items: &[Rejected],
+    ) -> Result<(), StoreError> {
         for r in items {
             let seq = self.dead_letter_seq.fetch_add(1, Ordering::Relaxed);
             let mut key = time_key(r.received_at).to_vec();
             key.extend_from_slice(&seq.to_be_bytes());
-            let value = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt {
-                what: "dead letter",
-                message: e.to_string(),
-            })?;
-            batch.insert(&self.deadletter, key, value);
+            batch.insert(&self.deadletter, key, dead_letter_json(r)?);
+        }
+        Ok(())
+    }
+
+    /// Writes dead letters under keys of the caller's choosing (after
+    /// `received_at`): writing the same letter again replaces it.
+    pub fn write_keyed_dead_letters(
+        &self,
+        items: &[(Vec<u8>, Rejected)],
+    ) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for (suffix, r) in items {
+            let mut key = time_key(r.received_at).to_vec();
+            key.extend_from_slice(suffix);
+            batch.insert(&self.deadletter, key, dead_letter_json(r)?);
         }
         batch.commit().map_err(io("write dead letters"))
     }

@@ -131,6 +131,22 @@ impl Watermark {
         self.raise(max_event_time - self.bound_ms + idle_for)
     }
 
+    /// Takes the progress (not the settings) of a checkpointed watermark.
+    pub fn restore(&mut self, saved: &Watermark) {
+        self.max_event_time = saved.max_event_time;
+        self.last_arrival = saved.last_arrival;
+        self.current = saved.current;
+    }
+
+    /// Restarts the idle clock at `now`: after a restart, a stream is idle
+    /// only once it has received nothing for `idle_timeout` since weir came
+    /// back, not since the last event before it went down.
+    pub fn resume(&mut self, now: Millis) {
+        if self.last_arrival.is_some() {
+            self.last_arrival = Some(now);
+        }
+    }
+
     /// Sets the watermark from upstream (a view's watermark follows its input's).
     pub fn raise(&mut self, candidate: Millis) -> bool {
         if self.current.is_none_or(|c| candidate > c) {

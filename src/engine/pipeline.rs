@@ -1,0 +1,895 @@
+//! The pipeline thread: log, views, checkpoints.
+//!
+//! One micro-batch (everything queued, up to `MAX_BATCH_MESSAGES`) goes
+//! through three steps:
+//!
+//! 1. **prepare**: drop redeliveries already logged (`crate::log::Dedup`),
+//!    route messages to streams, decode each stream's messages into one
+//!    Arrow batch, encode the log records;
+//! 2. **commit**: append the records and the micro-batch's dead letters in
+//!    one atomic store batch, then fsync (`storage.durability = "sync"`) —
+//!    one sync for the whole group, so its cost is shared by every message
+//!    in it (group commit). Only now are the QoS 1 messages acknowledged. If
+//!    the store refuses the write, nothing is acknowledged: the batch is
+//!    retried with backoff, `/healthz` reports the error, and the full queue
+//!    stops intake;
+//! 3. **apply**: run the views on each record, in dependency order, and
+//!    upsert their rows.
+//!
+//! Replay at start-up is step 3 alone, on the records after the checkpoint,
+//! so a replayed record has exactly the effect it had the first time: the
+//! same batch sequence numbers (filter-view row keys), the same arrival
+//! times (the idle clock), and logged watermark moves in the same places.
+//!
+//! Every `checkpoint_interval`, between two micro-batches, all operator
+//! state, the watermarks and the last applied sequence number are written as
+//! one checkpoint (`crate::checkpoint`).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::UInt32Array;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::EngineError;
+use crate::checkpoint::Checkpoint;
+use crate::config::Durability;
+use crate::log::{self, Dedup, LogError, LoggedBatch, MessageId, MessageMeta, Record};
+use crate::obs::{now_ms, Health, Metrics, StreamMetrics, ViewMetrics};
+use crate::plan::{Pipeline, StreamDef, Upstream};
+use crate::sink;
+use crate::source::decode::{AckToken, Decoder, Message, RejectReason, Rejected};
+use crate::store::{LogAppend, Store, StoreError};
+use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
+use crate::window::Watermark;
+
+/// Most messages taken into one micro-batch.
+pub(super) const MAX_BATCH_MESSAGES: usize = 512;
+/// How often idle streams are checked and their watermarks moved.
+const TICK: Duration = Duration::from_millis(250);
+/// Longest wait between two attempts to write to a failing store.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Row ids of view outputs fed downstream on a watermark start here, so they
+/// never collide with those fed on the data of the same log record.
+const WATERMARK_ROW_BASE: u32 = 1 << 31;
+
+pub(super) struct Settings {
+    pub durability: Durability,
+    pub checkpoint_interval: Duration,
+    pub max_message_bytes: usize,
+}
+
+struct StreamRuntime {
+    def: Arc<StreamDef>,
+    decoder: Decoder,
+    watermark: Watermark,
+    metrics: Arc<StreamMetrics>,
+}
+
+struct ViewRuntime {
+    operator: ViewOperator,
+    /// Index of the stream at the root of this view's inputs.
+    root: usize,
+    /// Index of the view it reads, if it reads a view.
+    upstream_view: Option<usize>,
+    metrics: Arc<ViewMetrics>,
+}
+
+/// A micro-batch after decoding, ready to be committed.
+#[derive(Default)]
+struct Prepared {
+    records: Vec<(u64, Record)>,
+    appends: Vec<LogAppend>,
+    rejects: Vec<Rejected>,
+    acks: Vec<AckToken>,
+    ids: Vec<MessageId>,
+}
+
+/// The pipeline: decoders, watermarks, operators and the log, on one thread.
+pub(super) struct Runner {
+    streams: Vec<StreamRuntime>,
+    views: Vec<ViewRuntime>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    settings: Settings,
+    /// Sequence number of the last record appended (or, without a log, applied).
+    last_seq: u64,
+    dedup: Dedup,
+    /// Wall time of the last checkpoint.
+    last_checkpoint: i64,
+    /// Sequence number held by each checkpoint slot.
+    slots: [Option<u64>; 2],
+    next_slot: u8,
+    /// Log records below this are no longer needed by any checkpoint.
+    log_floor: Arc<AtomicU64>,
+    /// A view's rows could not be written: checkpoints stop, so that a
+    /// restart replays (and rewrites) them.
+    rows_lost: bool,
+}
+
+impl Runner {
+    pub(super) fn new(
+        pipeline: &Pipeline,
+        store: Store,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        settings: Settings,
+        log_floor: Arc<AtomicU64>,
+    ) -> Result<Self, EngineError> {
+        let streams = pipeline
+            .streams
+            .iter()
+            .map(|s| StreamRuntime {
+                def: s.clone(),
+                decoder: Decoder::new(s.clone(), settings.max_message_bytes),
+                watermark: Watermark::new(s.event_time.bound_ms, s.idle_timeout.as_millis() as i64),
+                metrics: metrics.streams[&s.name].clone(),
+            })
+            .collect::<Vec<_>>();
+        let mut views: Vec<ViewRuntime> = Vec::new();
+        for (i, v) in pipeline.views.iter().enumerate() {
+            let operator = ViewOperator::new(v.clone()).map_err(|e| EngineError::View {
+                view: v.name.clone(),
+                message: e.to_string(),
+            })?;
+            let (root, upstream_view) = match &v.upstream {
+                Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
+                Upstream::View(u) => {
+                    let up = pipeline.views[..i].iter().position(|x| &x.name == u);
+                    (up.map(|u| views[u].root), up)
+                }
+            };
+            let Some(root) = root else {
+                return Err(EngineError::View {
+                    view: v.name.clone(),
+                    message: "upstream not found".into(),
+                });
+            };
+            views.push(ViewRuntime {
+                operator,
+                root,
+                upstream_view,
+                metrics: metrics.views[&v.name].clone(),
+            });
+        }
+        Ok(Self {
+            streams,
+            views,
+            store,
+            metrics,
+            health,
+            settings,
+            last_seq: 0,
+            dedup: Dedup::new(log::DEDUP_WINDOW),
+            last_checkpoint: now_ms(),
+            slots: [None, None],
+            next_slot: 0,
+            log_floor,
+            rows_lost: false,
+        })
+    }
+
+    /// Restores the newest good checkpoint and replays the log after it.
+    pub(super) fn recover(&mut self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut best: Option<(u8, Checkpoint)> = None;
+        for slot in 0..2u8 {
+            let Some(stored) = self.store.read_checkpoint(slot)? else {
+                continue;
+            };
+            match Checkpoint::decode(stored) {
+                Ok(cp) => {
+                    self.slots[slot as usize] = Some(cp.manifest.seq);
+                    if best
+                        .as_ref()
+                        .is_none_or(|(_, b)| cp.manifest.seq > b.manifest.seq)
+                    {
+                        best = Some((slot, cp));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(slot, error = %e, "checkpoint discarded; an older one (or none) is used");
+                }
+            }
+        }
+        let mut from = 0;
+        if let Some((slot, cp)) = best {
+            self.next_slot = slot ^ 1;
+            from = cp.manifest.seq;
+            self.restore(&cp);
+            tracing::info!(
+                seq = from,
+                taken_at = %crate::obs::format_time(cp.manifest.taken_at),
+                bytes = cp.size_bytes(),
+                "checkpoint restored"
+            );
+        }
+        self.publish_floor();
+
+        let last = self.store.last_log_seq()?;
+        let store = self.store.clone();
+        let mut replayed = 0u64;
+        store.scan_log(from, |seq, bytes| {
+            match log::decode(seq, bytes) {
+                Ok(record) => {
+                    self.apply(seq, record, true);
+                    replayed += 1;
+                }
+                Err(e @ LogError::Partial { .. }) if Some(seq) == last => {
+                    tracing::warn!(error = %e, "the log's last record was only partly written (a crash mid-append); it is discarded — its messages were never acknowledged");
+                    if let Err(e) = self.store.remove_log_record(seq) {
+                        tracing::error!(error = %e, "cannot remove the partial record");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "log record skipped");
+                }
+            }
+            self.last_seq = self.last_seq.max(seq);
+            true
+        })?;
+        self.last_seq = self.last_seq.max(from);
+        self.metrics
+            .replayed_records
+            .fetch_add(replayed, Ordering::Relaxed);
+
+        // The identities of the newest logged messages, oldest first.
+        let mut packed: Vec<Vec<u8>> = Vec::new();
+        let mut count = 0;
+        self.store.recent_log_ids(|ids| {
+            count += ids.len() / 10;
+            packed.push(ids.to_vec());
+            count >= log::DEDUP_WINDOW
+        })?;
+        for ids in packed.iter().rev() {
+            for id in log::unpack_ids(ids) {
+                self.dedup.insert(id);
+            }
+        }
+
+        let now = now_ms();
+        for s in &mut self.streams {
+            s.watermark.resume(now);
+        }
+        self.last_checkpoint = now;
+        let took = started.elapsed();
+        self.metrics
+            .recovery_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        tracing::info!(
+            replayed_records = replayed,
+            replayed_events = self.metrics.replayed_events.load(Ordering::Relaxed),
+            remembered_messages = self.dedup.len(),
+            took_ms = took.as_millis() as u64,
+            "recovered"
+        );
+        Ok(())
+    }
+
+    fn restore(&mut self, cp: &Checkpoint) {
+        for s in &mut self.streams {
+            if let Some(w) = cp.manifest.streams.get(&s.def.name) {
+                s.watermark.restore(w);
+            }
+        }
+        for i in 0..self.streams.len() {
+            self.publish_watermark(i);
+        }
+        for v in &mut self.views {
+            let plan = v.operator.plan().clone();
+            match (cp.manifest.views.get(&plan.name), cp.views.get(&plan.name)) {
+                (Some(info), Some(bytes)) if info.fingerprint == plan.fingerprint => {
+                    if let Err(e) = v.operator.restore(bytes) {
+                        tracing::error!(view = %plan.name, error = %e, "view state not restored; it starts empty");
+                    }
+                }
+                _ => {
+                    tracing::info!(view = %plan.name, "view is new or changed since the checkpoint: it starts empty")
+                }
+            }
+            v.metrics
+                .open_groups
+                .store(v.operator.open_groups() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Message>,
+        acks: mpsc::UnboundedSender<Vec<AckToken>>,
+        handle: tokio::runtime::Handle,
+        shutdown: CancellationToken,
+    ) {
+        let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
+        let mut last_tick = now_ms();
+        loop {
+            let first = handle.block_on(async {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => None,
+                    m = rx.recv() => m.map(Some),
+                    _ = tokio::time::sleep(TICK) => Some(None),
+                }
+            });
+            match first {
+                None => break,
+                Some(Some(m)) => {
+                    messages.push(m);
+                    while messages.len() < MAX_BATCH_MESSAGES {
+                        match rx.try_recv() {
+                            Ok(m) => messages.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    self.metrics
+                        .ingest_queue_depth
+                        .store(rx.len() as i64, Ordering::Relaxed);
+                    self.step(&mut messages, &acks, &handle, &shutdown);
+                }
+                Some(None) => {}
+            }
+            let now = now_ms();
+            if now - last_tick >= TICK.as_millis() as i64 {
+                last_tick = now;
+                self.tick(now);
+            }
+            self.checkpoint(now, false);
+        }
+        // Shutdown: the source has stopped; take in what it had queued.
+        rx.close();
+        while let Ok(m) = rx.try_recv() {
+            messages.push(m);
+            if messages.len() == MAX_BATCH_MESSAGES {
+                self.step(&mut messages, &acks, &handle, &shutdown);
+            }
+        }
+        if !messages.is_empty() {
+            self.step(&mut messages, &acks, &handle, &shutdown);
+        }
+        self.checkpoint(now_ms(), true);
+        tracing::info!("pipeline stopped");
+    }
+
+    /// Prepare, commit (retrying while the store refuses), acknowledge, apply.
+    fn step(
+        &mut self,
+        messages: &mut Vec<Message>,
+        acks: &mpsc::UnboundedSender<Vec<AckToken>>,
+        handle: &tokio::runtime::Handle,
+        shutdown: &CancellationToken,
+    ) {
+        self.metrics
+            .pipeline_batches
+            .fetch_add(1, Ordering::Relaxed);
+        let mut prepared = self.prepare(messages);
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) = self.commit(&prepared) {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics.store_healthy.store(0, Ordering::Relaxed);
+            let why = format!("cannot append to the ingest log: {e}");
+            if self.health.problem().as_deref() != Some(why.as_str()) {
+                tracing::error!(error = %e, messages = prepared.acks.len(), "cannot append to the ingest log; nothing is acknowledged until a write succeeds");
+            }
+            self.health.fail(why);
+            let stop = handle.block_on(async {
+                tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = tokio::time::sleep(delay) => false,
+                }
+            });
+            if stop {
+                // Not acknowledged: the broker delivers them again.
+                return;
+            }
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+        if self.metrics.store_healthy.swap(1, Ordering::Relaxed) == 0 && !self.rows_lost {
+            tracing::info!("the store accepts writes again");
+            self.health.clear();
+        }
+        for id in prepared.ids.drain(..) {
+            self.dedup.insert(id);
+        }
+        let logged = self.settings.durability != Durability::None;
+        if logged && !prepared.acks.is_empty() {
+            let _ = acks.send(std::mem::take(&mut prepared.acks));
+        }
+        for (seq, record) in prepared.records.drain(..) {
+            self.apply(seq, record, false);
+        }
+        if !logged && !prepared.acks.is_empty() {
+            let _ = acks.send(std::mem::take(&mut prepared.acks));
+        }
+    }
+
+    fn next_seq(&mut self, now: i64) -> u64 {
+        self.last_seq = log::next_seq(self.last_seq, now);
+        self.last_seq
+    }
+
+    /// Dedups, routes and decodes one micro-batch and encodes its log records.
+    fn prepare(&mut self, messages: &mut Vec<Message>) -> Prepared {
+        let now = now_ms();
+        let mut out = Prepared::default();
+        let n_streams = self.streams.len();
+        let mut per_stream: Vec<Vec<Message>> = (0..n_streams).map(|_| Vec::new()).collect();
+        let mut per_stream_ids: Vec<Vec<Option<MessageId>>> =
+            (0..n_streams).map(|_| Vec::new()).collect();
+        for m in messages.drain(..) {
+            let id = m.ack.map(|a| MessageId::of(a.pkid, &m.topic, &m.payload));
+            if let Some(ack) = m.ack {
+                out.acks.push(ack);
+            }
+            if m.dup && id.is_some_and(|id| self.dedup.contains(&id)) {
+                self.metrics
+                    .duplicates_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match self
+                .streams
+                .iter()
+                .position(|s| s.def.topic.matches(&m.topic, |_, _| {}))
+            {
+                Some(i) => {
+                    per_stream[i].push(m);
+                    per_stream_ids[i].push(id);
+                }
+                None => {
+                    self.metrics
+                        .unmatched_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    out.rejects.push(Rejected {
+                        stream: String::new(),
+                        topic: m.topic.clone(),
+                        reason: RejectReason::Malformed,
+                        detail: format!("topic {} matches no stream", m.topic),
+                        payload: crate::source::decode::truncate_payload(&m.payload),
+                        received_at: m.received_at,
+                    });
+                }
+            }
+        }
+        for (i, (msgs, ids)) in per_stream.into_iter().zip(per_stream_ids).enumerate() {
+            if msgs.is_empty() {
+                continue;
+            }
+            let stream = &self.streams[i];
+            stream
+                .metrics
+                .messages
+                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+            let before = out.rejects.len();
+            let decoded = stream.decoder.decode(&msgs, &mut out.rejects);
+            for r in &out.rejects[before..] {
+                stream.metrics.reject(r.reason);
+            }
+            let rows = decoded.batch.num_rows();
+            stream
+                .metrics
+                .ingested
+                .fetch_add(rows as u64, Ordering::Relaxed);
+            out.ids.extend(ids.iter().flatten());
+            if rows == 0 && ids.iter().all(Option::is_none) {
+                continue;
+            }
+            let name = stream.def.name.clone();
+            let seq = self.next_seq(now);
+            let messages: Vec<MessageMeta> = msgs
+                .into_iter()
+                .zip(ids)
+                .map(|(m, id)| MessageMeta {
+                    topic: m.topic,
+                    received_at: m.received_at,
+                    id,
+                })
+                .collect();
+            let record = Record::Batch(Box::new(LoggedBatch {
+                stream: name,
+                appended_at: now,
+                data: decoded.batch,
+                event_time: decoded.event_time,
+                message_index: UInt32Array::from(decoded.message_index),
+                messages,
+            }));
+            if self.settings.durability != Durability::None {
+                match log::encode(&record) {
+                    Ok(bytes) => {
+                        let ids = match &record {
+                            Record::Batch(b) => log::pack_ids(&b.messages),
+                            Record::Watermark { .. } => Vec::new(),
+                        };
+                        out.appends.push(LogAppend {
+                            seq,
+                            record: bytes,
+                            ids,
+                        });
+                    }
+                    Err(e) => {
+                        // Not expected for a batch we just built; its rows are
+                        // still processed, but a restart would not replay them.
+                        tracing::error!(error = %e, "cannot encode a log record");
+                    }
+                }
+            }
+            out.records.push((seq, record));
+        }
+        out
+    }
+
+    /// Appends the prepared records and dead letters, and syncs when configured.
+    fn commit(&self, prepared: &Prepared) -> Result<(), StoreError> {
+        if self.settings.durability == Durability::None {
+            return self.store.write_dead_letters(&prepared.rejects);
+        }
+        let started = Instant::now();
+        self.store
+            .append_log(&prepared.appends, &prepared.rejects)?;
+        if self.settings.durability == Durability::Sync {
+            self.store.persist()?;
+        }
+        let bytes: usize = prepared.appends.iter().map(|a| a.record.len()).sum();
+        self.metrics
+            .log_records
+            .fetch_add(prepared.appends.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .log_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.metrics
+            .log_append_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs one log record through the views (live, or replayed at start-up).
+    fn apply(&mut self, seq: u64, record: Record, replay: bool) {
+        match record {
+            Record::Watermark { stream, watermark } => {
+                let Some(i) = self.stream_index(&stream) else {
+                    return;
+                };
+                self.streams[i].watermark.raise(watermark);
+                self.publish_watermark(i);
+                let current = self.streams[i].watermark.current();
+                self.run_views(i, None, current, seq);
+            }
+            Record::Batch(b) => {
+                let Some(i) = self.stream_index(&b.stream) else {
+                    tracing::warn!(stream = %b.stream, "log record of a stream that no longer exists: skipped");
+                    return;
+                };
+                let rows = b.data.num_rows();
+                if rows == 0 {
+                    return;
+                }
+                if replay {
+                    self.metrics
+                        .replayed_events
+                        .fetch_add(rows as u64, Ordering::Relaxed);
+                }
+                let max_event_time = b
+                    .event_time
+                    .values()
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(i64::MIN);
+                let watermark_before = self.streams[i].watermark.current();
+                let batch = EventBatch::new(b.data, b.event_time, seq);
+                let (late, late_views) = self.run_views(i, Some(&batch), None, seq);
+                if !late.is_empty() {
+                    self.late_letters(
+                        i,
+                        seq,
+                        &batch,
+                        &b.messages,
+                        &b.message_index,
+                        &late,
+                        &late_views,
+                        watermark_before,
+                    );
+                }
+                self.streams[i]
+                    .watermark
+                    .observe(max_event_time, b.appended_at);
+                self.publish_watermark(i);
+                let current = self.streams[i].watermark.current();
+                self.run_views(i, None, current, seq);
+            }
+        }
+    }
+
+    /// Dead letters for late rows, keyed by (log record, row) so that a
+    /// replay writes the same letters again instead of new ones.
+    #[allow(clippy::too_many_arguments)]
+    fn late_letters(
+        &mut self,
+        stream: usize,
+        seq: u64,
+        batch: &EventBatch,
+        messages: &[MessageMeta],
+        message_index: &UInt32Array,
+        late: &BTreeSet<u32>,
+        late_views: &[String],
+        watermark_before: Option<i64>,
+    ) {
+        let rows: Vec<u32> = late.iter().copied().collect();
+        let views = late_views.join(", ");
+        let watermark = watermark_before
+            .map(crate::obs::format_time)
+            .unwrap_or_default();
+        let letters = sink::late_rows(
+            &self.streams[stream].def.name,
+            &batch.data,
+            batch.event_time.values(),
+            &rows,
+            |r| {
+                let m = message_index
+                    .values()
+                    .get(r)
+                    .and_then(|&i| messages.get(i as usize));
+                m.map_or(("", 0), |m| (m.topic.as_str(), m.received_at))
+            },
+            |t| {
+                format!(
+                    "event time {} is behind the watermark {watermark}: its window had closed in {views}",
+                    crate::obs::format_time(t)
+                )
+            },
+        );
+        let m = &self.streams[stream].metrics;
+        m.late.fetch_add(letters.len() as u64, Ordering::Relaxed);
+        m.reject_n(RejectReason::Late, letters.len() as u64);
+        let keyed: Vec<(Vec<u8>, Rejected)> = rows
+            .iter()
+            .zip(letters)
+            .map(|(row, letter)| {
+                let mut key = seq.to_be_bytes().to_vec();
+                key.extend_from_slice(&row.to_be_bytes());
+                (key, letter)
+            })
+            .collect();
+        if let Err(e) = self.store.write_keyed_dead_letters(&keyed) {
+            self.row_write_failed(&e);
+            tracing::error!(error = %e, lost = keyed.len(), "cannot store late dead letters");
+        }
+    }
+
+    fn stream_index(&self, name: &str) -> Option<usize> {
+        self.streams.iter().position(|s| s.def.name == name)
+    }
+
+    /// Moves idle streams' watermarks with the wall clock, logging each move.
+    fn tick(&mut self, now: i64) {
+        for i in 0..self.streams.len() {
+            let before = self.streams[i].watermark.clone();
+            if !self.streams[i].watermark.on_tick(now) {
+                continue;
+            }
+            let Some(watermark) = self.streams[i].watermark.current() else {
+                continue;
+            };
+            let seq = self.next_seq(now);
+            let record = Record::Watermark {
+                stream: self.streams[i].def.name.clone(),
+                watermark,
+            };
+            if self.settings.durability != Durability::None {
+                let appended = log::encode(&record)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        let append = LogAppend {
+                            seq,
+                            record: bytes,
+                            ids: Vec::new(),
+                        };
+                        self.store
+                            .append_log(&[append], &[])
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = appended {
+                    // Not moved after all: a move the log does not hold would
+                    // make a replay differ from this run.
+                    self.streams[i].watermark = before;
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cannot log an idle watermark move; retried on the next tick");
+                    continue;
+                }
+            }
+            self.apply(seq, record, false);
+        }
+    }
+
+    /// Writes a checkpoint when one is due (or `force`d at shutdown).
+    fn checkpoint(&mut self, now: i64, force: bool) {
+        if self.rows_lost {
+            return;
+        }
+        if !force
+            && now - self.last_checkpoint < self.settings.checkpoint_interval.as_millis() as i64
+        {
+            return;
+        }
+        self.last_checkpoint = now;
+        let started = Instant::now();
+        let mut snapshots = Vec::with_capacity(self.views.len());
+        for v in &self.views {
+            let plan = v.operator.plan();
+            match v.operator.snapshot() {
+                Ok(bytes) => snapshots.push((plan.name.clone(), plan.fingerprint, bytes)),
+                Err(e) => {
+                    tracing::error!(view = %plan.name, error = %e, "checkpoint skipped");
+                    return;
+                }
+            }
+        }
+        let streams = self
+            .streams
+            .iter()
+            .map(|s| (s.def.name.clone(), s.watermark.clone()))
+            .collect();
+        let cp = Checkpoint::new(self.last_seq, now, streams, snapshots);
+        let slot = self.next_slot;
+        let written = cp.encode().map_err(|e| e.to_string()).and_then(|stored| {
+            self.store
+                .write_checkpoint(slot, &stored)
+                .and_then(|()| self.store.persist())
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = written {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
+            return;
+        }
+        self.slots[slot as usize] = Some(self.last_seq);
+        self.next_slot = slot ^ 1;
+        self.publish_floor();
+        let took = started.elapsed();
+        self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .checkpoint_last_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        self.metrics
+            .checkpoint_last_bytes
+            .store(cp.size_bytes() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            seq = self.last_seq,
+            bytes = cp.size_bytes(),
+            took_ms = took.as_millis() as u64,
+            "checkpoint written"
+        );
+    }
+
+    /// Both checkpoints hold everything up to the older one's position; the
+    /// log below it may go (retention decides when).
+    fn publish_floor(&self) {
+        let floor = match self.slots {
+            [Some(a), Some(b)] => a.min(b),
+            _ => 0,
+        };
+        self.log_floor.store(floor, Ordering::Relaxed);
+    }
+
+    fn row_write_failed(&mut self, e: &StoreError) {
+        self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.store_healthy.store(0, Ordering::Relaxed);
+        if !self.rows_lost {
+            tracing::error!(error = %e, "a view's rows could not be stored; checkpoints stop so that a restart replays them");
+        }
+        self.rows_lost = true;
+        self.health.fail(format!(
+            "cannot store view rows: {e}; restart weir to replay them"
+        ));
+    }
+
+    fn publish_watermark(&self, i: usize) {
+        let s = &self.streams[i];
+        if let Some(w) = s.watermark.current() {
+            s.metrics.watermark.store(w, Ordering::Relaxed);
+        }
+        if let Some(t) = s.watermark.max_event_time() {
+            s.metrics.max_event_time.store(t, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs the views rooted at stream `root` in dependency order, on a batch
+    /// of the stream, or on a watermark. `seq` is the log record's; views fed
+    /// by other views use it too, with row ids that do not repeat within the
+    /// record. Returns the late rows of the stream batch and the views they
+    /// were late for.
+    fn run_views(
+        &mut self,
+        root: usize,
+        batch: Option<&EventBatch>,
+        watermark: Option<i64>,
+        seq: u64,
+    ) -> (BTreeSet<u32>, Vec<String>) {
+        let mut late = BTreeSet::new();
+        let mut late_views = Vec::new();
+        let mut outputs: Vec<Vec<ViewOutput>> = (0..self.views.len()).map(|_| Vec::new()).collect();
+        let row_base = if batch.is_some() {
+            0
+        } else {
+            WATERMARK_ROW_BASE
+        };
+        let mut failed: Option<StoreError> = None;
+        for v in 0..self.views.len() {
+            if self.views[v].root != root {
+                continue;
+            }
+            let inputs: Vec<EventBatch> = match self.views[v].upstream_view {
+                None => batch.into_iter().cloned().collect(),
+                Some(u) => {
+                    let mut next_row = row_base;
+                    outputs[u]
+                        .iter()
+                        .map(|o| {
+                            let mut b = EventBatch::new(o.rows.clone(), o.event_time.clone(), seq);
+                            let n = b.num_rows() as u32;
+                            b.row_ids = UInt32Array::from_iter_values(next_row..next_row + n);
+                            next_row += n;
+                            b
+                        })
+                        .collect()
+                }
+            };
+            let view = &mut self.views[v];
+            let name = view.operator.plan().name.clone();
+            let mut produced = Vec::new();
+            for input in &inputs {
+                match view.operator.process(input) {
+                    Ok(p) => {
+                        if !p.late_rows.is_empty() {
+                            view.metrics
+                                .late
+                                .fetch_add(p.late_rows.len() as u64, Ordering::Relaxed);
+                            if view.upstream_view.is_none() {
+                                late.extend(p.late_rows.iter().copied());
+                                late_views.push(name.clone());
+                            }
+                        }
+                        produced.extend(p.output);
+                    }
+                    Err(e) => {
+                        view.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(view = %name, error = %e, rows = input.num_rows(), "view failed on a batch; its rows were skipped");
+                    }
+                }
+            }
+            if let Some(w) = watermark {
+                match view.operator.advance_watermark(w) {
+                    Ok(out) => produced.extend(out),
+                    Err(e) => {
+                        view.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(view = %name, error = %e, "view failed to close windows");
+                    }
+                }
+            }
+            for out in &produced {
+                match sink::write_view_output(&self.store, &name, out) {
+                    Ok(n) => {
+                        view.metrics
+                            .rows_written
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(view = %name, error = %e, "cannot store view rows");
+                        failed = Some(e);
+                    }
+                }
+            }
+            view.metrics
+                .open_groups
+                .store(view.operator.open_groups() as u64, Ordering::Relaxed);
+            outputs[v] = produced;
+        }
+        if let Some(e) = failed {
+            self.row_write_failed(&e);
+        }
+        (late, late_views)
+    }
+}
