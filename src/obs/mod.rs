@@ -412,7 +412,8 @@ pub fn init_tracing() {
     let filter = std::env::var("WEIR_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| {
-            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn".to_string()
+            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn,fjall=warn,lsm_tree=warn"
+                .to_string()
         });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -251,6 +253,12 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start(port: u16) -> Mosquitto {
+        Self::start_with(port, None).await
+    }
+
+    /// With `persistence`, sessions and queued messages are saved in that
+    /// directory when the broker stops (SIGTERM) and loaded when it starts.
+    pub async fn start_with(port: u16, persistence: Option<&std::path::Path>) -> Mosquitto {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .map(PathBuf::from)
@@ -259,7 +267,17 @@ impl Mosquitto {
         let mut conf = tempfile::NamedTempFile::new().expect("conf");
         std::io::Write::write_all(
             &mut conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n").as_bytes(),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n{}",
+                match persistence {
+                    Some(dir) => format!(
+                        "persistence true\npersistence_location {}/\nautosave_interval 0\n",
+                        dir.display()
+                    ),
+                    None => "persistence false\n".to_string(),
+                }
+            )
+            .as_bytes(),
         )
         .expect("write conf");
         let child = std::process::Command::new(binary)
@@ -277,6 +295,21 @@ impl Mosquitto {
         })
         .await;
         Mosquitto { child, _conf: conf }
+    }
+}
+
+impl Mosquitto {
+    /// Stops the broker with SIGTERM, so that it saves its sessions.
+    pub async fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        wait_for("mosquitto to exit", || {
+            let done = self.child.try_wait().ok().flatten();
+            async move { done }
+        })
+        .await;
     }
 }
 
