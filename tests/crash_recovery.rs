@@ -70,7 +70,7 @@ const VIEWS: [&str; 6] = [
 fn message(k: usize) -> (String, String) {
     let terminal = k % TERMINALS;
     let gaps = (k / 97) as i64 * 40_000;
-    let base = T0 + k as i64 * 250 + gaps - if k % 5 == 0 { 3_000 } else { 0 };
+    let base = T0 + k as i64 * 250 + gaps - if k.is_multiple_of(5) { 3_000 } else { 0 };
     let events: Vec<String> = (0..EVENTS_PER_MESSAGE)
         .map(|e| {
             let n = k * EVENTS_PER_MESSAGE + e;
