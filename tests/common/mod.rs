@@ -47,6 +47,15 @@ impl Weir {
 
     /// Starts weir on an existing data/pipelines folder (for restarts).
     pub async fn start_in(dir: tempfile::TempDir, broker: Option<String>) -> Weir {
+        Self::start_configured(dir, broker, |_| {}).await
+    }
+
+    /// Like `start_in`, with a last say over the configuration.
+    pub async fn start_configured(
+        dir: tempfile::TempDir,
+        broker: Option<String>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Weir {
         let mut config = Config::default();
         config.http.listen = "127.0.0.1:0".parse().expect("addr");
         config.mqtt.embedded_listen = "127.0.0.1:0".parse().expect("addr");
@@ -62,6 +71,7 @@ impl Weir {
         if let Some(b) = broker {
             config.mqtt.broker = b;
         }
+        tweak(&mut config);
         let pipeline = weir::plan::plan_dir(&config.pipelines.dir).expect("pipelines plan");
         let running = weir::engine::start(config, pipeline)
             .await
@@ -271,7 +281,9 @@ impl Mosquitto {
                 "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n{}",
                 match persistence {
                     Some(dir) => format!(
-                        "persistence true\npersistence_location {}/\nautosave_interval 0\n",
+                        // run as root (CI), it would switch to the `mosquitto` user,
+                        // which cannot write the test's temp dir
+                        "persistence true\npersistence_location {}/\nautosave_interval 0\nuser root\n",
                         dir.display()
                     ),
                     None => "persistence false\n".to_string(),
