@@ -11,64 +11,13 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use weir::plan::{plan_sources, Pipeline};
-use weir::source::decode::{Decoder, Message};
+use weir::source::decode::Decoder;
 use weir::window::operator::{EventBatch, ViewOperator};
 
-const TERMINALS: usize = 10_000;
-const EVENTS_PER_MESSAGE: usize = 100;
-/// 1 200 messages of 100 events: 12 samples for each of 10 000 terminals, one minute.
-const MESSAGES: usize = 1200;
-const T0: i64 = 1_699_999_980_000;
+mod common;
 
-fn pipeline() -> Pipeline {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/pipelines/10_telemetry.sql"
-    );
-    let sql = std::fs::read_to_string(path).expect("shipped telemetry pipeline");
-    plan_sources(&[("10_telemetry.sql".into(), sql)]).expect("shipped pipeline plans")
-}
-
-/// Messages of 100 events each, as a terminal batch would carry them, in event-time order.
-fn messages() -> Vec<Message> {
-    let networks = ["wifi", "lte", "none"];
-    let mut out = Vec::with_capacity(MESSAGES);
-    let mut n = 0usize;
-    for m in 0..MESSAGES {
-        let mut payload = String::from("[");
-        for e in 0..EVENTS_PER_MESSAGE {
-            let terminal = n % TERMINALS;
-            let ts = T0 + (n / TERMINALS) as i64 * 5_000 + (terminal % 5000) as i64;
-            if e > 0 {
-                payload.push(',');
-            }
-            payload.push_str(&format!(
-                r#"{{"terminal_id":"T{terminal:05}","merchant_id":"M{:04}","ts":{ts},"battery_pct":{:.1},"charging":{},"network":"{}","rssi_dbm":{},"app_latency_ms":{:.1},"app_version":"2.{}.0","error_count":{}}}"#,
-                terminal / 10,
-                20.0 + (n % 80) as f64,
-                n.is_multiple_of(7),
-                networks[n % 3],
-                -50 - (n % 40) as i64,
-                80.0 + (n % 300) as f64 / 3.0,
-                n % 4,
-                n % 3,
-            ));
-            n += 1;
-        }
-        payload.push(']');
-        out.push(Message {
-            topic: format!("terminals/T{:05}/telemetry", m % TERMINALS),
-            payload: Bytes::from(payload),
-            received_at: T0,
-            ack: None,
-            dup: false,
-        });
-    }
-    out
-}
+use common::{messages, pipeline, EVENTS_PER_MESSAGE, MESSAGES};
 
 fn bench(c: &mut Criterion) {
     let pipeline = pipeline();

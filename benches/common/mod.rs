@@ -1,0 +1,67 @@
+//! The synthetic fleet the benchmarks feed on: shaped like the reference
+//! data set, 10 000 terminals reporting every 5 s, so one minute holds 12
+//! samples per terminal.
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use weir::plan::{plan_sources, Pipeline};
+use weir::source::decode::Message;
+
+pub const TERMINALS: usize = 10_000;
+pub const EVENTS_PER_MESSAGE: usize = 100;
+/// 1 200 messages of 100 events: 12 samples for each of 10 000 terminals, one minute.
+pub const MESSAGES: usize = 1200;
+pub const T0: i64 = 1_699_999_980_000;
+
+pub fn pipeline() -> Pipeline {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/pipelines/10_telemetry.sql"
+    );
+    let sql = std::fs::read_to_string(path).expect("shipped telemetry pipeline");
+    plan_sources(&[("10_telemetry.sql".into(), sql)]).expect("shipped pipeline plans")
+}
+
+/// Messages of 100 events each, as a terminal batch would carry them, in event-time order.
+pub fn messages() -> Vec<Message> {
+    fleet(TERMINALS, MESSAGES)
+}
+
+/// `count` messages of 100 events from `terminals` terminals taking turns.
+pub fn fleet(terminals: usize, count: usize) -> Vec<Message> {
+    let networks = ["wifi", "lte", "none"];
+    let mut out = Vec::with_capacity(count);
+    let mut n = 0usize;
+    for m in 0..count {
+        let mut payload = String::from("[");
+        for e in 0..EVENTS_PER_MESSAGE {
+            let terminal = n % terminals;
+            let ts = T0 + (n / terminals) as i64 * 5_000 + (terminal % 5000) as i64;
+            if e > 0 {
+                payload.push(',');
+            }
+            payload.push_str(&format!(
+                r#"{{"terminal_id":"T{terminal:05}","merchant_id":"M{:04}","ts":{ts},"battery_pct":{:.1},"charging":{},"network":"{}","rssi_dbm":{},"app_latency_ms":{:.1},"app_version":"2.{}.0","error_count":{}}}"#,
+                terminal / 10,
+                20.0 + (n % 80) as f64,
+                n.is_multiple_of(7),
+                networks[n % 3],
+                -50 - (n % 40) as i64,
+                80.0 + (n % 300) as f64 / 3.0,
+                n % 4,
+                n % 3,
+            ));
+            n += 1;
+        }
+        payload.push(']');
+        out.push(Message {
+            topic: format!("terminals/T{:05}/telemetry", m % terminals),
+            payload: Bytes::from(payload),
+            received_at: T0,
+            ack: None,
+            dup: false,
+        });
+    }
+    out
+}
