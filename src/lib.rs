@@ -4,18 +4,17 @@
 //!
 //! - [`config`]  `weir.toml` and `WEIR_<SECTION>__<KEY>` overrides.
 //! - [`source`]  MQTT in: the embedded broker, the rumqttc subscriber, topic patterns, JSON -> Arrow.
-//! - [`log`]     the ingest log's seam (batch sequence numbers; durability comes next).
+//! - [`log`]     the durable ingest log's records, sequence numbers and DUP dedup.
 //! - [`plan`]    pipeline `.sql` files -> stream definitions and view plans (DataFusion).
 //! - [`window`]  event time, watermarks, windowed/updating/filter operators; pure, no I/O.
 //! - [`sink`]    view output and dead letters -> store rows.
-//! - [`store`]   the only module that touches fjall: view rows, dead letters, metadata.
+//! - [`store`]   the only module that touches fjall: view rows, dead letters, log, checkpoints.
+//! - [`checkpoint`] operator state and log position, written atomically, restored at start-up.
 //! - [`api`]     the axum HTTP API; reads the store, never blocks the pipeline.
-//! - [`engine`]  wires the stages, owns start-up and shutdown.
+//! - [`engine`]  wires the stages, runs the pipeline thread, owns start-up, recovery and shutdown.
 //! - [`obs`]     metrics (Prometheus text) and tracing.
 //!
-//! Alerts (`alert`) and checkpoints (`checkpoint`) are the next stages to be
-//! built; operators already snapshot and restore their state
-//! ([`window::operator::ViewOperator::snapshot`]).
+//! Alerts (`alert`) are the next stage to be built.
 
 pub mod api;
 pub mod checkpoint;

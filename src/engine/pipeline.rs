@@ -7,12 +7,14 @@
 //!    route messages to streams, decode each stream's messages into one
 //!    Arrow batch, encode the log records;
 //! 2. **commit**: append the records and the micro-batch's dead letters in
-//!    one atomic store batch, then fsync (`storage.durability = "sync"`) —
-//!    one sync for the whole group, so its cost is shared by every message
-//!    in it (group commit). Only now are the QoS 1 messages acknowledged. If
-//!    the store refuses the write, nothing is acknowledged: the batch is
-//!    retried with backoff, `/healthz` reports the error, and the full queue
-//!    stops intake;
+//!    one atomic store batch. Only once that is durable are the QoS 1
+//!    messages acknowledged: with `storage.durability = "sync"` the acks go
+//!    to the sync thread, which fsyncs once for everything queued since its
+//!    last sync (group commit) and then releases them, while this thread
+//!    goes on applying; with `"buffered"` they are released at once. If the
+//!    store refuses the write, nothing is acknowledged: the batch is retried
+//!    with backoff, `/healthz` reports the error, and the full queue stops
+//!    intake;
 //! 3. **apply**: run the views on each record, in dependency order, and
 //!    upsert their rows.
 //!
@@ -86,6 +88,76 @@ struct Prepared {
     rejects: Vec<Rejected>,
     acks: Vec<AckToken>,
     ids: Vec<MessageId>,
+}
+
+/// Where acknowledgements go once their messages are in the log.
+enum Acker {
+    /// Straight to the source: the append was enough (`buffered`, `none`).
+    Direct(mpsc::UnboundedSender<Vec<AckToken>>),
+    /// To the sync thread, which fsyncs and then forwards them (`sync`).
+    AfterSync(std::sync::mpsc::SyncSender<Vec<AckToken>>),
+}
+
+impl Acker {
+    fn send(&self, acks: Vec<AckToken>) {
+        if acks.is_empty() {
+            return;
+        }
+        // A closed channel means the source or the sync thread has stopped;
+        // the broker then delivers these messages again.
+        match self {
+            Acker::Direct(tx) => {
+                let _ = tx.send(acks);
+            }
+            Acker::AfterSync(tx) => {
+                let _ = tx.send(acks);
+            }
+        }
+    }
+}
+
+/// Groups of acks waiting for one fsync; bounded, so a slow disk slows intake.
+const SYNC_QUEUE: usize = 64;
+
+/// The sync thread: fsyncs the journal once for every group of acks queued
+/// since the last sync, then forwards them to the source, in order.
+fn spawn_syncer(
+    store: Store,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    acks: mpsc::UnboundedSender<Vec<AckToken>>,
+) -> std::io::Result<(
+    std::sync::mpsc::SyncSender<Vec<AckToken>>,
+    std::thread::JoinHandle<()>,
+)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<AckToken>>(SYNC_QUEUE);
+    let handle = std::thread::Builder::new()
+        .name("weir-log-sync".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut pending = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    pending.push(more);
+                }
+                let started = Instant::now();
+                if let Err(e) = store.persist() {
+                    // fjall refuses every write after a failed sync: these
+                    // stay unacknowledged, and so does everything after them.
+                    metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics.store_healthy.store(0, Ordering::Relaxed);
+                    tracing::error!(error = %e, "cannot sync the ingest log; nothing more is acknowledged");
+                    health.fail(format!("cannot sync the ingest log: {e}"));
+                    return;
+                }
+                metrics
+                    .log_sync_ns
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                for group in pending {
+                    let _ = acks.send(group);
+                }
+            }
+        })?;
+    Ok((tx, handle))
 }
 
 /// The pipeline: decoders, watermarks, operators and the log, on one thread.
@@ -304,6 +376,27 @@ impl Runner {
         handle: tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) {
+        let mut syncer = None;
+        let acks = match self.settings.durability {
+            Durability::Sync => match spawn_syncer(
+                self.store.clone(),
+                self.metrics.clone(),
+                self.health.clone(),
+                acks.clone(),
+            ) {
+                Ok((tx, handle)) => {
+                    syncer = Some(handle);
+                    Acker::AfterSync(tx)
+                }
+                Err(e) => {
+                    // Without the thread, acks wait for nothing but the append:
+                    // say so loudly rather than stop.
+                    tracing::error!(error = %e, "cannot start the log sync thread; acknowledging after the append only");
+                    Acker::Direct(acks)
+                }
+            },
+            Durability::Buffered | Durability::None => Acker::Direct(acks),
+        };
         let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
         let mut last_tick = now_ms();
         loop {
@@ -351,6 +444,10 @@ impl Runner {
             self.step(&mut messages, &acks, &handle, &shutdown);
         }
         self.checkpoint(now_ms(), true);
+        drop(acks);
+        if let Some(handle) = syncer {
+            let _ = handle.join();
+        }
         tracing::info!("pipeline stopped");
     }
 
@@ -358,7 +455,7 @@ impl Runner {
     fn step(
         &mut self,
         messages: &mut Vec<Message>,
-        acks: &mpsc::UnboundedSender<Vec<AckToken>>,
+        acks: &Acker,
         handle: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
     ) {
@@ -395,14 +492,14 @@ impl Runner {
             self.dedup.insert(id);
         }
         let logged = self.settings.durability != Durability::None;
-        if logged && !prepared.acks.is_empty() {
-            let _ = acks.send(std::mem::take(&mut prepared.acks));
+        if logged {
+            acks.send(std::mem::take(&mut prepared.acks));
         }
         for (seq, record) in prepared.records.drain(..) {
             self.apply(seq, record, false);
         }
-        if !logged && !prepared.acks.is_empty() {
-            let _ = acks.send(std::mem::take(&mut prepared.acks));
+        if !logged {
+            acks.send(std::mem::take(&mut prepared.acks));
         }
     }
 

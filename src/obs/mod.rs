@@ -88,8 +88,10 @@ pub struct Metrics {
     pub duplicates_dropped: AtomicU64,
     pub log_records: AtomicU64,
     pub log_bytes: AtomicU64,
-    /// Nanoseconds spent appending and syncing the ingest log.
+    /// Nanoseconds the pipeline spent appending to the ingest log.
     pub log_append_ns: AtomicU64,
+    /// Nanoseconds the sync thread spent in fsync.
+    pub log_sync_ns: AtomicU64,
     pub log_truncated_records: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_last_ms: AtomicU64,
@@ -230,7 +232,7 @@ impl Metrics {
             per_view(&|m| load(&m.open_groups)),
         );
         let seconds = |c: &AtomicU64| format!("{:.3}", load(c) as f64 / 1e9);
-        let more: [(&str, &str, &str, String); 13] = [
+        let more: [(&str, &str, &str, String); 14] = [
             (
                 "weir_store_healthy",
                 "gauge",
@@ -264,8 +266,14 @@ impl Metrics {
             (
                 "weir_log_append_seconds_total",
                 "counter",
-                "Time spent appending to (and syncing) the ingest log.",
+                "Time the pipeline spent appending to the ingest log.",
                 seconds(&self.log_append_ns),
+            ),
+            (
+                "weir_log_sync_seconds_total",
+                "counter",
+                "Time the sync thread spent in fsync (durability = \"sync\").",
+                seconds(&self.log_sync_ns),
             ),
             (
                 "weir_log_truncated_records_total",
