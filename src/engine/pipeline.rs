@@ -140,7 +140,7 @@ fn spawn_syncer(
                     pending.push(more);
                 }
                 let started = Instant::now();
-                if let Err(e) = store.persist() {
+                if let Err(e) = store.sync_journal() {
                     // fjall refuses every write after a failed sync: these
                     // stay unacknowledged, and so does everything after them.
                     metrics.store_errors.fetch_add(1, Ordering::Relaxed);

@@ -87,6 +87,9 @@ pub struct Store {
     logids: Keyspace,
     checkpoint: Keyspace,
     dead_letter_seq: std::sync::Arc<AtomicU64>,
+    dir: std::sync::Arc<std::path::PathBuf>,
+    /// The journal file `sync_journal` last synced, kept open.
+    journal: std::sync::Arc<std::sync::Mutex<Option<(std::path::PathBuf, std::fs::File)>>>,
 }
 
 /// One record to append: its sequence number, encoded bytes, and packed message ids.
@@ -174,6 +177,8 @@ impl Store {
             logids,
             checkpoint,
             dead_letter_seq: std::sync::Arc::new(AtomicU64::new(seq)),
+            dir: std::sync::Arc::new(dir.to_path_buf()),
+            journal: Default::default(),
         })
     }
 
@@ -202,6 +207,47 @@ impl Store {
         self.db
             .persist(fjall::PersistMode::SyncData)
             .map_err(io("sync the journal"))
+    }
+
+    /// fsyncs the active journal file through a descriptor of our own, so
+    /// that appends — which take fjall's journal lock, held during
+    /// [`Store::persist`] — do not wait for the disk. Sound because fjall
+    /// hands every commit to the OS before it returns (the default, not
+    /// manual, journal persistence), fully syncs a journal and its folder
+    /// when it rotates to the next one, and the active journal is the
+    /// highest-numbered `<n>.jnl` in the store's folder. Where that layout is
+    /// not found, it falls back to [`Store::persist`].
+    pub fn sync_journal(&self) -> Result<(), StoreError> {
+        let newest = std::fs::read_dir(self.dir.as_path())
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let n: u64 = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".jnl")?
+                    .parse()
+                    .ok()?;
+                Some((n, path))
+            })
+            .max_by_key(|(n, _)| *n);
+        let Some((_, path)) = newest else {
+            return self.persist();
+        };
+        let mut cached = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.as_ref().is_none_or(|(p, _)| *p != path) {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| io("open the journal to sync it")(fjall::Error::from(e)))?;
+            *cached = Some((path, file));
+        }
+        match cached.as_ref() {
+            Some((_, file)) => file
+                .sync_data()
+                .map_err(|e| io("sync the journal")(fjall::Error::from(e))),
+            None => self.persist(),
+        }
     }
 
     /// Calls `f` with every log record after `after`, in order, until it returns false.
@@ -568,6 +614,25 @@ mod tests {
 
     fn row(v: i64) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({"v": v})).unwrap()
+    }
+
+    #[test]
+    fn the_journal_is_synced_through_its_own_file() {
+        // Guards the layout `sync_journal` relies on: if fjall stops keeping
+        // `<n>.jnl` in the store's folder, this fails instead of weir
+        // silently falling back to the slower locked sync.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let append = LogAppend {
+            seq: 1,
+            record: vec![1, 2, 3],
+            ids: Vec::new(),
+        };
+        store.append_log(&[append], &[]).unwrap();
+        store.sync_journal().unwrap();
+        let cached = store.journal.lock().unwrap();
+        let (path, _) = cached.as_ref().expect("the active journal was found");
+        assert!(path.to_string_lossy().ends_with(".jnl"), "{path:?}");
     }
 
     #[test]
