@@ -617,6 +617,38 @@ mod tests {
     }
 
     #[test]
+    fn log_retention_truncates_below_a_sequence_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let appends: Vec<LogAppend> = (1..=5u64)
+            .map(|seq| LogAppend {
+                seq,
+                record: vec![seq as u8],
+                ids: vec![seq as u8; 10],
+            })
+            .collect();
+        store.append_log(&appends, &[]).unwrap();
+        assert_eq!(store.truncate_log(3).unwrap(), 2);
+        let mut left = Vec::new();
+        store
+            .scan_log(0, |seq, bytes| {
+                left.push((seq, bytes.to_vec()));
+                true
+            })
+            .unwrap();
+        assert_eq!(left, vec![(3, vec![3]), (4, vec![4]), (5, vec![5])]);
+        let mut ids = Vec::new();
+        store
+            .recent_log_ids(|packed| {
+                ids.push(packed[0]);
+                false
+            })
+            .unwrap();
+        assert_eq!(ids, vec![5, 4, 3], "ids of truncated records go too");
+        assert_eq!(store.last_log_seq().unwrap(), Some(5));
+    }
+
+    #[test]
     fn the_journal_is_synced_through_its_own_file() {
         // Guards the layout `sync_journal` relies on: if fjall stops keeping
         // `<n>.jnl` in the store's folder, this fails instead of weir
