@@ -163,12 +163,7 @@ impl WeirProcess {
 
     /// SIGTERM, and the exit status once weir has stopped by itself.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        assert!(sent.success(), "kill -TERM {pid}");
+        super::sigterm(&self.child);
         wait_for("weir to exit after SIGTERM", || {
             let done = self.child.try_wait().expect("try_wait");
             async move { done }
