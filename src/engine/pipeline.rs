@@ -516,15 +516,16 @@ impl Runner {
         let mut per_stream: Vec<Vec<Message>> = (0..n_streams).map(|_| Vec::new()).collect();
         let mut per_stream_ids: Vec<Vec<Option<MessageId>>> =
             (0..n_streams).map(|_| Vec::new()).collect();
+        // Acks in arrival order (rumqttd insists), each with its stream, so
+        // that a stream whose record cannot be logged acknowledges nothing.
+        let mut acks: Vec<(Option<usize>, AckToken)> = Vec::new();
         for m in messages.drain(..) {
             let id = m.ack.map(|a| MessageId::of(a.pkid, &m.topic, &m.payload));
-            if let Some(ack) = m.ack {
-                out.acks.push(ack);
-            }
             if m.dup && id.is_some_and(|id| self.dedup.contains(&id)) {
                 self.metrics
                     .duplicates_dropped
                     .fetch_add(1, Ordering::Relaxed);
+                acks.extend(m.ack.map(|a| (None, a)));
                 continue;
             }
             match self
@@ -533,10 +534,12 @@ impl Runner {
                 .position(|s| s.def.topic.matches(&m.topic, |_, _| {}))
             {
                 Some(i) => {
+                    acks.extend(m.ack.map(|a| (Some(i), a)));
                     per_stream[i].push(m);
                     per_stream_ids[i].push(id);
                 }
                 None => {
+                    acks.extend(m.ack.map(|a| (None, a)));
                     self.metrics
                         .unmatched_messages
                         .fetch_add(1, Ordering::Relaxed);
@@ -551,6 +554,7 @@ impl Runner {
                 }
             }
         }
+        let mut unlogged = vec![false; n_streams];
         for (i, (msgs, ids)) in per_stream.into_iter().zip(per_stream_ids).enumerate() {
             if msgs.is_empty() {
                 continue;
@@ -570,7 +574,6 @@ impl Runner {
                 .metrics
                 .ingested
                 .fetch_add(rows as u64, Ordering::Relaxed);
-            out.ids.extend(ids.iter().flatten());
             if rows == 0 && ids.iter().all(Option::is_none) {
                 continue;
             }
@@ -596,25 +599,33 @@ impl Runner {
             if self.settings.durability != Durability::None {
                 match log::encode(&record) {
                     Ok(bytes) => {
-                        let ids = match &record {
-                            Record::Batch(b) => log::pack_ids(&b.messages),
-                            Record::Watermark { .. } => Vec::new(),
-                        };
-                        out.appends.push(LogAppend {
-                            seq,
-                            record: bytes,
-                            ids,
-                        });
+                        if let Record::Batch(b) = &record {
+                            out.ids.extend(b.messages.iter().filter_map(|m| m.id));
+                            out.appends.push(LogAppend {
+                                seq,
+                                record: bytes,
+                                ids: log::pack_ids(&b.messages),
+                            });
+                        }
                     }
                     Err(e) => {
-                        // Not expected for a batch we just built; its rows are
-                        // still processed, but a restart would not replay them.
-                        tracing::error!(error = %e, "cannot encode a log record");
+                        // Not expected for a batch we just built. Its rows are
+                        // processed, but since a restart could not replay
+                        // them, its messages are not acknowledged.
+                        tracing::error!(stream = %self.streams[i].def.name, error = %e, "cannot encode a log record; its messages stay unacknowledged");
+                        unlogged[i] = true;
                     }
                 }
+            } else if let Record::Batch(b) = &record {
+                out.ids.extend(b.messages.iter().filter_map(|m| m.id));
             }
             out.records.push((seq, record));
         }
+        out.acks = acks
+            .into_iter()
+            .filter(|(stream, _)| stream.is_none_or(|i| !unlogged[i]))
+            .map(|(_, a)| a)
+            .collect();
         out
     }
 
