@@ -181,6 +181,8 @@ pub(super) struct Runner {
     /// A view's rows could not be written: checkpoints stop, so that a
     /// restart replays (and rewrites) them.
     rows_lost: bool,
+    /// While backfilling: the views that run (all, when `None`).
+    only: Option<Vec<bool>>,
 }
 
 impl Runner {
@@ -242,6 +244,7 @@ impl Runner {
             next_slot: 0,
             log_floor,
             rows_lost: false,
+            only: None,
         })
     }
 
@@ -272,13 +275,14 @@ impl Runner {
         if let Some((slot, cp)) = best {
             self.next_slot = slot ^ 1;
             from = cp.manifest.seq;
-            self.restore(&cp);
+            let fresh = self.restore(&cp);
             tracing::info!(
                 seq = from,
                 taken_at = %crate::obs::format_time(cp.manifest.taken_at),
                 bytes = cp.size_bytes(),
                 "checkpoint restored"
             );
+            self.backfill(fresh, from)?;
         }
         self.publish_floor();
 
@@ -342,7 +346,10 @@ impl Runner {
         Ok(())
     }
 
-    fn restore(&mut self, cp: &Checkpoint) {
+    /// Restores streams and views from `cp`; returns, per view, whether it
+    /// starts empty (new or changed since the checkpoint).
+    fn restore(&mut self, cp: &Checkpoint) -> Vec<bool> {
+        let mut fresh = Vec::with_capacity(self.views.len());
         for s in &mut self.streams {
             if let Some(w) = cp.manifest.streams.get(&s.def.name) {
                 s.watermark.restore(w);
@@ -355,18 +362,78 @@ impl Runner {
             let plan = v.operator.plan().clone();
             match (cp.manifest.views.get(&plan.name), cp.views.get(&plan.name)) {
                 (Some(info), Some(bytes)) if info.fingerprint == plan.fingerprint => {
-                    if let Err(e) = v.operator.restore(bytes) {
-                        tracing::error!(view = %plan.name, error = %e, "view state not restored; it starts empty");
+                    match v.operator.restore(bytes) {
+                        Ok(()) => fresh.push(false),
+                        Err(e) => {
+                            tracing::error!(view = %plan.name, error = %e, "view state not restored; it starts empty");
+                            fresh.push(true);
+                        }
                     }
                 }
                 _ => {
-                    tracing::info!(view = %plan.name, "view is new or changed since the checkpoint: it starts empty")
+                    tracing::info!(view = %plan.name, "view is new or changed since the checkpoint: it is rebuilt from the log");
+                    fresh.push(true);
                 }
             }
             v.metrics
                 .open_groups
                 .store(v.operator.open_groups() as u64, Ordering::Relaxed);
         }
+        fresh
+    }
+
+    /// Runs the log up to `upto` (the checkpoint's position) through the
+    /// views that start empty, and only them, so that a new or changed view
+    /// holds the history the log still has (DESIGN §4). The streams'
+    /// watermarks are rebuilt from the log alongside and put back after; a
+    /// view that reads an unchanged view is not backfilled (its input would
+    /// have to be recomputed too) and starts empty.
+    fn backfill(&mut self, fresh: Vec<bool>, upto: u64) -> Result<(), StoreError> {
+        let mut only = fresh;
+        for v in 0..self.views.len() {
+            if let Some(u) = self.views[v].upstream_view {
+                if only[v] && !only[u] {
+                    tracing::info!(view = %self.views[v].operator.plan().name, "reads an unchanged view: starts empty, not backfilled");
+                    only[v] = false;
+                }
+            }
+        }
+        if !only.contains(&true) {
+            return Ok(());
+        }
+        let saved: Vec<Watermark> = self
+            .streams
+            .iter_mut()
+            .map(|s| {
+                let fresh = Watermark::new(
+                    s.def.event_time.bound_ms,
+                    s.def.idle_timeout.as_millis() as i64,
+                );
+                std::mem::replace(&mut s.watermark, fresh)
+            })
+            .collect();
+        self.only = Some(only);
+        let store = self.store.clone();
+        let mut records = 0u64;
+        let scanned = store.scan_log(0, |seq, bytes| {
+            if seq > upto {
+                return false;
+            }
+            if let Ok(record) = log::decode(seq, bytes) {
+                self.apply(seq, record, false);
+                records += 1;
+            }
+            true
+        });
+        self.only = None;
+        for (s, w) in self.streams.iter_mut().zip(saved) {
+            s.watermark = w;
+        }
+        for i in 0..self.streams.len() {
+            self.publish_watermark(i);
+        }
+        tracing::info!(records, "new and changed views backfilled from the log");
+        scanned
     }
 
     pub(super) fn run(
@@ -689,7 +756,8 @@ impl Runner {
                 let watermark_before = self.streams[i].watermark.current();
                 let batch = EventBatch::new(b.data, b.event_time, seq);
                 let (late, late_views) = self.run_views(i, Some(&batch), None, seq);
-                if !late.is_empty() {
+                // (a backfill does not write dead letters: the first run did)
+                if !late.is_empty() && self.only.is_none() {
                     self.late_letters(
                         i,
                         seq,
@@ -926,7 +994,7 @@ impl Runner {
         };
         let mut failed: Option<StoreError> = None;
         for v in 0..self.views.len() {
-            if self.views[v].root != root {
+            if self.views[v].root != root || self.only.as_ref().is_some_and(|only| !only[v]) {
                 continue;
             }
             let inputs: Vec<EventBatch> = match self.views[v].upstream_view {

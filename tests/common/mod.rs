@@ -62,6 +62,8 @@ impl Weir {
         config.mqtt.client_id = format!("weir-test-{}", std::process::id());
         config.storage.dir = dir.path().join("data");
         config.pipelines.dir = dir.path().join("pipelines");
+        // The tests' events are from 2023 (T0): keep their rows.
+        config.storage.view_retention = Duration::from_secs(3650 * 24 * 3600);
         let external_port = broker.as_ref().map(|b| {
             b.rsplit(':')
                 .next()
