@@ -160,6 +160,119 @@ fn spawn_syncer(
     Ok((tx, handle))
 }
 
+/// The two checkpoint slots and what they imply for the log.
+struct CheckpointSlots {
+    /// Sequence number held by each slot.
+    slots: [Option<u64>; 2],
+    next_slot: u8,
+    /// Log records below this are no longer needed by any checkpoint.
+    log_floor: Arc<AtomicU64>,
+}
+
+impl CheckpointSlots {
+    fn new(log_floor: Arc<AtomicU64>) -> Self {
+        Self {
+            slots: [None, None],
+            next_slot: 0,
+            log_floor,
+        }
+    }
+
+    /// Encodes, writes and syncs `cp` into the next slot.
+    fn write(&mut self, store: &Store, metrics: &Metrics, cp: &Checkpoint, started: Instant) {
+        let slot = self.next_slot;
+        let written = cp.encode().map_err(|e| e.to_string()).and_then(|stored| {
+            store
+                .write_checkpoint(slot, &stored)
+                .and_then(|()| store.sync_journal())
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = written {
+            metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
+            return;
+        }
+        self.slots[slot as usize] = Some(cp.manifest.seq);
+        self.next_slot = slot ^ 1;
+        self.publish_floor();
+        let took = started.elapsed();
+        metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .checkpoint_last_ms
+            .store(took.as_millis() as u64, Ordering::Relaxed);
+        metrics
+            .checkpoint_last_bytes
+            .store(cp.size_bytes() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            seq = cp.manifest.seq,
+            bytes = cp.size_bytes(),
+            took_ms = took.as_millis() as u64,
+            "checkpoint written"
+        );
+    }
+
+    /// Both checkpoints hold everything up to the older one's position; the
+    /// log below it may go (retention decides when).
+    fn publish_floor(&self) {
+        let floor = match self.slots {
+            [Some(a), Some(b)] => a.min(b),
+            _ => 0,
+        };
+        self.log_floor.store(floor, Ordering::Relaxed);
+    }
+}
+
+enum Checkpoints {
+    /// Written on the pipeline thread (during recovery, or without the thread).
+    Inline(CheckpointSlots),
+    /// Handed to the writer thread; `busy` while it writes one.
+    Thread {
+        tx: std::sync::mpsc::SyncSender<(Checkpoint, Instant)>,
+        busy: Arc<std::sync::atomic::AtomicBool>,
+        handle: std::thread::JoinHandle<()>,
+    },
+}
+
+impl Checkpoints {
+    /// Moves the writing onto a thread of its own (keeps it inline if the
+    /// thread cannot start).
+    fn start_thread(self, store: Store, metrics: Arc<Metrics>) -> Checkpoints {
+        let Checkpoints::Inline(slots) = self else {
+            return self;
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Checkpoint, Instant)>(1);
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = busy.clone();
+        let floor = slots.log_floor.clone();
+        let mut slots = slots;
+        let spawned = std::thread::Builder::new()
+            .name("weir-checkpoint".into())
+            .spawn(move || {
+                for (cp, started) in rx {
+                    slots.write(&store, &metrics, &cp, started);
+                    flag.store(false, Ordering::Release);
+                }
+            });
+        match spawned {
+            Ok(handle) => Checkpoints::Thread { tx, busy, handle },
+            Err(e) => {
+                // The slots went with the closure that never ran: start over
+                // empty, which keeps the log until two checkpoints exist.
+                tracing::error!(error = %e, "cannot start the checkpoint thread; checkpoints are written inline");
+                Checkpoints::Inline(CheckpointSlots::new(floor))
+            }
+        }
+    }
+
+    /// Waits for the writer thread to finish what it was given.
+    fn finish(self) {
+        if let Checkpoints::Thread { tx, handle, .. } = self {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
 /// The pipeline: decoders, watermarks, operators and the log, on one thread.
 pub(super) struct Runner {
     streams: Vec<StreamRuntime>,
@@ -173,11 +286,8 @@ pub(super) struct Runner {
     dedup: Dedup,
     /// Wall time of the last checkpoint.
     last_checkpoint: i64,
-    /// Sequence number held by each checkpoint slot.
-    slots: [Option<u64>; 2],
-    next_slot: u8,
-    /// Log records below this are no longer needed by any checkpoint.
-    log_floor: Arc<AtomicU64>,
+    /// Where checkpoints go: written here until `run` starts the writer thread.
+    checkpoints: Checkpoints,
     /// A view's rows could not be written: checkpoints stop, so that a
     /// restart replays (and rewrites) them.
     rows_lost: bool,
@@ -240,9 +350,7 @@ impl Runner {
             last_seq: 0,
             dedup: Dedup::new(log::DEDUP_WINDOW),
             last_checkpoint: now_ms(),
-            slots: [None, None],
-            next_slot: 0,
-            log_floor,
+            checkpoints: Checkpoints::Inline(CheckpointSlots::new(log_floor)),
             rows_lost: false,
             only: None,
         })
@@ -258,7 +366,9 @@ impl Runner {
             };
             match Checkpoint::decode(stored) {
                 Ok(cp) => {
-                    self.slots[slot as usize] = Some(cp.manifest.seq);
+                    if let Checkpoints::Inline(c) = &mut self.checkpoints {
+                        c.slots[slot as usize] = Some(cp.manifest.seq);
+                    }
                     if best
                         .as_ref()
                         .is_none_or(|(_, b)| cp.manifest.seq > b.manifest.seq)
@@ -273,7 +383,9 @@ impl Runner {
         }
         let mut from = 0;
         if let Some((slot, cp)) = best {
-            self.next_slot = slot ^ 1;
+            if let Checkpoints::Inline(c) = &mut self.checkpoints {
+                c.next_slot = slot ^ 1;
+            }
             from = cp.manifest.seq;
             let fresh = self.restore(&cp);
             tracing::info!(
@@ -284,7 +396,9 @@ impl Runner {
             );
             self.backfill(fresh, from)?;
         }
-        self.publish_floor();
+        if let Checkpoints::Inline(c) = &self.checkpoints {
+            c.publish_floor();
+        }
 
         let last = self.store.last_log_seq()?;
         let store = self.store.clone();
@@ -464,6 +578,12 @@ impl Runner {
             },
             Durability::Buffered | Durability::None => Acker::Direct(acks),
         };
+        let floor = Arc::new(AtomicU64::new(0));
+        let inline = std::mem::replace(
+            &mut self.checkpoints,
+            Checkpoints::Inline(CheckpointSlots::new(floor)),
+        );
+        self.checkpoints = inline.start_thread(self.store.clone(), self.metrics.clone());
         let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
         let mut last_tick = now_ms();
         loop {
@@ -511,6 +631,12 @@ impl Runner {
             self.step(&mut messages, &acks, &handle, &shutdown);
         }
         self.checkpoint(now_ms(), true);
+        let floor = Arc::new(AtomicU64::new(0));
+        std::mem::replace(
+            &mut self.checkpoints,
+            Checkpoints::Inline(CheckpointSlots::new(floor)),
+        )
+        .finish();
         drop(acks);
         if let Some(handle) = syncer {
             let _ = handle.join();
@@ -880,7 +1006,10 @@ impl Runner {
         }
     }
 
-    /// Writes a checkpoint when one is due (or `force`d at shutdown).
+    /// Takes a checkpoint when one is due (or `force`d at shutdown) and the
+    /// writer is free. Only the snapshot happens here, since a consistent
+    /// state needs the pipeline to stand still; the writer thread encodes,
+    /// writes and syncs it.
     fn checkpoint(&mut self, now: i64, force: bool) {
         if self.rows_lost {
             return;
@@ -889,6 +1018,11 @@ impl Runner {
             && now - self.last_checkpoint < self.settings.checkpoint_interval.as_millis() as i64
         {
             return;
+        }
+        if let Checkpoints::Thread { busy, .. } = &self.checkpoints {
+            if !force && busy.load(Ordering::Acquire) {
+                return; // the previous one is still being written: next tick
+            }
         }
         self.last_checkpoint = now;
         let started = Instant::now();
@@ -909,45 +1043,19 @@ impl Runner {
             .map(|s| (s.def.name.clone(), s.watermark.clone()))
             .collect();
         let cp = Checkpoint::new(self.last_seq, now, streams, snapshots);
-        let slot = self.next_slot;
-        let written = cp.encode().map_err(|e| e.to_string()).and_then(|stored| {
-            self.store
-                .write_checkpoint(slot, &stored)
-                .and_then(|()| self.store.persist())
-                .map_err(|e| e.to_string())
-        });
-        if let Err(e) = written {
-            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
-            return;
+        self.metrics
+            .checkpoint_last_pause_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        match &mut self.checkpoints {
+            Checkpoints::Inline(slots) => slots.write(&self.store, &self.metrics, &cp, started),
+            Checkpoints::Thread { tx, busy, .. } => {
+                busy.store(true, Ordering::Release);
+                if tx.send((cp, started)).is_err() {
+                    busy.store(false, Ordering::Release);
+                    tracing::error!("the checkpoint writer has stopped; checkpoint skipped");
+                }
+            }
         }
-        self.slots[slot as usize] = Some(self.last_seq);
-        self.next_slot = slot ^ 1;
-        self.publish_floor();
-        let took = started.elapsed();
-        self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .checkpoint_last_ms
-            .store(took.as_millis() as u64, Ordering::Relaxed);
-        self.metrics
-            .checkpoint_last_bytes
-            .store(cp.size_bytes() as u64, Ordering::Relaxed);
-        tracing::debug!(
-            seq = self.last_seq,
-            bytes = cp.size_bytes(),
-            took_ms = took.as_millis() as u64,
-            "checkpoint written"
-        );
-    }
-
-    /// Both checkpoints hold everything up to the older one's position; the
-    /// log below it may go (retention decides when).
-    fn publish_floor(&self) {
-        let floor = match self.slots {
-            [Some(a), Some(b)] => a.min(b),
-            _ => 0,
-        };
-        self.log_floor.store(floor, Ordering::Relaxed);
     }
 
     fn row_write_failed(&mut self, e: &StoreError) {

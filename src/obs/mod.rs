@@ -95,6 +95,8 @@ pub struct Metrics {
     pub log_truncated_records: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_last_ms: AtomicU64,
+    /// Milliseconds the pipeline stood still for the last checkpoint's snapshot.
+    pub checkpoint_last_pause_ms: AtomicU64,
     pub checkpoint_last_bytes: AtomicU64,
     pub replayed_records: AtomicU64,
     pub replayed_events: AtomicU64,
@@ -232,7 +234,7 @@ impl Metrics {
             per_view(&|m| load(&m.open_groups)),
         );
         let seconds = |c: &AtomicU64| format!("{:.3}", load(c) as f64 / 1e9);
-        let more: [(&str, &str, &str, String); 14] = [
+        let more: [(&str, &str, &str, String); 15] = [
             (
                 "weir_store_healthy",
                 "gauge",
@@ -292,6 +294,15 @@ impl Metrics {
                 "gauge",
                 "How long the last checkpoint took (snapshot, write, sync).",
                 format!("{:.3}", load(&self.checkpoint_last_ms) as f64 / 1000.0),
+            ),
+            (
+                "weir_checkpoint_last_pause_seconds",
+                "gauge",
+                "How long the pipeline stood still for the last checkpoint's snapshot.",
+                format!(
+                    "{:.3}",
+                    load(&self.checkpoint_last_pause_ms) as f64 / 1000.0
+                ),
             ),
             (
                 "weir_checkpoint_last_bytes",
