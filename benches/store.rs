@@ -1,0 +1,68 @@
+//! View rows in and out of the store.
+//!
+//! `cargo bench --bench store` — with the shipped `terminal_health_1m` view
+//! closing one minute of 10 000 terminals (10 000 rows):
+//! - `store/write_window_rows`: formatting the rows as JSON and upserting
+//!   them into fjall (`sink::write_view_output`), per row;
+//! - `store/scan_1000_rows`: one page of 1 000 rows read back the way
+//!   `GET /api/v1/views/{name}/rows` reads them, per row.
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use weir::sink;
+use weir::source::decode::Decoder;
+use weir::store::Store;
+use weir::window::operator::{EventBatch, ViewOperator};
+
+use common::{messages, pipeline};
+
+fn bench(c: &mut Criterion) {
+    let pipeline = pipeline();
+    let stream = pipeline
+        .stream("telemetry")
+        .expect("telemetry stream")
+        .clone();
+    let view = pipeline
+        .view("terminal_health_1m")
+        .expect("health view")
+        .clone();
+    let decoder = Decoder::new(stream, 4 << 20);
+    let mut rejects = Vec::new();
+    let decoded = decoder.decode(&messages(), &mut rejects);
+    let batch = EventBatch::new(decoded.batch, decoded.event_time, 1);
+    let mut op = ViewOperator::new(Arc::clone(&view)).expect("operator");
+    op.process(&batch).expect("process");
+    let output = op
+        .advance_watermark(i64::MAX / 2)
+        .expect("close")
+        .expect("a closed minute");
+    let rows = output.rows.num_rows();
+    eprintln!("{rows} window rows");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Elements(rows as u64));
+    group.sample_size(20);
+    group.bench_function("write_window_rows", |b| {
+        b.iter(|| black_box(sink::write_view_output(&store, &view.name, &output).expect("write")))
+    });
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("scan_1000_rows", |b| {
+        b.iter(|| {
+            let page = store
+                .scan_rows(&view.name, None, None, None, 1000, |_| true)
+                .expect("scan");
+            assert_eq!(page.items.len(), 1000);
+            black_box(page)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
