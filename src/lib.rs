@@ -7,6 +7,7 @@
 //! - [`log`]     the durable ingest log's records, sequence numbers and DUP dedup.
 //! - [`plan`]    pipeline `.sql` files -> stream definitions and view plans (DataFusion).
 //! - [`window`]  event time, watermarks, windowed/updating/filter operators; pure, no I/O.
+//! - [`alert`]   the alert lifecycle per (rule, key): firing, resolved, `for`, `absent_for`; pure.
 //! - [`sink`]    view output and dead letters -> store rows.
 //! - [`store`]   the only module that touches fjall: view rows, dead letters, log, checkpoints.
 //! - [`checkpoint`] operator state and log position, written atomically, restored at start-up.
@@ -14,8 +15,10 @@
 //! - [`engine`]  wires the stages, runs the pipeline thread, owns start-up, recovery and shutdown.
 //! - [`obs`]     metrics (Prometheus text) and tracing.
 //!
-//! Alerts (`alert`) are the next stage to be built.
+//! Alerts are being built: the lifecycle exists ([`alert`]); `CREATE ALERT`,
+//! their storage, API and notifications do not yet.
 
+pub mod alert;
 pub mod api;
 pub mod checkpoint;
 pub mod config;

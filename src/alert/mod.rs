@@ -1,0 +1,306 @@
+//! The alert lifecycle (DESIGN §5), pure: no I/O, no clock.
+//!
+//! One [`KeyState`] per (rule, key). Rows arrive already judged by the rule's
+//! SQL — each either *fires* (the `WHERE` holds), *clears* (the `clear`
+//! expression holds, or, without one, the `WHERE` does not) or is in
+//! *neither* (between the two: hysteresis). Time is event time throughout:
+//! the rows' own, and the stream's watermark for `for` and `absent_for`.
+//!
+//! - An alert opens when a firing row arrives (`for = 0`), or once the
+//!   watermark has passed `for` after the first of an unbroken run of firing
+//!   rows; any row that does not fire breaks the run.
+//! - It resolves on a clearing row; rows in neither keep it as it is.
+//! - `absent_for`: a key that was seen opens an alert once the watermark is
+//!   `absent_for` past its last row, and resolves when it reports again.
+//! - A row older than the key's last transition changes nothing, so disorder
+//!   within the watermark bound cannot make an alert flap.
+//! - `reopen_after` (the flapping guard): a resolved alert does not open
+//!   again until that long after it resolved; if the condition still holds
+//!   then, it opens then.
+//!
+//! This module is the seam the alert issue builds on; planning
+//! (`CREATE ALERT`), storage, the API and notifications are not built yet.
+
+use serde::{Deserialize, Serialize};
+
+use crate::window::Millis;
+
+/// A rule's timing options, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// How long the condition must hold before the alert opens.
+    pub for_ms: Millis,
+    /// Open when a seen key has produced no row for this long.
+    pub absent_for_ms: Option<Millis>,
+    /// After resolving, do not open again for this long.
+    pub reopen_after_ms: Option<Millis>,
+}
+
+/// How a rule judged one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Fires,
+    Clears,
+    /// Between firing and clearing: nothing changes.
+    Neither,
+}
+
+/// A change of an alert, with the event time it happened at and the row
+/// (as JSON text) that caused it, when a row did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    Opened { at: Millis, row: Option<String> },
+    Resolved { at: Millis, row: Option<String> },
+}
+
+/// The lifecycle of one (rule, key); part of the checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// Event time of the open alert, if one is open.
+    pub opened_at: Option<Millis>,
+    /// Event time of the last transition.
+    pub last_transition: Option<Millis>,
+    /// Start of the current unbroken run of firing rows, and its first row.
+    pending: Option<(Millis, String)>,
+    /// Latest event time and row seen for this key (for `absent_for`).
+    last_seen: Option<(Millis, String)>,
+}
+
+impl KeyState {
+    pub fn is_open(&self) -> bool {
+        self.opened_at.is_some()
+    }
+
+    /// Applies one judged row at event time `t`.
+    pub fn observe(
+        &mut self,
+        timing: &Timing,
+        t: Millis,
+        verdict: Verdict,
+        row: &str,
+    ) -> Option<Transition> {
+        if self.last_seen.as_ref().is_none_or(|(seen, _)| t >= *seen) {
+            self.last_seen = Some((t, row.to_string()));
+        }
+        if self.last_transition.is_some_and(|last| t < last) {
+            return None; // older than what already happened to this key
+        }
+        if timing.absent_for_ms.is_some() {
+            // Presence rules: any row is the key reporting again.
+            return self.opened_at.is_some().then(|| self.resolve(t, row));
+        }
+        match verdict {
+            Verdict::Fires => {
+                if self.is_open() {
+                    return None;
+                }
+                let (since, first) = self
+                    .pending
+                    .get_or_insert_with(|| (t, row.to_string()))
+                    .clone();
+                let due = (since + timing.for_ms).max(self.guard_end(timing));
+                (t >= due).then(|| self.open(t, first))
+            }
+            Verdict::Clears => {
+                self.pending = None;
+                self.opened_at.is_some().then(|| self.resolve(t, row))
+            }
+            Verdict::Neither => {
+                self.pending = None;
+                None
+            }
+        }
+    }
+
+    /// The watermark moved: a `for` run may have lasted long enough, or a
+    /// key may have gone silent.
+    pub fn on_watermark(&mut self, timing: &Timing, watermark: Millis) -> Option<Transition> {
+        if self.is_open() {
+            return None;
+        }
+        let guard_end = self.guard_end(timing);
+        if let Some(absent) = timing.absent_for_ms {
+            let (seen, row) = self.last_seen.clone()?;
+            if self.last_transition.is_some_and(|l| seen < l) {
+                return None; // this silence already had its alert
+            }
+            let due = (seen + absent).max(guard_end);
+            return (watermark >= due).then(|| self.open(due, row));
+        }
+        let (since, row) = self.pending.clone()?;
+        let due = (since + timing.for_ms).max(guard_end);
+        (watermark >= due).then(|| self.open(due, row))
+    }
+
+    /// The flapping guard: the earliest time the alert may open again.
+    fn guard_end(&self, timing: &Timing) -> Millis {
+        match (timing.reopen_after_ms, self.last_transition) {
+            (Some(guard), Some(last)) if self.opened_at.is_none() => last + guard,
+            _ => Millis::MIN,
+        }
+    }
+
+    fn open(&mut self, at: Millis, row: String) -> Transition {
+        self.pending = None;
+        self.opened_at = Some(at);
+        self.last_transition = Some(at);
+        Transition::Opened { at, row: Some(row) }
+    }
+
+    fn resolve(&mut self, at: Millis, row: &str) -> Transition {
+        self.opened_at = None;
+        self.pending = None;
+        self.last_transition = Some(at);
+        Transition::Resolved {
+            at,
+            row: Some(row.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Millis = 1_000;
+    const MIN: Millis = 60 * S;
+
+    fn opened(at: Millis, row: &str) -> Option<Transition> {
+        Some(Transition::Opened {
+            at,
+            row: Some(row.into()),
+        })
+    }
+
+    fn resolved(at: Millis, row: &str) -> Option<Transition> {
+        Some(Transition::Resolved {
+            at,
+            row: Some(row.into()),
+        })
+    }
+
+    #[test]
+    fn a_threshold_opens_once_and_the_first_non_matching_row_resolves() {
+        let t = Timing::default();
+        let mut k = KeyState::default();
+        assert_eq!(
+            k.observe(&t, 10 * S, Verdict::Fires, "b=12"),
+            opened(10 * S, "b=12")
+        );
+        // keeps matching: still the same open alert
+        assert_eq!(k.observe(&t, 20 * S, Verdict::Fires, "b=11"), None);
+        assert!(k.is_open());
+        assert_eq!(
+            k.observe(&t, 30 * S, Verdict::Clears, "b=40"),
+            resolved(30 * S, "b=40")
+        );
+        assert!(!k.is_open());
+    }
+
+    #[test]
+    fn hysteresis_rows_between_fire_and_clear_change_nothing() {
+        let t = Timing::default();
+        let mut k = KeyState::default();
+        k.observe(&t, 10 * S, Verdict::Fires, "b=14");
+        // 15 <= b < 20: no longer firing, not yet clear
+        assert_eq!(k.observe(&t, 20 * S, Verdict::Neither, "b=17"), None);
+        assert!(k.is_open());
+        assert_eq!(
+            k.observe(&t, 30 * S, Verdict::Clears, "b=21"),
+            resolved(30 * S, "b=21")
+        );
+    }
+
+    #[test]
+    fn disorder_within_the_bound_does_not_flip_an_alert() {
+        let t = Timing::default();
+        let mut k = KeyState::default();
+        k.observe(&t, 10 * S, Verdict::Fires, "b=10");
+        k.observe(&t, 30 * S, Verdict::Clears, "b=50");
+        // a firing row from before the resolve arrives late
+        assert_eq!(k.observe(&t, 25 * S, Verdict::Fires, "b=9"), None);
+        assert!(!k.is_open());
+        assert_eq!(k.last_transition, Some(30 * S));
+    }
+
+    #[test]
+    fn for_needs_an_unbroken_run_measured_against_the_watermark() {
+        let t = Timing {
+            for_ms: MIN,
+            ..Timing::default()
+        };
+        let mut k = KeyState::default();
+        assert_eq!(k.observe(&t, 0, Verdict::Fires, "first"), None);
+        assert_eq!(k.on_watermark(&t, 59 * S), None);
+        // a non-firing row breaks the run; the next run starts over
+        assert_eq!(k.observe(&t, 50 * S, Verdict::Neither, "ok"), None);
+        assert_eq!(k.on_watermark(&t, 70 * S), None);
+        assert_eq!(k.observe(&t, 80 * S, Verdict::Fires, "again"), None);
+        assert_eq!(k.on_watermark(&t, 139 * S), None);
+        assert_eq!(k.on_watermark(&t, 140 * S), opened(140 * S, "again"));
+    }
+
+    #[test]
+    fn for_also_opens_on_a_row_that_completes_the_run() {
+        let t = Timing {
+            for_ms: MIN,
+            ..Timing::default()
+        };
+        let mut k = KeyState::default();
+        k.observe(&t, 0, Verdict::Fires, "first");
+        assert_eq!(
+            k.observe(&t, 61 * S, Verdict::Fires, "later"),
+            opened(61 * S, "first")
+        );
+    }
+
+    #[test]
+    fn absent_for_opens_after_silence_and_resolves_when_the_key_reports() {
+        let t = Timing {
+            absent_for_ms: Some(5 * MIN),
+            ..Timing::default()
+        };
+        let mut k = KeyState::default();
+        // never seen: never absent
+        assert_eq!(k.on_watermark(&t, 60 * MIN), None);
+        k.observe(&t, 0, Verdict::Fires, "hello");
+        assert_eq!(k.on_watermark(&t, 5 * MIN - 1), None);
+        assert_eq!(k.on_watermark(&t, 6 * MIN), opened(5 * MIN, "hello"));
+        assert_eq!(k.on_watermark(&t, 9 * MIN), None, "one alert per silence");
+        assert_eq!(
+            k.observe(&t, 9 * MIN, Verdict::Fires, "back"),
+            resolved(9 * MIN, "back")
+        );
+        // silent again: a new alert, measured from the new last row
+        assert_eq!(k.on_watermark(&t, 14 * MIN), opened(14 * MIN, "back"));
+    }
+
+    #[test]
+    fn reopen_after_keeps_a_flapping_key_from_reopening_at_once() {
+        let t = Timing {
+            reopen_after_ms: Some(MIN),
+            ..Timing::default()
+        };
+        let mut k = KeyState::default();
+        k.observe(&t, 0, Verdict::Fires, "low");
+        k.observe(&t, 10 * S, Verdict::Clears, "ok");
+        assert_eq!(k.observe(&t, 20 * S, Verdict::Fires, "low again"), None);
+        assert_eq!(k.on_watermark(&t, 69 * S), None);
+        assert!(!k.is_open());
+        // still low when the guard runs out: it opens then
+        assert_eq!(k.on_watermark(&t, 70 * S), opened(70 * S, "low again"));
+    }
+
+    #[test]
+    fn state_survives_a_checkpoint_round_trip() {
+        let t = Timing {
+            for_ms: MIN,
+            ..Timing::default()
+        };
+        let mut k = KeyState::default();
+        k.observe(&t, 0, Verdict::Fires, "first");
+        let mut back: KeyState = postcard::from_bytes(&postcard::to_stdvec(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+        assert_eq!(back.on_watermark(&t, MIN), opened(MIN, "first"));
+    }
+}
