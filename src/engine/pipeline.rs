@@ -28,7 +28,7 @@
 //! one checkpoint (`crate::checkpoint`).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,7 @@ fn spawn_syncer(
     store: Store,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    needs_restart: Arc<AtomicBool>,
     acks: mpsc::UnboundedSender<Vec<AckToken>>,
 ) -> std::io::Result<(
     std::sync::mpsc::SyncSender<Vec<AckToken>>,
@@ -141,8 +142,11 @@ fn spawn_syncer(
                 }
                 let started = Instant::now();
                 if let Err(e) = store.sync_journal() {
-                    // fjall refuses every write after a failed sync: these
-                    // stay unacknowledged, and so does everything after them.
+                    // After a failed fsync the kernel may have dropped the
+                    // dirty pages: nothing from here on can be called
+                    // durable. These stay unacknowledged, and so does
+                    // everything after them, until a restart.
+                    needs_restart.store(true, Ordering::Release);
                     metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                     metrics.store_healthy.store(0, Ordering::Relaxed);
                     tracing::error!(error = %e, "cannot sync the ingest log; nothing more is acknowledged");
@@ -228,7 +232,7 @@ enum Checkpoints {
     /// Handed to the writer thread; `busy` while it writes one.
     Thread {
         tx: std::sync::mpsc::SyncSender<(Checkpoint, Instant)>,
-        busy: Arc<std::sync::atomic::AtomicBool>,
+        busy: Arc<AtomicBool>,
         handle: std::thread::JoinHandle<()>,
     },
 }
@@ -241,7 +245,7 @@ impl Checkpoints {
             return self;
         };
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Checkpoint, Instant)>(1);
-        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = Arc::new(AtomicBool::new(false));
         let flag = busy.clone();
         let floor = slots.log_floor.clone();
         let mut slots = slots;
@@ -288,9 +292,11 @@ pub(super) struct Runner {
     last_checkpoint: i64,
     /// Where checkpoints go: written here until `run` starts the writer thread.
     checkpoints: Checkpoints,
-    /// A view's rows could not be written: checkpoints stop, so that a
-    /// restart replays (and rewrites) them.
-    rows_lost: bool,
+    /// A failure only a restart mends: a view's rows could not be stored, or
+    /// the sync thread could not sync the log. Checkpoints stop, so that the
+    /// restart replays (and rewrites) from the last good one, and `/healthz`
+    /// stays failed. Shared with the sync thread.
+    needs_restart: Arc<AtomicBool>,
     /// While backfilling: the views that run (all, when `None`).
     only: Option<Vec<bool>>,
 }
@@ -351,7 +357,7 @@ impl Runner {
             dedup: Dedup::new(log::DEDUP_WINDOW),
             last_checkpoint: now_ms(),
             checkpoints: Checkpoints::Inline(CheckpointSlots::new(log_floor)),
-            rows_lost: false,
+            needs_restart: Arc::new(AtomicBool::new(false)),
             only: None,
         })
     }
@@ -563,6 +569,7 @@ impl Runner {
                 self.store.clone(),
                 self.metrics.clone(),
                 self.health.clone(),
+                self.needs_restart.clone(),
                 acks.clone(),
             ) {
                 Ok((tx, handle)) => {
@@ -677,7 +684,9 @@ impl Runner {
             }
             delay = (delay * 2).min(MAX_RETRY);
         }
-        if self.metrics.store_healthy.swap(1, Ordering::Relaxed) == 0 && !self.rows_lost {
+        if !self.needs_restart.load(Ordering::Acquire)
+            && self.metrics.store_healthy.swap(1, Ordering::Relaxed) == 0
+        {
             tracing::info!("the store accepts writes again");
             self.health.clear();
         }
@@ -1011,7 +1020,7 @@ impl Runner {
     /// state needs the pipeline to stand still; the writer thread encodes,
     /// writes and syncs it.
     fn checkpoint(&mut self, now: i64, force: bool) {
-        if self.rows_lost {
+        if self.needs_restart.load(Ordering::Acquire) {
             return;
         }
         if !force
@@ -1061,10 +1070,9 @@ impl Runner {
     fn row_write_failed(&mut self, e: &StoreError) {
         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
         self.metrics.store_healthy.store(0, Ordering::Relaxed);
-        if !self.rows_lost {
+        if !self.needs_restart.swap(true, Ordering::AcqRel) {
             tracing::error!(error = %e, "a view's rows could not be stored; checkpoints stop so that a restart replays them");
         }
-        self.rows_lost = true;
         self.health.fail(format!(
             "cannot store view rows: {e}; restart weir to replay them"
         ));
