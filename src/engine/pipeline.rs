@@ -183,8 +183,9 @@ impl CheckpointSlots {
     }
 
     /// Encodes, writes and syncs `cp` into the next slot.
-    fn write(&mut self, store: &Store, metrics: &Metrics, cp: &Checkpoint, started: Instant) {
+    fn write(&mut self, store: &Store, metrics: &Metrics, cp: Checkpoint, started: Instant) {
         let slot = self.next_slot;
+        let (seq, bytes) = (cp.manifest.seq, cp.size_bytes());
         let written = cp.encode().map_err(|e| e.to_string()).and_then(|stored| {
             store
                 .write_checkpoint(slot, &stored)
@@ -196,7 +197,7 @@ impl CheckpointSlots {
             tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
             return;
         }
-        self.slots[slot as usize] = Some(cp.manifest.seq);
+        self.slots[slot as usize] = Some(seq);
         self.next_slot = slot ^ 1;
         self.publish_floor();
         let took = started.elapsed();
@@ -206,10 +207,10 @@ impl CheckpointSlots {
             .store(took.as_millis() as u64, Ordering::Relaxed);
         metrics
             .checkpoint_last_bytes
-            .store(cp.size_bytes() as u64, Ordering::Relaxed);
+            .store(bytes as u64, Ordering::Relaxed);
         tracing::debug!(
-            seq = cp.manifest.seq,
-            bytes = cp.size_bytes(),
+            seq,
+            bytes,
             took_ms = took.as_millis() as u64,
             "checkpoint written"
         );
@@ -235,29 +236,30 @@ enum Checkpoints {
         busy: Arc<AtomicBool>,
         handle: std::thread::JoinHandle<()>,
     },
+    /// After shutdown's final checkpoint.
+    Stopped,
 }
 
 impl Checkpoints {
     /// Moves the writing onto a thread of its own (keeps it inline if the
     /// thread cannot start).
-    fn start_thread(self, store: Store, metrics: Arc<Metrics>) -> Checkpoints {
-        let Checkpoints::Inline(slots) = self else {
-            return self;
+    fn start_thread(&mut self, store: Store, metrics: Arc<Metrics>) {
+        let Checkpoints::Inline(mut slots) = std::mem::replace(self, Checkpoints::Stopped) else {
+            return;
         };
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Checkpoint, Instant)>(1);
         let busy = Arc::new(AtomicBool::new(false));
         let flag = busy.clone();
         let floor = slots.log_floor.clone();
-        let mut slots = slots;
         let spawned = std::thread::Builder::new()
             .name("weir-checkpoint".into())
             .spawn(move || {
                 for (cp, started) in rx {
-                    slots.write(&store, &metrics, &cp, started);
+                    slots.write(&store, &metrics, cp, started);
                     flag.store(false, Ordering::Release);
                 }
             });
-        match spawned {
+        *self = match spawned {
             Ok(handle) => Checkpoints::Thread { tx, busy, handle },
             Err(e) => {
                 // The slots went with the closure that never ran: start over
@@ -265,12 +267,14 @@ impl Checkpoints {
                 tracing::error!(error = %e, "cannot start the checkpoint thread; checkpoints are written inline");
                 Checkpoints::Inline(CheckpointSlots::new(floor))
             }
-        }
+        };
     }
 
     /// Waits for the writer thread to finish what it was given.
-    fn finish(self) {
-        if let Checkpoints::Thread { tx, handle, .. } = self {
+    fn finish(&mut self) {
+        if let Checkpoints::Thread { tx, handle, .. } =
+            std::mem::replace(self, Checkpoints::Stopped)
+        {
             drop(tx);
             let _ = handle.join();
         }
@@ -585,12 +589,8 @@ impl Runner {
             },
             Durability::Buffered | Durability::None => Acker::Direct(acks),
         };
-        let floor = Arc::new(AtomicU64::new(0));
-        let inline = std::mem::replace(
-            &mut self.checkpoints,
-            Checkpoints::Inline(CheckpointSlots::new(floor)),
-        );
-        self.checkpoints = inline.start_thread(self.store.clone(), self.metrics.clone());
+        self.checkpoints
+            .start_thread(self.store.clone(), self.metrics.clone());
         let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
         let mut last_tick = now_ms();
         loop {
@@ -638,12 +638,7 @@ impl Runner {
             self.step(&mut messages, &acks, &handle, &shutdown);
         }
         self.checkpoint(now_ms(), true);
-        let floor = Arc::new(AtomicU64::new(0));
-        std::mem::replace(
-            &mut self.checkpoints,
-            Checkpoints::Inline(CheckpointSlots::new(floor)),
-        )
-        .finish();
+        self.checkpoints.finish();
         drop(acks);
         if let Some(handle) = syncer {
             let _ = handle.join();
@@ -1020,7 +1015,9 @@ impl Runner {
     /// state needs the pipeline to stand still; the writer thread encodes,
     /// writes and syncs it.
     fn checkpoint(&mut self, now: i64, force: bool) {
-        if self.needs_restart.load(Ordering::Acquire) {
+        if self.needs_restart.load(Ordering::Acquire)
+            || matches!(self.checkpoints, Checkpoints::Stopped)
+        {
             return;
         }
         if !force
@@ -1056,7 +1053,7 @@ impl Runner {
             .checkpoint_last_pause_ms
             .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         match &mut self.checkpoints {
-            Checkpoints::Inline(slots) => slots.write(&self.store, &self.metrics, &cp, started),
+            Checkpoints::Inline(slots) => slots.write(&self.store, &self.metrics, cp, started),
             Checkpoints::Thread { tx, busy, .. } => {
                 busy.store(true, Ordering::Release);
                 if tx.send((cp, started)).is_err() {
@@ -1064,6 +1061,7 @@ impl Runner {
                     tracing::error!("the checkpoint writer has stopped; checkpoint skipped");
                 }
             }
+            Checkpoints::Stopped => {}
         }
     }
 
