@@ -23,22 +23,17 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use datafusion::arrow::array::UInt32Array;
 use weir::checkpoint::Checkpoint;
 use weir::log::{self, Encoding, LoggedBatch, MessageId, MessageMeta, Record};
-use weir::source::decode::Decoder;
 use weir::store::{LogAppend, Store};
 use weir::window::operator::{EventBatch, ViewOperator};
 
-use common::{fleet, pipeline, EVENTS_PER_MESSAGE, T0};
+use common::{fleet, pipeline, telemetry_decoder, EVENTS_PER_MESSAGE, T0};
 
 const MICRO_BATCH: usize = 512;
 const CHECKPOINT_TERMINALS: usize = 100_000;
 
 fn bench(c: &mut Criterion) {
     let pipeline = pipeline();
-    let stream = pipeline
-        .stream("telemetry")
-        .expect("telemetry stream")
-        .clone();
-    let decoder = Decoder::new(stream.clone(), 4 << 20);
+    let decoder = telemetry_decoder(&pipeline);
 
     // One micro-batch as the pipeline logs it.
     let messages = fleet(10_000, MICRO_BATCH);
@@ -47,7 +42,7 @@ fn bench(c: &mut Criterion) {
     let decoded = decoder.decode(&messages, &mut rejects);
     let events = decoded.batch.num_rows() as u64;
     let record = Record::Batch(Box::new(LoggedBatch {
-        stream: stream.name.clone(),
+        stream: "telemetry".to_string(),
         appended_at: T0,
         messages: messages
             .iter()

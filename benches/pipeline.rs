@@ -12,24 +12,16 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use weir::source::decode::Decoder;
 use weir::window::operator::{EventBatch, ViewOperator};
 
 mod common;
 
-use common::{messages, pipeline, EVENTS_PER_MESSAGE, MESSAGES};
+use common::{health_view, messages, pipeline, telemetry_decoder, EVENTS_PER_MESSAGE, MESSAGES};
 
 fn bench(c: &mut Criterion) {
     let pipeline = pipeline();
-    let stream = pipeline
-        .stream("telemetry")
-        .expect("telemetry stream")
-        .clone();
-    let view = pipeline
-        .view("terminal_health_1m")
-        .expect("health view")
-        .clone();
-    let decoder = Decoder::new(stream, 4 << 20);
+    let view = health_view(&pipeline);
+    let decoder = telemetry_decoder(&pipeline);
     let messages = messages();
     let events = (MESSAGES * EVENTS_PER_MESSAGE) as u64;
     let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();

@@ -14,23 +14,15 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use weir::sink;
-use weir::source::decode::Decoder;
 use weir::store::Store;
 use weir::window::operator::{EventBatch, ViewOperator};
 
-use common::{messages, pipeline};
+use common::{health_view, messages, pipeline, telemetry_decoder};
 
 fn bench(c: &mut Criterion) {
     let pipeline = pipeline();
-    let stream = pipeline
-        .stream("telemetry")
-        .expect("telemetry stream")
-        .clone();
-    let view = pipeline
-        .view("terminal_health_1m")
-        .expect("health view")
-        .clone();
-    let decoder = Decoder::new(stream, 4 << 20);
+    let view = health_view(&pipeline);
+    let decoder = telemetry_decoder(&pipeline);
     let mut rejects = Vec::new();
     let decoded = decoder.decode(&messages(), &mut rejects);
     let batch = EventBatch::new(decoded.batch, decoded.event_time, 1);

@@ -4,9 +4,11 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use weir::plan::{plan_sources, Pipeline};
-use weir::source::decode::Message;
+use weir::plan::{plan_sources, Pipeline, ViewPlan};
+use weir::source::decode::{Decoder, Message};
 
 pub const TERMINALS: usize = 10_000;
 pub const EVENTS_PER_MESSAGE: usize = 100;
@@ -21,6 +23,23 @@ pub fn pipeline() -> Pipeline {
     );
     let sql = std::fs::read_to_string(path).expect("shipped telemetry pipeline");
     plan_sources(&[("10_telemetry.sql".into(), sql)]).expect("shipped pipeline plans")
+}
+
+/// The decoder of the shipped `telemetry` stream.
+pub fn telemetry_decoder(pipeline: &Pipeline) -> Decoder {
+    let stream = pipeline
+        .stream("telemetry")
+        .expect("telemetry stream")
+        .clone();
+    Decoder::new(stream, 4 << 20)
+}
+
+/// The shipped `terminal_health_1m` view (tumbling minute per terminal).
+pub fn health_view(pipeline: &Pipeline) -> Arc<ViewPlan> {
+    pipeline
+        .view("terminal_health_1m")
+        .expect("health view")
+        .clone()
 }
 
 /// Messages of 100 events each, as a terminal batch would carry them, in event-time order.
