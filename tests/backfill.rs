@@ -32,9 +32,7 @@ async fn new_and_changed_views_are_rebuilt_from_the_log() {
     .await;
     weir.wait_rows("health_1m", 2).await;
     wait_for("latest to count 4 reports", || async {
-        let rows = weir.rows("latest").await;
-        let total: u64 = rows.iter().filter_map(|r| r["reports"].as_u64()).sum();
-        (total == 4).then_some(())
+        (column_sum(&weir.rows("latest").await, "reports") == 4).then_some(())
     })
     .await;
     let health_before = weir.rows("health_1m").await;

@@ -106,13 +106,7 @@ async fn snapshot(weir: &WeirProcess) -> Option<BTreeMap<&'static str, Vec<Strin
 
 /// Total `reports` over the `latest` view: every event counted once.
 async fn reports(weir: &WeirProcess) -> Option<u64> {
-    Some(
-        weir.rows("latest")
-            .await?
-            .iter()
-            .filter_map(|r| r["reports"].as_u64())
-            .sum(),
-    )
+    Some(column_sum(&weir.rows("latest").await?, "reports"))
 }
 
 async fn wait_reports_at_least(weir: &WeirProcess, n: u64) {

@@ -10,13 +10,7 @@ use common::*;
 use rumqttc::QoS;
 
 async fn reports(weir: &Weir) -> Option<u64> {
-    Some(
-        weir.rows("latest")
-            .await
-            .iter()
-            .filter_map(|r| r["reports"].as_u64())
-            .sum(),
-    )
+    Some(column_sum(&weir.rows("latest").await, "reports"))
 }
 
 async fn wait_reports(weir: &Weir, n: u64) {

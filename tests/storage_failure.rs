@@ -80,13 +80,7 @@ fn message(k: usize, seed: &mut u64) -> String {
 }
 
 async fn reports(weir: &WeirProcess) -> Option<u64> {
-    Some(
-        weir.rows("latest")
-            .await?
-            .iter()
-            .filter_map(|r| r["reports"].as_u64())
-            .sum(),
-    )
+    Some(column_sum(&weir.rows("latest").await?, "reports"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

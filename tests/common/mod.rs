@@ -96,16 +96,7 @@ impl Weir {
     }
 
     pub async fn wait_ready(&self) {
-        wait_for("weir to be ready", || async {
-            let r = self
-                .http
-                .get(format!("{}/readyz", self.base))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        wait_http_ready(&self.http, &self.base, "weir to be ready").await;
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -184,6 +175,20 @@ impl Weir {
         }
         self.dir
     }
+}
+
+/// Waits until `GET {base}/readyz` answers 2xx.
+pub async fn wait_http_ready(http: &reqwest::Client, base: &str, what: &str) {
+    wait_for(what, || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+}
+
+/// The sum of a numeric column over rows as the API serves them.
+pub fn column_sum(rows: &[Value], column: &str) -> u64 {
+    rows.iter().filter_map(|r| r[column].as_u64()).sum()
 }
 
 /// Polls `probe` until it returns `Some`, or panics naming `what` after `DEADLINE`.

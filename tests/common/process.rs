@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
-use super::{free_port, wait_for};
+use super::{free_port, wait_for, wait_http_ready};
 
 pub struct WeirProcess {
     child: Child,
@@ -105,16 +105,7 @@ impl WeirProcess {
     }
 
     pub async fn wait_ready(&self) {
-        wait_for("weir (child process) to be ready", || async {
-            let r = self
-                .http
-                .get(format!("{}/readyz", self.base))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
+        wait_http_ready(&self.http, &self.base, "weir (child process) to be ready").await;
     }
 
     /// Status and JSON body of a GET, or `None` while weir is not answering.
