@@ -65,9 +65,10 @@ fn main() -> ExitCode {
                 Ok(pipeline) => {
                     print!("{}", plan::describe(&pipeline));
                     println!(
-                        "\nok: {} streams, {} views in {}",
+                        "\nok: {} streams, {} views, {} alerts in {}",
                         pipeline.streams.len(),
                         pipeline.views.len(),
+                        pipeline.alerts.len(),
                         dir.display()
                     );
                     ExitCode::SUCCESS

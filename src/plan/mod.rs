@@ -16,6 +16,7 @@
 //! A view without `GROUP BY` has only steps (a filter/projection view). Every
 //! scalar expression is evaluated by DataFusion over Arrow batches.
 
+pub mod alert;
 pub mod ddl;
 pub mod split;
 
@@ -40,6 +41,7 @@ use datafusion::sql::sqlparser::ast::{CreateTableOptions, Statement as SqlStatem
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use serde::Serialize;
 
+pub use alert::AlertPlan;
 pub use ddl::{timestamp_type, EventTime, PayloadFormat, StreamDef};
 
 use crate::window::agg::AggKind;
@@ -151,11 +153,13 @@ impl ViewPlan {
     }
 }
 
-/// Every stream and view of a pipelines folder. Views are in dependency order.
+/// Every stream, view and alert rule of a pipelines folder. Views are in
+/// dependency order.
 #[derive(Debug, Clone, Default)]
 pub struct Pipeline {
     pub streams: Vec<Arc<StreamDef>>,
     pub views: Vec<Arc<ViewPlan>>,
+    pub alerts: Vec<Arc<AlertPlan>>,
 }
 
 impl Pipeline {
@@ -165,6 +169,10 @@ impl Pipeline {
 
     pub fn view(&self, name: &str) -> Option<&Arc<ViewPlan>> {
         self.views.iter().find(|v| v.name == name)
+    }
+
+    pub fn alert(&self, name: &str) -> Option<&Arc<AlertPlan>> {
+        self.alerts.iter().find(|a| a.name == name)
     }
 }
 
@@ -208,6 +216,8 @@ pub fn plan_dir(dir: &Path) -> Result<Pipeline, Vec<PlanError>> {
 
 /// A statement that still has to be planned.
 struct PendingView {
+    /// "view" or "alert", for messages.
+    what: &'static str,
     name: String,
     file: String,
     line: usize,
@@ -223,6 +233,7 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
     let mut errors = Vec::new();
     let mut streams: Vec<Arc<StreamDef>> = Vec::new();
     let mut pending: Vec<PendingView> = Vec::new();
+    let mut pending_alerts: Vec<(PendingView, alert::AlertOptions)> = Vec::new();
     let mut names: HashMap<String, (String, usize)> = HashMap::new();
     let ctx = planning_context();
 
@@ -243,29 +254,23 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                 [c, t, ..] if c == "CREATE" && t == "TABLE" => "table",
                 [c, v, ..] if c == "CREATE" && v == "VIEW" => "view",
                 [c, o, r, ..] if c == "CREATE" && o == "OR" && r == "REPLACE" => "view",
-                [c, a, ..] if c == "CREATE" && a == "ALERT" => {
-                    errors.push(err(
-                        stmt.line,
-                        "CREATE ALERT is not supported by this version of weir yet".into(),
-                    ));
-                    continue;
-                }
+                [c, a, ..] if c == "CREATE" && a == "ALERT" => "alert",
                 _ => {
                     let start: Vec<&str> = stmt.text.split_whitespace().take(3).collect();
                     errors.push(err(
                         stmt.line,
                         format!(
-                            "unsupported statement {:?}: a pipeline file holds CREATE TABLE and CREATE VIEW statements",
+                            "unsupported statement {:?}: a pipeline file holds CREATE TABLE, CREATE VIEW and CREATE ALERT statements",
                             start.join(" ")
                         ),
                     ));
                     continue;
                 }
             };
-            let (sql_text, watermark) = if kind == "table" {
-                ddl::extract_watermark(&stmt.text)
-            } else {
-                (stmt.text.clone(), None)
+            let (sql_text, watermark) = match kind {
+                "table" => ddl::extract_watermark(&stmt.text),
+                "alert" => (alert::as_view_statement(&stmt.text), None),
+                _ => (stmt.text.clone(), None),
             };
             let parsed = match DFParser::parse_sql_with_dialect(&sql_text, &GenericDialect {}) {
                 Ok(mut statements) if statements.len() == 1 => statements.pop_front(),
@@ -320,27 +325,39 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                 }
                 SqlStatement::CreateView(cv) => {
                     let name = cv.name.to_string().to_ascii_lowercase();
+                    let what = if kind == "alert" { "alert" } else { "view" };
                     let mut retention = None;
                     let options = match &cv.options {
                         CreateTableOptions::With(o) | CreateTableOptions::Options(o) => o.clone(),
                         _ => vec![],
                     };
                     let mut bad = false;
+                    let mut pairs = Vec::new();
                     for option in &options {
                         match ddl::option_pair(option) {
-                            Ok((key, value)) if key == "retention" => {
-                                match crate::config::parse_duration(&value) {
-                                    Ok(d) => retention = Some(d),
-                                    Err(e) => {
-                                        errors.push(err(
-                                            stmt.line,
-                                            format!("view {name}: retention: {e}"),
-                                        ));
-                                        bad = true;
-                                    }
-                                }
+                            Ok(pair) => pairs.push(pair),
+                            Err(e) => {
+                                errors.push(err(stmt.line, format!("{what} {name}: {e}")));
+                                bad = true;
                             }
-                            Ok((key, _)) => {
+                        }
+                    }
+                    let mut alert_options = None;
+                    if kind == "alert" {
+                        match alert::parse_options(&pairs) {
+                            Ok(o) => alert_options = Some(o),
+                            Err(problems) => {
+                                errors.extend(problems.iter().map(|(key, p)| {
+                                    let line = option_line(&stmt.text, key)
+                                        .map_or(stmt.line, |l| stmt.line + l);
+                                    err(line, format!("alert {name}: {p}"))
+                                }));
+                                bad = true;
+                            }
+                        }
+                    } else {
+                        for (key, value) in &pairs {
+                            if key != "retention" {
                                 errors.push(err(
                                     stmt.line,
                                     format!(
@@ -348,10 +365,17 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                                     ),
                                 ));
                                 bad = true;
+                                continue;
                             }
-                            Err(e) => {
-                                errors.push(err(stmt.line, format!("view {name}: {e}")));
-                                bad = true;
+                            match crate::config::parse_duration(value) {
+                                Ok(d) => retention = Some(d),
+                                Err(e) => {
+                                    errors.push(err(
+                                        stmt.line,
+                                        format!("view {name}: retention: {e}"),
+                                    ));
+                                    bad = true;
+                                }
                             }
                         }
                     }
@@ -377,7 +401,8 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                                 .collect()
                         })
                         .unwrap_or_default();
-                    pending.push(PendingView {
+                    let view = PendingView {
+                        what,
                         name,
                         file: file.clone(),
                         line: stmt.line,
@@ -386,7 +411,11 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                         query: cv.query,
                         retention,
                         references,
-                    });
+                    };
+                    match alert_options {
+                        Some(options) => pending_alerts.push((view, options)),
+                        None => pending.push(view),
+                    }
                 }
                 _ => errors.push(err(stmt.line, "unsupported statement".into())),
             }
@@ -473,8 +502,64 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
         }
     }
 
+    let mut alerts = Vec::new();
+    for (p, options) in &pending_alerts {
+        let at = |message: String| PlanError {
+            file: p.file.clone(),
+            line: p.line,
+            message: format!("alert {}: {message}", p.name),
+        };
+        let source = match p.references.as_slice() {
+            [one] => one,
+            _ => {
+                errors.push(at("an alert reads exactly one stream or view".into()));
+                continue;
+            }
+        };
+        let upstream = if stream_names.contains(source.as_str()) {
+            Upstream::Stream(source.clone())
+        } else if planned.contains_key(source) {
+            Upstream::View(source.clone())
+        } else if failed.contains(source) {
+            errors.push(at(format!("reads view {source}, which has errors")));
+            continue;
+        } else {
+            errors.push(at(format!("reads {source}, which is neither a stream nor a view")));
+            continue;
+        };
+        let state = ctx.state();
+        let statement = DFStatement::Statement(Box::new(SqlStatement::Query(p.query.clone())));
+        let plan = match futures::executor::block_on(state.statement_to_plan(statement)) {
+            Ok(plan) => plan,
+            Err(e) => {
+                errors.push(locate_planning_error(&e, p));
+                continue;
+            }
+        };
+        match alert::compile(&state, &p.name, &p.text, options, &plan, upstream) {
+            Ok(mut a) => {
+                a.doc = p.doc.clone();
+                a.file = p.file.clone();
+                a.line = p.line;
+                alerts.push(Arc::new(a));
+            }
+            Err(message) => {
+                let key = message.split(':').next().unwrap_or("");
+                let line = option_line(&p.text, key).map_or(p.line, |l| p.line + l);
+                errors.push(PlanError {
+                    line,
+                    ..at(message)
+                });
+            }
+        }
+    }
+
     if errors.is_empty() {
-        Ok(Pipeline { streams, views })
+        Ok(Pipeline {
+            streams,
+            views,
+            alerts,
+        })
     } else {
         errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         Err(errors)
@@ -595,8 +680,24 @@ fn locate_planning_error(e: &DataFusionError, p: &PendingView) -> PlanError {
     PlanError {
         file: p.file.clone(),
         line,
-        message: format!("view {}: {message}", p.name),
+        message: format!("{} {}: {message}", p.what, p.name),
     }
+}
+
+/// The line (0-based, within `text`) of a `WITH` option `key = ...`.
+fn option_line(text: &str, key: &str) -> Option<usize> {
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    let pattern = key.to_ascii_lowercase();
+    text.lines().position(|l| {
+        let l = l.to_ascii_lowercase();
+        l.match_indices(&pattern).any(|(i, _)| {
+            let before = l[..i].chars().last();
+            let after = l[i + pattern.len()..].trim_start();
+            !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') && after.starts_with('=')
+        })
+    })
 }
 
 fn clean_message(e: &DataFusionError) -> String {
@@ -1103,6 +1204,36 @@ pub fn describe(pipeline: &Pipeline) -> String {
         out.pop();
         out.push_str("\n  plan:\n");
         for line in v.logical_plan.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+    }
+    for a in &pipeline.alerts {
+        let ms = |ms: i64| crate::config::format_duration(Duration::from_millis(ms as u64));
+        out.push_str(&format!("\nalert {} ({}:{})\n", a.name, a.file, a.line));
+        out.push_str(&format!(
+            "  severity: {}  reads: {}  key: {}\n",
+            a.severity.as_str(),
+            a.upstream.name(),
+            a.key_column
+        ));
+        let mut timing = Vec::new();
+        if a.timing.for_ms > 0 {
+            timing.push(format!("for {}", ms(a.timing.for_ms)));
+        }
+        if let Some(t) = a.timing.absent_for_ms {
+            timing.push(format!("absent_for {}", ms(t)));
+        }
+        if let Some(t) = a.timing.reopen_after_ms {
+            timing.push(format!("reopen_after {}", ms(t)));
+        }
+        if let Some(c) = &a.clear_sql {
+            timing.push(format!("clear {c}"));
+        }
+        if !timing.is_empty() {
+            out.push_str(&format!("  {}\n", timing.join("  ")));
+        }
+        out.push_str("  plan:\n");
+        for line in a.logical_plan.lines() {
             out.push_str(&format!("    {line}\n"));
         }
     }
