@@ -18,8 +18,16 @@
 //!   again until that long after it resolved; if the condition still holds
 //!   then, it opens then.
 //!
-//! This module is the seam the alert issue builds on; planning
-//! (`CREATE ALERT`), storage, the API and notifications are not built yet.
+//! [`rule::RuleOperator`] runs one rule over Arrow batches and keeps a
+//! `KeyState` per key; [`record`] turns its transitions into the alerts that
+//! are stored, served and notified. Like `window`, nothing here does I/O:
+//! the pipeline (`engine`) stores alerts through `sink` and `store`.
+
+pub mod record;
+pub mod rule;
+
+pub use record::{Alert, AlertEvent, AlertId, AlertState, ChangeKind};
+pub use rule::{Change, RuleOperator};
 
 use serde::{Deserialize, Serialize};
 
@@ -106,39 +114,42 @@ impl KeyState {
         self.opened_at.is_some()
     }
 
-    /// Applies one judged row at event time `t`.
+    /// Applies one judged row at event time `t`. `row` renders the row (as
+    /// JSON text); it is called only when the row is kept.
     pub fn observe(
         &mut self,
         timing: &Timing,
         t: Millis,
         verdict: Verdict,
-        row: &str,
+        row: impl FnOnce() -> String,
     ) -> Option<Transition> {
-        if self.last_seen.as_ref().is_none_or(|(seen, _)| t >= *seen) {
-            self.last_seen = Some((t, row.to_string()));
+        if timing.absent_for_ms.is_some() {
+            // Presence rules: any row is the key reporting.
+            if self.last_seen.as_ref().is_some_and(|(seen, _)| t < *seen) {
+                return None;
+            }
+            let row = row();
+            self.last_seen = Some((t, row.clone()));
+            if self.last_transition.is_some_and(|last| t < last) {
+                return None;
+            }
+            return self.opened_at.is_some().then(|| self.resolve(t, row));
         }
         if self.last_transition.is_some_and(|last| t < last) {
             return None; // older than what already happened to this key
-        }
-        if timing.absent_for_ms.is_some() {
-            // Presence rules: any row is the key reporting again.
-            return self.opened_at.is_some().then(|| self.resolve(t, row));
         }
         match verdict {
             Verdict::Fires => {
                 if self.is_open() {
                     return None;
                 }
-                let (since, first) = self
-                    .pending
-                    .get_or_insert_with(|| (t, row.to_string()))
-                    .clone();
+                let (since, first) = self.pending.get_or_insert_with(|| (t, row())).clone();
                 let due = (since + timing.for_ms).max(self.guard_end(timing));
                 (t >= due).then(|| self.open(t, first))
             }
             Verdict::Clears => {
                 self.pending = None;
-                self.opened_at.is_some().then(|| self.resolve(t, row))
+                self.opened_at.is_some().then(|| self.resolve(t, row()))
             }
             Verdict::Neither => {
                 self.pending = None;
@@ -147,24 +158,37 @@ impl KeyState {
         }
     }
 
-    /// The watermark moved: a `for` run may have lasted long enough, or a
-    /// key may have gone silent.
-    pub fn on_watermark(&mut self, timing: &Timing, watermark: Millis) -> Option<Transition> {
+    /// When the watermark reaching this time would open an alert (a `for`
+    /// run, a silence, or the end of a flapping guard), if it would.
+    pub fn due(&self, timing: &Timing) -> Option<Millis> {
         if self.is_open() {
             return None;
         }
         let guard_end = self.guard_end(timing);
         if let Some(absent) = timing.absent_for_ms {
-            let (seen, row) = self.last_seen.clone()?;
-            if self.last_transition.is_some_and(|l| seen < l) {
+            let (seen, _) = self.last_seen.as_ref()?;
+            if self.last_transition.is_some_and(|l| *seen < l) {
                 return None; // this silence already had its alert
             }
-            let due = (seen + absent).max(guard_end);
-            return (watermark >= due).then(|| self.open(due, row));
+            return Some((seen + absent).max(guard_end));
         }
-        let (since, row) = self.pending.clone()?;
-        let due = (since + timing.for_ms).max(guard_end);
-        (watermark >= due).then(|| self.open(due, row))
+        let (since, _) = self.pending.as_ref()?;
+        Some((since + timing.for_ms).max(guard_end))
+    }
+
+    /// The watermark moved: a `for` run may have lasted long enough, or a
+    /// key may have gone silent.
+    pub fn on_watermark(&mut self, timing: &Timing, watermark: Millis) -> Option<Transition> {
+        let due = self.due(timing)?;
+        if watermark < due {
+            return None;
+        }
+        let row = if timing.absent_for_ms.is_some() {
+            self.last_seen.as_ref().map(|(_, r)| r.clone())
+        } else {
+            self.pending.as_ref().map(|(_, r)| r.clone())
+        }?;
+        Some(self.open(due, row))
     }
 
     /// The flapping guard: the earliest time the alert may open again.
@@ -182,13 +206,20 @@ impl KeyState {
         Transition::Opened { at, row: Some(row) }
     }
 
-    fn resolve(&mut self, at: Millis, row: &str) -> Transition {
+    fn resolve(&mut self, at: Millis, row: String) -> Transition {
         self.opened_at = None;
         self.pending = None;
         self.last_transition = Some(at);
-        Transition::Resolved {
-            at,
-            row: Some(row.to_string()),
+        Transition::Resolved { at, row: Some(row) }
+    }
+
+    /// State for an alert found open in the store when the rule's own state
+    /// was lost (its definition changed): it stays open until it clears.
+    pub fn adopt_open(opened_at: Millis) -> Self {
+        Self {
+            opened_at: Some(opened_at),
+            last_transition: Some(opened_at),
+            ..Self::default()
         }
     }
 }
@@ -219,14 +250,17 @@ mod tests {
         let t = Timing::default();
         let mut k = KeyState::default();
         assert_eq!(
-            k.observe(&t, 10 * S, Verdict::Fires, "b=12"),
+            k.observe(&t, 10 * S, Verdict::Fires, || "b=12".into()),
             opened(10 * S, "b=12")
         );
         // keeps matching: still the same open alert
-        assert_eq!(k.observe(&t, 20 * S, Verdict::Fires, "b=11"), None);
+        assert_eq!(
+            k.observe(&t, 20 * S, Verdict::Fires, || "b=11".into()),
+            None
+        );
         assert!(k.is_open());
         assert_eq!(
-            k.observe(&t, 30 * S, Verdict::Clears, "b=40"),
+            k.observe(&t, 30 * S, Verdict::Clears, || "b=40".into()),
             resolved(30 * S, "b=40")
         );
         assert!(!k.is_open());
@@ -236,12 +270,15 @@ mod tests {
     fn hysteresis_rows_between_fire_and_clear_change_nothing() {
         let t = Timing::default();
         let mut k = KeyState::default();
-        k.observe(&t, 10 * S, Verdict::Fires, "b=14");
+        k.observe(&t, 10 * S, Verdict::Fires, || "b=14".into());
         // 15 <= b < 20: no longer firing, not yet clear
-        assert_eq!(k.observe(&t, 20 * S, Verdict::Neither, "b=17"), None);
+        assert_eq!(
+            k.observe(&t, 20 * S, Verdict::Neither, || "b=17".into()),
+            None
+        );
         assert!(k.is_open());
         assert_eq!(
-            k.observe(&t, 30 * S, Verdict::Clears, "b=21"),
+            k.observe(&t, 30 * S, Verdict::Clears, || "b=21".into()),
             resolved(30 * S, "b=21")
         );
     }
@@ -250,10 +287,10 @@ mod tests {
     fn disorder_within_the_bound_does_not_flip_an_alert() {
         let t = Timing::default();
         let mut k = KeyState::default();
-        k.observe(&t, 10 * S, Verdict::Fires, "b=10");
-        k.observe(&t, 30 * S, Verdict::Clears, "b=50");
+        k.observe(&t, 10 * S, Verdict::Fires, || "b=10".into());
+        k.observe(&t, 30 * S, Verdict::Clears, || "b=50".into());
         // a firing row from before the resolve arrives late
-        assert_eq!(k.observe(&t, 25 * S, Verdict::Fires, "b=9"), None);
+        assert_eq!(k.observe(&t, 25 * S, Verdict::Fires, || "b=9".into()), None);
         assert!(!k.is_open());
         assert_eq!(k.last_transition, Some(30 * S));
     }
@@ -265,12 +302,18 @@ mod tests {
             ..Timing::default()
         };
         let mut k = KeyState::default();
-        assert_eq!(k.observe(&t, 0, Verdict::Fires, "first"), None);
+        assert_eq!(k.observe(&t, 0, Verdict::Fires, || "first".into()), None);
         assert_eq!(k.on_watermark(&t, 59 * S), None);
         // a non-firing row breaks the run; the next run starts over
-        assert_eq!(k.observe(&t, 50 * S, Verdict::Neither, "ok"), None);
+        assert_eq!(
+            k.observe(&t, 50 * S, Verdict::Neither, || "ok".into()),
+            None
+        );
         assert_eq!(k.on_watermark(&t, 70 * S), None);
-        assert_eq!(k.observe(&t, 80 * S, Verdict::Fires, "again"), None);
+        assert_eq!(
+            k.observe(&t, 80 * S, Verdict::Fires, || "again".into()),
+            None
+        );
         assert_eq!(k.on_watermark(&t, 139 * S), None);
         assert_eq!(k.on_watermark(&t, 140 * S), opened(140 * S, "again"));
     }
@@ -282,9 +325,9 @@ mod tests {
             ..Timing::default()
         };
         let mut k = KeyState::default();
-        k.observe(&t, 0, Verdict::Fires, "first");
+        k.observe(&t, 0, Verdict::Fires, || "first".into());
         assert_eq!(
-            k.observe(&t, 61 * S, Verdict::Fires, "later"),
+            k.observe(&t, 61 * S, Verdict::Fires, || "later".into()),
             opened(61 * S, "first")
         );
     }
@@ -298,12 +341,12 @@ mod tests {
         let mut k = KeyState::default();
         // never seen: never absent
         assert_eq!(k.on_watermark(&t, 60 * MIN), None);
-        k.observe(&t, 0, Verdict::Fires, "hello");
+        k.observe(&t, 0, Verdict::Fires, || "hello".into());
         assert_eq!(k.on_watermark(&t, 5 * MIN - 1), None);
         assert_eq!(k.on_watermark(&t, 6 * MIN), opened(5 * MIN, "hello"));
         assert_eq!(k.on_watermark(&t, 9 * MIN), None, "one alert per silence");
         assert_eq!(
-            k.observe(&t, 9 * MIN, Verdict::Fires, "back"),
+            k.observe(&t, 9 * MIN, Verdict::Fires, || "back".into()),
             resolved(9 * MIN, "back")
         );
         // silent again: a new alert, measured from the new last row
@@ -317,9 +360,12 @@ mod tests {
             ..Timing::default()
         };
         let mut k = KeyState::default();
-        k.observe(&t, 0, Verdict::Fires, "low");
-        k.observe(&t, 10 * S, Verdict::Clears, "ok");
-        assert_eq!(k.observe(&t, 20 * S, Verdict::Fires, "low again"), None);
+        k.observe(&t, 0, Verdict::Fires, || "low".into());
+        k.observe(&t, 10 * S, Verdict::Clears, || "ok".into());
+        assert_eq!(
+            k.observe(&t, 20 * S, Verdict::Fires, || "low again".into()),
+            None
+        );
         assert_eq!(k.on_watermark(&t, 69 * S), None);
         assert!(!k.is_open());
         // still low when the guard runs out: it opens then
@@ -333,7 +379,7 @@ mod tests {
             ..Timing::default()
         };
         let mut k = KeyState::default();
-        k.observe(&t, 0, Verdict::Fires, "first");
+        k.observe(&t, 0, Verdict::Fires, || "first".into());
         let mut back: KeyState = postcard::from_bytes(&postcard::to_stdvec(&k).unwrap()).unwrap();
         assert_eq!(back, k);
         assert_eq!(back.on_watermark(&t, MIN), opened(MIN, "first"));

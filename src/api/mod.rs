@@ -6,6 +6,7 @@
 //! `{"error": {"code", "message"}}` with a 4xx/5xx status; internal errors are
 //! logged, not returned.
 
+mod alerts;
 mod query;
 
 use std::collections::HashMap;
@@ -34,6 +35,12 @@ pub struct AppState {
     /// False until the checkpoint is restored and the log replayed.
     pub recovered: Arc<AtomicBool>,
     pub health: Arc<crate::obs::Health>,
+    /// Alert notifications: SSE clients subscribe here; acks notify here.
+    pub notifier: Arc<crate::sink::notify::Notifier>,
+    /// Cancelled at shutdown: ends SSE streams, which would otherwise hold
+    /// the server's graceful shutdown open.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub sse_keepalive: std::time::Duration,
 }
 
 /// Runs a store read on the blocking pool, so a long scan never stalls the
@@ -61,6 +68,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/views/{name}/rows", get(view_rows))
         .route("/api/v1/query", post(query::query))
         .route("/api/v1/deadletter", get(dead_letters))
+        .route("/api/v1/alerts", get(alerts::list))
+        .route("/api/v1/alerts/stream", get(alerts::stream))
+        .route("/api/v1/alerts/{id}", get(alerts::one))
+        .route("/api/v1/alerts/{id}/ack", post(alerts::ack))
         .fallback(not_found)
         .with_state(state)
 }

@@ -34,6 +34,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub storage: StorageConfig,
     pub pipelines: PipelinesConfig,
+    pub alerts: AlertsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +191,77 @@ impl Default for PipelinesConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How long a resolved alert is kept. Default `30 days`.
+    #[serde(with = "duration_str")]
+    pub retention: Duration,
+    /// Publish every alert change, retained, to `weir/alerts/{rule}/{key}`
+    /// on the broker weir reads from. Default `true`.
+    pub mqtt: bool,
+    /// Interval of the keep-alive comments on `/api/v1/alerts/stream`. Default `15s`.
+    #[serde(with = "duration_str")]
+    pub sse_keepalive: Duration,
+    /// Webhooks: `[[alerts.webhook]]` tables.
+    pub webhook: Vec<WebhookConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(30 * 24 * 3600),
+            mqtt: true,
+            sse_keepalive: Duration::from_secs(15),
+            webhook: Vec::new(),
+        }
+    }
+}
+
+/// One webhook: every alert change of the chosen rules is POSTed as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://...` (https is not compiled into this build).
+    pub url: String,
+    /// Name in metrics and logs. Default `webhook<N>` (its position, from 0).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Only these rules; all when empty.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Extra request headers, such as `Authorization`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Attempts per notification before it is given up (and counted). Default 8.
+    #[serde(default = "WebhookConfig::default_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles each time, up to 1 minute. Default `500ms`.
+    #[serde(default = "WebhookConfig::default_backoff", with = "duration_str")]
+    pub backoff: Duration,
+    /// Per-request timeout. Default `10s`.
+    #[serde(default = "WebhookConfig::default_timeout", with = "duration_str")]
+    pub timeout: Duration,
+    /// Notifications waiting for delivery; more are dropped (and counted). Default 1000.
+    #[serde(default = "WebhookConfig::default_queue")]
+    pub queue: usize,
+}
+
+impl WebhookConfig {
+    fn default_attempts() -> u32 {
+        8
+    }
+    fn default_backoff() -> Duration {
+        Duration::from_millis(500)
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_queue() -> usize {
+        1000
+    }
+}
+
 /// Parses durations written as `"10s"`, `"5 minutes"`, `"24h"`, `"7 days"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| format!("invalid duration {text:?}: {e}"))
@@ -286,6 +358,25 @@ impl Config {
         if self.storage.dir.as_os_str().is_empty() {
             problems.push("storage.dir: must not be empty".into());
         }
+        if self.alerts.sse_keepalive.is_zero() {
+            problems.push("alerts.sse_keepalive: must be greater than 0".into());
+        }
+        for (i, w) in self.alerts.webhook.iter().enumerate() {
+            let at = format!("alerts.webhook[{i}]");
+            if !w.url.starts_with("http://") {
+                problems.push(if w.url.starts_with("https://") {
+                    format!("{at}.url: https is not compiled into this build; use http:// (for example through a local relay)")
+                } else {
+                    format!("{at}.url: {:?} is not an http:// URL", w.url)
+                });
+            }
+            if w.max_attempts == 0 {
+                problems.push(format!("{at}.max_attempts: must be at least 1"));
+            }
+            if w.queue == 0 {
+                problems.push(format!("{at}.queue: must be at least 1"));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -310,7 +401,10 @@ fn apply_env_overrides(
             continue;
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-        if !matches!(section.as_str(), "http" | "mqtt" | "storage" | "pipelines") {
+        if !matches!(
+            section.as_str(),
+            "http" | "mqtt" | "storage" | "pipelines" | "alerts"
+        ) {
             problems.push(format!("{name}: unknown config section [{section}]"));
             continue;
         }

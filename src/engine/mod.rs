@@ -36,6 +36,7 @@ use crate::api::{self, AppState};
 use crate::config::{BrokerAddr, Config};
 use crate::obs::{now_ms, Health, Metrics};
 use crate::plan::{Pipeline, ViewShape};
+use crate::sink::notify::{MqttTarget, Notifier};
 use crate::source::decode::{AckToken, Message};
 use crate::source::{broker, mqtt};
 use crate::store::{Store, StoreError};
@@ -120,10 +121,20 @@ impl Running {
 pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, EngineError> {
     let store = Store::open(&config.storage.dir)?;
     reconcile_views(&store, &pipeline)?;
-    let metrics = Arc::new(Metrics::new(
-        pipeline.streams.iter().map(|s| s.name.as_str()),
-        pipeline.views.iter().map(|v| v.name.as_str()),
-    ));
+    for (i, hook) in config.alerts.webhook.iter().enumerate() {
+        if let Some(unknown) = hook.rules.iter().find(|r| pipeline.alert(r).is_none()) {
+            return Err(EngineError::Config(format!(
+                "alerts.webhook[{i}].rules: no alert rule is named {unknown:?}"
+            )));
+        }
+    }
+    let metrics = Arc::new(
+        Metrics::new(
+            pipeline.streams.iter().map(|s| s.name.as_str()),
+            pipeline.views.iter().map(|v| v.name.as_str()),
+        )
+        .with_alerts(pipeline.alerts.iter().map(|a| a.name.as_str())),
+    );
     metrics
         .ingest_queue_capacity
         .store(INGEST_QUEUE as i64, Ordering::Relaxed);
@@ -163,8 +174,25 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let fatal = Arc::new(std::sync::Mutex::new(None));
     let log_floor = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
+    let handle = tokio::runtime::Handle::current();
+    let notifier = Arc::new(Notifier::start(
+        &handle,
+        config.alerts.mqtt.then(|| MqttTarget {
+            host: host.clone(),
+            port,
+            client_id: format!("{}-alerts", config.mqtt.client_id),
+            username: config.mqtt.username.clone(),
+            password: config.mqtt.password.clone(),
+        }),
+        &config.alerts.webhook,
+        shutdown.clone(),
+    ));
+    let _ = metrics.notifications.set(notifier.channels.clone());
     let pipeline = Arc::new(pipeline);
     let state = Arc::new(AppState {
+        notifier: notifier.clone(),
+        shutdown: shutdown.clone(),
+        sse_keepalive: config.alerts.sse_keepalive,
         store: store.clone(),
         pipeline: pipeline.clone(),
         metrics: metrics.clone(),
@@ -191,8 +219,8 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             max_message_bytes: config.mqtt.max_packet_bytes,
         },
         log_floor.clone(),
+        Some(notifier),
     )?;
-    let handle = tokio::runtime::Handle::current();
     let token = shutdown.clone();
     let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel::<()>();
     let recovered_flag = recovered.clone();
@@ -334,6 +362,9 @@ async fn housekeeping(
                 if let Err(e) = store.expire_rows(&view.name, now - retention.as_millis() as i64) {
                     tracing::warn!(view = %view.name, error = %e, "retention failed");
                 }
+            }
+            if let Err(e) = store.expire_alerts(now - config.alerts.retention.as_millis() as i64) {
+                tracing::warn!(error = %e, "alert retention failed");
             }
             if let Err(e) = store
                 .expire_dead_letters(now - config.storage.deadletter_retention.as_millis() as i64)

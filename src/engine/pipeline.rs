@@ -37,16 +37,50 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::EngineError;
+use crate::alert::{AlertState, ChangeKind, RuleOperator};
 use crate::checkpoint::Checkpoint;
 use crate::config::Durability;
 use crate::log::{self, Dedup, LogError, LoggedBatch, MessageId, MessageMeta, Record};
-use crate::obs::{now_ms, Health, Metrics, StreamMetrics, ViewMetrics};
+use crate::obs::{now_ms, AlertMetrics, Health, Metrics, StreamMetrics, ViewMetrics};
 use crate::plan::{Pipeline, StreamDef, Upstream};
-use crate::sink;
+use crate::sink::{self, notify::Notifier};
 use crate::source::decode::{AckToken, Decoder, Message, RejectReason, Rejected};
 use crate::store::{LogAppend, Store, StoreError};
 use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
 use crate::window::Watermark;
+
+/// The checkpoint part of an alert rule (views and rules share one namespace).
+fn alert_part(rule: &str) -> String {
+    format!("alert:{rule}")
+}
+
+/// A rule whose state was not restored takes over the alerts the store
+/// shows open for it, so that they still resolve.
+fn adopt_open_alerts(store: &Store, operator: &mut RuleOperator) {
+    let rule = operator.plan().name.clone();
+    let page = store.alerts(None, None, usize::MAX, |a| {
+        a.rule == rule && a.state == AlertState::Firing
+    });
+    match page {
+        Ok(page) => {
+            for a in page.items {
+                operator.adopt_open(a.key, a.opened_at);
+            }
+        }
+        Err(e) => tracing::error!(%rule, error = %e, "cannot read the rule's open alerts"),
+    }
+}
+
+impl AlertRuntime {
+    fn publish_metrics(&self) {
+        self.metrics
+            .firing
+            .store(self.operator.open_alerts() as u64, Ordering::Relaxed);
+        self.metrics
+            .keys
+            .store(self.operator.keys() as u64, Ordering::Relaxed);
+    }
+}
 
 /// Most messages taken into one micro-batch.
 pub(super) const MAX_BATCH_MESSAGES: usize = 512;
@@ -69,6 +103,13 @@ struct StreamRuntime {
     decoder: Decoder,
     watermark: Watermark,
     metrics: Arc<StreamMetrics>,
+}
+
+struct AlertRuntime {
+    operator: RuleOperator,
+    root: usize,
+    upstream_view: Option<usize>,
+    metrics: Arc<AlertMetrics>,
 }
 
 struct ViewRuntime {
@@ -285,6 +326,9 @@ impl Checkpoints {
 pub(super) struct Runner {
     streams: Vec<StreamRuntime>,
     views: Vec<ViewRuntime>,
+    alerts: Vec<AlertRuntime>,
+    /// Where alert changes go once stored (none in benches).
+    notifier: Option<Arc<Notifier>>,
     store: Store,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -313,6 +357,7 @@ impl Runner {
         health: Arc<Health>,
         settings: Settings,
         log_floor: Arc<AtomicU64>,
+        notifier: Option<Arc<Notifier>>,
     ) -> Result<Self, EngineError> {
         let streams = pipeline
             .streams
@@ -350,9 +395,33 @@ impl Runner {
                 metrics: metrics.views[&v.name].clone(),
             });
         }
+        let mut alerts = Vec::new();
+        for a in &pipeline.alerts {
+            let (root, upstream_view) = match &a.upstream {
+                Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
+                Upstream::View(u) => {
+                    let up = pipeline.views.iter().position(|x| &x.name == u);
+                    (up.map(|u| views[u].root), up)
+                }
+            };
+            let Some(root) = root else {
+                return Err(EngineError::View {
+                    view: a.name.clone(),
+                    message: "upstream not found".into(),
+                });
+            };
+            alerts.push(AlertRuntime {
+                operator: RuleOperator::new(a.clone()),
+                root,
+                upstream_view,
+                metrics: metrics.alerts[&a.name].clone(),
+            });
+        }
         Ok(Self {
             streams,
             views,
+            alerts,
+            notifier,
             store,
             metrics,
             health,
@@ -502,6 +571,26 @@ impl Runner {
             v.metrics
                 .open_groups
                 .store(v.operator.open_groups() as u64, Ordering::Relaxed);
+        }
+        for a in &mut self.alerts {
+            let plan = a.operator.plan().clone();
+            let part = alert_part(&plan.name);
+            let restored = match (cp.manifest.views.get(&part), cp.views.get(&part)) {
+                (Some(info), Some(bytes)) if info.fingerprint == plan.fingerprint => {
+                    match a.operator.restore(bytes) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(rule = %plan.name, error = %e, "alert rule state not restored");
+                            false
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if !restored {
+                adopt_open_alerts(&self.store, &mut a.operator);
+            }
+            a.publish_metrics();
         }
         fresh
     }
@@ -1043,6 +1132,16 @@ impl Runner {
                 }
             }
         }
+        for a in &self.alerts {
+            let plan = a.operator.plan();
+            match a.operator.snapshot() {
+                Ok(bytes) => snapshots.push((alert_part(&plan.name), plan.fingerprint, bytes)),
+                Err(e) => {
+                    tracing::error!(rule = %plan.name, error = %e, "checkpoint skipped");
+                    return;
+                }
+            }
+        }
         let streams = self
             .streams
             .iter()
@@ -1177,9 +1276,78 @@ impl Runner {
                 .store(view.operator.open_groups() as u64, Ordering::Relaxed);
             outputs[v] = produced;
         }
+        if self.only.is_none() {
+            if let Err(e) = self.run_alerts(root, batch, &outputs, watermark) {
+                failed = Some(e);
+            }
+        }
         if let Some(e) = failed {
             self.row_write_failed(&e);
         }
         (late, late_views)
+    }
+
+    /// Runs the alert rules rooted at stream `root` on what `run_views` fed
+    /// and produced, stores their changes and notifies them.
+    fn run_alerts(
+        &mut self,
+        root: usize,
+        batch: Option<&EventBatch>,
+        outputs: &[Vec<ViewOutput>],
+        watermark: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut result = Ok(());
+        for a in &mut self.alerts {
+            if a.root != root {
+                continue;
+            }
+            let plan = a.operator.plan().clone();
+            let mut changes = Vec::new();
+            let inputs: Vec<EventBatch> = match a.upstream_view {
+                None => batch.into_iter().cloned().collect(),
+                Some(u) => outputs[u]
+                    .iter()
+                    .map(|o| EventBatch::new(o.rows.clone(), o.event_time.clone(), 0))
+                    .collect(),
+            };
+            for input in &inputs {
+                match a.operator.process(input) {
+                    Ok(c) => changes.extend(c),
+                    Err(e) => {
+                        a.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(rule = %plan.name, error = %e, "alert rule failed on a batch");
+                    }
+                }
+            }
+            if let Some(w) = watermark {
+                changes.extend(a.operator.advance_watermark(w));
+            }
+            if !changes.is_empty() {
+                match sink::record_alert_changes(&self.store, &plan.name, plan.severity, &changes) {
+                    Ok(events) => {
+                        for event in events {
+                            let counter = match event.change {
+                                ChangeKind::Opened => Some(&a.metrics.opened),
+                                ChangeKind::Resolved => Some(&a.metrics.resolved),
+                                ChangeKind::Acked => None,
+                            };
+                            if let Some(c) = counter {
+                                c.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if let Some(n) = &self.notifier {
+                                n.notify(event);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        a.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(rule = %plan.name, error = %e, "cannot store alerts");
+                        result = Err(e);
+                    }
+                }
+            }
+            a.publish_metrics();
+        }
+        result
     }
 }

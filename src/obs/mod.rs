@@ -66,11 +66,25 @@ pub struct ViewMetrics {
     pub late: AtomicU64,
 }
 
+/// Counters of one alert rule.
+#[derive(Debug, Default)]
+pub struct AlertMetrics {
+    pub firing: AtomicU64,
+    pub opened: AtomicU64,
+    pub resolved: AtomicU64,
+    pub keys: AtomicU64,
+    pub errors: AtomicU64,
+}
+
 /// All of weir's metrics. Cheap to share behind an `Arc`.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub streams: BTreeMap<String, Arc<StreamMetrics>>,
     pub views: BTreeMap<String, Arc<ViewMetrics>>,
+    pub alerts: BTreeMap<String, Arc<AlertMetrics>>,
+    /// The notification channels (SSE, MQTT, webhooks), once started.
+    pub notifications: std::sync::OnceLock<Vec<Arc<crate::sink::notify::ChannelMetrics>>>,
+    pub alert_acks: AtomicU64,
     /// Messages with a topic no stream matches.
     pub unmatched_messages: AtomicU64,
     pub ingest_queue_depth: AtomicI64,
@@ -120,6 +134,111 @@ impl Metrics {
             store_healthy: AtomicI64::new(1),
             ..Default::default()
         }
+    }
+
+    /// Adds one series set per alert rule.
+    pub fn with_alerts<'a>(mut self, rules: impl IntoIterator<Item = &'a str>) -> Self {
+        self.alerts = rules
+            .into_iter()
+            .map(|r| (r.to_string(), Arc::new(AlertMetrics::default())))
+            .collect();
+        self
+    }
+
+    fn render_alerts(&self, out: &mut String) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let per_rule = |value: &dyn Fn(&AlertMetrics) -> u64| -> Vec<(String, String)> {
+            self.alerts
+                .iter()
+                .map(|(r, m)| (format!("rule=\"{r}\""), value(m).to_string()))
+                .collect()
+        };
+        family(
+            out,
+            "weir_alerts_firing",
+            "gauge",
+            "Alerts open now, per rule.",
+            per_rule(&|m| load(&m.firing)),
+        );
+        let transitions = self
+            .alerts
+            .iter()
+            .flat_map(|(r, m)| {
+                [("opened", load(&m.opened)), ("resolved", load(&m.resolved))]
+                    .into_iter()
+                    .map(move |(c, v)| (format!("rule=\"{r}\",change=\"{c}\""), v.to_string()))
+            })
+            .collect();
+        family(
+            out,
+            "weir_alert_transitions_total",
+            "counter",
+            "Alerts opened and resolved, per rule.",
+            transitions,
+        );
+        family(
+            out,
+            "weir_alert_keys",
+            "gauge",
+            "Keys each rule tracks in memory.",
+            per_rule(&|m| load(&m.keys)),
+        );
+        family(
+            out,
+            "weir_alert_errors_total",
+            "counter",
+            "Batches a rule failed to evaluate or store.",
+            per_rule(&|m| load(&m.errors)),
+        );
+        family(
+            out,
+            "weir_alert_acks_total",
+            "counter",
+            "Alerts acknowledged through the API.",
+            vec![(String::new(), load(&self.alert_acks).to_string())],
+        );
+        let channels = self.notifications.get().map(Vec::as_slice).unwrap_or(&[]);
+        let per_channel = |value: &dyn Fn(&crate::sink::notify::ChannelMetrics) -> u64| {
+            channels
+                .iter()
+                .map(|c| (format!("channel=\"{}\"", c.name), value(c).to_string()))
+                .collect::<Vec<_>>()
+        };
+        family(
+            out,
+            "weir_alert_notifications_sent_total",
+            "counter",
+            "Alert notifications delivered, per channel (sse: handed to connected clients).",
+            per_channel(&|c| load(&c.sent)),
+        );
+        family(
+            out,
+            "weir_alert_notifications_failed_total",
+            "counter",
+            "Alert notifications given up after their last attempt, per channel.",
+            per_channel(&|c| load(&c.failed)),
+        );
+        family(
+            out,
+            "weir_alert_notifications_retries_total",
+            "counter",
+            "Webhook attempts that failed and were retried.",
+            per_channel(&|c| load(&c.retries)),
+        );
+        family(
+            out,
+            "weir_alert_notifications_dropped_total",
+            "counter",
+            "Notifications dropped because the channel's queue was full (sse: events a slow client missed).",
+            per_channel(&|c| load(&c.dropped)),
+        );
+        family(
+            out,
+            "weir_alert_notifications_queued",
+            "gauge",
+            "Notifications waiting for delivery, per channel.",
+            per_channel(&|c| load(&c.queued)),
+        );
     }
 
     /// The Prometheus text exposition of every series; `now` is epoch ms.
@@ -385,6 +504,7 @@ impl Metrics {
                 vec![(String::new(), value.to_string())],
             );
         }
+        self.render_alerts(&mut out);
         out
     }
 }

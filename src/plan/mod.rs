@@ -524,7 +524,9 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
             errors.push(at(format!("reads view {source}, which has errors")));
             continue;
         } else {
-            errors.push(at(format!("reads {source}, which is neither a stream nor a view")));
+            errors.push(at(format!(
+                "reads {source}, which is neither a stream nor a view"
+            )));
             continue;
         };
         let state = ctx.state();

@@ -1,5 +1,5 @@
-//! Sinks: what the pipeline writes out. Today that is view rows and dead
-//! letters to the store; MQTT and webhook notifications join with alerts.
+//! Sinks: what the pipeline writes out — view rows, dead letters and alerts
+//! to the store, and alert notifications ([`notify`]: SSE, MQTT, webhooks).
 //!
 //! Rows are stored as JSON objects in the API's shape (times as RFC 3339 UTC
 //! with milliseconds), so reading a row back is a copy, not a conversion.
@@ -12,6 +12,12 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::util::display::array_value_to_string;
 use serde_json::{Number, Value};
 
+pub mod notify;
+
+use std::collections::HashMap;
+
+use crate::alert::record::{alert_id, apply_change};
+use crate::alert::{Alert, AlertEvent, AlertId, Change, ChangeKind, Severity};
 use crate::obs::format_time;
 use crate::source::decode::{RejectReason, Rejected};
 use crate::store::{Store, StoreError};
@@ -147,4 +153,63 @@ pub fn late_rows<'m>(
             }
         })
         .collect()
+}
+
+/// Stores a rule's changes and returns what to notify: nothing for a change
+/// the store already shows (a replay after a crash), so a replay neither
+/// duplicates an alert nor notifies it twice.
+pub fn record_alert_changes(
+    store: &Store,
+    rule: &str,
+    severity: Severity,
+    changes: &[Change],
+) -> Result<Vec<AlertEvent>, StoreError> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    store.with_alert_lock(|store| {
+        let mut events = Vec::new();
+        // a change may follow another of the same alert within this call
+        let mut written: HashMap<AlertId, Alert> = HashMap::new();
+        for change in changes {
+            let id = alert_id(rule, &change.key, change.opened_at);
+            let stored = match written.get(&id) {
+                Some(a) => Some(a.clone()),
+                None => store.get_alert(&id)?,
+            };
+            if let Some(event) = apply_change(rule, severity, change, stored) {
+                written.insert(id, event.alert.clone());
+                events.push(event);
+            }
+        }
+        store.put_alert_events(&events)?;
+        Ok(events)
+    })
+}
+
+/// Acknowledges an alert at wall time `now`. Returns the alert, and the
+/// event to notify when it was not acknowledged before; `None` when there
+/// is no such alert.
+pub fn ack_alert(
+    store: &Store,
+    id: &AlertId,
+    now: i64,
+) -> Result<Option<(Alert, Option<AlertEvent>)>, StoreError> {
+    store.with_alert_lock(|store| {
+        let Some(mut alert) = store.get_alert(id)? else {
+            return Ok(None);
+        };
+        if alert.acked {
+            return Ok(Some((alert, None)));
+        }
+        alert.acked = true;
+        alert.acked_at = Some(now);
+        let event = AlertEvent {
+            change: ChangeKind::Acked,
+            at: now,
+            alert: alert.clone(),
+        };
+        store.put_alert_events(std::slice::from_ref(&event))?;
+        Ok(Some((alert, Some(event))))
+    })
 }

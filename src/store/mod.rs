@@ -19,6 +19,12 @@
 //!   `<slot>/manifest` and one `<slot>/part/<view>` per operator, replaced
 //!   together in one atomic batch.
 //!
+//! - `alerts`: alerts (`crate::alert::Alert`) as JSON, key = the alert's
+//!   16-byte id, whose first 8 bytes are its opening time: a reverse scan
+//!   lists the newest first.
+//! - `alert_history`: each alert's transitions and acks, key = id | time |
+//!   kind, so a replayed transition rewrites its entry.
+//!
 //! Durability: every commit reaches the operating system before it returns
 //! (fjall's default), which survives kill -9; [`Store::persist`] adds an
 //! fsync, which survives a power cut. fjall's journal is one sequential file
@@ -30,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions};
 
+use crate::alert::{self, Alert, AlertEvent, AlertId, ChangeKind};
 use crate::source::decode::Rejected;
 use crate::window::operator::time_key;
 
@@ -86,6 +93,11 @@ pub struct Store {
     log: Keyspace,
     logids: Keyspace,
     checkpoint: Keyspace,
+    alerts: Keyspace,
+    alert_history: Keyspace,
+    /// Held across an alert's read-modify-write: the pipeline (transitions)
+    /// and the API (acks) both update alerts.
+    alert_lock: std::sync::Arc<std::sync::Mutex<()>>,
     dead_letter_seq: std::sync::Arc<AtomicU64>,
     dir: std::sync::Arc<std::path::PathBuf>,
     /// The journal file `sync_journal` last synced, kept open.
@@ -157,6 +169,12 @@ impl Store {
             .keyspace("logids", KeyspaceCreateOptions::default)
             .map_err(open_err)?;
         let checkpoint = db.keyspace("checkpoint", separated).map_err(open_err)?;
+        let alerts = db
+            .keyspace("alerts", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let alert_history = db
+            .keyspace("alert_history", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
         // continue the dead-letter sequence after the newest stored one
         let seq = match deadletter.last_key_value() {
             Some(guard) => {
@@ -176,6 +194,9 @@ impl Store {
             log,
             logids,
             checkpoint,
+            alerts,
+            alert_history,
+            alert_lock: Default::default(),
             dead_letter_seq: std::sync::Arc::new(AtomicU64::new(seq)),
             dir: std::sync::Arc::new(dir.to_path_buf()),
             journal: Default::default(),
@@ -592,6 +613,139 @@ impl Store {
 
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.meta.insert(key, value).map_err(io("write meta"))
+    }
+
+    /// Runs `f` with the alert lock held: an alert's read-modify-write must
+    /// not interleave with another's.
+    pub fn with_alert_lock<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
+        let _guard = self
+            .alert_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(self)
+    }
+
+    pub fn get_alert(&self, id: &AlertId) -> Result<Option<Alert>, StoreError> {
+        match self.alerts.get(id).map_err(io("read alert"))? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "alert",
+                        message: e.to_string(),
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stores alerts after a change and their history entries, in one batch.
+    pub fn put_alert_events(&self, events: &[AlertEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt {
+            what: "alert",
+            message: e.to_string(),
+        };
+        let mut batch = self.db.batch();
+        for event in events {
+            let Some(id) = alert::record::parse_id(&event.alert.id) else {
+                continue;
+            };
+            batch.insert(
+                &self.alerts,
+                id,
+                serde_json::to_vec(&event.alert).map_err(corrupt)?,
+            );
+            let mut key = id.to_vec();
+            key.extend_from_slice(&time_key(event.at));
+            key.push(event.change.code());
+            let row = match event.change {
+                ChangeKind::Opened => Some(&event.alert.fired_by),
+                ChangeKind::Resolved => event.alert.cleared_by.as_ref(),
+                ChangeKind::Acked => None,
+            };
+            let entry = serde_json::json!({
+                "change": event.change,
+                "at": crate::obs::format_time(event.at),
+                "row": row,
+            });
+            batch.insert(
+                &self.alert_history,
+                key,
+                serde_json::to_vec(&entry).map_err(corrupt)?,
+            );
+        }
+        batch.commit().map_err(io("write alerts"))
+    }
+
+    /// An alert's history entries, oldest first, as JSON texts.
+    pub fn alert_history(&self, id: &AlertId) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.alert_history.prefix(id) {
+            let (_, value) = guard.into_inner().map_err(io("read alert history"))?;
+            out.push(String::from_utf8_lossy(&value).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Alerts newest first (by opening time) that opened at or after
+    /// `since` and pass `keep`; `cursor` (an id) continues a previous page.
+    pub fn alerts(
+        &self,
+        since: Option<i64>,
+        cursor: Option<&AlertId>,
+        limit: usize,
+        mut keep: impl FnMut(&Alert) -> bool,
+    ) -> Result<Page<Alert>, StoreError> {
+        let low = since.map_or(Vec::new(), |t| time_key(t).to_vec());
+        let iter = match cursor {
+            Some(c) => self.alerts.range(low..c.to_vec()),
+            None => self.alerts.range(low..),
+        };
+        let mut page = Page::default();
+        for guard in iter.rev() {
+            let (_, value) = guard.into_inner().map_err(io("scan alerts"))?;
+            let alert: Alert = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                what: "alert",
+                message: e.to_string(),
+            })?;
+            if !keep(&alert) {
+                continue;
+            }
+            if page.items.len() == limit {
+                page.next = page
+                    .items
+                    .last()
+                    .and_then(|a: &Alert| alert::record::parse_id(&a.id))
+                    .map(|id| id.to_vec());
+                break;
+            }
+            page.items.push(alert);
+        }
+        Ok(page)
+    }
+
+    /// Deletes resolved alerts (and their history) that resolved before `before`.
+    pub fn expire_alerts(&self, before: i64) -> Result<usize, StoreError> {
+        let mut batch = self.db.batch();
+        let mut n = 0;
+        for guard in self.alerts.range(..time_key(before).to_vec()) {
+            let (key, value) = guard.into_inner().map_err(io("expire alerts"))?;
+            let Ok(alert) = serde_json::from_slice::<Alert>(&value) else {
+                continue;
+            };
+            if alert.resolved_at.is_some_and(|r| r < before) {
+                batch.remove(&self.alerts, key.clone());
+                for h in self.alert_history.prefix(&key) {
+                    batch.remove(&self.alert_history, h.key().map_err(io("expire alerts"))?);
+                }
+                n += 1;
+            }
+        }
+        batch.commit().map_err(io("expire alerts"))?;
+        Ok(n)
     }
 
     /// Bytes on disk.

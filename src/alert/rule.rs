@@ -1,0 +1,303 @@
+//! One alert rule at run time: judges rows, keeps a [`KeyState`] per key,
+//! and wakes keys whose `for`, `absent_for` or `reopen_after` comes due as
+//! the watermark moves.
+//!
+//! Timers are a min-heap of (due time, key) with lazy deletion: a key's due
+//! time only moves later as rows arrive (a silence restarts), so instead of
+//! re-sorting on every row, a popped timer that is no longer due is pushed
+//! again at the key's current due time. A key is re-pushed at most once per
+//! `absent_for` of watermark progress, and the watermark check costs nothing
+//! while no timer is due.
+
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::error::DataFusionError;
+use datafusion::physical_expr::PhysicalExpr;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{KeyState, Transition, Verdict};
+use crate::plan::AlertPlan;
+use crate::window::operator::{run_steps, EventBatch};
+use crate::window::Millis;
+
+/// A transition of one key's alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: String,
+    /// When the alert this change belongs to opened (its identity).
+    pub opened_at: Millis,
+    pub transition: Transition,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    state: KeyState,
+    /// Due time of this key's timer in the heap, if it has one.
+    timer: Option<Millis>,
+}
+
+pub struct RuleOperator {
+    plan: Arc<AlertPlan>,
+    keys: HashMap<String, Entry, ahash::RandomState>,
+    timers: BinaryHeap<Reverse<(Millis, String)>>,
+    watermark: Option<Millis>,
+    open: usize,
+}
+
+/// What a checkpoint holds of a rule.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    watermark: Option<Millis>,
+    keys: Vec<(String, KeyState)>,
+}
+
+impl RuleOperator {
+    pub fn new(plan: Arc<AlertPlan>) -> Self {
+        Self {
+            plan,
+            keys: HashMap::default(),
+            timers: BinaryHeap::new(),
+            watermark: None,
+            open: 0,
+        }
+    }
+
+    pub fn plan(&self) -> &Arc<AlertPlan> {
+        &self.plan
+    }
+
+    /// Alerts of this rule now open.
+    pub fn open_alerts(&self) -> usize {
+        self.open
+    }
+
+    /// Keys this rule tracks.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Judges every row of `input` (rows of the rule's source), in order.
+    pub fn process(&mut self, input: &EventBatch) -> Result<Vec<Change>, DataFusionError> {
+        let n = input.num_rows();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let fires = evaluate(self.plan.condition.as_ref(), input)?;
+        let clears = evaluate(self.plan.clear.as_ref(), input)?;
+        let projected = run_steps(&self.plan.project, input.clone())?;
+        let rows = &projected.data;
+        let key_column = rows.column(self.plan.key_index);
+        let timing = self.plan.timing;
+        let mut changes = Vec::new();
+        for i in 0..n {
+            let Some(key) = key_text(key_column.as_ref(), i) else {
+                continue; // no key: nobody to alert about
+            };
+            let verdict = match (&fires, &clears) {
+                (Some(f), _) if f.is_valid(i) && f.value(i) => Verdict::Fires,
+                (None, _) => Verdict::Fires,
+                (_, Some(c)) => {
+                    if c.is_valid(i) && c.value(i) {
+                        Verdict::Clears
+                    } else {
+                        Verdict::Neither
+                    }
+                }
+                // Without `clear`, a row on which the condition is false
+                // resolves; one on which it is NULL (say, no battery
+                // reading) says nothing.
+                (Some(f), None) if f.is_valid(i) => Verdict::Clears,
+                (Some(_), None) => Verdict::Neither,
+            };
+            if timing.absent_for_ms.is_some() && verdict != Verdict::Fires {
+                continue; // only rows that pass WHERE count as reporting
+            }
+            let t = input.event_time.value(i);
+            if !self.keys.contains_key(key.as_ref()) {
+                self.keys.insert(key.to_string(), Entry::default());
+            }
+            let Some(entry) = self.keys.get_mut(key.as_ref()) else {
+                continue;
+            };
+            let opened_at = entry.state.opened_at;
+            let transition = entry
+                .state
+                .observe(&timing, t, verdict, || row_json(rows, i));
+            self.after_change(&key, opened_at, transition, &mut changes);
+        }
+        Ok(changes)
+    }
+
+    /// Opens the alerts whose time came with watermark `w`.
+    pub fn advance_watermark(&mut self, w: Millis) -> Vec<Change> {
+        if self.watermark.is_some_and(|old| w <= old) {
+            return Vec::new();
+        }
+        self.watermark = Some(w);
+        let timing = self.plan.timing;
+        let mut changes = Vec::new();
+        while let Some(Reverse((due, _))) = self.timers.peek() {
+            if *due > w {
+                break;
+            }
+            let Some(Reverse((due, key))) = self.timers.pop() else {
+                break;
+            };
+            let Some(entry) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            if entry.timer != Some(due) {
+                continue; // replaced by an earlier timer, already handled
+            }
+            entry.timer = None;
+            let opened_at = entry.state.opened_at;
+            let transition = entry.state.on_watermark(&timing, w);
+            self.after_change(&key, opened_at, transition, &mut changes);
+        }
+        changes
+    }
+
+    /// Records a transition and (re)arms the key's timer.
+    fn after_change(
+        &mut self,
+        key: &str,
+        opened_before: Option<Millis>,
+        transition: Option<Transition>,
+        changes: &mut Vec<Change>,
+    ) {
+        let Some(entry) = self.keys.get_mut(key) else {
+            return;
+        };
+        if let Some(due) = entry.state.due(&self.plan.timing) {
+            if entry.timer.is_none_or(|t| due < t) {
+                entry.timer = Some(due);
+                self.timers.push(Reverse((due, key.to_string())));
+            }
+        }
+        let Some(transition) = transition else {
+            return;
+        };
+        let opened_at = match &transition {
+            Transition::Opened { at, .. } => {
+                self.open += 1;
+                *at
+            }
+            Transition::Resolved { .. } => {
+                self.open = self.open.saturating_sub(1);
+                opened_before.unwrap_or_default()
+            }
+        };
+        changes.push(Change {
+            key: key.to_string(),
+            opened_at,
+            transition,
+        });
+        // a timer that fired may be due again later (say, after reopen_after)
+        if let Some(due) = entry.state.due(&self.plan.timing) {
+            if entry.timer.is_none_or(|t| due < t) {
+                entry.timer = Some(due);
+                self.timers.push(Reverse((due, key.to_string())));
+            }
+        }
+    }
+
+    /// Takes over alerts found open in the store for a rule whose own state
+    /// was not restored (new definition): they stay open until they clear.
+    pub fn adopt_open(&mut self, key: String, opened_at: Millis) {
+        if self.keys.contains_key(&key) {
+            return;
+        }
+        self.keys.insert(
+            key,
+            Entry {
+                state: KeyState::adopt_open(opened_at),
+                timer: None,
+            },
+        );
+        self.open += 1;
+    }
+
+    pub fn snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut keys: Vec<(String, KeyState)> = self
+            .keys
+            .iter()
+            .map(|(k, e)| (k.clone(), e.state.clone()))
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        postcard::to_stdvec(&Snapshot {
+            watermark: self.watermark,
+            keys,
+        })
+    }
+
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), postcard::Error> {
+        let snapshot: Snapshot = postcard::from_bytes(bytes)?;
+        self.keys.clear();
+        self.timers.clear();
+        self.open = 0;
+        self.watermark = snapshot.watermark;
+        let timing = self.plan.timing;
+        for (key, state) in snapshot.keys {
+            let timer = state.due(&timing);
+            if let Some(due) = timer {
+                self.timers.push(Reverse((due, key.clone())));
+            }
+            if state.is_open() {
+                self.open += 1;
+            }
+            self.keys.insert(key, Entry { state, timer });
+        }
+        Ok(())
+    }
+}
+
+/// A boolean expression over the input rows; `None` when there is none.
+fn evaluate(
+    expr: Option<&Arc<dyn PhysicalExpr>>,
+    input: &EventBatch,
+) -> Result<Option<BooleanArray>, DataFusionError> {
+    let Some(expr) = expr else {
+        return Ok(None);
+    };
+    let value = expr.evaluate(&input.data)?.into_array(input.num_rows())?;
+    match value.data_type() {
+        DataType::Boolean => Ok(Some(value.as_boolean().clone())),
+        other => Err(DataFusionError::Plan(format!(
+            "an alert condition must be true or false, not {other}"
+        ))),
+    }
+}
+
+/// The key of row `i` as text (strings as they are, other types as JSON).
+fn key_text(column: &dyn Array, i: usize) -> Option<Cow<'_, str>> {
+    if column.is_null(i) {
+        return None;
+    }
+    Some(match column.data_type() {
+        DataType::Utf8 => Cow::Borrowed(column.as_string::<i32>().value(i)),
+        DataType::Utf8View => Cow::Borrowed(column.as_string_view().value(i)),
+        _ => Cow::Owned(match crate::sink::cell_to_json(column, i) {
+            Value::String(s) => s,
+            other => other.to_string(),
+        }),
+    })
+}
+
+/// Row `i` as a JSON object text.
+fn row_json(rows: &datafusion::arrow::array::RecordBatch, i: usize) -> String {
+    let schema = rows.schema();
+    let mut map = Map::new();
+    for (field, column) in schema.fields().iter().zip(rows.columns()) {
+        map.insert(
+            field.name().clone(),
+            crate::sink::cell_to_json(column.as_ref(), i),
+        );
+    }
+    Value::Object(map).to_string()
+}
