@@ -6,7 +6,7 @@
 //! so a replay after a crash rewrites an alert instead of adding one.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{Change, Severity, Transition};
 use crate::obs::format_time;
@@ -74,22 +74,53 @@ pub struct Alert {
     pub cleared_by: Option<Value>,
 }
 
+/// The API's form of an alert, fields in DESIGN §5's order and times as
+/// RFC 3339 (a `serde_json::Value` would sort the fields by name).
+#[derive(Serialize)]
+struct ApiAlert<'a> {
+    id: &'a str,
+    rule: &'a str,
+    key: &'a str,
+    severity: Severity,
+    state: AlertState,
+    opened_at: String,
+    resolved_at: Option<String>,
+    acked: bool,
+    acked_at: Option<String>,
+    fired_by: &'a Value,
+    cleared_by: &'a Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history: Option<&'a [Value]>,
+}
+
 impl Alert {
-    /// The API's form: times as RFC 3339.
-    pub fn to_api(&self) -> Value {
-        json!({
-            "id": self.id,
-            "rule": self.rule,
-            "key": self.key,
-            "severity": self.severity,
-            "state": self.state,
-            "opened_at": format_time(self.opened_at),
-            "resolved_at": self.resolved_at.map(format_time),
-            "acked": self.acked,
-            "acked_at": self.acked_at.map(format_time),
-            "fired_by": self.fired_by,
-            "cleared_by": self.cleared_by,
-        })
+    fn api(&self) -> ApiAlert<'_> {
+        ApiAlert {
+            id: &self.id,
+            rule: &self.rule,
+            key: &self.key,
+            severity: self.severity,
+            state: self.state,
+            opened_at: format_time(self.opened_at),
+            resolved_at: self.resolved_at.map(format_time),
+            acked: self.acked,
+            acked_at: self.acked_at.map(format_time),
+            fired_by: &self.fired_by,
+            cleared_by: &self.cleared_by,
+            history: None,
+        }
+    }
+
+    /// The alert as the API returns it (a JSON object text).
+    pub fn api_json(&self) -> String {
+        serde_json::to_string(&self.api()).unwrap_or_default()
+    }
+
+    /// The alert with its history entries.
+    pub fn api_json_with_history(&self, history: &[Value]) -> String {
+        let mut api = self.api();
+        api.history = Some(history);
+        serde_json::to_string(&api).unwrap_or_default()
     }
 }
 
@@ -131,14 +162,22 @@ pub struct AlertEvent {
     pub alert: Alert,
 }
 
+#[derive(Serialize)]
+struct ApiEvent<'a> {
+    change: ChangeKind,
+    at: String,
+    alert: ApiAlert<'a>,
+}
+
 impl AlertEvent {
-    /// `{"change", "at", "alert"}`, as SSE, MQTT and webhooks carry it.
-    pub fn to_api(&self) -> Value {
-        json!({
-            "change": self.change,
-            "at": format_time(self.at),
-            "alert": self.alert.to_api(),
+    /// `{"change", "at", "alert"}`, as SSE and webhooks carry it.
+    pub fn api_json(&self) -> String {
+        serde_json::to_string(&ApiEvent {
+            change: self.change,
+            at: format_time(self.at),
+            alert: self.alert.api(),
         })
+        .unwrap_or_default()
     }
 }
 
@@ -201,6 +240,7 @@ pub fn apply_change(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn ids_round_trip_and_sort_by_opening_time() {

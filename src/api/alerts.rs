@@ -7,12 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
+use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{blocking, parse_limit, parse_time, ApiError, ApiResult, AppState};
+use super::{blocking, parse_limit, parse_time, ApiError, AppState};
 use crate::alert::record::{id_text, parse_id};
 use crate::alert::{AlertId, AlertState, Severity};
 use crate::obs::now_ms;
@@ -50,7 +52,7 @@ fn parse_state(text: &str) -> Result<AlertState, ApiError> {
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     known(
         &params,
         &[
@@ -80,16 +82,15 @@ pub async fn list(
         })
     })
     .await?;
-    let items: Vec<Value> = page.items.iter().map(|a| a.to_api()).collect();
-    let next = page
-        .next
-        .and_then(|k| <[u8; 16]>::try_from(k.as_slice()).ok())
-        .map(|id| id_text(&id));
-    Ok(axum::Json(json!({"items": items, "next_cursor": next})))
+    let items: Vec<String> = page.items.iter().map(|a| a.api_json()).collect();
+    Ok(super::raw_list(&items, page.next.as_deref()))
 }
 
 /// `GET /api/v1/alerts/{id}`: the alert and its history, oldest first.
-pub async fn one(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
+pub async fn one(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = alert_id(&id)?;
     let st = state.clone();
     let (alert, history) = blocking(move || {
@@ -104,20 +105,23 @@ pub async fn one(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> 
             id_text(&id)
         )));
     };
-    let mut body = alert.to_api();
     let history: Vec<Value> = history
         .iter()
         .filter_map(|h| serde_json::from_str(h).ok())
         .collect();
-    if let Value::Object(m) = &mut body {
-        m.insert("history".into(), Value::Array(history));
-    }
-    Ok(axum::Json(body))
+    Ok(json_text(alert.api_json_with_history(&history)))
+}
+
+fn json_text(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// `POST /api/v1/alerts/{id}/ack`: acknowledges (idempotent: acknowledging
 /// again keeps the first `acked_at`). Answers the alert.
-pub async fn ack(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
+pub async fn ack(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = alert_id(&id)?;
     let st = state.clone();
     let outcome = blocking(move || crate::sink::ack_alert(&st.store, &id, now_ms())).await?;
@@ -131,7 +135,7 @@ pub async fn ack(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> 
         state.metrics.alert_acks.fetch_add(1, Ordering::Relaxed);
         state.notifier.notify(event);
     }
-    Ok(axum::Json(alert.to_api()))
+    Ok(json_text(alert.api_json()))
 }
 
 /// `GET /api/v1/alerts/stream?rule=&key=`: one server-sent event per change,
@@ -187,7 +191,7 @@ pub async fn stream(
                     }
                     let sse = Event::default()
                         .event(event.change.as_str())
-                        .data(event.to_api().to_string());
+                        .data(event.api_json());
                     return Some((Ok(sse), (rx, shutdown, state)));
                 }
             }

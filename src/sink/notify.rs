@@ -205,7 +205,8 @@ async fn publish_mqtt(
                     Ok(_) => failures = 0,
                     Err(e) => {
                         failures += 1;
-                        if failures == 1 {
+                        // (the first attempt may race the embedded broker's start)
+                        if failures == 3 {
                             tracing::warn!(error = %e, "alert publisher lost the broker; reconnecting");
                         }
                         let wait = Duration::from_millis(100 << failures.min(6));
@@ -225,7 +226,7 @@ async fn publish_mqtt(
         };
         metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let topic = alert_topic(&event.alert.rule, &event.alert.key);
-        let payload = event.alert.to_api().to_string();
+        let payload = event.alert.api_json();
         match client
             .publish(topic, QoS::AtLeastOnce, true, payload.into_bytes())
             .await
@@ -259,7 +260,7 @@ async fn deliver_webhook(
             },
         };
         metrics.queued.fetch_sub(1, Ordering::Relaxed);
-        let body = event.to_api().to_string();
+        let body = event.api_json();
         let mut wait = config.backoff;
         for attempt in 1..=config.max_attempts {
             let mut request = client

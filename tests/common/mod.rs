@@ -64,6 +64,7 @@ impl Weir {
         config.pipelines.dir = dir.path().join("pipelines");
         // The tests' events are from 2023 (T0): keep their rows.
         config.storage.view_retention = Duration::from_secs(3650 * 24 * 3600);
+        config.alerts.retention = Duration::from_secs(3650 * 24 * 3600);
         let external_port = broker.as_ref().map(|b| {
             b.rsplit(':')
                 .next()
@@ -391,4 +392,81 @@ pub fn row_with<'a>(rows: &'a [Value], column: &str, value: &str) -> &'a Value {
     rows.iter()
         .find(|r| r[column].as_str() == Some(value))
         .unwrap_or_else(|| panic!("no row with {column} = {value} in {rows:?}"))
+}
+
+/// A client of `/api/v1/alerts/stream` (server-sent events).
+pub struct Sse {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Sse {
+    /// Connects and waits for the stream's opening comment, so that every
+    /// change from now on is delivered to it.
+    pub async fn connect(base: &str, path: &str) -> Sse {
+        let response = reqwest::get(format!("{base}{path}"))
+            .await
+            .expect("SSE GET");
+        assert_eq!(response.status(), 200, "SSE status");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let mut sse = Sse {
+            response,
+            buffer: String::new(),
+        };
+        let first = sse.next_block().await;
+        assert!(
+            first.starts_with(':'),
+            "the stream opens with a comment: {first:?}"
+        );
+        sse
+    }
+
+    /// The next block (an event or a comment), without its blank line.
+    pub async fn next_block(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block = self.buffer[..end].to_string();
+                self.buffer.drain(..end + 2);
+                return block;
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .expect("an SSE block before the deadline")
+                .expect("SSE stream read");
+            match chunk {
+                Some(bytes) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                None => panic!("the SSE stream ended; buffered: {:?}", self.buffer),
+            }
+        }
+    }
+
+    /// The next event (comments skipped): its name and its data as JSON.
+    pub async fn next_event(&mut self) -> (String, Value) {
+        loop {
+            let block = self.next_block().await;
+            let mut name = String::from("message");
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if !data.is_empty() {
+                let value = serde_json::from_str(&data).expect("SSE data is JSON");
+                return (name, value);
+            }
+        }
+    }
 }
