@@ -107,6 +107,9 @@ pub struct KeyState {
     pending: Option<(Millis, String)>,
     /// Latest event time and row seen for this key (for `absent_for`).
     last_seen: Option<(Millis, String)>,
+    /// Event time of the newest row that did not fire: a firing row older
+    /// than it (disorder) cannot start a `for` run.
+    last_break: Option<Millis>,
 }
 
 impl KeyState {
@@ -140,20 +143,30 @@ impl KeyState {
         }
         match verdict {
             Verdict::Fires => {
-                if self.is_open() {
+                if self.is_open() || self.last_break.is_some_and(|b| t < b) {
                     return None;
                 }
-                let (since, first) = self.pending.get_or_insert_with(|| (t, row())).clone();
+                match &mut self.pending {
+                    Some((since, first)) if t < *since => {
+                        // an older row of the same run: it started earlier
+                        *since = t;
+                        *first = row();
+                    }
+                    Some(_) => {}
+                    None => self.pending = Some((t, row())),
+                }
+                let (since, first) = self.pending.clone()?;
                 let due = (since + timing.for_ms).max(self.guard_end(timing));
                 (t >= due).then(|| self.open(t, first))
             }
-            Verdict::Clears => {
-                self.pending = None;
-                self.opened_at.is_some().then(|| self.resolve(t, row()))
-            }
-            Verdict::Neither => {
-                self.pending = None;
-                None
+            Verdict::Clears | Verdict::Neither => {
+                self.last_break = Some(self.last_break.map_or(t, |b| b.max(t)));
+                // a row from before the run began does not break it
+                if self.pending.as_ref().is_none_or(|(since, _)| t >= *since) {
+                    self.pending = None;
+                }
+                (verdict == Verdict::Clears && self.opened_at.is_some())
+                    .then(|| self.resolve(t, row()))
             }
         }
     }
@@ -316,6 +329,27 @@ mod tests {
         );
         assert_eq!(k.on_watermark(&t, 139 * S), None);
         assert_eq!(k.on_watermark(&t, 140 * S), opened(140 * S, "again"));
+    }
+
+    #[test]
+    fn disorder_does_not_stitch_a_for_run_across_a_break() {
+        let t = Timing {
+            for_ms: MIN,
+            ..Timing::default()
+        };
+        let mut k = KeyState::default();
+        k.observe(&t, 10 * S, Verdict::Fires, || "low".into());
+        k.observe(&t, 20 * S, Verdict::Clears, || "fine".into());
+        // older than the good reading: cannot start a run
+        assert_eq!(
+            k.observe(&t, 15 * S, Verdict::Fires, || "late low".into()),
+            None
+        );
+        assert_eq!(k.on_watermark(&t, 75 * S), None, "no run from 15 s");
+        // a run from 40 s, and a good reading from before it arriving late
+        k.observe(&t, 40 * S, Verdict::Fires, || "low again".into());
+        k.observe(&t, 35 * S, Verdict::Clears, || "old fine".into());
+        assert_eq!(k.on_watermark(&t, 100 * S), opened(100 * S, "low again"));
     }
 
     #[test]

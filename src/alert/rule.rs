@@ -155,7 +155,20 @@ impl RuleOperator {
             if entry.timer != Some(due) {
                 continue; // replaced by an earlier timer, already handled
             }
-            entry.timer = None;
+            match entry.state.due(&timing) {
+                // the key's time moved on since this timer was set: wait
+                // for that, in order with the other keys
+                Some(actual) if actual > due => {
+                    entry.timer = Some(actual);
+                    self.timers.push(Reverse((actual, key)));
+                    continue;
+                }
+                Some(_) => entry.timer = None,
+                None => {
+                    entry.timer = None;
+                    continue;
+                }
+            }
             let opened_at = entry.state.opened_at;
             let transition = entry.state.on_watermark(&timing, w);
             self.after_change(&key, opened_at, transition, &mut changes);
