@@ -4,7 +4,8 @@
 //! the other is killed with SIGKILL twice (once mid-stream, once right after
 //! it was started again) and stopped once with SIGTERM, while a known set of
 //! events is published at QoS 1. In the end every view of the interrupted
-//! weir equals the straight one's, and both hold every event exactly once.
+//! weir equals the straight one's, and both hold every event exactly once;
+//! so do the alerts a rule raised and resolved along the way.
 
 mod common;
 
@@ -53,6 +54,10 @@ SELECT terminal_id, ts, battery_pct FROM telemetry WHERE battery_pct < 20;
 
 CREATE VIEW low_per_minute AS
 SELECT terminal_id, count(*) AS lows FROM low_battery GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+
+CREATE ALERT battery_alarm
+WITH (severity = 'warning', clear = 'battery_pct >= 60')
+AS SELECT terminal_id, battery_pct FROM telemetry WHERE battery_pct < 10;
 ";
 const VIEWS: [&str; 6] = [
     "health_1m",
@@ -104,6 +109,21 @@ async fn snapshot(weir: &WeirProcess) -> Option<BTreeMap<&'static str, Vec<Strin
     Some(all)
 }
 
+/// Every alert, as the API lists it, without the ack fields (sorted by id).
+async fn alerts(weir: &WeirProcess) -> Option<Vec<String>> {
+    let (status, body) = weir.try_get("/api/v1/alerts?limit=10000").await?;
+    if status != 200 {
+        return None;
+    }
+    let mut items: Vec<String> = body["items"]
+        .as_array()?
+        .iter()
+        .map(Value::to_string)
+        .collect();
+    items.sort();
+    Some(items)
+}
+
 /// Total `reports` over the `latest` view: every event counted once.
 async fn reports(weir: &WeirProcess) -> Option<u64> {
     Some(column_sum(&weir.rows("latest").await?, "reports"))
@@ -130,7 +150,8 @@ async fn kill_9_twice_and_sigterm_lose_and_double_nothing() {
             Spawn::new(&dir, port, &format!("weir-{name}"))
                 .env("WEIR_STORAGE__CHECKPOINT_INTERVAL", "1s")
                 // the events are from 2023: keep their rows
-                .env("WEIR_STORAGE__VIEW_RETENTION", "3650 days"),
+                .env("WEIR_STORAGE__VIEW_RETENTION", "3650 days")
+                .env("WEIR_ALERTS__RETENTION", "3650 days"),
         );
     }
     let straight = WeirProcess::spawn(&specs[0]);
@@ -229,6 +250,26 @@ async fn kill_9_twice_and_sigterm_lose_and_double_nothing() {
             weir.log()
         );
     }
+    // Alerts are part of operator state: the replays neither lost nor
+    // doubled one, and every transition is the same.
+    let want_alerts = alerts(&straight).await.expect("straight alerts");
+    let got_alerts = alerts(&weir).await.expect("interrupted alerts");
+    assert!(want_alerts.len() > 10, "{want_alerts:#?}");
+    let missing: Vec<_> = want_alerts
+        .iter()
+        .filter(|a| !got_alerts.contains(a))
+        .collect();
+    let extra: Vec<_> = got_alerts
+        .iter()
+        .filter(|a| !want_alerts.contains(a))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "alerts differ from the straight run ({} vs {}):\nmissing {missing:#?}\nextra {extra:#?}",
+        got_alerts.len(),
+        want_alerts.len()
+    );
+
     // Not vacuous: the views hold closed windows and sessions.
     for view in VIEWS {
         assert!(!got[view].is_empty(), "{view} is empty");
