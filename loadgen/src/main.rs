@@ -6,9 +6,13 @@
 //! topic) over `--connections` MQTT connections, paced open-loop: each
 //! connection sends on a fixed schedule computed from the start time, so a
 //! slow broker shows up as a rate shortfall rather than being hidden.
+//! `--dropouts` adds terminals that drop off with a real last will, and
+//! `--api` measures alert latency end to end (see `alerts`).
 //! Not yet here (the load-generator issue): the realistic fleet model
-//! (battery cycles, drop-offs with last wills, transactions), end-to-end
-//! latency through `--api`, and the progress line.
+//! (battery cycles, transactions), latency of view rows, and the progress
+//! line.
+
+mod alerts;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,9 +52,16 @@ struct Args {
     /// Seed of the fleet's values, so runs repeat.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// weir's HTTP API, for end-to-end latency (not implemented in this version).
+    /// weir's HTTP API, e.g. http://127.0.0.1:8080: measure the latency from
+    /// publishing a terminal's offline status to its alert on the SSE stream.
     #[arg(long)]
     api: Option<String>,
+    /// Latency markers per second with --api.
+    #[arg(long, default_value_t = 20.0)]
+    markers_per_s: f64,
+    /// Terminals that drop off now and then (their last will fires) and come back.
+    #[arg(long, default_value_t = 0)]
+    dropouts: usize,
     /// Write the JSON report here.
     #[arg(long)]
     report_json: Option<std::path::PathBuf>,
@@ -69,6 +80,10 @@ struct Report {
     batch: usize,
     qos: u8,
     connections: usize,
+    dropouts: u64,
+    returns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<alerts::Latency>,
 }
 
 #[derive(Default)]
@@ -220,9 +235,6 @@ async fn connection(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.api.is_some() {
-        bail!("--api (end-to-end latency) is not implemented in this version of weir-loadgen");
-    }
     if args.qos > 1 || args.batch == 0 || args.connections == 0 || args.terminals == 0 {
         bail!("--qos must be 0 or 1; --batch, --connections and --terminals at least 1");
     }
@@ -230,12 +242,39 @@ async fn main() -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
     let deadline = started + args.duration;
+    let dropout_counters = Arc::new(alerts::DropoutCounters::default());
+    let dropouts: Vec<_> = (0..args.dropouts)
+        .map(|i| {
+            tokio::spawn(alerts::dropout_terminal(
+                args.broker.clone(),
+                i,
+                args.seed,
+                dropout_counters.clone(),
+                deadline,
+            ))
+        })
+        .collect();
+    let latency = args.api.clone().map(|api| {
+        tokio::spawn(alerts::measure(
+            api,
+            args.broker.clone(),
+            args.markers_per_s,
+            deadline,
+        ))
+    });
     let tasks: Vec<_> = (0..args.connections)
         .map(|i| tokio::spawn(connection(args.clone(), i, counters.clone(), deadline)))
         .collect();
     for t in tasks {
         t.await??;
     }
+    for t in dropouts {
+        t.await??;
+    }
+    let latency = match latency {
+        Some(t) => Some(t.await??),
+        None => None,
+    };
     let elapsed = args
         .duration
         .as_secs_f64()
@@ -253,6 +292,9 @@ async fn main() -> anyhow::Result<()> {
         batch: args.batch,
         qos: args.qos,
         connections: args.connections,
+        dropouts: dropout_counters.dropped.load(Ordering::Relaxed),
+        returns: dropout_counters.returned.load(Ordering::Relaxed),
+        latency_ms: latency,
     };
     println!(
         "sent {} events in {} messages over {:.1} s: {:.0} events/s (target {}), {} acked, {} errors",
@@ -264,6 +306,18 @@ async fn main() -> anyhow::Result<()> {
         report.messages_acked,
         report.errors
     );
+    if args.dropouts > 0 {
+        println!(
+            "{} terminals dropped off {} times (last will) and came back {} times",
+            args.dropouts, report.dropouts, report.returns
+        );
+    }
+    if let Some(l) = &report.latency_ms {
+        println!(
+            "alert latency (publish -> SSE, {} markers, {} missing): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+            l.samples, l.missing, l.p50, l.p90, l.p99, l.p999, l.max
+        );
+    }
     if let Some(path) = &args.report_json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
