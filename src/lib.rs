@@ -5,18 +5,16 @@
 //! - [`config`]  `weir.toml` and `WEIR_<SECTION>__<KEY>` overrides.
 //! - [`source`]  MQTT in: the embedded broker, the rumqttc subscriber, topic patterns, JSON -> Arrow.
 //! - [`log`]     the durable ingest log's records, sequence numbers and DUP dedup.
-//! - [`plan`]    pipeline `.sql` files -> stream definitions and view plans (DataFusion).
+//! - [`plan`]    pipeline `.sql` files -> stream definitions, view plans and alert rules (DataFusion).
 //! - [`window`]  event time, watermarks, windowed/updating/filter operators; pure, no I/O.
-//! - [`alert`]   the alert lifecycle per (rule, key): firing, resolved, `for`, `absent_for`; pure.
-//! - [`sink`]    view output and dead letters -> store rows.
+//! - [`alert`]   alert rules over Arrow batches; the lifecycle per (rule, key): `for`, `clear`, `absent_for`; pure.
+//! - [`sink`]    view rows, dead letters and alerts -> store; alert notifications (SSE, MQTT, webhooks).
 //! - [`store`]   the only module that touches fjall: view rows, dead letters, log, checkpoints.
 //! - [`checkpoint`] operator state and log position, written atomically, restored at start-up.
 //! - [`api`]     the axum HTTP API; reads the store, never blocks the pipeline.
 //! - [`engine`]  wires the stages, runs the pipeline thread, owns start-up, recovery and shutdown.
 //! - [`obs`]     metrics (Prometheus text) and tracing.
 //!
-//! Alerts are being built: the lifecycle exists ([`alert`]); `CREATE ALERT`,
-//! their storage, API and notifications do not yet.
 
 pub mod alert;
 pub mod api;
