@@ -101,3 +101,22 @@ async fn catch_up(sse: &mut Sse) -> u64 {
     assert_eq!(delivered + missed, TRANSITIONS as u64);
     delivered
 }
+
+/// With nothing happening, the stream still sends keep-alive comments (so
+/// proxies and clients can tell a quiet stream from a dead one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_sends_keep_alive_comments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("pipelines")).expect("mkdir");
+    std::fs::write(dir.path().join("pipelines/p.sql"), PIPELINE).expect("write");
+    let weir = Weir::start_configured(dir, None, |c| {
+        c.alerts.sse_keepalive = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let mut sse = Sse::connect(&weir.base, "/api/v1/alerts/stream").await;
+    for _ in 0..2 {
+        let block = sse.next_block().await;
+        assert!(block.starts_with(':'), "a comment, not an event: {block:?}");
+    }
+    weir.stop().await;
+}
