@@ -700,6 +700,9 @@ impl Store {
         mut keep: impl FnMut(&Alert) -> bool,
     ) -> Result<Page<Alert>, StoreError> {
         let low = since.map_or(Vec::new(), |t| time_key(t).to_vec());
+        if cursor.is_some_and(|c| c.as_slice() <= low.as_slice()) {
+            return Ok(Page::default()); // the cursor is already before `since`
+        }
         let iter = match cursor {
             Some(c) => self.alerts.range(low..c.to_vec()),
             None => self.alerts.range(low..),
