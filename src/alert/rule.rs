@@ -187,6 +187,8 @@ impl RuleOperator {
         let Some(entry) = self.keys.get_mut(key) else {
             return;
         };
+        // (the state already includes `transition`: a key that just resolved
+        // may be due again, say when its reopen_after guard ends)
         if let Some(due) = entry.state.due(&self.plan.timing) {
             if entry.timer.is_none_or(|t| due < t) {
                 entry.timer = Some(due);
@@ -211,13 +213,6 @@ impl RuleOperator {
             opened_at,
             transition,
         });
-        // a timer that fired may be due again later (say, after reopen_after)
-        if let Some(due) = entry.state.due(&self.plan.timing) {
-            if entry.timer.is_none_or(|t| due < t) {
-                entry.timer = Some(due);
-                self.timers.push(Reverse((due, key.to_string())));
-            }
-        }
     }
 
     /// Takes over alerts found open in the store for a rule whose own state

@@ -42,12 +42,38 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Durability;
 use crate::log::{self, Dedup, LogError, LoggedBatch, MessageId, MessageMeta, Record};
 use crate::obs::{now_ms, AlertMetrics, Health, Metrics, StreamMetrics, ViewMetrics};
-use crate::plan::{Pipeline, StreamDef, Upstream};
+use crate::plan::{Pipeline, StreamDef, Upstream, ViewPlan};
 use crate::sink::{self, notify::Notifier};
 use crate::source::decode::{AckToken, Decoder, Message, RejectReason, Rejected};
 use crate::store::{LogAppend, Store, StoreError};
 use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
 use crate::window::Watermark;
+
+/// Where a view or rule reading `upstream` gets its input: the index of
+/// the stream at the root of its inputs, and of the view it reads, if any
+/// (among `planned`, whose runtimes are `views`).
+fn locate(
+    name: &str,
+    upstream: &Upstream,
+    streams: &[StreamRuntime],
+    planned: &[Arc<ViewPlan>],
+    views: &[ViewRuntime],
+) -> Result<(usize, Option<usize>), EngineError> {
+    let (root, upstream_view) = match upstream {
+        Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
+        Upstream::View(u) => {
+            let up = planned.iter().position(|x| &x.name == u);
+            (up.map(|u| views[u].root), up)
+        }
+    };
+    match root {
+        Some(root) => Ok((root, upstream_view)),
+        None => Err(EngineError::View {
+            view: name.to_string(),
+            message: "upstream not found".into(),
+        }),
+    }
+}
 
 /// The checkpoint part of an alert rule (views and rules share one namespace).
 fn alert_part(rule: &str) -> String {
@@ -375,19 +401,8 @@ impl Runner {
                 view: v.name.clone(),
                 message: e.to_string(),
             })?;
-            let (root, upstream_view) = match &v.upstream {
-                Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
-                Upstream::View(u) => {
-                    let up = pipeline.views[..i].iter().position(|x| &x.name == u);
-                    (up.map(|u| views[u].root), up)
-                }
-            };
-            let Some(root) = root else {
-                return Err(EngineError::View {
-                    view: v.name.clone(),
-                    message: "upstream not found".into(),
-                });
-            };
+            let (root, upstream_view) =
+                locate(&v.name, &v.upstream, &streams, &pipeline.views[..i], &views)?;
             views.push(ViewRuntime {
                 operator,
                 root,
@@ -397,19 +412,8 @@ impl Runner {
         }
         let mut alerts = Vec::new();
         for a in &pipeline.alerts {
-            let (root, upstream_view) = match &a.upstream {
-                Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
-                Upstream::View(u) => {
-                    let up = pipeline.views.iter().position(|x| &x.name == u);
-                    (up.map(|u| views[u].root), up)
-                }
-            };
-            let Some(root) = root else {
-                return Err(EngineError::View {
-                    view: a.name.clone(),
-                    message: "upstream not found".into(),
-                });
-            };
+            let (root, upstream_view) =
+                locate(&a.name, &a.upstream, &streams, &pipeline.views, &views)?;
             alerts.push(AlertRuntime {
                 operator: RuleOperator::new(a.clone()),
                 root,

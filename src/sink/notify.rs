@@ -170,6 +170,20 @@ fn offer(tx: &mpsc::Sender<Arc<AlertEvent>>, metrics: &ChannelMetrics, event: &A
     }
 }
 
+/// The next notification of a channel's queue; `None` at shutdown.
+async fn next_queued(
+    rx: &mut mpsc::Receiver<Arc<AlertEvent>>,
+    metrics: &ChannelMetrics,
+    shutdown: &CancellationToken,
+) -> Option<Arc<AlertEvent>> {
+    let event = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        event = rx.recv() => event,
+    }?;
+    metrics.queued.fetch_sub(1, Ordering::Relaxed);
+    Some(event)
+}
+
 /// `weir/alerts/{rule}/{key}`; MQTT's special characters in the key become `_`.
 pub fn alert_topic(rule: &str, key: &str) -> String {
     let clean: String = key
@@ -217,14 +231,9 @@ async fn publish_mqtt(
         }
     });
     loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            event = rx.recv() => match event {
-                Some(e) => e,
-                None => break,
-            },
+        let Some(event) = next_queued(&mut rx, &metrics, &shutdown).await else {
+            break;
         };
-        metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let topic = alert_topic(&event.alert.rule, &event.alert.key);
         let payload = event.alert.api_json();
         match client
@@ -252,14 +261,9 @@ async fn deliver_webhook(
         }
     };
     loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            event = rx.recv() => match event {
-                Some(e) => e,
-                None => break,
-            },
+        let Some(event) = next_queued(&mut rx, &metrics, &shutdown).await else {
+            break;
         };
-        metrics.queued.fetch_sub(1, Ordering::Relaxed);
         let body = event.api_json();
         let mut wait = config.backoff;
         for attempt in 1..=config.max_attempts {

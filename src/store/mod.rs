@@ -136,6 +136,13 @@ fn dead_letter_json(r: &Rejected) -> Result<Vec<u8>, StoreError> {
     })
 }
 
+fn decode_alert(bytes: &[u8]) -> Result<Alert, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: "alert",
+        message: e.to_string(),
+    })
+}
+
 fn view_prefix(view: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(view.len() + 1);
     p.extend_from_slice(view.as_bytes());
@@ -626,17 +633,11 @@ impl Store {
     }
 
     pub fn get_alert(&self, id: &AlertId) -> Result<Option<Alert>, StoreError> {
-        match self.alerts.get(id).map_err(io("read alert"))? {
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        what: "alert",
-                        message: e.to_string(),
-                    })
-            }
-            None => Ok(None),
-        }
+        self.alerts
+            .get(id)
+            .map_err(io("read alert"))?
+            .map(|bytes| decode_alert(&bytes))
+            .transpose()
     }
 
     /// Stores alerts after a change and their history entries, in one batch.
@@ -710,10 +711,7 @@ impl Store {
         let mut page = Page::default();
         for guard in iter.rev() {
             let (_, value) = guard.into_inner().map_err(io("scan alerts"))?;
-            let alert: Alert = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
-                what: "alert",
-                message: e.to_string(),
-            })?;
+            let alert = decode_alert(&value)?;
             if !keep(&alert) {
                 continue;
             }
@@ -736,7 +734,7 @@ impl Store {
         let mut n = 0;
         for guard in self.alerts.range(..time_key(before).to_vec()) {
             let (key, value) = guard.into_inner().map_err(io("expire alerts"))?;
-            let Ok(alert) = serde_json::from_slice::<Alert>(&value) else {
+            let Ok(alert) = decode_alert(&value) else {
                 continue;
             };
             if alert.resolved_at.is_some_and(|r| r < before) {
