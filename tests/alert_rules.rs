@@ -10,14 +10,8 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-const PIPELINE: &str = "
-CREATE TABLE telemetry (
-  terminal_id TEXT NOT NULL,
-  ts TIMESTAMP NOT NULL,
-  battery_pct DOUBLE,
-  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND
-) WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json', idle_timeout = '1s');
-
+/// Rules over `common::battery_pipeline`'s telemetry stream (idle timeout 1s).
+const RULES: &str = "
 CREATE ALERT low_battery
 WITH (severity = 'warning', for = '1 minute', clear = 'battery_pct >= 20')
 AS SELECT terminal_id, battery_pct FROM telemetry WHERE battery_pct < 15;
@@ -59,7 +53,7 @@ fn time(ms: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_follow_event_time() {
-    let weir = Weir::start(&[("rules.sql", PIPELINE)]).await;
+    let weir = Weir::start(&[("rules.sql", &battery_pipeline("1s", RULES))]).await;
     let mut sse = Sse::connect(&weir.base, "/api/v1/alerts/stream?rule=low_battery").await;
 
     let history = [

@@ -8,14 +8,8 @@ mod common;
 
 use common::*;
 
-const PIPELINE: &str = "
-CREATE TABLE telemetry (
-  terminal_id TEXT NOT NULL,
-  ts TIMESTAMP NOT NULL,
-  battery_pct DOUBLE,
-  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND
-) WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json', idle_timeout = '1h');
-
+/// Rules over `common::battery_pipeline`'s telemetry stream (idle timeout 1h).
+const RULES: &str = "
 CREATE ALERT battery_flat
 WITH (severity = 'critical', clear = 'battery_pct >= 20')
 AS SELECT terminal_id, battery_pct FROM telemetry WHERE battery_pct < 5;
@@ -25,7 +19,7 @@ const TRANSITIONS: usize = 6_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_sse_client_does_not_hold_up_alerts() {
-    let weir = Weir::start(&[("p.sql", PIPELINE)]).await;
+    let weir = Weir::start(&[("p.sql", &battery_pipeline("1h", RULES))]).await;
     // Connected, then never read until the end.
     let mut stuck = Sse::connect(&weir.base, "/api/v1/alerts/stream").await;
     let mut live = Sse::connect(&weir.base, "/api/v1/alerts/stream").await;
@@ -106,10 +100,8 @@ async fn catch_up(sse: &mut Sse) -> u64 {
 /// proxies and clients can tell a quiet stream from a dead one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_sends_keep_alive_comments() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("pipelines")).expect("mkdir");
-    std::fs::write(dir.path().join("pipelines/p.sql"), PIPELINE).expect("write");
-    let weir = Weir::start_configured(dir, None, |c| {
+    let pipeline = battery_pipeline("1h", RULES);
+    let weir = Weir::start_tweaked(&[("p.sql", &pipeline)], None, |c| {
         c.alerts.sse_keepalive = std::time::Duration::from_millis(200);
     })
     .await;

@@ -15,14 +15,8 @@ use common::*;
 use serde_json::Value;
 use weir::config::WebhookConfig;
 
-const PIPELINE: &str = "
-CREATE TABLE telemetry (
-  terminal_id TEXT NOT NULL,
-  ts TIMESTAMP NOT NULL,
-  battery_pct DOUBLE,
-  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND
-) WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json', idle_timeout = '1h');
-
+/// Rules over `common::battery_pipeline`'s telemetry stream (idle timeout 1h).
+const RULES: &str = "
 CREATE ALERT battery_flat
 WITH (severity = 'critical', clear = 'battery_pct >= 20')
 AS SELECT terminal_id, battery_pct FROM telemetry WHERE battery_pct < 5;
@@ -93,10 +87,8 @@ fn hook(url: &str, name: &str, rules: &[&str], max_attempts: u32) -> WebhookConf
 async fn webhooks_are_retried_after_a_500_and_filtered_by_rule() {
     let (flaky_url, flaky) = receiver(1).await;
     let (broken_url, broken) = receiver(usize::MAX).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("pipelines")).expect("mkdir");
-    std::fs::write(dir.path().join("pipelines/p.sql"), PIPELINE).expect("write");
-    let weir = Weir::start_configured(dir, None, |c| {
+    let pipeline = battery_pipeline("1h", RULES);
+    let weir = Weir::start_tweaked(&[("p.sql", &pipeline)], None, |c| {
         c.alerts.webhook = vec![
             hook(&flaky_url, "oncall", &["battery_flat"], 8),
             hook(&broken_url, "broken", &[], 3),

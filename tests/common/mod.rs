@@ -36,13 +36,22 @@ impl Weir {
 
     /// Starts weir; `broker` is `Some("mqtt://...")` for an external broker.
     pub async fn start_with(pipelines: &[(&str, &str)], broker: Option<String>) -> Weir {
+        Self::start_tweaked(pipelines, broker, |_| {}).await
+    }
+
+    /// Like `start_with`, with a last say over the configuration.
+    pub async fn start_tweaked(
+        pipelines: &[(&str, &str)],
+        broker: Option<String>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Weir {
         let dir = tempfile::tempdir().expect("temp dir");
         let pipeline_dir = dir.path().join("pipelines");
         std::fs::create_dir_all(&pipeline_dir).expect("pipelines dir");
         for (name, sql) in pipelines {
             std::fs::write(pipeline_dir.join(name), sql).expect("write pipeline");
         }
-        Self::start_in(dir, broker).await
+        Self::start_configured(dir, broker, tweak).await
     }
 
     /// Starts weir on an existing data/pipelines folder (for restarts).
@@ -378,6 +387,20 @@ GROUP BY terminal_id;
 CREATE VIEW low_battery AS
 SELECT terminal_id, ts, battery_pct FROM telemetry WHERE battery_pct < 20;
 ";
+
+/// The battery readings the alert scenarios judge: a telemetry stream with a
+/// 1 s watermark bound and the given idle timeout, followed by `rules`.
+pub fn battery_pipeline(idle_timeout: &str, rules: &str) -> String {
+    format!(
+        "CREATE TABLE telemetry (
+  terminal_id TEXT NOT NULL,
+  ts TIMESTAMP NOT NULL,
+  battery_pct DOUBLE,
+  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND
+) WITH (connector = 'mqtt', topic = 'terminals/{{terminal_id}}/telemetry', format = 'json', idle_timeout = '{idle_timeout}');
+{rules}"
+    )
+}
 
 /// A telemetry event as JSON text.
 pub fn event(ts: i64, battery: f64, latency: Option<f64>) -> String {
