@@ -27,16 +27,6 @@ fn alert_id(text: &str) -> Result<AlertId, ApiError> {
     })
 }
 
-fn known(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
-    match params.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_request(format!(
-            "unknown parameter {k:?} (known: {})",
-            allowed.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
 fn parse_state(text: &str) -> Result<AlertState, ApiError> {
     match text {
         "firing" => Ok(AlertState::Firing),
@@ -53,7 +43,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    known(
+    super::reject_unknown(
         &params,
         &[
             "state", "rule", "key", "severity", "since", "limit", "cursor",
@@ -148,7 +138,7 @@ pub async fn stream(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    known(&params, &["rule", "key"])?;
+    super::reject_unknown(&params, &["rule", "key"])?;
     let rule = params.get("rule").cloned();
     let key = params.get("key").cloned();
     if let Some(r) = &rule {

@@ -274,6 +274,17 @@ async fn view(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> A
     Ok(axum::Json(body))
 }
 
+/// A 400 naming the first parameter not in `allowed`.
+pub fn reject_unknown(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match params.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad_request(format!(
+            "unknown parameter {k:?} (known: {})",
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `limit` with its default and maximum.
 pub fn parse_limit(params: &HashMap<String, String>) -> Result<usize, ApiError> {
     match params.get("limit") {
@@ -440,13 +451,7 @@ async fn dead_letters(
             ))
         })?),
     };
-    for k in params.keys() {
-        if !matches!(k.as_str(), "limit" | "cursor" | "stream" | "reason") {
-            return Err(ApiError::bad_request(format!(
-                "unknown parameter {k:?} (known: stream, reason, limit, cursor)"
-            )));
-        }
-    }
+    reject_unknown(&params, &["stream", "reason", "limit", "cursor"])?;
     let st = state.clone();
     let page = blocking(move || {
         st.store.dead_letters(cursor.as_deref(), limit, |d| {
