@@ -5,7 +5,10 @@
 //! - `store/write_window_rows`: formatting the rows as JSON and upserting
 //!   them into fjall (`sink::write_view_output`), per row;
 //! - `store/scan_1000_rows`: one page of 1 000 rows read back the way
-//!   `GET /api/v1/views/{name}/rows` reads them, per row.
+//!   `GET /api/v1/views/{name}/rows` reads them, per row;
+//! - `store/query_group_by`: `POST /api/v1/query`'s work for a GROUP BY
+//!   over the 10 000 stored rows (load the view, plan, run, render), per
+//!   stored row read.
 
 mod common;
 
@@ -51,6 +54,23 @@ fn bench(c: &mut Criterion) {
                 .expect("scan");
             assert_eq!(page.items.len(), 1000);
             black_box(page)
+        })
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .expect("runtime");
+    let shared = Arc::new(pipeline.clone());
+    let sql = "SELECT terminal_id, max(p99_latency_ms) AS worst, sum(samples) AS samples \
+               FROM terminal_health_1m GROUP BY terminal_id ORDER BY worst DESC LIMIT 10";
+    group.throughput(Throughput::Elements(rows as u64));
+    group.bench_function("query_group_by", |b| {
+        b.iter(|| {
+            let body = runtime
+                .block_on(weir::api::query::run(store.clone(), shared.clone(), sql))
+                .expect("query");
+            assert!(body.contains("\"worst\""));
+            black_box(body)
         })
     });
     group.finish();

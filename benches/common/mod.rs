@@ -84,3 +84,44 @@ pub fn fleet(terminals: usize, count: usize) -> Vec<Message> {
     }
     out
 }
+
+/// Every shipped pipeline file, planned together (the engine's view of `config/pipelines`).
+pub fn shipped() -> Pipeline {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pipelines");
+    weir::plan::plan_dir(std::path::Path::new(dir)).expect("shipped pipelines plan")
+}
+
+/// The decoder of a stream of `pipeline`.
+pub fn decoder(pipeline: &Pipeline, stream: &str) -> Decoder {
+    Decoder::new(pipeline.stream(stream).expect("stream").clone(), 4 << 20)
+}
+
+/// `count` transactions, one per message as terminals send them, from
+/// `terminals` terminals of 20 per merchant over ten minutes of event time:
+/// payments, refunds (some over $500), points and declines.
+pub fn transactions(terminals: usize, count: usize) -> Vec<Message> {
+    let kinds = [
+        "payment", "payment", "payment", "payment", "refund", "points",
+    ];
+    (0..count)
+        .map(|n| {
+            let terminal = (n * 7919) % terminals;
+            let ts = T0 + (n as i64 * 600_000) / count as i64;
+            let kind = kinds[n % kinds.len()];
+            let amount = 500 + (n * 104_729) % 80_000;
+            let status = if n % 23 == 0 { "declined" } else { "approved" };
+            let payload = format!(
+                r#"{{"txn_id":"x-{n}","merchant_id":"M{:05}","ts":{ts},"amount_cents":{amount},"currency":"EUR","kind":"{kind}","status":"{status}","points":{}}}"#,
+                terminal / 20,
+                amount / 100
+            );
+            Message {
+                topic: format!("terminals/T{terminal:06}/transactions"),
+                payload: Bytes::from(payload),
+                received_at: T0,
+                ack: None,
+                dup: false,
+            }
+        })
+        .collect()
+}

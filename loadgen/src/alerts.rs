@@ -43,7 +43,7 @@ pub async fn dropout_terminal(
     let (host, port) = parse_broker(&broker)?;
     let id = format!("D{index:06}");
     let topic = format!("terminals/{id}/status");
-    let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (index as u64 + 7));
+    let mut rng = Rng::new(seed, (1 << 40) + index as u64);
     let mut first = true;
     while Instant::now() < deadline {
         let mut options = MqttOptions::new(format!("terminal-{id}"), host.clone(), port);

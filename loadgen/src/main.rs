@@ -1,59 +1,71 @@
-//! weir-loadgen: publishes a fleet's telemetry over MQTT at a target rate and
-//! reports what it achieved (DESIGN §7).
+//! weir-loadgen: simulates a fleet of terminals over MQTT and reports what
+//! it achieved (DESIGN §7).
 //!
-//! This first version drives throughput: N terminals publish telemetry
-//! batches (`--batch` events per message, a JSON array on the terminal's
-//! topic) over `--connections` MQTT connections, paced open-loop: each
-//! connection sends on a fixed schedule computed from the start time, so a
-//! slow broker shows up as a rate shortfall rather than being hidden.
-//! `--dropouts` adds terminals that drop off with a real last will, and
-//! `--api` measures alert latency end to end (see `alerts`).
-//! Not yet here (the load-generator issue): the realistic fleet model
-//! (battery cycles, transactions), latency of view rows, and the progress
-//! line.
+//! - `fleet`: the terminals and merchants, seeded (battery cycles, network,
+//!   lognormal app latency with degradation episodes, Poisson transactions).
+//! - this file: the CLI, the publishers, the counting subscriber, the
+//!   progress line and the report.
+//! - `alerts`: terminals that drop off with a last will (`--dropouts`) and
+//!   end-to-end latency through weir's API (`--api`).
+//!
+//! Rate control is open loop: every connection sends on a fixed schedule
+//! computed from the start time, and each message's event times are its
+//! *scheduled* send time. A broker that stalls a publisher shows up as a
+//! schedule lag and a rate shortfall, and as latency measured from the
+//! schedule, instead of being hidden by a sender that waits politely
+//! (coordinated omission).
 
 mod alerts;
+mod fleet;
 
+use std::collections::BinaryHeap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
+
+pub use fleet::Rng;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "weir-loadgen",
-    about = "Simulate a fleet of terminals over MQTT"
+    about = "Simulate a fleet of payment terminals over MQTT and report rate and latency"
 )]
 struct Args {
     /// Broker address, mqtt://host:port.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
-    /// Number of terminals.
+    /// Number of terminals (20 per merchant).
     #[arg(long, default_value_t = 1000)]
     terminals: usize,
-    /// Events per second in total; 0 sends as fast as the broker takes them.
+    /// Events per second in total, telemetry and transactions; 0 sends
+    /// telemetry as fast as the broker takes it.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
     /// How long to publish, e.g. 30s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Events per MQTT message (a JSON array from one terminal).
+    /// Telemetry events per MQTT message (a JSON array from one terminal).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// MQTT QoS, 0 or 1.
+    /// MQTT QoS of the load, 0 or 1.
     #[arg(long, default_value_t = 1)]
     qos: u8,
-    /// Parallel MQTT connections.
+    /// Parallel MQTT connections for telemetry.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Transactions per terminal per minute (one per message; part of --rate).
+    #[arg(long, default_value_t = 1.0)]
+    txn_per_terminal_min: f64,
     /// Seed of the fleet's values, so runs repeat.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// weir's HTTP API, e.g. http://127.0.0.1:8080: measure the latency from
-    /// publishing a terminal's offline status to its alert on the SSE stream.
+    /// a marker event's time to its alert on the SSE stream.
     #[arg(long)]
     api: Option<String>,
     /// Latency markers per second with --api.
@@ -62,51 +74,93 @@ struct Args {
     /// Terminals that drop off now and then (their last will fires) and come back.
     #[arg(long, default_value_t = 0)]
     dropouts: usize,
+    /// Also subscribe to the load's topics and count what the broker
+    /// delivers: the broker's own ceiling, in the same run as weir.
+    #[arg(long)]
+    count: bool,
     /// Write the JSON report here.
     #[arg(long)]
     report_json: Option<std::path::PathBuf>,
 }
 
+impl Args {
+    fn qos(&self) -> QoS {
+        if self.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+
+    /// Transactions per second in total.
+    fn txn_rate(&self) -> f64 {
+        self.terminals as f64 * self.txn_per_terminal_min / 60.0
+    }
+
+    /// Telemetry events per second in total (0: as fast as possible).
+    fn telemetry_rate(&self) -> f64 {
+        if self.rate == 0 {
+            0.0
+        } else {
+            (self.rate as f64 - self.txn_rate()).max(1.0)
+        }
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Report {
     events_sent: u64,
+    telemetry_events_sent: u64,
+    transactions_sent: u64,
     messages_sent: u64,
     messages_acked: u64,
     errors: u64,
     duration_s: f64,
     events_per_s: f64,
     target_events_per_s: u64,
+    /// How far the slowest publisher fell behind its schedule.
+    max_schedule_lag_ms: f64,
     terminals: usize,
+    merchants: usize,
     batch: usize,
     qos: u8,
     connections: usize,
+    seed: u64,
     dropouts: u64,
     returns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_delivered: Option<Delivered>,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency_ms: Option<alerts::Latency>,
 }
 
+/// What the counting subscriber received.
+#[derive(serde::Serialize, Debug, Clone, Default)]
+struct Delivered {
+    messages: u64,
+    events: u64,
+    telemetry_events: u64,
+    transactions: u64,
+}
+
 #[derive(Default)]
 struct Counters {
-    events: AtomicU64,
+    telemetry_events: AtomicU64,
+    transactions: AtomicU64,
     messages: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
+    max_lag_us: AtomicU64,
 }
 
-/// A small xorshift generator: deterministic per seed, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+impl Counters {
+    fn events(&self) -> u64 {
+        self.telemetry_events.load(Ordering::Relaxed) + self.transactions.load(Ordering::Relaxed)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+    fn lagged(&self, due: Instant) {
+        let lag = Instant::now().saturating_duration_since(due).as_micros() as u64;
+        self.max_lag_us.fetch_max(lag, Ordering::Relaxed);
     }
 }
 
@@ -121,115 +175,292 @@ fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
     ))
 }
 
-fn now_ms() -> i64 {
+fn wall_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
-/// One telemetry batch of `batch` events from terminal `terminal`.
-fn telemetry(rng: &mut Rng, terminal: usize, batch: usize, ts: i64) -> String {
-    let networks = ["wifi", "lte", "lte", "none"];
-    let mut out = String::with_capacity(batch * 200);
-    out.push('[');
-    for i in 0..batch {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&format!(
-            r#"{{"terminal_id":"T{terminal:06}","merchant_id":"M{:05}","ts":{},"battery_pct":{},"charging":{},"network":"{}","rssi_dbm":{},"app_latency_ms":{},"app_version":"2.{}.0","error_count":{}}}"#,
-            terminal / 20,
-            ts + i as i64,
-            5 + rng.below(95),
-            rng.below(4) == 0,
-            networks[rng.below(4) as usize],
-            -40 - rng.below(60) as i64,
-            40 + rng.below(400),
-            rng.below(3),
-            u64::from(rng.below(20) == 0),
-        ));
-    }
-    out.push(']');
-    out
+/// The run's clock: one start instant and its wall time, so a scheduled
+/// instant converts to an event time.
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+    start_ms: i64,
 }
 
-async fn connection(
-    args: Args,
-    index: usize,
-    counters: Arc<Counters>,
-    deadline: Instant,
-) -> anyhow::Result<()> {
+impl Clock {
+    fn event_time(&self, due: Instant) -> i64 {
+        self.start_ms + due.saturating_duration_since(self.start).as_millis() as i64
+    }
+}
+
+/// A publishing connection: the client, and its event loop polled on a task
+/// that counts acknowledgements and errors.
+fn connect(
+    args: &Args,
+    name: &str,
+    counters: &Arc<Counters>,
+) -> anyhow::Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
     let (host, port) = parse_broker(&args.broker)?;
     let mut options = MqttOptions::new(
-        format!("weir-loadgen-{}-{index}", std::process::id()),
+        format!("weir-loadgen-{}-{name}", std::process::id()),
         host,
         port,
     );
     options.set_max_packet_size(16 << 20, 16 << 20);
     options.set_inflight(1000);
+    options.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    let qos = if args.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-    let poll_counters = counters.clone();
+    let counters = counters.clone();
     let poller = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    poll_counters.acked.fetch_add(1, Ordering::Relaxed);
+                    counters.acked.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(_) => {
-                    poll_counters.errors.fetch_add(1, Ordering::Relaxed);
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     });
-    // This connection's share of the terminals and of the rate.
-    let terminals: Vec<usize> = (index..args.terminals).step_by(args.connections).collect();
+    Ok((client, poller))
+}
+
+/// Gives QoS 1 acks a moment to come back, then disconnects.
+async fn finish(client: AsyncClient, poller: tokio::task::JoinHandle<()>) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
+}
+
+/// One telemetry connection: its share of the terminals, each reporting
+/// `--batch` samples per message, round robin, on a fixed schedule.
+async fn telemetry(
+    args: Args,
+    index: usize,
+    counters: Arc<Counters>,
+    clock: Clock,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let mut terminals: Vec<fleet::Terminal> = (index..args.terminals)
+        .step_by(args.connections)
+        .map(|i| fleet::Terminal::new(args.seed, i))
+        .collect();
     if terminals.is_empty() {
         return Ok(());
     }
-    let messages_per_s = args.rate as f64 / args.connections as f64 / args.batch as f64;
-    let interval = if args.rate == 0 {
+    let topics: Vec<String> = terminals
+        .iter()
+        .map(|t| format!("terminals/{}/telemetry", t.id))
+        .collect();
+    let (client, poller) = connect(&args, &format!("t{index}"), &counters)?;
+    let rate = args.telemetry_rate();
+    let interval = if rate == 0.0 {
         Duration::ZERO
     } else {
-        Duration::from_secs_f64(1.0 / messages_per_s)
+        Duration::from_secs_f64(args.batch as f64 * args.connections as f64 / rate)
     };
-    let mut rng = Rng(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64 + 1));
-    let start = Instant::now();
+    // A terminal's samples are spaced by its reporting cadence, but one
+    // message spans at most 4 s, inside the shipped streams' 5 s bound.
+    let cadence_ms = if rate == 0.0 {
+        10.0
+    } else {
+        1000.0 * args.terminals as f64 / rate
+    };
+    let spacing_ms = cadence_ms
+        .min(4000.0 / (args.batch.max(2) - 1) as f64)
+        .max(0.0) as i64;
+    let qos = args.qos();
+    let mut payload = Vec::with_capacity(args.batch * 200);
     let mut sent: u64 = 0;
-    while Instant::now() < deadline {
-        if !interval.is_zero() {
-            // open loop: the schedule is fixed from the start, not from the last send
-            let due = start + interval.mul_f64(sent as f64);
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
+    loop {
+        let due = if interval.is_zero() {
+            Instant::now()
+        } else {
+            clock.start + interval.mul_f64(sent as f64)
+        };
+        if due >= deadline || Instant::now() >= deadline {
+            break;
         }
-        let terminal = terminals[(sent as usize) % terminals.len()];
-        let payload = telemetry(&mut rng, terminal, args.batch, now_ms());
-        let topic = format!("terminals/T{terminal:06}/telemetry");
-        if client.publish(topic, qos, false, payload).await.is_err() {
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        } else {
+            counters.lagged(due);
+        }
+        let slot = (sent as usize) % terminals.len();
+        terminals[slot].telemetry_batch(
+            args.batch,
+            clock.event_time(due),
+            spacing_ms,
+            &mut payload,
+        );
+        if client
+            .publish(topics[slot].clone(), qos, false, payload.clone())
+            .await
+            .is_err()
+        {
             counters.errors.fetch_add(1, Ordering::Relaxed);
             break;
         }
         sent += 1;
         counters.messages.fetch_add(1, Ordering::Relaxed);
         counters
-            .events
+            .telemetry_events
             .fetch_add(args.batch as u64, Ordering::Relaxed);
     }
-    // give QoS 1 acks a moment to come back, then leave
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
+    finish(client, poller).await;
     Ok(())
+}
+
+/// The merchants' transactions: a Poisson process per merchant, one
+/// transaction per message, on the terminal's transactions topic.
+async fn transactions(
+    args: Args,
+    counters: Arc<Counters>,
+    clock: Clock,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let rate = args.txn_rate();
+    if rate <= 0.0 {
+        return Ok(());
+    }
+    let mut merchants = fleet::Merchants::new(args.seed, args.terminals, rate);
+    let (client, poller) = connect(&args, "txn", &counters)?;
+    // (next arrival in µs from the start, merchant), earliest first
+    let mut due: BinaryHeap<std::cmp::Reverse<(u64, usize)>> = BinaryHeap::new();
+    for m in 0..merchants.count() {
+        let gap = merchants.next_gap_s(m);
+        if gap.is_finite() {
+            due.push(std::cmp::Reverse(((gap * 1e6) as u64, m)));
+        }
+    }
+    let qos = args.qos();
+    while let Some(std::cmp::Reverse((at_us, m))) = due.pop() {
+        let at = clock.start + Duration::from_micros(at_us);
+        if at >= deadline {
+            break;
+        }
+        if at > Instant::now() {
+            tokio::time::sleep_until(at.into()).await;
+        } else {
+            counters.lagged(at);
+        }
+        let txn = merchants.transaction(m, clock.event_time(at));
+        let topic = format!("terminals/T{:06}/transactions", txn.terminal);
+        if client
+            .publish(topic, qos, false, txn.payload)
+            .await
+            .is_err()
+        {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        counters.messages.fetch_add(1, Ordering::Relaxed);
+        counters.transactions.fetch_add(1, Ordering::Relaxed);
+        let gap = merchants.next_gap_s(m);
+        if gap.is_finite() {
+            due.push(std::cmp::Reverse((at_us + (gap * 1e6) as u64, m)));
+        }
+    }
+    finish(client, poller).await;
+    Ok(())
+}
+
+/// Shared by the counting subscriber and its caller.
+#[derive(Default)]
+struct DeliveredCounters {
+    messages: AtomicU64,
+    telemetry_events: AtomicU64,
+    transactions: AtomicU64,
+}
+
+/// Subscribes to the load's topics (same QoS) and counts what arrives; the
+/// returned future resolves once subscribed.
+async fn counting_subscriber(
+    args: &Args,
+    counters: Arc<DeliveredCounters>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (host, port) = parse_broker(&args.broker)?;
+    let mut options = MqttOptions::new(
+        format!("weir-loadgen-count-{}", std::process::id()),
+        host,
+        port,
+    );
+    options.set_max_packet_size(16 << 20, 16 << 20);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    client
+        .subscribe_many([
+            SubscribeFilter::new("terminals/+/telemetry".into(), args.qos()),
+            SubscribeFilter::new("terminals/+/transactions".into(), args.qos()),
+        ])
+        .await
+        .context("queue subscription")?;
+    let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match subscribed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("counting subscriber: {e}"),
+        Err(_) => bail!("counting subscriber: no SUBACK within 10 s"),
+    }
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    counters.messages.fetch_add(1, Ordering::Relaxed);
+                    // our payloads hold one object per event and no nested objects
+                    let events = p.payload.iter().filter(|&&b| b == b'{').count() as u64;
+                    if p.topic.ends_with("/transactions") {
+                        counters.transactions.fetch_add(events, Ordering::Relaxed);
+                    } else {
+                        counters
+                            .telemetry_events
+                            .fetch_add(events, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }))
+}
+
+/// A live line on stderr, once a second, when stderr is a terminal.
+async fn progress(counters: Arc<Counters>, started: Instant, deadline: Instant) {
+    let mut last = (0u64, 0u64, Instant::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let now = Instant::now();
+        let (events, acked) = (counters.events(), counters.acked.load(Ordering::Relaxed));
+        let dt = now.duration_since(last.2).as_secs_f64().max(1e-3);
+        eprint!(
+            "\r[{:>4.0} s] sent {:>10.0} events/s   acked {:>8.0} msg/s   errors {}   lag {:.0} ms   ",
+            now.duration_since(started).as_secs_f64(),
+            (events - last.0) as f64 / dt,
+            (acked - last.1) as f64 / dt,
+            counters.errors.load(Ordering::Relaxed),
+            counters.max_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        );
+        last = (events, acked, now);
+    }
+    eprintln!();
 }
 
 #[tokio::main]
@@ -238,9 +469,31 @@ async fn main() -> anyhow::Result<()> {
     if args.qos > 1 || args.batch == 0 || args.connections == 0 || args.terminals == 0 {
         bail!("--qos must be 0 or 1; --batch, --connections and --terminals at least 1");
     }
+    if !(args.txn_per_terminal_min >= 0.0 && args.txn_per_terminal_min.is_finite()) {
+        bail!("--txn-per-terminal-min must be 0 or more");
+    }
+    if args.rate > 0 && args.txn_rate() >= args.rate as f64 {
+        bail!(
+            "--rate {} leaves nothing for telemetry after {:.0} transactions/s",
+            args.rate,
+            args.txn_rate()
+        );
+    }
     parse_broker(&args.broker)?;
+
+    let delivered = Arc::new(DeliveredCounters::default());
+    let subscriber = if args.count {
+        Some(counting_subscriber(&args, delivered.clone()).await?)
+    } else {
+        None
+    };
+
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
+    let clock = Clock {
+        start: started,
+        start_ms: wall_ms(),
+    };
     let deadline = started + args.duration;
     let dropout_counters = Arc::new(alerts::DropoutCounters::default());
     let dropouts: Vec<_> = (0..args.dropouts)
@@ -262,12 +515,30 @@ async fn main() -> anyhow::Result<()> {
             deadline,
         ))
     });
-    let tasks: Vec<_> = (0..args.connections)
-        .map(|i| tokio::spawn(connection(args.clone(), i, counters.clone(), deadline)))
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| tokio::spawn(progress(counters.clone(), started, deadline)));
+    let mut tasks: Vec<_> = (0..args.connections)
+        .map(|i| {
+            tokio::spawn(telemetry(
+                args.clone(),
+                i,
+                counters.clone(),
+                clock,
+                deadline,
+            ))
+        })
         .collect();
+    tasks.push(tokio::spawn(transactions(
+        args.clone(),
+        counters.clone(),
+        clock,
+        deadline,
+    )));
     for t in tasks {
         t.await??;
     }
+    let publishing_s = started.elapsed().as_secs_f64();
     for t in dropouts {
         t.await??;
     }
@@ -275,36 +546,91 @@ async fn main() -> anyhow::Result<()> {
         Some(t) => Some(t.await??),
         None => None,
     };
-    let elapsed = args
-        .duration
-        .as_secs_f64()
-        .min(started.elapsed().as_secs_f64());
-    let events = counters.events.load(Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    let broker_delivered = match subscriber {
+        Some(task) => {
+            // until nothing has arrived for 2 s (at most 60 s)
+            let give_up = Instant::now() + Duration::from_secs(60);
+            let mut last = u64::MAX;
+            loop {
+                let now = delivered.messages.load(Ordering::Relaxed);
+                if now == last || Instant::now() > give_up {
+                    break;
+                }
+                last = now;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            task.abort();
+            let telemetry_events = delivered.telemetry_events.load(Ordering::Relaxed);
+            let transactions = delivered.transactions.load(Ordering::Relaxed);
+            Some(Delivered {
+                messages: delivered.messages.load(Ordering::Relaxed),
+                events: telemetry_events + transactions,
+                telemetry_events,
+                transactions,
+            })
+        }
+        None => None,
+    };
+
+    let elapsed = args.duration.as_secs_f64().min(publishing_s);
+    let events = counters.events();
     let report = Report {
         events_sent: events,
+        telemetry_events_sent: counters.telemetry_events.load(Ordering::Relaxed),
+        transactions_sent: counters.transactions.load(Ordering::Relaxed),
         messages_sent: counters.messages.load(Ordering::Relaxed),
         messages_acked: counters.acked.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         duration_s: elapsed,
         events_per_s: events as f64 / elapsed.max(1e-9),
         target_events_per_s: args.rate,
+        max_schedule_lag_ms: counters.max_lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
         terminals: args.terminals,
+        merchants: args.terminals.div_ceil(fleet::TERMINALS_PER_MERCHANT),
         batch: args.batch,
         qos: args.qos,
         connections: args.connections,
+        seed: args.seed,
         dropouts: dropout_counters.dropped.load(Ordering::Relaxed),
         returns: dropout_counters.returned.load(Ordering::Relaxed),
+        broker_delivered,
         latency_ms: latency,
     };
+    print_summary(&args, &report);
+    if let Some(path) = &args.report_json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_summary(args: &Args, report: &Report) {
     println!(
-        "sent {} events in {} messages over {:.1} s: {:.0} events/s (target {}), {} acked, {} errors",
+        "sent {} events ({} telemetry, {} transactions) in {} messages over {:.1} s: {:.0} events/s (target {})",
         report.events_sent,
+        report.telemetry_events_sent,
+        report.transactions_sent,
         report.messages_sent,
         report.duration_s,
         report.events_per_s,
-        if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
+        if args.rate == 0 {
+            "max".to_string()
+        } else {
+            args.rate.to_string()
+        },
+    );
+    println!(
+        "{} terminals, {} merchants, {} events per message, QoS {}: {} acked, {} errors, schedule lag at most {:.1} ms",
+        report.terminals,
+        report.merchants,
+        report.batch,
+        report.qos,
         report.messages_acked,
-        report.errors
+        report.errors,
+        report.max_schedule_lag_ms
     );
     if args.dropouts > 0 {
         println!(
@@ -312,15 +638,20 @@ async fn main() -> anyhow::Result<()> {
             args.dropouts, report.dropouts, report.returns
         );
     }
+    if let Some(d) = &report.broker_delivered {
+        println!(
+            "counting subscriber received {} events ({} telemetry, {} transactions) in {} messages: {:.2} % of those sent",
+            d.events,
+            d.telemetry_events,
+            d.transactions,
+            d.messages,
+            100.0 * d.events as f64 / report.events_sent.max(1) as f64
+        );
+    }
     if let Some(l) = &report.latency_ms {
         println!(
-            "alert latency (publish -> SSE, {} markers, {} missing): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+            "alert latency (marker event time -> SSE, {} markers, {} missing): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
             l.samples, l.missing, l.p50, l.p90, l.p99, l.p999, l.max
         );
     }
-    if let Some(path) = &args.report_json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
 }

@@ -7,7 +7,7 @@
 //! logged, not returned.
 
 mod alerts;
-mod query;
+pub mod query;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

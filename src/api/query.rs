@@ -20,7 +20,9 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use serde_json::{json, Value};
 
 use super::{blocking, ApiError, AppState, MAX_LIMIT};
+use crate::plan::Pipeline;
 use crate::sink::batch_to_json_text;
+use crate::store::Store;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +34,14 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
     let request: QueryRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}"))
     })?;
-    let statements = DFParser::parse_sql_with_dialect(&request.sql, &GenericDialect {})
+    let body = run(state.store.clone(), state.pipeline.clone(), &request.sql).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Runs one read-only query over the stored views and renders the answer
+/// as the endpoint's JSON body (`benches/store.rs` times this).
+pub async fn run(store: Store, pipeline: Arc<Pipeline>, sql: &str) -> Result<String, ApiError> {
+    let statements = DFParser::parse_sql_with_dialect(sql, &GenericDialect {})
         .map_err(|e| ApiError::bad_request(format!("invalid SQL: {e}")))?;
     if statements.len() != 1 {
         return Err(ApiError::bad_request(format!(
@@ -56,7 +65,7 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
     let mut views = Vec::new();
     for r in references {
         let name = r.table().to_ascii_lowercase();
-        match state.pipeline.view(&name) {
+        match pipeline.view(&name) {
             Some(v) => views.push(v.clone()),
             None => {
                 return Err(ApiError::bad_request(format!(
@@ -66,13 +75,10 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
         }
     }
     for view in views {
-        let st = state.clone();
+        let st = store.clone();
         let name = view.name.clone();
-        let rows = blocking(move || {
-            st.store
-                .scan_rows(&name, None, None, None, usize::MAX, |_| true)
-        })
-        .await?;
+        let rows =
+            blocking(move || st.scan_rows(&name, None, None, None, usize::MAX, |_| true)).await?;
         let schema = Arc::new(Schema::new(
             view.output_schema
                 .fields()
@@ -105,7 +111,7 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
         .with_allow_dml(false)
         .with_allow_statements(false);
     let frame = ctx
-        .sql_with_options(&request.sql, options)
+        .sql_with_options(sql, options)
         .await
         .map_err(|e| ApiError::bad_request(e.strip_backtrace()))?;
     let columns: Vec<String> = frame
@@ -130,10 +136,9 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
         }
     }
     // rows are spliced in as text to keep their columns in SELECT order
-    let body = format!(
+    Ok(format!(
         "{{\"columns\":{},\"rows\":[{}],\"truncated\":{truncated}}}",
         json!(columns),
         rows.join(",")
-    );
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    ))
 }
