@@ -132,11 +132,13 @@ impl KeyState {
                 return None;
             }
             let row = row();
-            self.last_seen = Some((t, row.clone()));
-            if self.last_transition.is_some_and(|last| t < last) {
+            // (every row of a presence rule lands here: copy it only to resolve)
+            if self.last_transition.is_some_and(|last| t < last) || self.opened_at.is_none() {
+                self.last_seen = Some((t, row));
                 return None;
             }
-            return self.opened_at.is_some().then(|| self.resolve(t, row));
+            self.last_seen = Some((t, row.clone()));
+            return Some(self.resolve(t, row));
         }
         if self.last_transition.is_some_and(|last| t < last) {
             return None; // older than what already happened to this key

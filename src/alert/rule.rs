@@ -19,7 +19,7 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::error::DataFusionError;
 use datafusion::physical_expr::PhysicalExpr;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{KeyState, Transition, Verdict};
 use crate::plan::AlertPlan;
@@ -93,6 +93,7 @@ impl RuleOperator {
         let projected = run_steps(&self.plan.project, input.clone())?;
         let rows = &projected.data;
         let key_column = rows.column(self.plan.key_index);
+        let names = crate::sink::json_names(rows);
         let timing = self.plan.timing;
         let mut changes = Vec::new();
         for i in 0..n {
@@ -126,9 +127,11 @@ impl RuleOperator {
                 continue;
             };
             let opened_at = entry.state.opened_at;
-            let transition = entry
-                .state
-                .observe(&timing, t, verdict, || row_json(rows, i));
+            let transition = entry.state.observe(&timing, t, verdict, || {
+                let mut text = String::with_capacity(64);
+                crate::sink::write_row(&mut text, &names, rows, i);
+                text
+            });
             self.after_change(&key, opened_at, transition, &mut changes);
         }
         Ok(changes)
@@ -295,17 +298,4 @@ fn key_text(column: &dyn Array, i: usize) -> Option<Cow<'_, str>> {
             other => other.to_string(),
         }),
     })
-}
-
-/// Row `i` as a JSON object text.
-fn row_json(rows: &datafusion::arrow::array::RecordBatch, i: usize) -> String {
-    let schema = rows.schema();
-    let mut map = Map::new();
-    for (field, column) in schema.fields().iter().zip(rows.columns()) {
-        map.insert(
-            field.name().clone(),
-            crate::sink::cell_to_json(column.as_ref(), i),
-        );
-    }
-    Value::Object(map).to_string()
 }

@@ -90,30 +90,40 @@ pub fn cell_to_json(array: &dyn Array, row: usize) -> Value {
 /// would give: building a `Value` per cell cost two allocations a cell, and
 /// every updating-view row goes through here (BENCHMARKS.md, "View rows").
 pub fn batch_to_json_text(batch: &RecordBatch) -> Vec<String> {
-    let schema = batch.schema();
-    let names: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| Value::String(f.name().clone()).to_string())
-        .collect();
+    let names = json_names(batch);
     let mut capacity = 2;
     (0..batch.num_rows())
         .map(|row| {
             let mut text = String::with_capacity(capacity);
-            text.push('{');
-            for (c, (name, column)) in names.iter().zip(batch.columns()).enumerate() {
-                if c > 0 {
-                    text.push(',');
-                }
-                text.push_str(name);
-                text.push(':');
-                write_cell(&mut text, column.as_ref(), row);
-            }
-            text.push('}');
+            write_row(&mut text, &names, batch, row);
             capacity = capacity.max(text.len());
             text
         })
         .collect()
+}
+
+/// The column names of `batch` as JSON string literals, for `write_row`.
+pub fn json_names(batch: &RecordBatch) -> Vec<String> {
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| Value::String(f.name().clone()).to_string())
+        .collect()
+}
+
+/// Appends row `row` of `batch` as a JSON object, keys (`json_names`) in column order.
+pub fn write_row(out: &mut String, names: &[String], batch: &RecordBatch, row: usize) {
+    out.push('{');
+    for (c, (name, column)) in names.iter().zip(batch.columns()).enumerate() {
+        if c > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push(':');
+        write_cell(out, column.as_ref(), row);
+    }
+    out.push('}');
 }
 
 /// Appends one cell as JSON, exactly as `cell_to_json(..).to_string()` would.
