@@ -223,6 +223,7 @@ fn spawn_syncer(
                 metrics
                     .log_sync_ns
                     .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
                 for group in pending {
                     let _ = acks.send(group);
                 }

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub log_append_ns: AtomicU64,
     /// Nanoseconds the sync thread spent in fsync.
     pub log_sync_ns: AtomicU64,
+    /// fsyncs of the ingest log (one per group of micro-batches).
+    pub log_syncs: AtomicU64,
     pub log_truncated_records: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_last_ms: AtomicU64,
@@ -353,7 +355,7 @@ impl Metrics {
             per_view(&|m| load(&m.open_groups)),
         );
         let seconds = |c: &AtomicU64| format!("{:.3}", load(c) as f64 / 1e9);
-        let more: [(&str, &str, &str, String); 15] = [
+        let more: [(&str, &str, &str, String); 16] = [
             (
                 "weir_store_healthy",
                 "gauge",
@@ -395,6 +397,12 @@ impl Metrics {
                 "counter",
                 "Time the sync thread spent in fsync (durability = \"sync\").",
                 seconds(&self.log_sync_ns),
+            ),
+            (
+                "weir_log_syncs_total",
+                "counter",
+                "fsyncs of the ingest log, each for every micro-batch queued since the one before.",
+                load(&self.log_syncs).to_string(),
             ),
             (
                 "weir_log_truncated_records_total",
