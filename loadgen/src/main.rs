@@ -196,13 +196,8 @@ impl Clock {
     }
 }
 
-/// A publishing connection: the client, and its event loop polled on a task
-/// that counts acknowledgements and errors.
-fn connect(
-    args: &Args,
-    name: &str,
-    counters: &Arc<Counters>,
-) -> anyhow::Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
+/// A connection of this load generator to `--broker`, named `name`.
+fn mqtt_options(args: &Args, name: &str) -> anyhow::Result<MqttOptions> {
     let (host, port) = parse_broker(&args.broker)?;
     let mut options = MqttOptions::new(
         format!("weir-loadgen-{}-{name}", std::process::id()),
@@ -210,8 +205,19 @@ fn connect(
         port,
     );
     options.set_max_packet_size(16 << 20, 16 << 20);
-    options.set_inflight(1000);
     options.set_keep_alive(Duration::from_secs(30));
+    Ok(options)
+}
+
+/// A publishing connection: the client, and its event loop polled on a task
+/// that counts acknowledgements and errors.
+fn connect(
+    args: &Args,
+    name: &str,
+    counters: &Arc<Counters>,
+) -> anyhow::Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
+    let mut options = mqtt_options(args, name)?;
+    options.set_inflight(1000);
     let (client, mut eventloop) = AsyncClient::new(options, 1000);
     let counters = counters.clone();
     let poller = tokio::spawn(async move {
@@ -386,15 +392,7 @@ async fn counting_subscriber(
     args: &Args,
     counters: Arc<DeliveredCounters>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (host, port) = parse_broker(&args.broker)?;
-    let mut options = MqttOptions::new(
-        format!("weir-loadgen-count-{}", std::process::id()),
-        host,
-        port,
-    );
-    options.set_max_packet_size(16 << 20, 16 << 20);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(args, "count")?, 100);
     client
         .subscribe_many([
             SubscribeFilter::new("terminals/+/telemetry".into(), args.qos()),
