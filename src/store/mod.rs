@@ -36,6 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions};
 
+/// Memtable size of every keyspace (fjall's default is 64 MiB).
+const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+
 use crate::alert::{self, Alert, AlertEvent, AlertId, ChangeKind};
 use crate::source::decode::Rejected;
 use crate::window::operator::time_key;
@@ -158,30 +161,20 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(fjall::Error::from(e)))?;
         let db = Database::builder(dir).open().map_err(open_err)?;
-        let rows = db
-            .keyspace("rows", KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
-        let deadletter = db
-            .keyspace("deadletter", KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
-        let meta = db
-            .keyspace("meta", KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
-        let separated = || {
-            KeyspaceCreateOptions::default()
-                .with_kv_separation(Some(KvSeparationOptions::default()))
-        };
+        // fjall gives every keyspace a 64 MiB memtable; weir writes to five
+        // at a rate, so that alone could hold 320 MiB. 16 MiB keeps weir's
+        // RSS within its budget at 100 000 terminals (BENCHMARKS.md,
+        // "Memory") for a few more, smaller flushes.
+        let plain = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        let separated = || plain().with_kv_separation(Some(KvSeparationOptions::default()));
+        let rows = db.keyspace("rows", plain).map_err(open_err)?;
+        let deadletter = db.keyspace("deadletter", plain).map_err(open_err)?;
+        let meta = db.keyspace("meta", plain).map_err(open_err)?;
         let log = db.keyspace("log", separated).map_err(open_err)?;
-        let logids = db
-            .keyspace("logids", KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
+        let logids = db.keyspace("logids", plain).map_err(open_err)?;
         let checkpoint = db.keyspace("checkpoint", separated).map_err(open_err)?;
-        let alerts = db
-            .keyspace("alerts", KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
-        let alert_history = db
-            .keyspace("alert_history", KeyspaceCreateOptions::default)
-            .map_err(open_err)?;
+        let alerts = db.keyspace("alerts", plain).map_err(open_err)?;
+        let alert_history = db.keyspace("alert_history", plain).map_err(open_err)?;
         // continue the dead-letter sequence after the newest stored one
         let seq = match deadletter.last_key_value() {
             Some(guard) => {
