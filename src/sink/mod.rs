@@ -229,18 +229,17 @@ fn write_time(out: &mut String, ms: i64) {
         out.push_str(text);
     };
     digits(out, year as u32, 4);
-    out.push('-');
-    digits(out, t.month(), 2);
-    out.push('-');
-    digits(out, t.day(), 2);
-    out.push('T');
-    digits(out, t.hour(), 2);
-    out.push(':');
-    digits(out, t.minute(), 2);
-    out.push(':');
-    digits(out, t.second(), 2);
-    out.push('.');
-    digits(out, t.timestamp_subsec_millis(), 3);
+    for (separator, value, width) in [
+        ('-', t.month(), 2),
+        ('-', t.day(), 2),
+        ('T', t.hour(), 2),
+        (':', t.minute(), 2),
+        (':', t.second(), 2),
+        ('.', t.timestamp_subsec_millis(), 3),
+    ] {
+        out.push(separator);
+        digits(out, value, width);
+    }
     out.push('Z');
 }
 
