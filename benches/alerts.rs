@@ -1,8 +1,10 @@
 //! Alert rules over telemetry: every row of the stream is judged.
 //!
 //! `cargo bench --bench alerts` — events per second through one shipped
-//! rule, from a decoded batch (120 000 events, 10 000 terminals, one
-//! minute) to its changes, one core:
+//! rule, from a decoded batch to its changes, one core. The batch is
+//! 120 000 events shaped as the load generator sends them: messages of 100
+//! samples of one terminal, 1 200 terminals, a tenth of them with a low
+//! battery:
 //! - `low_battery`: a threshold with `for` and `clear` (hysteresis);
 //! - `terminal_silent`: a presence rule (`absent_for`), which keeps the
 //!   last row of every key.
@@ -18,7 +20,8 @@ mod common;
 fn bench(c: &mut Criterion) {
     let pipeline = common::shipped();
     let mut rejects = Vec::new();
-    let decoded = common::decoder(&pipeline, "telemetry").decode(&common::messages(), &mut rejects);
+    let messages = common::terminal_batches(1_200, 1_200);
+    let decoded = common::decoder(&pipeline, "telemetry").decode(&messages, &mut rejects);
     assert!(rejects.is_empty());
     let batch = EventBatch::new(decoded.batch, decoded.event_time, 1);
     let mut group = c.benchmark_group("alerts");

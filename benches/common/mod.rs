@@ -125,3 +125,36 @@ pub fn transactions(terminals: usize, count: usize) -> Vec<Message> {
         })
         .collect()
 }
+
+/// `count` messages as the load generator sends them: each holds 100
+/// samples of one terminal (50 ms apart), terminals taking turns; a tenth
+/// of the terminals report a battery under 15 %.
+pub fn terminal_batches(terminals: usize, count: usize) -> Vec<Message> {
+    (0..count)
+        .map(|m| {
+            let terminal = m % terminals;
+            let round = (m / terminals) as i64;
+            let mut payload = String::from("[");
+            for e in 0..EVENTS_PER_MESSAGE {
+                if e > 0 {
+                    payload.push(',');
+                }
+                let ts = T0 + round * 5_000 + e as i64 * 50;
+                let battery = if terminal.is_multiple_of(10) { 9.5 } else { 20.0 + (terminal % 80) as f64 };
+                payload.push_str(&format!(
+                    r#"{{"merchant_id":"M{:05}","ts":{ts},"battery_pct":{battery:.1},"charging":false,"network":"wifi","rssi_dbm":-60,"app_latency_ms":{}.0,"app_version":"2.3.0","error_count":0}}"#,
+                    terminal / 20,
+                    80 + (m + e) % 200,
+                ));
+            }
+            payload.push(']');
+            Message {
+                topic: format!("terminals/T{terminal:06}/telemetry"),
+                payload: Bytes::from(payload),
+                received_at: T0,
+                ack: None,
+                dup: false,
+            }
+        })
+        .collect()
+}

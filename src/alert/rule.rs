@@ -21,7 +21,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{KeyState, Transition, Verdict};
+use super::{KeyState, Timing, Transition, Verdict};
 use crate::plan::AlertPlan;
 use crate::window::operator::{run_steps, EventBatch};
 use crate::window::Millis;
@@ -48,6 +48,54 @@ pub struct RuleOperator {
     timers: BinaryHeap<Reverse<(Millis, String)>>,
     watermark: Option<Millis>,
     open: usize,
+}
+
+/// What a row or a timer may change besides its key's state: the timer
+/// heap, the count of open alerts and the changes to report (borrowed
+/// apart from the keys, so a key's entry is looked up once).
+struct Counts<'a> {
+    timers: &'a mut BinaryHeap<Reverse<(Millis, String)>>,
+    open: &'a mut usize,
+    changes: &'a mut Vec<Change>,
+}
+
+impl Counts<'_> {
+    /// Records a transition and (re)arms the key's timer.
+    fn after_change(
+        &mut self,
+        entry: &mut Entry,
+        timing: &Timing,
+        key: &str,
+        opened_before: Option<Millis>,
+        transition: Option<Transition>,
+    ) {
+        // (the state already includes `transition`: a key that just resolved
+        // may be due again, say when its reopen_after guard ends)
+        if let Some(due) = entry.state.due(timing) {
+            if entry.timer.is_none_or(|t| due < t) {
+                entry.timer = Some(due);
+                self.timers.push(Reverse((due, key.to_string())));
+            }
+        }
+        let Some(transition) = transition else {
+            return;
+        };
+        let opened_at = match &transition {
+            Transition::Opened { at, .. } => {
+                *self.open += 1;
+                *at
+            }
+            Transition::Resolved { .. } => {
+                *self.open = self.open.saturating_sub(1);
+                opened_before.unwrap_or_default()
+            }
+        };
+        self.changes.push(Change {
+            key: key.to_string(),
+            opened_at,
+            transition,
+        });
+    }
 }
 
 /// What a checkpoint holds of a rule.
@@ -96,43 +144,68 @@ impl RuleOperator {
         let names = crate::sink::json_names(rows);
         let timing = self.plan.timing;
         let mut changes = Vec::new();
-        for i in 0..n {
+        let verdict = |i: usize| match (&fires, &clears) {
+            (Some(f), _) if f.is_valid(i) && f.value(i) => Verdict::Fires,
+            (None, _) => Verdict::Fires,
+            (_, Some(c)) => {
+                if c.is_valid(i) && c.value(i) {
+                    Verdict::Clears
+                } else {
+                    Verdict::Neither
+                }
+            }
+            // Without `clear`, a row on which the condition is false
+            // resolves; one on which it is NULL (say, no battery
+            // reading) says nothing.
+            (Some(f), None) if f.is_valid(i) => Verdict::Clears,
+            (Some(_), None) => Verdict::Neither,
+        };
+        let mut i = 0;
+        while i < n {
             let Some(key) = key_text(key_column.as_ref(), i) else {
+                i += 1;
                 continue; // no key: nobody to alert about
             };
-            let verdict = match (&fires, &clears) {
-                (Some(f), _) if f.is_valid(i) && f.value(i) => Verdict::Fires,
-                (None, _) => Verdict::Fires,
-                (_, Some(c)) => {
-                    if c.is_valid(i) && c.value(i) {
-                        Verdict::Clears
-                    } else {
-                        Verdict::Neither
-                    }
+            // A run of rows of the same key (a terminal's message is one)
+            // looks its key up once.
+            let mut end = i + 1;
+            while end < n && key_text(key_column.as_ref(), end).as_deref() == Some(key.as_ref()) {
+                end += 1;
+            }
+            let mut entry: Option<&mut Entry> = None;
+            for r in i..end {
+                let verdict = verdict(r);
+                if timing.absent_for_ms.is_some() && verdict != Verdict::Fires {
+                    continue; // only rows that pass WHERE count as reporting
                 }
-                // Without `clear`, a row on which the condition is false
-                // resolves; one on which it is NULL (say, no battery
-                // reading) says nothing.
-                (Some(f), None) if f.is_valid(i) => Verdict::Clears,
-                (Some(_), None) => Verdict::Neither,
-            };
-            if timing.absent_for_ms.is_some() && verdict != Verdict::Fires {
-                continue; // only rows that pass WHERE count as reporting
+                let e = match entry.take() {
+                    Some(e) => e,
+                    None => {
+                        if !self.keys.contains_key(key.as_ref()) {
+                            self.keys.insert(key.to_string(), Entry::default());
+                        }
+                        match self.keys.get_mut(key.as_ref()) {
+                            Some(e) => e,
+                            None => break,
+                        }
+                    }
+                };
+                let t = input.event_time.value(r);
+                let opened_at = e.state.opened_at;
+                let transition = e.state.observe(&timing, t, verdict, || {
+                    let mut text = String::with_capacity(64);
+                    crate::sink::write_row(&mut text, &names, rows, r);
+                    text
+                });
+                let mut counts = Counts {
+                    timers: &mut self.timers,
+                    open: &mut self.open,
+                    changes: &mut changes,
+                };
+                counts.after_change(e, &timing, &key, opened_at, transition);
+                entry = Some(e);
             }
-            let t = input.event_time.value(i);
-            if !self.keys.contains_key(key.as_ref()) {
-                self.keys.insert(key.to_string(), Entry::default());
-            }
-            let Some(entry) = self.keys.get_mut(key.as_ref()) else {
-                continue;
-            };
-            let opened_at = entry.state.opened_at;
-            let transition = entry.state.observe(&timing, t, verdict, || {
-                let mut text = String::with_capacity(64);
-                crate::sink::write_row(&mut text, &names, rows, i);
-                text
-            });
-            self.after_change(&key, opened_at, transition, &mut changes);
+            i = end;
         }
         Ok(changes)
     }
@@ -174,48 +247,14 @@ impl RuleOperator {
             }
             let opened_at = entry.state.opened_at;
             let transition = entry.state.on_watermark(&timing, w);
-            self.after_change(&key, opened_at, transition, &mut changes);
+            let mut counts = Counts {
+                timers: &mut self.timers,
+                open: &mut self.open,
+                changes: &mut changes,
+            };
+            counts.after_change(entry, &timing, &key, opened_at, transition);
         }
         changes
-    }
-
-    /// Records a transition and (re)arms the key's timer.
-    fn after_change(
-        &mut self,
-        key: &str,
-        opened_before: Option<Millis>,
-        transition: Option<Transition>,
-        changes: &mut Vec<Change>,
-    ) {
-        let Some(entry) = self.keys.get_mut(key) else {
-            return;
-        };
-        // (the state already includes `transition`: a key that just resolved
-        // may be due again, say when its reopen_after guard ends)
-        if let Some(due) = entry.state.due(&self.plan.timing) {
-            if entry.timer.is_none_or(|t| due < t) {
-                entry.timer = Some(due);
-                self.timers.push(Reverse((due, key.to_string())));
-            }
-        }
-        let Some(transition) = transition else {
-            return;
-        };
-        let opened_at = match &transition {
-            Transition::Opened { at, .. } => {
-                self.open += 1;
-                *at
-            }
-            Transition::Resolved { .. } => {
-                self.open = self.open.saturating_sub(1);
-                opened_before.unwrap_or_default()
-            }
-        };
-        changes.push(Change {
-            key: key.to_string(),
-            opened_at,
-            transition,
-        });
     }
 
     /// Takes over alerts found open in the store for a rule whose own state
