@@ -283,7 +283,8 @@ async fn telemetry(
         .min(4000.0 / (args.batch.max(2) - 1) as f64)
         .max(0.0) as i64;
     let qos = args.qos();
-    let mut payload = Vec::with_capacity(args.batch * 200);
+    let capacity = args.batch * 200;
+    let mut payload = Vec::with_capacity(capacity);
     let mut sent: u64 = 0;
     loop {
         let due = if interval.is_zero() {
@@ -307,7 +308,13 @@ async fn telemetry(
             &mut payload,
         );
         if client
-            .publish(topics[slot].clone(), qos, false, payload.clone())
+            .publish(
+                topics[slot].clone(),
+                qos,
+                false,
+                // hand the buffer over rather than copy it
+                std::mem::replace(&mut payload, Vec::with_capacity(capacity)),
+            )
             .await
             .is_err()
         {

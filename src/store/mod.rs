@@ -36,12 +36,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions};
 
-/// Memtable size of every keyspace (fjall's default is 64 MiB).
-const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
-
 use crate::alert::{self, Alert, AlertEvent, AlertId, ChangeKind};
 use crate::source::decode::Rejected;
 use crate::window::operator::time_key;
+
+/// Memtable size of every keyspace (fjall's default is 64 MiB).
+const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
