@@ -55,10 +55,10 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// `"embedded"` (default) runs rumqttd in process; otherwise
+    /// `"embedded"` (default): weir is the MQTT server; otherwise
     /// `mqtt://host:port` or `mqtts://host:port` of an external broker.
     pub broker: String,
-    /// Listen address of the embedded broker. Default `127.0.0.1:1883`.
+    /// Listen address of weir's MQTT server. Default `127.0.0.1:1883`.
     pub embedded_listen: SocketAddr,
     /// Client id of weir's subscriber; the persistent-session identity. Default `weir`.
     pub client_id: String,
@@ -70,6 +70,17 @@ pub struct MqttConfig {
     /// Largest MQTT packet weir accepts, in bytes. Default 2 MiB, so 1 MiB
     /// batches fit with room to spare. Larger messages are dead-lettered as `oversize`.
     pub max_packet_bytes: usize,
+    /// weir's MQTT server: publishes of one connection awaiting their ack
+    /// (the receive maximum it advertises). Default 256.
+    pub receive_maximum: u16,
+    /// weir's MQTT server: messages queued per subscriber session; more are
+    /// dropped and counted. Default 1000.
+    pub max_queued_messages: usize,
+    /// weir's MQTT server: connections at most. Default 200 000.
+    pub max_connections: usize,
+    /// weir's MQTT server: the longest keep-alive a client gets, in seconds
+    /// (a client asking for none, or more, gets this). Default 0: as the client asks.
+    pub max_keep_alive: u16,
 }
 
 impl Default for MqttConfig {
@@ -84,6 +95,10 @@ impl Default for MqttConfig {
             cert_file: None,
             key_file: None,
             max_packet_bytes: 2 * 1024 * 1024,
+            receive_maximum: 256,
+            max_queued_messages: 1000,
+            max_connections: 200_000,
+            max_keep_alive: 0,
         }
     }
 }
@@ -324,6 +339,12 @@ impl Config {
         let mut problems = Vec::new();
         if let Err(e) = self.mqtt.broker_addr() {
             problems.push(e);
+        }
+        if self.mqtt.receive_maximum == 0 {
+            problems.push("mqtt.receive_maximum: must be at least 1".into());
+        }
+        if self.mqtt.max_queued_messages == 0 {
+            problems.push("mqtt.max_queued_messages: must be at least 1".into());
         }
         if self.mqtt.client_id.trim().is_empty() {
             problems.push("mqtt.client_id: must not be empty".into());

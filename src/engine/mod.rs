@@ -38,7 +38,8 @@ use crate::obs::{now_ms, Health, Metrics};
 use crate::plan::{Pipeline, ViewShape};
 use crate::sink::notify::{MqttTarget, Notifier};
 use crate::source::decode::{AckToken, Message};
-use crate::source::{broker, mqtt};
+use crate::source::mqtt;
+use crate::source::server::{Server, ServerError, ServerOptions};
 use crate::store::{Store, StoreError};
 
 /// Capacity of the channel between the MQTT source and the pipeline.
@@ -52,7 +53,7 @@ pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Broker(#[from] broker::BrokerError),
+    Server(#[from] ServerError),
     #[error("HTTP API cannot listen on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -142,20 +143,35 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         .store_disk_bytes
         .store(store.disk_space(), Ordering::Relaxed);
 
-    let (host, port, embedded_broker) =
-        match config.mqtt.broker_addr().map_err(EngineError::Config)? {
-            BrokerAddr::Embedded => {
-                // The broker accepts more than weir does, so that an oversize
-                // message reaches weir and is dead-lettered instead of vanishing.
-                let addr = broker::start(
-                    config.mqtt.embedded_listen,
-                    config.mqtt.max_packet_bytes * 4,
-                )?;
-                tracing::info!(%addr, "embedded MQTT broker listening");
-                (addr.ip().to_string(), addr.port(), Some(addr))
-            }
-            BrokerAddr::External { host, port, .. } => (host, port, None),
-        };
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = mpsc::channel::<Message>(INGEST_QUEUE);
+    let stream_filters: Vec<String> = pipeline.streams.iter().map(|s| s.topic.filter()).collect();
+    let (host, port, server) = match config.mqtt.broker_addr().map_err(EngineError::Config)? {
+        BrokerAddr::Embedded => {
+            // The server accepts more than the decoder does, so that an
+            // oversize message reaches the pipeline and is dead-lettered
+            // instead of closing the terminal's connection.
+            let mut options = ServerOptions::new(
+                config.mqtt.embedded_listen,
+                config.mqtt.max_packet_bytes * 4,
+                stream_filters.clone(),
+            );
+            options.receive_maximum = config.mqtt.receive_maximum;
+            options.max_queued = config.mqtt.max_queued_messages;
+            options.max_connections = config.mqtt.max_connections;
+            options.max_keep_alive = config.mqtt.max_keep_alive;
+            let server =
+                Server::bind(options, tx.clone(), metrics.clone(), shutdown.clone()).await?;
+            let addr = server.local_addr().map_err(|source| ServerError::Listen {
+                addr: config.mqtt.embedded_listen,
+                source,
+            })?;
+            tracing::info!(%addr, "MQTT server listening (it accepts clients once recovery is done)");
+            (addr.ip().to_string(), addr.port(), Some((server, addr)))
+        }
+        BrokerAddr::External { host, port, .. } => (host, port, None),
+    };
+    let embedded_broker = server.as_ref().map(|(_, addr)| *addr);
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -173,7 +189,6 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let health = Arc::new(Health::default());
     let fatal = Arc::new(std::sync::Mutex::new(None));
     let log_floor = Arc::new(AtomicU64::new(0));
-    let shutdown = CancellationToken::new();
     let handle = tokio::runtime::Handle::current();
     let notifier = Arc::new(Notifier::start(
         &handle,
@@ -201,9 +216,9 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         health: health.clone(),
     });
 
-    let (tx, rx) = mpsc::channel::<Message>(INGEST_QUEUE);
     // Unbounded, but never larger than the messages in flight, which the
-    // broker's inflight window and INGEST_QUEUE bound.
+    // connections' receive maximum (or the external broker's inflight
+    // window) and INGEST_QUEUE bound.
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Vec<AckToken>>();
     let mut tasks = Vec::new();
 
@@ -241,31 +256,50 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         })
         .map_err(EngineError::Thread)?;
 
-    // MQTT source.
-    let options = mqtt::SourceOptions {
-        host,
-        port,
-        client_id: config.mqtt.client_id.clone(),
-        username: config.mqtt.username.clone(),
-        password: config.mqtt.password.clone(),
-        filters: pipeline
-            .streams
-            .iter()
-            .map(|s| (s.topic.filter(), s.qos))
-            .collect(),
-        max_packet_bytes: config.mqtt.max_packet_bytes,
-    };
+    // MQTT: weir's own server, or a subscriber to the operator's broker.
+    // Either starts once replay is done, so that new input follows the log.
     let source_metrics = metrics.clone();
     let source_ready = ready.clone();
     let token = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        // The broker keeps our session (and queues for it) until replay is done.
-        tokio::select! {
-            _ = token.cancelled() => return,
-            r = recovered_rx => if r.is_err() { return },
+    match server {
+        Some((server, _)) => {
+            drop(tx);
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = recovered_rx => if r.is_err() { return },
+                }
+                source_ready.store(true, Ordering::SeqCst);
+                source_metrics.mqtt_connected.store(1, Ordering::Relaxed);
+                server.serve(ack_rx).await;
+                source_ready.store(false, Ordering::SeqCst);
+                source_metrics.mqtt_connected.store(0, Ordering::Relaxed);
+            }));
         }
-        mqtt::run(options, tx, ack_rx, source_ready, source_metrics, token).await;
-    }));
+        None => {
+            let options = mqtt::SourceOptions {
+                host,
+                port,
+                client_id: config.mqtt.client_id.clone(),
+                username: config.mqtt.username.clone(),
+                password: config.mqtt.password.clone(),
+                filters: pipeline
+                    .streams
+                    .iter()
+                    .map(|s| (s.topic.filter(), s.qos))
+                    .collect(),
+                max_packet_bytes: config.mqtt.max_packet_bytes,
+            };
+            tasks.push(tokio::spawn(async move {
+                // The broker keeps our session (and queues for it) until replay is done.
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = recovered_rx => if r.is_err() { return },
+                }
+                mqtt::run(options, tx, ack_rx, source_ready, source_metrics, token).await;
+            }));
+        }
+    }
 
     // HTTP API.
     let router = api::router(state.clone());

@@ -807,7 +807,7 @@ impl Runner {
         let mut per_stream: Vec<Vec<Message>> = (0..n_streams).map(|_| Vec::new()).collect();
         let mut per_stream_ids: Vec<Vec<Option<MessageId>>> =
             (0..n_streams).map(|_| Vec::new()).collect();
-        // Acks in arrival order (rumqttd insists), each with its stream, so
+        // Acks in arrival order (MQTT 4.6), each with its stream, so
         // that a stream whose record cannot be logged acknowledges nothing.
         let mut acks: Vec<(Option<usize>, AckToken)> = Vec::new();
         for m in messages.drain(..) {

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub pipeline_batches: AtomicU64,
     pub mqtt_connected: AtomicI64,
     pub mqtt_reconnects: AtomicU64,
+    /// weir's own MQTT server.
+    pub broker: BrokerMetrics,
     pub store_disk_bytes: AtomicU64,
     pub store_errors: AtomicU64,
     /// 0 while the store refuses writes (and nothing is acknowledged).
@@ -117,6 +119,19 @@ pub struct Metrics {
     pub replayed_records: AtomicU64,
     pub replayed_events: AtomicU64,
     pub recovery_ms: AtomicU64,
+}
+
+/// weir's MQTT server (`source::server`).
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    pub connected: AtomicI64,
+    pub connections_total: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub deliveries: AtomicU64,
+    /// Deliveries to subscribers dropped: a session's queue was full, or the
+    /// message was larger than the client accepts.
+    pub deliveries_dropped: AtomicU64,
+    pub protocol_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -459,7 +474,44 @@ impl Metrics {
         for (name, kind, help, value) in more {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
-        let single: [(&str, &str, &str, i64); 7] = [
+        let b = &self.broker;
+        let single: [(&str, &str, &str, i64); 13] = [
+            (
+                "weir_mqtt_clients_connected",
+                "gauge",
+                "Clients connected to weir's MQTT server.",
+                b.connected.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_mqtt_connections_total",
+                "counter",
+                "Connections weir's MQTT server accepted.",
+                load(&b.connections_total) as i64,
+            ),
+            (
+                "weir_mqtt_messages_received_total",
+                "counter",
+                "PUBLISH packets (and wills) weir's MQTT server took in.",
+                load(&b.messages_received) as i64,
+            ),
+            (
+                "weir_mqtt_deliveries_total",
+                "counter",
+                "Messages weir's MQTT server routed to subscribers.",
+                load(&b.deliveries) as i64,
+            ),
+            (
+                "weir_mqtt_deliveries_dropped_total",
+                "counter",
+                "Deliveries to subscribers dropped (session queue full, or larger than the client accepts).",
+                load(&b.deliveries_dropped) as i64,
+            ),
+            (
+                "weir_mqtt_protocol_errors_total",
+                "counter",
+                "Connections closed for a protocol violation.",
+                load(&b.protocol_errors) as i64,
+            ),
             (
                 "weir_ingest_queue_depth",
                 "gauge",
@@ -558,10 +610,7 @@ impl Health {
 pub fn init_tracing() {
     let filter = std::env::var("WEIR_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| {
-            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn,fjall=warn,lsm_tree=warn"
-                .to_string()
-        });
+        .unwrap_or_else(|_| "info,rumqttc=warn,fjall=warn,lsm_tree=warn".to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)

@@ -1,11 +1,11 @@
 //! Sources: MQTT in, Arrow out.
 //!
-//! - `broker`: the embedded rumqttd broker (the default).
-//! - `mqtt`: the rumqttc subscriber that feeds the pipeline.
+//! - `server`: weir's own MQTT server (the default): terminals connect here.
+//! - `mqtt`: the rumqttc subscriber for an external broker.
 //! - `topic`: topic patterns with `{name}` bindings.
 //! - `decode`: JSON payloads to Arrow batches, with per-row rejection.
 
-pub mod broker;
 pub mod decode;
 pub mod mqtt;
+pub mod server;
 pub mod topic;

@@ -1,0 +1,562 @@
+//! The broker's shared state: sessions, subscriptions, retained messages,
+//! and routing a message to every session that wants it.
+//!
+//! One `std::sync::Mutex` guards it all; it is held only for map lookups and
+//! queue pushes, never across an await or I/O. A session is either *online*
+//! (a connection task owns its delivery state and gets messages over a
+//! bounded channel) or *offline* (its state is here, and QoS 1 and 2
+//! messages queue in it, up to `max_queued`, until it reconnects or expires).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::QoS;
+use super::topics::{matches, SubscriptionTree};
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties, RetainForwardRule};
+
+/// A message on its way to one session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// The publisher's properties (no topic alias), with this session's
+    /// subscription identifiers.
+    pub properties: Option<PublishProperties>,
+    pub expires_at: Option<Instant>,
+}
+
+impl Delivery {
+    /// The PUBLISH to send, or `None` if the message expired on the way.
+    pub fn to_publish(&self, pkid: u16, dup: bool, now: Instant) -> Option<Publish> {
+        let mut properties = self.properties.clone();
+        if let Some(at) = self.expires_at {
+            let left = at.checked_duration_since(now)?;
+            if let Some(p) = properties.as_mut() {
+                // Rounded up: a message with time left never says 0.
+                p.message_expiry_interval = Some(left.as_secs_f64().ceil() as u32);
+            }
+        }
+        Some(Publish {
+            dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: self.topic.clone(),
+            pkid,
+            payload: self.payload.clone(),
+            properties,
+        })
+    }
+}
+
+/// Where a QoS 1 or 2 message sent to a client is in its handshake.
+#[derive(Debug, Clone)]
+pub enum OutFlight {
+    /// Sent; PUBACK (QoS 1) or PUBREC (QoS 2) expected.
+    Published(Delivery),
+    /// PUBREC received, PUBREL sent; PUBCOMP expected.
+    Released,
+}
+
+/// What a session keeps between connections.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Sent to the client and not yet acknowledged, by packet id, in order sent.
+    pub inflight: BTreeMap<u16, OutFlight>,
+    /// Waiting to be sent (the client's receive maximum is reached, or it is offline).
+    pub queue: VecDeque<Delivery>,
+    pub next_pkid: u16,
+    /// Incoming QoS 2 packet ids acknowledged with PUBREC, awaiting PUBREL.
+    pub awaiting_release: HashSet<u16>,
+    /// Messages dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl SessionState {
+    /// The next packet id not in flight (1..=65535).
+    pub fn take_pkid(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return Some(self.next_pkid);
+            }
+        }
+        None
+    }
+
+    /// Queues a delivery, dropping the oldest QoS 0 message (or else this
+    /// one) when the queue is full. True when it was kept.
+    pub fn enqueue(&mut self, delivery: Delivery, max_queued: usize) -> bool {
+        if self.queue.len() >= max_queued {
+            match self.queue.iter().position(|d| d.qos == QoS::AtMostOnce) {
+                Some(i) => {
+                    self.queue.remove(i);
+                }
+                None => {
+                    self.dropped += 1;
+                    return false;
+                }
+            }
+            self.dropped += 1;
+        }
+        self.queue.push_back(delivery);
+        true
+    }
+}
+
+/// A subscription's options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubOptions {
+    /// The filter without its `$share/{group}/` prefix.
+    pub filter: String,
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: RetainForwardRule,
+    pub identifier: Option<usize>,
+}
+
+/// Messages to a connection task.
+#[derive(Debug)]
+pub enum ToConnection {
+    Deliver(Delivery),
+    /// Another connection took the client id: hand the state over and close.
+    TakeOver {
+        state: oneshot::Sender<SessionState>,
+        /// The new connection starts clean: the old session ends (its will goes now).
+        clean: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct Online {
+    pub connection: u64,
+    pub tx: mpsc::Sender<ToConnection>,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub online: Option<Online>,
+    /// The delivery state while offline.
+    pub stored: SessionState,
+    /// Seconds the session outlives its connection (`u32::MAX`: forever).
+    pub expiry: u32,
+    /// Bumped on every connect and disconnect, so a timer set for one
+    /// disconnected period does nothing in another.
+    pub generation: u64,
+    /// Full filter text (with `$share/...`) -> options.
+    pub subscriptions: HashMap<String, SubOptions>,
+}
+
+/// A retained message.
+#[derive(Debug, Clone)]
+pub struct Retained {
+    pub publish: Publish,
+    pub expires_at: Option<Instant>,
+}
+
+/// Counts the routing does, for `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    pub delivered: u64,
+    pub dropped: u64,
+}
+
+#[derive(Debug)]
+pub struct BrokerState {
+    pub sessions: HashMap<String, Session>,
+    pub subscriptions: SubscriptionTree<SubOptions>,
+    pub retained: HashMap<String, Retained>,
+    /// Round-robin position per shared subscription (group, filter).
+    share_cursor: HashMap<(String, String), usize>,
+    pub max_queued: usize,
+    next_generation: u64,
+}
+
+impl BrokerState {
+    pub fn new(max_queued: usize) -> Self {
+        Self {
+            sessions: HashMap::new(),
+            subscriptions: SubscriptionTree::default(),
+            retained: HashMap::new(),
+            share_cursor: HashMap::new(),
+            max_queued,
+            next_generation: 0,
+        }
+    }
+
+    pub fn generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+
+    /// Ends a session: its subscriptions go; its state is returned.
+    pub fn end_session(&mut self, client: &str) -> Option<Session> {
+        let session = self.sessions.remove(client)?;
+        for filter in session.subscriptions.keys() {
+            if let Ok((group, path)) = super::topics::parse_filter(filter) {
+                self.subscriptions.remove(path, client, group);
+            }
+        }
+        Some(session)
+    }
+
+    /// Keeps or clears the retained message of `publish`'s topic.
+    pub fn retain(&mut self, publish: &Publish, expires_at: Option<Instant>) {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        if publish.payload.is_empty() {
+            self.retained.remove(&topic);
+        } else {
+            let mut kept = publish.clone();
+            kept.dup = false;
+            kept.pkid = 0;
+            if let Some(p) = kept.properties.as_mut() {
+                p.topic_alias = None;
+                p.subscription_identifiers.clear();
+            }
+            self.retained.insert(
+                topic,
+                Retained {
+                    publish: kept,
+                    expires_at,
+                },
+            );
+        }
+    }
+
+    /// The retained messages matching `filter`, unexpired, as deliveries.
+    pub fn retained_for(
+        &mut self,
+        filter: &str,
+        options: &SubOptions,
+        now: Instant,
+    ) -> Vec<Delivery> {
+        self.retained
+            .retain(|_, r| r.expires_at.is_none_or(|at| at > now));
+        let mut out: Vec<Delivery> = self
+            .retained
+            .iter()
+            .filter(|(topic, _)| matches(filter, topic))
+            .map(|(_, r)| {
+                let mut d = delivery(&r.publish, options.qos, true, r.expires_at);
+                add_identifier(&mut d, options.identifier);
+                d
+            })
+            .collect();
+        out.sort_by(|a, b| a.topic.cmp(&b.topic));
+        out
+    }
+
+    /// Sends `publish` to every session subscribed to its topic: once per
+    /// session, at the highest QoS any of its matching subscriptions granted
+    /// (capped by the message's), with all their identifiers; one member of
+    /// each shared subscription group, in turn.
+    pub fn route(
+        &mut self,
+        origin: &str,
+        publish: &Publish,
+        expires_at: Option<Instant>,
+    ) -> Routed {
+        let topic = String::from_utf8_lossy(&publish.topic);
+        // session -> (qos, retain as published, identifiers)
+        let mut targets: HashMap<String, (QoS, bool, Vec<usize>)> = HashMap::new();
+        // (group, filter) -> members
+        let mut groups: BTreeMap<(String, String), Vec<(String, SubOptions)>> = BTreeMap::new();
+        self.subscriptions
+            .for_each_match(&topic, |client, group, options| match group {
+                None => {
+                    if options.no_local && client == origin {
+                        return;
+                    }
+                    let entry = targets.entry(client.to_string()).or_insert((
+                        QoS::AtMostOnce,
+                        false,
+                        Vec::new(),
+                    ));
+                    entry.0 = qos_max(entry.0, options.qos);
+                    entry.1 |= options.retain_as_published;
+                    entry.2.extend(options.identifier);
+                }
+                Some(group) => {
+                    groups
+                        .entry((group.to_string(), options.filter.clone()))
+                        .or_default()
+                        .push((client.to_string(), options.clone()));
+                }
+            });
+        for (key, mut members) in groups {
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            // Prefer members that are online.
+            let online: Vec<usize> = (0..members.len())
+                .filter(|&i| {
+                    self.sessions
+                        .get(&members[i].0)
+                        .is_some_and(|s| s.online.is_some())
+                })
+                .collect();
+            let pool = if online.is_empty() {
+                (0..members.len()).collect()
+            } else {
+                online
+            };
+            let cursor = self.share_cursor.entry(key).or_insert(0);
+            let (client, options) = &members[pool[*cursor % pool.len()]];
+            *cursor = cursor.wrapping_add(1);
+            let entry =
+                targets
+                    .entry(client.clone())
+                    .or_insert((QoS::AtMostOnce, false, Vec::new()));
+            entry.0 = qos_max(entry.0, options.qos);
+            entry.2.extend(options.identifier);
+        }
+        let mut routed = Routed::default();
+        for (client, (qos, retain_as_published, identifiers)) in targets {
+            let Some(session) = self.sessions.get_mut(&client) else {
+                continue;
+            };
+            let mut d = delivery(
+                publish,
+                qos_min(qos, publish.qos),
+                retain_as_published && publish.retain,
+                expires_at,
+            );
+            for id in identifiers {
+                add_identifier(&mut d, Some(id));
+            }
+            let kept = match &session.online {
+                Some(online) => online.tx.try_send(ToConnection::Deliver(d)).is_ok(),
+                // QoS 0 messages are not kept for an offline session.
+                None if d.qos == QoS::AtMostOnce => continue,
+                None => session.stored.enqueue(d, self.max_queued),
+            };
+            if kept {
+                routed.delivered += 1;
+            } else {
+                routed.dropped += 1;
+            }
+        }
+        routed
+    }
+}
+
+fn delivery(publish: &Publish, qos: QoS, retain: bool, expires_at: Option<Instant>) -> Delivery {
+    let properties = publish.properties.clone().map(|mut p| {
+        p.topic_alias = None;
+        p.subscription_identifiers.clear();
+        p
+    });
+    Delivery {
+        topic: publish.topic.clone(),
+        payload: publish.payload.clone(),
+        qos: qos_min(qos, publish.qos),
+        retain,
+        properties,
+        expires_at,
+    }
+}
+
+fn qos_max(a: QoS, b: QoS) -> QoS {
+    if (a as u8) >= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+fn qos_min(a: QoS, b: QoS) -> QoS {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+fn add_identifier(d: &mut Delivery, id: Option<usize>) {
+    if let Some(id) = id {
+        d.properties
+            .get_or_insert_with(empty_properties)
+            .subscription_identifiers
+            .push(id);
+    }
+}
+
+pub fn empty_properties() -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        subscription_identifiers: Vec::new(),
+        content_type: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str, qos: QoS, retain: bool) -> Publish {
+        Publish {
+            dup: false,
+            qos,
+            retain,
+            topic: Bytes::from(topic.to_string()),
+            pkid: 0,
+            payload: Bytes::from_static(b"x"),
+            properties: None,
+        }
+    }
+
+    fn options(qos: QoS) -> SubOptions {
+        SubOptions {
+            filter: String::new(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainForwardRule::OnEverySubscribe,
+            identifier: None,
+        }
+    }
+
+    fn offline(state: &mut BrokerState, client: &str, subs: &[(&str, SubOptions)]) {
+        let mut session = Session {
+            online: None,
+            stored: SessionState::default(),
+            expiry: u32::MAX,
+            generation: 0,
+            subscriptions: HashMap::new(),
+        };
+        for (filter, o) in subs {
+            let (group, path) = super::super::topics::parse_filter(filter).unwrap();
+            state.subscriptions.insert(path, client, group, o.clone());
+            session.subscriptions.insert(filter.to_string(), o.clone());
+        }
+        state.sessions.insert(client.to_string(), session);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
+        let mut state = BrokerState::new(10);
+        let mut with_id = options(QoS::AtMostOnce);
+        with_id.identifier = Some(7);
+        offline(
+            &mut state,
+            "c",
+            &[("a/#", options(QoS::ExactlyOnce)), ("a/+", with_id)],
+        );
+        let routed = state.route("p", &publish("a/b", QoS::ExactlyOnce, false), None);
+        assert_eq!(
+            routed,
+            Routed {
+                delivered: 1,
+                dropped: 0
+            }
+        );
+        let q = &state.sessions["c"].stored.queue;
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].qos, QoS::ExactlyOnce);
+        assert_eq!(
+            q[0].properties.as_ref().unwrap().subscription_identifiers,
+            vec![7]
+        );
+        // capped by the message's QoS
+        state.route("p", &publish("a/b", QoS::AtLeastOnce, false), None);
+        assert_eq!(state.sessions["c"].stored.queue[1].qos, QoS::AtLeastOnce);
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher_and_offline_sessions_skip_qos_0() {
+        let mut state = BrokerState::new(10);
+        let mut o = options(QoS::AtLeastOnce);
+        o.no_local = true;
+        offline(&mut state, "me", &[("t", o)]);
+        state.route("me", &publish("t", QoS::AtLeastOnce, false), None);
+        state.route("other", &publish("t", QoS::AtMostOnce, false), None);
+        assert!(state.sessions["me"].stored.queue.is_empty());
+        state.route("other", &publish("t", QoS::AtLeastOnce, false), None);
+        assert_eq!(state.sessions["me"].stored.queue.len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let mut state = BrokerState::new(2);
+        offline(&mut state, "c", &[("t", options(QoS::AtLeastOnce))]);
+        for _ in 0..3 {
+            state.route("p", &publish("t", QoS::AtLeastOnce, false), None);
+        }
+        assert_eq!(state.sessions["c"].stored.queue.len(), 2);
+        assert_eq!(state.sessions["c"].stored.dropped, 1);
+    }
+
+    #[test]
+    fn shared_subscriptions_take_turns() {
+        let mut state = BrokerState::new(10);
+        offline(
+            &mut state,
+            "a",
+            &[("$share/g/t/#", options(QoS::AtLeastOnce))],
+        );
+        offline(
+            &mut state,
+            "b",
+            &[("$share/g/t/#", options(QoS::AtLeastOnce))],
+        );
+        for _ in 0..4 {
+            state.route("p", &publish("t/x", QoS::AtLeastOnce, false), None);
+        }
+        assert_eq!(state.sessions["a"].stored.queue.len(), 2);
+        assert_eq!(state.sessions["b"].stored.queue.len(), 2);
+    }
+
+    #[test]
+    fn retained_messages_are_kept_replaced_cleared_and_expire() {
+        let mut state = BrokerState::new(10);
+        let now = Instant::now();
+        state.retain(&publish("s/1", QoS::AtLeastOnce, true), None);
+        state.retain(&publish("s/2", QoS::AtLeastOnce, true), Some(now));
+        let got = state.retained_for("s/+", &options(QoS::AtMostOnce), now);
+        assert_eq!(got.len(), 1, "the expired one is gone");
+        assert!(got[0].retain);
+        assert_eq!(got[0].qos, QoS::AtMostOnce);
+        let mut clear = publish("s/1", QoS::AtMostOnce, true);
+        clear.payload = Bytes::new();
+        state.retain(&clear, None);
+        assert!(state
+            .retained_for("#", &options(QoS::AtMostOnce), now)
+            .is_empty());
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_wrap() {
+        let mut s = SessionState {
+            next_pkid: u16::MAX - 1,
+            ..Default::default()
+        };
+        s.inflight.insert(1, OutFlight::Released);
+        assert_eq!(s.take_pkid(), Some(u16::MAX));
+        assert_eq!(s.take_pkid(), Some(2));
+    }
+
+    #[test]
+    fn expired_messages_are_not_sent_and_the_rest_say_what_is_left() {
+        let now = Instant::now();
+        let mut d = delivery(
+            &publish("t", QoS::AtLeastOnce, false),
+            QoS::AtLeastOnce,
+            false,
+            Some(now + std::time::Duration::from_millis(1500)),
+        );
+        d.properties = Some(empty_properties());
+        let p = d.to_publish(1, false, now).unwrap();
+        assert_eq!(p.properties.unwrap().message_expiry_interval, Some(2));
+        assert!(d
+            .to_publish(1, false, now + std::time::Duration::from_secs(2))
+            .is_none());
+    }
+}

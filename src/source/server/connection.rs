@@ -1,0 +1,931 @@
+//! One client connection: CONNECT, the session it resumes or starts, then
+//! one loop over the socket, the session's deliveries and the pipeline's
+//! acks, until the client leaves, breaks a rule, goes quiet, is taken over,
+//! or weir stops.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    PubAck, PubComp, PubCompReason, PubRec, PubRel, Publish, PublishProperties, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use rumqttc::v5::mqttbytes::v5::{Filter, PingResp, RetainForwardRule, Subscribe, Unsubscribe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::broker::{
+    empty_properties, Online, OutFlight, Session, SessionState, SubOptions, ToConnection,
+};
+use super::codec::{self, Packet, Protocol, QoS, ReadError};
+use super::topics::{parse_filter, validate_topic};
+use super::Shared;
+use crate::source::decode::AckToken;
+
+/// How long a taken-over connection has to hand its session over.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a connection ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// DISCONNECT from the client; `will` when it asked for its will (0x04).
+    Normal {
+        will: bool,
+    },
+    /// The socket closed, or a write failed, without DISCONNECT.
+    Lost,
+    /// The client broke the protocol; MQTT 5 clients are told why.
+    Violation(DisconnectReasonCode, String),
+    KeepAlive,
+    TakenOver,
+    Shutdown,
+}
+
+/// A publish from the client awaiting its PUBACK or PUBREC, in arrival order.
+struct PendingAck {
+    pkid: u16,
+    qos: QoS,
+    /// Durable (stream topics) or routed (other topics): the ack may go.
+    done: bool,
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    id: u64,
+    protocol: Protocol,
+    client_id: String,
+    writer: OwnedWriteHalf,
+    out: BytesMut,
+    keep_alive: Duration,
+    will: Option<LastWill>,
+    will_delay: u32,
+    session_expiry: u32,
+    state: SessionState,
+    /// The client's receive maximum: our QoS 1 and 2 messages in flight to it.
+    client_receive_maximum: usize,
+    client_max_packet: Option<usize>,
+    pending: VecDeque<PendingAck>,
+    aliases: HashMap<u16, Bytes>,
+    rx: mpsc::Receiver<ToConnection>,
+    acks: mpsc::UnboundedReceiver<Vec<u16>>,
+}
+
+pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+    let _ = socket.set_nodelay(true);
+    let (mut reader, mut writer) = socket.into_split();
+    let mut buf = BytesMut::with_capacity(4096);
+    let max = shared.options.max_packet_bytes;
+    let first = tokio::time::timeout(shared.options.connect_timeout, async {
+        loop {
+            match codec::read_connect(&mut buf, max) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                Err(e) => return Err(Some(e)),
+            }
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let (protocol, packet) = match first {
+        Ok(Ok(c)) => c,
+        Ok(Err(Some(ReadError::UnsupportedProtocol(level)))) => {
+            tracing::debug!(%peer, level, "MQTT client with an unsupported protocol refused");
+            refuse(
+                &mut writer,
+                Protocol::V4,
+                ConnectReturnCode::UnsupportedProtocolVersion,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(Some(e))) => {
+            tracing::debug!(%peer, error = %e, "MQTT connection closed before CONNECT");
+            shared
+                .metrics
+                .broker
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(Err(None)) | Err(_) => return,
+    };
+    let Packet::Connect(connect, will, login) = packet else {
+        return;
+    };
+    let _ = login; // authentication: the access-control issue
+    if shared.connections.fetch_add(1, Ordering::AcqRel) >= shared.options.max_connections {
+        shared.connections.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(%peer, "MQTT connection refused: max_connections reached");
+        refuse(&mut writer, protocol, ConnectReturnCode::ServerBusy).await;
+        return;
+    }
+    shared
+        .metrics
+        .broker
+        .connected
+        .fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .broker
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(connection) =
+        Connection::accept(shared.clone(), protocol, connect, will, writer).await
+    {
+        connection.serve(reader, buf).await;
+    }
+    shared.connections.fetch_sub(1, Ordering::AcqRel);
+    shared
+        .metrics
+        .broker
+        .connected
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A CONNACK that refuses, then the socket closes.
+async fn refuse(writer: &mut OwnedWriteHalf, protocol: Protocol, code: ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties: None,
+    });
+    if codec::write(&ack, protocol, &mut out).is_ok() {
+        let _ = writer.write_all(&out).await;
+    }
+    let _ = writer.shutdown().await;
+}
+
+impl Connection {
+    /// Takes the session over, starts or resumes it, and sends CONNACK.
+    async fn accept(
+        shared: Arc<Shared>,
+        protocol: Protocol,
+        connect: rumqttc::v5::mqttbytes::v5::Connect,
+        will: Option<LastWill>,
+        mut writer: OwnedWriteHalf,
+    ) -> Option<Connection> {
+        let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        let clean = connect.clean_start;
+        let props = connect.properties.clone();
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if protocol == Protocol::V4 && !clean {
+                // 3.1.1 §3.1.3-8: an empty id must come with a clean session.
+                refuse(
+                    &mut writer,
+                    protocol,
+                    ConnectReturnCode::ClientIdentifierNotValid,
+                )
+                .await;
+                return None;
+            }
+            let generated = format!("auto-{id:x}-{:x}", crate::obs::now_ms());
+            assigned = Some(generated.clone());
+            generated
+        } else {
+            connect.client_id.clone()
+        };
+        let session_expiry = match protocol {
+            Protocol::V4 if clean => 0,
+            Protocol::V4 => u32::MAX,
+            Protocol::V5 => props
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0),
+        };
+        if let Some(w) = &will {
+            if !std::str::from_utf8(&w.topic).is_ok_and(|t| validate_topic(t).is_ok()) {
+                refuse(&mut writer, protocol, ConnectReturnCode::TopicNameInvalid).await;
+                return None;
+            }
+        }
+
+        // Take the client id over from a connection that holds it.
+        let holder = {
+            let mut state = shared.state();
+            state
+                .sessions
+                .get_mut(&client_id)
+                .and_then(|s| s.online.take())
+        };
+        let mut handed = None;
+        if let Some(holder) = holder {
+            let (tx, rx) = oneshot::channel();
+            if holder
+                .tx
+                .send(ToConnection::TakeOver { state: tx, clean })
+                .await
+                .is_ok()
+            {
+                handed = tokio::time::timeout(TAKEOVER_WAIT, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            }
+        }
+
+        let (tx, rx) = mpsc::channel(shared.options.max_queued.max(1));
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        shared
+            .ack_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, ack_tx);
+        let (session_present, state) = {
+            let mut broker = shared.state();
+            let generation = broker.generation();
+            if clean {
+                broker.end_session(&client_id);
+                handed = None;
+            }
+            let present = broker.sessions.contains_key(&client_id);
+            let session = broker
+                .sessions
+                .entry(client_id.clone())
+                .or_insert_with(|| Session {
+                    online: None,
+                    stored: SessionState::default(),
+                    expiry: session_expiry,
+                    generation,
+                    subscriptions: HashMap::new(),
+                });
+            let mut state = match handed {
+                Some(mut handed) => {
+                    // Routed while it changed hands.
+                    handed.queue.extend(session.stored.queue.drain(..));
+                    handed
+                }
+                None => std::mem::take(&mut session.stored),
+            };
+            state.dropped = 0;
+            session.online = Some(Online { connection: id, tx });
+            session.expiry = session_expiry;
+            session.generation = generation;
+            (present, state)
+        };
+
+        let options = &shared.options;
+        let client_receive_maximum = props
+            .as_ref()
+            .and_then(|p| p.receive_maximum)
+            .unwrap_or(u16::MAX)
+            .max(1) as usize;
+        let client_max_packet = props
+            .as_ref()
+            .and_then(|p| p.max_packet_size)
+            .map(|s| s as usize);
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        if options.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > options.max_keep_alive) {
+            keep_alive = options.max_keep_alive;
+            server_keep_alive = Some(keep_alive);
+        }
+        let will_delay = will
+            .as_ref()
+            .and_then(|w| w.properties.as_ref())
+            .and_then(|p| p.delay_interval)
+            .unwrap_or(0);
+        let mut connection = Connection {
+            shared: shared.clone(),
+            id,
+            protocol,
+            client_id,
+            writer,
+            out: BytesMut::with_capacity(4096),
+            keep_alive: Duration::from_secs(keep_alive as u64),
+            will,
+            will_delay,
+            session_expiry,
+            state,
+            client_receive_maximum,
+            client_max_packet,
+            pending: VecDeque::new(),
+            aliases: HashMap::new(),
+            rx,
+            acks,
+        };
+        let properties = (protocol == Protocol::V5).then(|| ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: Some(options.receive_maximum),
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: Some(options.max_packet_bytes.min(u32::MAX as usize) as u32),
+            assigned_client_identifier: assigned,
+            topic_alias_max: Some(options.topic_alias_maximum),
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        });
+        connection.send(&Packet::ConnAck(ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+            properties,
+        }));
+        tracing::debug!(client = %connection.client_id, connection = id, ?protocol, session_present, "MQTT client connected");
+        // A resumed session: what was in flight goes again, then the queue.
+        let now = Instant::now();
+        let inflight: Vec<(u16, OutFlight)> = connection
+            .state
+            .inflight
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (pkid, flight) in inflight {
+            match flight {
+                OutFlight::Published(d) => match d.to_publish(pkid, true, now) {
+                    Some(p) => connection.send(&Packet::Publish(p)),
+                    None => {
+                        connection.state.inflight.remove(&pkid);
+                    }
+                },
+                OutFlight::Released => connection.send(&Packet::PubRel(PubRel::new(pkid, None))),
+            }
+        }
+        connection.pump();
+        if connection.flush().await.is_err() {
+            connection.close(End::Lost).await;
+            return None;
+        }
+        Some(connection)
+    }
+
+    async fn serve(mut self, mut reader: OwnedReadHalf, mut buf: BytesMut) {
+        let end = self.run(&mut reader, &mut buf).await;
+        self.close(end).await;
+    }
+
+    async fn run(&mut self, reader: &mut OwnedReadHalf, buf: &mut BytesMut) -> End {
+        let shutdown = self.shared.shutdown.clone();
+        let receive_maximum = self.shared.options.receive_maximum as usize;
+        let mut last_heard = Instant::now();
+        loop {
+            // Packets already read (several may have come in one read).
+            loop {
+                // A 3.1.1 client is not read beyond the window: its publishes
+                // wait in the socket, and so it slows down.
+                if self.protocol == Protocol::V4 && self.pending.len() >= receive_maximum {
+                    break;
+                }
+                match codec::read(buf, self.protocol, self.shared.options.max_packet_bytes) {
+                    Ok(Some(packet)) => {
+                        last_heard = Instant::now();
+                        if let Err(end) = self.handle(packet).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(ReadError::TooLarge { size, max }) => {
+                        return End::Violation(
+                            DisconnectReasonCode::PacketTooLarge,
+                            format!("packet of {size} bytes, limit {max}"),
+                        )
+                    }
+                    Err(e) => {
+                        return End::Violation(DisconnectReasonCode::MalformedPacket, e.to_string())
+                    }
+                }
+            }
+            self.release_acks();
+            self.pump();
+            if self.flush().await.is_err() {
+                return End::Lost;
+            }
+            let can_read = self.protocol == Protocol::V5 || self.pending.len() < receive_maximum;
+            if !can_read {
+                // The client waits for weir, not the other way round.
+                last_heard = Instant::now();
+            }
+            let deadline = (!self.keep_alive.is_zero() && can_read)
+                .then(|| last_heard + self.keep_alive * 3 / 2);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                acks = self.acks.recv() => {
+                    for pkid in acks.into_iter().flatten() {
+                        if let Some(p) = self.pending.iter_mut().find(|p| p.pkid == pkid && !p.done) {
+                            p.done = true;
+                        }
+                    }
+                    while let Ok(more) = self.acks.try_recv() {
+                        for pkid in more {
+                            if let Some(p) = self.pending.iter_mut().find(|p| p.pkid == pkid && !p.done) {
+                                p.done = true;
+                            }
+                        }
+                    }
+                }
+                message = self.rx.recv() => match message {
+                    Some(ToConnection::Deliver(d)) => {
+                        let max = self.shared.options.max_queued;
+                        if !self.state.enqueue(d, max) {
+                            self.shared.metrics.broker.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        while let Ok(ToConnection::Deliver(d)) = self.rx.try_recv() {
+                            if !self.state.enqueue(d, max) {
+                                self.shared.metrics.broker.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Some(ToConnection::TakeOver { state, clean }) => {
+                        if clean {
+                            self.will_delay = 0;
+                        }
+                        let _ = state.send(std::mem::take(&mut self.state));
+                        return End::TakenOver;
+                    }
+                    None => return End::Shutdown,
+                },
+                read = reader.read_buf(buf), if can_read => match read {
+                    Ok(0) | Err(_) => return End::Lost,
+                    Ok(_) => {}
+                },
+                _ = sleep_until(deadline) => return End::KeepAlive,
+            }
+        }
+    }
+
+    /// One packet from the client.
+    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(a) => {
+                if matches!(self.state.inflight.get(&a.pkid), Some(OutFlight::Published(d)) if d.qos == QoS::AtLeastOnce)
+                {
+                    self.state.inflight.remove(&a.pkid);
+                }
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                if matches!(
+                    self.state.inflight.get(&r.pkid),
+                    Some(OutFlight::Published(_))
+                ) {
+                    if (r.reason as u8) >= 0x80 {
+                        self.state.inflight.remove(&r.pkid);
+                    } else {
+                        self.state.inflight.insert(r.pkid, OutFlight::Released);
+                        self.send(&Packet::PubRel(PubRel::new(r.pkid, None)));
+                    }
+                }
+                Ok(())
+            }
+            Packet::PubComp(c) => {
+                if matches!(self.state.inflight.get(&c.pkid), Some(OutFlight::Released)) {
+                    self.state.inflight.remove(&c.pkid);
+                }
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let mut comp = PubComp::new(r.pkid, None);
+                if !self.state.awaiting_release.remove(&r.pkid) {
+                    comp.reason = PubCompReason::PacketIdentifierNotFound;
+                }
+                self.send(&Packet::PubComp(comp));
+                Ok(())
+            }
+            Packet::Subscribe(s) => {
+                self.on_subscribe(s);
+                Ok(())
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                Ok(())
+            }
+            Packet::PingReq(_) => {
+                self.send(&Packet::PingResp(PingResp));
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(expiry) = d
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval)
+                {
+                    if self.session_expiry == 0 && expiry != 0 {
+                        return Err(End::Violation(
+                            DisconnectReasonCode::ProtocolError,
+                            "session expiry set on DISCONNECT after CONNECT set none".into(),
+                        ));
+                    }
+                    self.session_expiry = expiry;
+                }
+                Err(End::Normal {
+                    will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                })
+            }
+            Packet::Connect(..) => Err(End::Violation(
+                DisconnectReasonCode::ProtocolError,
+                "a second CONNECT".into(),
+            )),
+            Packet::Auth(_) => Err(End::Violation(
+                DisconnectReasonCode::ProtocolError,
+                "AUTH without an authentication method".into(),
+            )),
+            other => Err(End::Violation(
+                DisconnectReasonCode::ProtocolError,
+                format!("a client does not send {other:?}"),
+            )),
+        }
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        // Topic aliases (MQTT 5): a topic with an alias sets it, an empty
+        // topic uses it.
+        if let Some(alias) = p
+            .properties
+            .as_mut()
+            .and_then(|props| props.topic_alias.take())
+        {
+            if alias == 0 || alias > self.shared.options.topic_alias_maximum {
+                return Err(End::Violation(
+                    DisconnectReasonCode::TopicAliasInvalid,
+                    format!("topic alias {alias}"),
+                ));
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(topic) => p.topic = topic.clone(),
+                    None => {
+                        return Err(End::Violation(
+                            DisconnectReasonCode::ProtocolError,
+                            format!("topic alias {alias} was never set"),
+                        ))
+                    }
+                }
+            } else {
+                self.aliases.insert(alias, p.topic.clone());
+            }
+        }
+        let topic = match std::str::from_utf8(&p.topic).map(|t| (t, validate_topic(t))) {
+            Ok((topic, Ok(()))) => topic.to_string(),
+            _ => {
+                return Err(End::Violation(
+                    DisconnectReasonCode::TopicNameInvalid,
+                    "invalid topic name".into(),
+                ))
+            }
+        };
+        let qos = p.qos;
+        let pkid = p.pkid;
+        if qos != QoS::AtMostOnce {
+            if self.protocol == Protocol::V5
+                && self.pending.len() >= self.shared.options.receive_maximum as usize
+            {
+                return Err(End::Violation(
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                    format!(
+                        "more than {} publishes awaiting their ack",
+                        self.shared.options.receive_maximum
+                    ),
+                ));
+            }
+            if qos == QoS::ExactlyOnce && self.state.awaiting_release.contains(&pkid) {
+                // A QoS 2 message already taken in: acknowledge, never twice in.
+                if !self.pending.iter().any(|a| a.pkid == pkid) {
+                    self.send(&Packet::PubRec(PubRec::new(pkid, None)));
+                }
+                return Ok(());
+            }
+        }
+        let stream = self.shared.is_stream_topic(&topic) && !(p.retain && p.payload.is_empty());
+        let ack = (qos != QoS::AtMostOnce && stream).then_some(AckToken {
+            connection: self.id,
+            pkid,
+        });
+        if qos != QoS::AtMostOnce {
+            self.pending.push_back(PendingAck {
+                pkid,
+                qos,
+                done: ack.is_none(),
+            });
+            if qos == QoS::ExactlyOnce {
+                self.state.awaiting_release.insert(pkid);
+            }
+        }
+        let dup = p.dup;
+        if !self.shared.publish(&self.client_id, p, ack, dup).await {
+            return Err(End::Shutdown);
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) {
+        let identifier = s.properties.as_ref().and_then(|p| p.id);
+        let now = Instant::now();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        {
+            let mut broker = self.shared.state();
+            for Filter {
+                path,
+                qos,
+                nolocal,
+                preserve_retain,
+                retain_forward_rule,
+            } in s.filters
+            {
+                let Ok((group, filter)) = parse_filter(&path) else {
+                    codes.push(match self.protocol {
+                        Protocol::V5 => SubscribeReasonCode::TopicFilterInvalid,
+                        Protocol::V4 => SubscribeReasonCode::Failure,
+                    });
+                    continue;
+                };
+                let options = SubOptions {
+                    filter: filter.to_string(),
+                    qos,
+                    no_local: nolocal,
+                    retain_as_published: preserve_retain,
+                    retain_handling: retain_forward_rule,
+                    identifier,
+                };
+                let existed =
+                    broker
+                        .subscriptions
+                        .insert(filter, &self.client_id, group, options.clone());
+                if let Some(session) = broker.sessions.get_mut(&self.client_id) {
+                    session.subscriptions.insert(path.clone(), options.clone());
+                }
+                let send_retained = group.is_none()
+                    && match options.retain_handling {
+                        RetainForwardRule::OnEverySubscribe => true,
+                        RetainForwardRule::OnNewSubscribe => !existed,
+                        RetainForwardRule::Never => false,
+                    };
+                if send_retained {
+                    retained.extend(broker.retained_for(filter, &options, now));
+                }
+                codes.push(SubscribeReasonCode::Success(qos));
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            return_codes: codes,
+            properties: None,
+        }));
+        let max = self.shared.options.max_queued;
+        for d in retained {
+            self.state.enqueue(d, max);
+        }
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        {
+            let mut broker = self.shared.state();
+            for path in &u.filters {
+                let removed = match parse_filter(path) {
+                    Ok((group, filter)) => {
+                        broker.subscriptions.remove(filter, &self.client_id, group)
+                    }
+                    Err(_) => false,
+                };
+                if let Some(session) = broker.sessions.get_mut(&self.client_id) {
+                    session.subscriptions.remove(path);
+                }
+                reasons.push(if removed {
+                    UnsubAckReason::Success
+                } else {
+                    UnsubAckReason::NoSubscriptionExisted
+                });
+            }
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            pkid: u.pkid,
+            reasons,
+            properties: None,
+        }));
+    }
+
+    /// Sends the acks that may go: in arrival order, up to the first
+    /// publish still waiting for the log.
+    fn release_acks(&mut self) {
+        while self.pending.front().is_some_and(|p| p.done) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let packet = match p.qos {
+                QoS::ExactlyOnce => Packet::PubRec(PubRec::new(p.pkid, None)),
+                _ => Packet::PubAck(PubAck::new(p.pkid, None)),
+            };
+            self.send(&packet);
+        }
+    }
+
+    /// Moves queued deliveries onto the wire while the client's window allows.
+    fn pump(&mut self) {
+        let now = Instant::now();
+        while let Some(front) = self.state.queue.front() {
+            if front.qos != QoS::AtMostOnce
+                && self.state.inflight.len() >= self.client_receive_maximum
+            {
+                break;
+            }
+            let Some(d) = self.state.queue.pop_front() else {
+                break;
+            };
+            let pkid = if d.qos == QoS::AtMostOnce {
+                0
+            } else {
+                match self.state.take_pkid() {
+                    Some(pkid) => pkid,
+                    None => {
+                        self.state.queue.push_front(d);
+                        break;
+                    }
+                }
+            };
+            let Some(publish) = d.to_publish(pkid, false, now) else {
+                continue; // expired on the way
+            };
+            let packet = Packet::Publish(publish);
+            if self
+                .client_max_packet
+                .is_some_and(|max| codec::size(&packet) > max)
+            {
+                // MQTT 5 §3.1.2.24: larger than the client accepts: not sent.
+                self.shared
+                    .metrics
+                    .broker
+                    .deliveries_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if d.qos != QoS::AtMostOnce {
+                self.state.inflight.insert(pkid, OutFlight::Published(d));
+            }
+            self.send(&packet);
+        }
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        if let Err(e) = codec::write(packet, self.protocol, &mut self.out) {
+            tracing::warn!(client = %self.client_id, error = %e, "cannot encode an MQTT packet");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        if self.out.capacity() > 1 << 20 {
+            self.out = BytesMut::with_capacity(4096);
+        }
+        result
+    }
+
+    /// Says why (MQTT 5), closes, stores or ends the session, and sends the will.
+    async fn close(mut self, end: End) {
+        let reason = match &end {
+            End::Violation(code, why) => {
+                tracing::debug!(client = %self.client_id, reason = ?code, why, "MQTT client disconnected for a protocol violation");
+                self.shared
+                    .metrics
+                    .broker
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(*code)
+            }
+            End::KeepAlive => Some(DisconnectReasonCode::KeepAliveTimeout),
+            End::TakenOver => Some(DisconnectReasonCode::SessionTakenOver),
+            End::Shutdown => Some(DisconnectReasonCode::ServerShuttingDown),
+            End::Normal { .. } | End::Lost => None,
+        };
+        if let (Some(code), Protocol::V5) = (reason, self.protocol) {
+            self.send(&Packet::Disconnect(Disconnect::new(code)));
+        }
+        let _ = self.flush().await;
+        let _ = self.writer.shutdown().await;
+        self.shared
+            .ack_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+
+        let send_will = !matches!(end, End::Normal { will: false });
+        // On takeover the session goes on in the new connection: the will
+        // waits for its delay as if this client had reconnected in time.
+        let taken_over = end == End::TakenOver;
+        let mut will_delay = self.will_delay.min(self.session_expiry);
+        let generation = {
+            let mut broker = self.shared.state();
+            let generation = broker.generation();
+            let mine = broker
+                .sessions
+                .get(&self.client_id)
+                .is_some_and(|s| s.online.as_ref().is_none_or(|o| o.connection == self.id));
+            if mine && !taken_over {
+                if self.session_expiry == 0 {
+                    broker.end_session(&self.client_id);
+                    will_delay = 0;
+                } else if let Some(session) = broker.sessions.get_mut(&self.client_id) {
+                    session.online = None;
+                    session.generation = generation;
+                    session.expiry = self.session_expiry;
+                    let mut state = std::mem::take(&mut self.state);
+                    state.queue.extend(session.stored.queue.drain(..));
+                    // Unsent QoS 0 messages are not kept for an offline session.
+                    state.queue.retain(|d| d.qos != QoS::AtMostOnce);
+                    session.stored = state;
+                }
+            }
+            generation
+        };
+        if self.session_expiry != 0 && self.session_expiry != u32::MAX && !taken_over {
+            let shared = self.shared.clone();
+            let client = self.client_id.clone();
+            let expiry = Duration::from_secs(self.session_expiry as u64);
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(expiry) => {
+                        let mut broker = shared.state();
+                        if broker.sessions.get(&client).is_some_and(|s| s.online.is_none() && s.generation == generation) {
+                            broker.end_session(&client);
+                        }
+                    }
+                }
+            });
+        }
+        let Some(will) = self.will.take().filter(|_| send_will) else {
+            return;
+        };
+        if taken_over && will_delay > 0 {
+            return;
+        }
+        let publish = will_publish(will);
+        if will_delay == 0 || taken_over {
+            self.shared
+                .publish(&self.client_id, publish, None, false)
+                .await;
+            return;
+        }
+        let shared = self.shared.clone();
+        let client = self.client_id;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(will_delay as u64)) => {}
+            }
+            // Not if the client came back (a newer generation) in time.
+            let still_gone = {
+                let broker = shared.state();
+                broker
+                    .sessions
+                    .get(&client)
+                    .is_none_or(|s| s.online.is_none() && s.generation == generation)
+            };
+            if still_gone {
+                shared.publish(&client, publish, None, false).await;
+            }
+        });
+    }
+}
+
+fn will_publish(will: LastWill) -> Publish {
+    let properties = will.properties.map(|w| PublishProperties {
+        payload_format_indicator: w.payload_format_indicator,
+        message_expiry_interval: w.message_expiry_interval,
+        content_type: w.content_type,
+        response_topic: w.response_topic,
+        correlation_data: w.correlation_data,
+        user_properties: w.user_properties,
+        ..empty_properties()
+    });
+    Publish {
+        dup: false,
+        qos: will.qos,
+        retain: will.retain,
+        topic: will.topic,
+        pkid: 0,
+        payload: will.message,
+        properties,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,286 @@
+//! weir's own MQTT server: what terminals and every other client connect to.
+//!
+//! ```text
+//!  socket ─▶ connection task ─┬─ stream topic ─▶ ingest queue ─▶ pipeline (decode, log append, fsync)
+//!   ▲   (one per client,      │                                         │
+//!   │    codec: rumqttc)      └─ every topic ──▶ broker state ──▶ subscribers' connection tasks
+//!   └──── PUBACK / PUBREC ◀── ack dispatcher ◀── acks after the durable append ◀─┘
+//! ```
+//!
+//! - **Acknowledged means durable.** A QoS 1 or 2 PUBLISH on a stream's
+//!   topic is acknowledged (PUBACK, PUBREC) only when the pipeline has
+//!   appended its events to the ingest log and, with `durability = "sync"`,
+//!   fsynced it. Acks go back in the order the publishes came (MQTT 4.6), so
+//!   a publish on another topic waits behind a stream publish before it.
+//! - **Backpressure, not loss.** A connection has at most
+//!   `receive_maximum` publishes awaiting their ack: a 3.1.1 client's socket
+//!   is not read beyond that; an MQTT 5 client is told the limit in CONNACK
+//!   and disconnected (0x93) if it sends more. When the pipeline falls
+//!   behind, the bounded ingest queue fills, connection tasks wait on it and
+//!   stop reading their sockets, and publishers slow to weir's pace.
+//! - **A broker for everyone else**: subscriptions with wildcards and
+//!   shared groups, retained messages, last wills (with MQTT 5's delay),
+//!   sessions that outlive their connection (`clean_session = false`, or
+//!   MQTT 5's session expiry) with queued QoS 1 and 2 delivery, client-id
+//!   takeover, message expiry, topic aliases, subscription options and
+//!   identifiers. Subscriber deliveries are bounded per session
+//!   (`max_queued`); what does not fit is dropped and counted
+//!   (`weir_mqtt_deliveries_dropped_total`), never an ingested event.
+//!
+//! Sessions and retained messages live in memory: a restart of weir ends
+//! them (clients see `session_present = false`). The events themselves are
+//! in the ingest log.
+
+mod broker;
+pub mod codec;
+mod connection;
+pub mod topics;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::obs::{now_ms, Metrics};
+use crate::source::decode::{AckToken, Message};
+use broker::BrokerState;
+use rumqttc::v5::mqttbytes::v5::Publish;
+
+/// How the server behaves; from `[mqtt]`.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    /// Largest packet accepted from a client (larger: the connection is closed,
+    /// MQTT 5 clients are told 0x95 first).
+    pub max_packet_bytes: usize,
+    /// Publishes of one connection awaiting their ack, at most.
+    pub receive_maximum: u16,
+    /// Messages queued per session for a subscriber; more are dropped and counted.
+    pub max_queued: usize,
+    pub max_connections: usize,
+    /// Topic aliases an MQTT 5 client may use.
+    pub topic_alias_maximum: u16,
+    /// The keep-alive a client gets when it asks for none or more (seconds;
+    /// 0: a client may turn keep-alive off).
+    pub max_keep_alive: u16,
+    /// How long a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// The stream topics' filters: publishes matching one go to the pipeline.
+    pub stream_filters: Vec<String>,
+}
+
+impl ServerOptions {
+    pub fn new(listen: SocketAddr, max_packet_bytes: usize, stream_filters: Vec<String>) -> Self {
+        Self {
+            listen,
+            max_packet_bytes,
+            receive_maximum: 256,
+            max_queued: 1000,
+            max_connections: 200_000,
+            topic_alias_maximum: 64,
+            max_keep_alive: 0,
+            connect_timeout: Duration::from_secs(10),
+            stream_filters,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(
+        "the MQTT server cannot listen on {addr}: {source} (another broker there? use it with \
+         WEIR_MQTT__BROKER=mqtt://{addr}, or move weir's with WEIR_MQTT__EMBEDDED_LISTEN)"
+    )]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The server, bound but not yet accepting.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    options: ServerOptions,
+    state: Mutex<BrokerState>,
+    ingest: mpsc::Sender<Message>,
+    metrics: Arc<Metrics>,
+    next_connection: AtomicU64,
+    connections: AtomicUsize,
+    /// Where the pipeline's acks for each connection go.
+    ack_routes: Mutex<HashMap<u64, mpsc::UnboundedSender<Vec<u16>>>>,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Binds the listener (port 0 picks a free one).
+    pub async fn bind(
+        options: ServerOptions,
+        ingest: mpsc::Sender<Message>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Server, ServerError> {
+        let listener =
+            TcpListener::bind(options.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: options.listen,
+                    source,
+                })?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(BrokerState::new(options.max_queued)),
+            options,
+            ingest,
+            metrics,
+            next_connection: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            ack_routes: Mutex::new(HashMap::new()),
+            shutdown,
+        });
+        Ok(Server { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections and routes the pipeline's acks until shutdown.
+    pub async fn serve(self, mut acks: mpsc::UnboundedReceiver<Vec<AckToken>>) {
+        let shared = self.shared;
+        let dispatcher = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = acks.recv().await {
+                    shared.dispatch_acks(batch);
+                }
+            })
+        };
+        let tasks = tokio_util::task::TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((socket, peer)) => {
+                    let shared = shared.clone();
+                    tasks.spawn(connection::run(shared, socket, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tasks.close();
+        tasks.wait().await;
+        dispatcher.abort();
+    }
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, BrokerState> {
+        // A panic while holding the lock leaves maps that are still
+        // consistent (every update is a single insert or remove).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_stream_topic(&self, topic: &str) -> bool {
+        self.options
+            .stream_filters
+            .iter()
+            .any(|f| topics::matches(f, topic))
+    }
+
+    /// Hands each connection the packet ids the pipeline made durable.
+    fn dispatch_acks(&self, batch: Vec<AckToken>) {
+        let routes = self.ack_routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut run: Vec<u16> = Vec::new();
+        let mut current = None;
+        for token in batch {
+            if current != Some(token.connection) {
+                if let Some(c) = current {
+                    if let Some(tx) = routes.get(&c) {
+                        let _ = tx.send(std::mem::take(&mut run));
+                    }
+                }
+                run.clear();
+                current = Some(token.connection);
+            }
+            run.push(token.pkid);
+        }
+        if let Some(c) = current {
+            if let Some(tx) = routes.get(&c) {
+                let _ = tx.send(run);
+            }
+        }
+    }
+
+    /// Retains, routes to subscribers and, for a stream's topic, queues for
+    /// the pipeline (waiting while its queue is full). `ack` comes back
+    /// through the dispatcher once the events are durable. False when the
+    /// pipeline has stopped.
+    async fn publish(
+        &self,
+        origin: &str,
+        publish: Publish,
+        ack: Option<AckToken>,
+        dup: bool,
+    ) -> bool {
+        let expires_at = publish
+            .properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|s| Instant::now() + Duration::from_secs(s as u64));
+        let routed = {
+            let mut state = self.state();
+            if publish.retain {
+                state.retain(&publish, expires_at);
+            }
+            state.route(origin, &publish, expires_at)
+        };
+        let m = &self.metrics.broker;
+        m.messages_received.fetch_add(1, Ordering::Relaxed);
+        m.deliveries.fetch_add(routed.delivered, Ordering::Relaxed);
+        m.deliveries_dropped
+            .fetch_add(routed.dropped, Ordering::Relaxed);
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return true;
+        };
+        // An empty retained message clears the retained one: a command to
+        // the broker, not data.
+        if (publish.retain && publish.payload.is_empty()) || !self.is_stream_topic(topic) {
+            return true;
+        }
+        let message = Message {
+            topic: topic.to_string(),
+            payload: publish.payload,
+            received_at: now_ms(),
+            ack,
+            dup,
+        };
+        match self.ingest.try_send(message) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let blocked = std::time::Instant::now();
+                let sent = self.ingest.send(message).await.is_ok();
+                self.metrics
+                    .source_blocked_ns
+                    .fetch_add(blocked.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                sent
+            }
+        }
+    }
+}
