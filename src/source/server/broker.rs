@@ -26,14 +26,15 @@ pub struct Delivery {
     pub retain: bool,
     /// The publisher's properties (no topic alias), with this session's
     /// subscription identifiers.
-    pub properties: Option<PublishProperties>,
+    /// Boxed: most messages have none, and deliveries queue by the thousand.
+    pub properties: Option<Box<PublishProperties>>,
     pub expires_at: Option<Instant>,
 }
 
 impl Delivery {
     /// The PUBLISH to send, or `None` if the message expired on the way.
     pub fn to_publish(&self, pkid: u16, dup: bool, now: Instant) -> Option<Publish> {
-        let mut properties = self.properties.clone();
+        let mut properties = self.properties.as_deref().cloned();
         if let Some(at) = self.expires_at {
             let left = at.checked_duration_since(now)?;
             if let Some(p) = properties.as_mut() {
@@ -347,7 +348,7 @@ fn delivery(publish: &Publish, qos: QoS, retain: bool, expires_at: Option<Instan
     let properties = publish.properties.clone().map(|mut p| {
         p.topic_alias = None;
         p.subscription_identifiers.clear();
-        p
+        Box::new(p)
     });
     Delivery {
         topic: publish.topic.clone(),
@@ -378,7 +379,7 @@ fn qos_min(a: QoS, b: QoS) -> QoS {
 fn add_identifier(d: &mut Delivery, id: Option<usize>) {
     if let Some(id) = id {
         d.properties
-            .get_or_insert_with(empty_properties)
+            .get_or_insert_with(|| Box::new(empty_properties()))
             .subscription_identifiers
             .push(id);
     }
@@ -552,7 +553,7 @@ mod tests {
             false,
             Some(now + std::time::Duration::from_millis(1500)),
         );
-        d.properties = Some(empty_properties());
+        d.properties = Some(Box::new(empty_properties()));
         let p = d.to_publish(1, false, now).unwrap();
         assert_eq!(p.properties.unwrap().message_expiry_interval, Some(2));
         assert!(d
