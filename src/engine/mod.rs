@@ -161,7 +161,14 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             options.max_connections = config.mqtt.max_connections;
             options.max_keep_alive = config.mqtt.max_keep_alive;
             let server =
-                Server::bind(options, tx.clone(), metrics.clone(), shutdown.clone()).await?;
+                Server::bind(
+                options,
+                tx.clone(),
+                Some(store.clone()),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await?;
             let addr = server.local_addr().map_err(|source| ServerError::Listen {
                 addr: config.mqtt.embedded_listen,
                 source,

@@ -105,7 +105,7 @@ pub async fn run(
                 unsent.clear();
                 backoff = Duration::from_millis(100);
                 tracing::info!(host = %options.host, port = options.port, session_present = ack.session_present, "connected to MQTT broker");
-                if ack.session_present {
+                if ack.session_present || filters.is_empty() {
                     ready.store(true, Ordering::SeqCst);
                     metrics.mqtt_connected.store(1, Ordering::Relaxed);
                 } else {

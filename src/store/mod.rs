@@ -25,6 +25,10 @@
 //! - `alert_history`: each alert's transitions and acks, key = id | time |
 //!   kind, so a replayed transition rewrites its entry.
 //!
+//! - `broker`: what weir's MQTT server keeps across restarts
+//!   (`crate::source::server`): `s/<client id>` a persistent session (its
+//!   expiry and subscriptions), `r/<topic>` a retained message.
+//!
 //! Durability: every commit reaches the operating system before it returns
 //! (fjall's default), which survives kill -9; [`Store::persist`] adds an
 //! fsync, which survives a power cut. fjall's journal is one sequential file
@@ -98,6 +102,7 @@ pub struct Store {
     checkpoint: Keyspace,
     alerts: Keyspace,
     alert_history: Keyspace,
+    broker: Keyspace,
     /// Held across an alert's read-modify-write: the pipeline (transitions)
     /// and the API (acks) both update alerts.
     alert_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -175,6 +180,7 @@ impl Store {
         let checkpoint = db.keyspace("checkpoint", separated).map_err(open_err)?;
         let alerts = db.keyspace("alerts", plain).map_err(open_err)?;
         let alert_history = db.keyspace("alert_history", plain).map_err(open_err)?;
+        let broker = db.keyspace("broker", plain).map_err(open_err)?;
         // continue the dead-letter sequence after the newest stored one
         let seq = match deadletter.last_key_value() {
             Some(guard) => {
@@ -196,6 +202,7 @@ impl Store {
             checkpoint,
             alerts,
             alert_history,
+            broker,
             alert_lock: Default::default(),
             dead_letter_seq: std::sync::Arc::new(AtomicU64::new(seq)),
             dir: std::sync::Arc::new(dir.to_path_buf()),
@@ -613,6 +620,24 @@ impl Store {
 
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.meta.insert(key, value).map_err(io("write meta"))
+    }
+
+    /// Writes (or, with `None`, removes) one of the MQTT server's records.
+    pub fn put_broker(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.broker.insert(key, v).map_err(io("write broker state")),
+            None => self.broker.remove(key).map_err(io("remove broker state")),
+        }
+    }
+
+    /// Every MQTT server record whose key starts with `prefix`, in key order.
+    pub fn broker_records(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.broker.prefix(prefix) {
+            let (k, v) = guard.into_inner().map_err(io("read broker state"))?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Runs `f` with the alert lock held: an alert's read-modify-write must

@@ -6,6 +6,12 @@
 //! (a connection task owns its delivery state and gets messages over a
 //! bounded channel) or *offline* (its state is here, and QoS 1 and 2
 //! messages queue in it, up to `max_queued`, until it reconnects or expires).
+//!
+//! With a store, what must outlive weir itself is written through as it
+//! changes: each persistent session's expiry and subscriptions (so that a
+//! client that reconnects after weir restarted finds its session and resends
+//! what was not acknowledged), and the retained messages. Queued deliveries
+//! to offline subscribers are not kept across a restart of weir.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -14,6 +20,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::QoS;
+use crate::store::Store;
 use super::topics::{matches, SubscriptionTree};
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties, RetainForwardRule};
 
@@ -176,10 +183,51 @@ pub struct BrokerState {
     share_cursor: HashMap<(String, String), usize>,
     pub max_queued: usize,
     next_generation: u64,
+    store: Option<Store>,
+}
+
+/// A persistent session as stored: enough to restore it offline.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSession {
+    expiry: u32,
+    subscriptions: Vec<StoredSubscription>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSubscription {
+    /// Full filter text, with `$share/{group}/`.
+    text: String,
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    retain_handling: u8,
+    identifier: Option<u64>,
+}
+
+/// A retained message as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredRetained {
+    payload: Vec<u8>,
+    qos: u8,
+    /// Epoch ms after which it is gone.
+    expires_at_ms: Option<i64>,
+    payload_format_indicator: Option<u8>,
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation_data: Option<Vec<u8>>,
+    user_properties: Vec<(String, String)>,
+}
+
+fn qos_from(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
 }
 
 impl BrokerState {
-    pub fn new(max_queued: usize) -> Self {
+    pub fn new(max_queued: usize, store: Option<Store>) -> Self {
         Self {
             sessions: HashMap::new(),
             subscriptions: SubscriptionTree::default(),
@@ -187,6 +235,138 @@ impl BrokerState {
             share_cursor: HashMap::new(),
             max_queued,
             next_generation: 0,
+            store,
+        }
+    }
+
+    /// Loads the stored sessions (offline) and retained messages; returns
+    /// the sessions with a finite expiry, whose timers the caller starts.
+    pub fn restore(&mut self) -> Vec<(String, u32)> {
+        let Some(store) = self.store.clone() else {
+            return Vec::new();
+        };
+        let mut expiring = Vec::new();
+        match store.broker_records(b"s/") {
+            Ok(records) => {
+                for (key, value) in records {
+                    let client = String::from_utf8_lossy(&key[2..]).into_owned();
+                    let Ok(stored) = postcard::from_bytes::<StoredSession>(&value) else {
+                        tracing::warn!(%client, "stored MQTT session unreadable; dropped");
+                        continue;
+                    };
+                    let mut session = Session {
+                        online: None,
+                        stored: SessionState::default(),
+                        expiry: stored.expiry,
+                        generation: 0,
+                        subscriptions: HashMap::new(),
+                    };
+                    for sub in stored.subscriptions {
+                        let Ok((group, filter)) = super::topics::parse_filter(&sub.text) else {
+                            continue;
+                        };
+                        let options = SubOptions {
+                            filter: filter.to_string(),
+                            qos: qos_from(sub.qos),
+                            no_local: sub.no_local,
+                            retain_as_published: sub.retain_as_published,
+                            retain_handling: match sub.retain_handling {
+                                0 => RetainForwardRule::OnEverySubscribe,
+                                1 => RetainForwardRule::OnNewSubscribe,
+                                _ => RetainForwardRule::Never,
+                            },
+                            identifier: sub.identifier.map(|i| i as usize),
+                        };
+                        self.subscriptions.insert(filter, &client, group, options.clone());
+                        session.subscriptions.insert(sub.text, options);
+                    }
+                    if stored.expiry != u32::MAX {
+                        expiring.push((client.clone(), stored.expiry));
+                    }
+                    self.sessions.insert(client, session);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the stored MQTT sessions"),
+        }
+        let now_ms = crate::obs::now_ms();
+        let now = Instant::now();
+        match store.broker_records(b"r/") {
+            Ok(records) => {
+                for (key, value) in records {
+                    let topic = Bytes::from(key[2..].to_vec());
+                    let Ok(r) = postcard::from_bytes::<StoredRetained>(&value) else {
+                        continue;
+                    };
+                    let left = match r.expires_at_ms {
+                        Some(at) if at <= now_ms => continue,
+                        Some(at) => Some(now + std::time::Duration::from_millis((at - now_ms) as u64)),
+                        None => None,
+                    };
+                    let has_properties = r.payload_format_indicator.is_some()
+                        || r.content_type.is_some()
+                        || r.response_topic.is_some()
+                        || r.correlation_data.is_some()
+                        || !r.user_properties.is_empty();
+                    let publish = Publish {
+                        dup: false,
+                        qos: qos_from(r.qos),
+                        retain: true,
+                        topic,
+                        pkid: 0,
+                        payload: Bytes::from(r.payload),
+                        properties: has_properties.then(|| PublishProperties {
+                            payload_format_indicator: r.payload_format_indicator,
+                            content_type: r.content_type,
+                            response_topic: r.response_topic,
+                            correlation_data: r.correlation_data.map(Bytes::from),
+                            user_properties: r.user_properties,
+                            ..empty_properties()
+                        }),
+                    };
+                    self.retained.insert(
+                        String::from_utf8_lossy(&publish.topic).into_owned(),
+                        Retained {
+                            publish,
+                            expires_at: left,
+                        },
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the stored retained messages"),
+        }
+        expiring
+    }
+
+    /// Writes a persistent session's record (or removes it, once it is not persistent).
+    pub fn save_session(&self, client: &str) {
+        let Some(store) = &self.store else { return };
+        let key = [b"s/".as_slice(), client.as_bytes()].concat();
+        let record = self.sessions.get(client).filter(|s| s.expiry > 0).map(|s| {
+            let mut subscriptions: Vec<StoredSubscription> = s
+                .subscriptions
+                .iter()
+                .map(|(text, o)| StoredSubscription {
+                    text: text.clone(),
+                    qos: o.qos as u8,
+                    no_local: o.no_local,
+                    retain_as_published: o.retain_as_published,
+                    retain_handling: match o.retain_handling {
+                        RetainForwardRule::OnEverySubscribe => 0,
+                        RetainForwardRule::OnNewSubscribe => 1,
+                        RetainForwardRule::Never => 2,
+                    },
+                    identifier: o.identifier.map(|i| i as u64),
+                })
+                .collect();
+            subscriptions.sort_by(|a, b| a.text.cmp(&b.text));
+            StoredSession {
+                expiry: s.expiry,
+                subscriptions,
+            }
+        });
+        let bytes = record.and_then(|r| postcard::to_allocvec(&r).ok());
+        if let Err(e) = store.put_broker(&key, bytes.as_deref()) {
+            tracing::warn!(%client, error = %e, "cannot store the MQTT session");
         }
     }
 
@@ -198,6 +378,9 @@ impl BrokerState {
     /// Ends a session: its subscriptions go; its state is returned.
     pub fn end_session(&mut self, client: &str) -> Option<Session> {
         let session = self.sessions.remove(client)?;
+        if session.expiry > 0 {
+            self.save_session(client);
+        }
         for filter in session.subscriptions.keys() {
             if let Ok((group, path)) = super::topics::parse_filter(filter) {
                 self.subscriptions.remove(path, client, group);
@@ -209,6 +392,7 @@ impl BrokerState {
     /// Keeps or clears the retained message of `publish`'s topic.
     pub fn retain(&mut self, publish: &Publish, expires_at: Option<Instant>) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        self.store_retained(publish, expires_at);
         if publish.payload.is_empty() {
             self.retained.remove(&topic);
         } else {
@@ -226,6 +410,31 @@ impl BrokerState {
                     expires_at,
                 },
             );
+        }
+    }
+
+    fn store_retained(&self, publish: &Publish, expires_at: Option<Instant>) {
+        let Some(store) = &self.store else { return };
+        let key = [b"r/".as_slice(), &publish.topic].concat();
+        let record = (!publish.payload.is_empty()).then(|| {
+            let p = publish.properties.as_ref();
+            StoredRetained {
+                payload: publish.payload.to_vec(),
+                qos: publish.qos as u8,
+                expires_at_ms: expires_at.map(|at| {
+                    crate::obs::now_ms()
+                        + at.saturating_duration_since(Instant::now()).as_millis() as i64
+                }),
+                payload_format_indicator: p.and_then(|p| p.payload_format_indicator),
+                content_type: p.and_then(|p| p.content_type.clone()),
+                response_topic: p.and_then(|p| p.response_topic.clone()),
+                correlation_data: p.and_then(|p| p.correlation_data.as_ref().map(|b| b.to_vec())),
+                user_properties: p.map(|p| p.user_properties.clone()).unwrap_or_default(),
+            }
+        });
+        let bytes = record.and_then(|r| postcard::to_allocvec(&r).ok());
+        if let Err(e) = store.put_broker(&key, bytes.as_deref()) {
+            tracing::warn!(error = %e, "cannot store a retained message");
         }
     }
 
@@ -443,7 +652,7 @@ mod tests {
 
     #[test]
     fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
-        let mut state = BrokerState::new(10);
+        let mut state = BrokerState::new(10, None);
         let mut with_id = options(QoS::AtMostOnce);
         with_id.identifier = Some(7);
         offline(
@@ -473,7 +682,7 @@ mod tests {
 
     #[test]
     fn no_local_skips_the_publisher_and_offline_sessions_skip_qos_0() {
-        let mut state = BrokerState::new(10);
+        let mut state = BrokerState::new(10, None);
         let mut o = options(QoS::AtLeastOnce);
         o.no_local = true;
         offline(&mut state, "me", &[("t", o)]);
@@ -486,7 +695,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let mut state = BrokerState::new(2);
+        let mut state = BrokerState::new(2, None);
         offline(&mut state, "c", &[("t", options(QoS::AtLeastOnce))]);
         for _ in 0..3 {
             state.route("p", &publish("t", QoS::AtLeastOnce, false), None);
@@ -497,7 +706,7 @@ mod tests {
 
     #[test]
     fn shared_subscriptions_take_turns() {
-        let mut state = BrokerState::new(10);
+        let mut state = BrokerState::new(10, None);
         offline(
             &mut state,
             "a",
@@ -517,7 +726,7 @@ mod tests {
 
     #[test]
     fn retained_messages_are_kept_replaced_cleared_and_expire() {
-        let mut state = BrokerState::new(10);
+        let mut state = BrokerState::new(10, None);
         let now = Instant::now();
         state.retain(&publish("s/1", QoS::AtLeastOnce, true), None);
         state.retain(&publish("s/2", QoS::AtLeastOnce, true), Some(now));

@@ -73,6 +73,9 @@ struct Connection {
     client_max_packet: Option<usize>,
     pending: VecDeque<PendingAck>,
     aliases: HashMap<u16, Bytes>,
+    /// QoS 1 and 2 publishes still to come that may be redeliveries of
+    /// messages logged before the connection (or weir) went down.
+    maybe_redelivered: usize,
     rx: mpsc::Receiver<ToConnection>,
     acks: mpsc::UnboundedReceiver<Vec<u16>>,
 }
@@ -270,8 +273,12 @@ impl Connection {
             };
             state.dropped = 0;
             session.online = Some(Online { connection: id, tx });
+            let changed = session.expiry != session_expiry || !present;
             session.expiry = session_expiry;
             session.generation = generation;
+            if changed {
+                broker.save_session(&client_id);
+            }
             (present, state)
         };
 
@@ -312,6 +319,15 @@ impl Connection {
             client_max_packet,
             pending: VecDeque::new(),
             aliases: HashMap::new(),
+            // A client resends what it had in flight first, with DUP set —
+            // or, some clients (rumqttc), without. Of those, at most a
+            // receive maximum can have been logged unacknowledged: so many
+            // are checked against the log's recent identities as if DUP.
+            maybe_redelivered: if session_present {
+                options.receive_maximum as usize
+            } else {
+                0
+            },
             rx,
             acks,
         };
@@ -620,7 +636,11 @@ impl Connection {
                 self.state.awaiting_release.insert(pkid);
             }
         }
-        let dup = p.dup;
+        let mut dup = p.dup;
+        if qos != QoS::AtMostOnce && self.maybe_redelivered > 0 {
+            self.maybe_redelivered -= 1;
+            dup = true;
+        }
         if !self.shared.publish(&self.client_id, p, ack, dup).await {
             return Err(End::Shutdown);
         }
@@ -675,6 +695,7 @@ impl Connection {
                 }
                 codes.push(SubscribeReasonCode::Success(qos));
             }
+            broker.save_session(&self.client_id);
         }
         self.send(&Packet::SubAck(SubAck {
             pkid: s.pkid,
@@ -707,6 +728,7 @@ impl Connection {
                     UnsubAckReason::NoSubscriptionExisted
                 });
             }
+            broker.save_session(&self.client_id);
         }
         self.send(&Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
@@ -822,7 +844,10 @@ impl Connection {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
 
-        let send_will = !matches!(end, End::Normal { will: false });
+        // Not when weir itself stops: the session outlives weir, the client
+        // reconnects when it is back, and 100 000 wills would be 100 000
+        // false "offline" alerts.
+        let send_will = !matches!(end, End::Normal { will: false } | End::Shutdown);
         // On takeover the session goes on in the new connection: the will
         // waits for its delay as if this client had reconnected in time.
         let taken_over = end == End::TakenOver;
@@ -841,31 +866,23 @@ impl Connection {
                 } else if let Some(session) = broker.sessions.get_mut(&self.client_id) {
                     session.online = None;
                     session.generation = generation;
+                    let changed = session.expiry != self.session_expiry;
                     session.expiry = self.session_expiry;
                     let mut state = std::mem::take(&mut self.state);
                     state.queue.extend(session.stored.queue.drain(..));
                     // Unsent QoS 0 messages are not kept for an offline session.
                     state.queue.retain(|d| d.qos != QoS::AtMostOnce);
                     session.stored = state;
+                    if changed {
+                        broker.save_session(&self.client_id);
+                    }
                 }
             }
             generation
         };
         if self.session_expiry != 0 && self.session_expiry != u32::MAX && !taken_over {
-            let shared = self.shared.clone();
-            let client = self.client_id.clone();
-            let expiry = Duration::from_secs(self.session_expiry as u64);
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(expiry) => {
-                        let mut broker = shared.state();
-                        if broker.sessions.get(&client).is_some_and(|s| s.online.is_none() && s.generation == generation) {
-                            broker.end_session(&client);
-                        }
-                    }
-                }
-            });
+            self.shared
+                .expire_later(self.client_id.clone(), self.session_expiry, generation);
         }
         let Some(will) = self.will.take().filter(|_| send_will) else {
             return;

@@ -127,6 +127,7 @@ impl Server {
     pub async fn bind(
         options: ServerOptions,
         ingest: mpsc::Sender<Message>,
+        store: Option<crate::store::Store>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Server, ServerError> {
@@ -137,8 +138,17 @@ impl Server {
                     addr: options.listen,
                     source,
                 })?;
+        let mut state = BrokerState::new(options.max_queued, store);
+        let expiring = state.restore();
+        if !state.sessions.is_empty() || !state.retained.is_empty() {
+            tracing::info!(
+                sessions = state.sessions.len(),
+                retained = state.retained.len(),
+                "MQTT sessions and retained messages restored"
+            );
+        }
         let shared = Arc::new(Shared {
-            state: Mutex::new(BrokerState::new(options.max_queued)),
+            state: Mutex::new(state),
             options,
             ingest,
             metrics,
@@ -147,6 +157,9 @@ impl Server {
             ack_routes: Mutex::new(HashMap::new()),
             shutdown,
         });
+        for (client, expiry) in expiring {
+            shared.expire_later(client, expiry, 0);
+        }
         Ok(Server { listener, shared })
     }
 
@@ -194,6 +207,23 @@ impl Shared {
         // A panic while holding the lock leaves maps that are still
         // consistent (every update is a single insert or remove).
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends `client`'s session `expiry` seconds from now, if it is still
+    /// offline in the same disconnected period (`generation`) then.
+    fn expire_later(self: &Arc<Self>, client: String, expiry: u32, generation: u64) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(expiry as u64)) => {
+                    let mut broker = shared.state();
+                    if broker.sessions.get(&client).is_some_and(|s| s.online.is_none() && s.generation == generation) {
+                        broker.end_session(&client);
+                    }
+                }
+            }
+        });
     }
 
     fn is_stream_topic(&self, topic: &str) -> bool {
