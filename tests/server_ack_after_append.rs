@@ -122,7 +122,10 @@ async fn qos2_terminal(port: u16, n: u64, acked: Acked) {
 async fn seen(weir: &WeirProcess) -> Option<HashMap<(String, u64), usize>> {
     let mut out = HashMap::new();
     for row in weir.rows("seen").await? {
-        let key = (row["terminal_id"].as_str()?.to_string(), row["seq"].as_u64()?);
+        let key = (
+            row["terminal_id"].as_str()?.to_string(),
+            row["seq"].as_u64()?,
+        );
         *out.entry(key).or_insert(0) += 1;
     }
     Some(out)
@@ -190,9 +193,14 @@ async fn acknowledged_means_logged_across_kill_9() {
     })
     .await;
     let doubled: Vec<_> = rows.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(doubled.is_empty(), "counted twice: {doubled:?}\n{}", weir.log());
     assert!(
-        weir.log().contains("MQTT sessions and retained messages restored"),
+        doubled.is_empty(),
+        "counted twice: {doubled:?}\n{}",
+        weir.log()
+    );
+    assert!(
+        weir.log()
+            .contains("MQTT sessions and retained messages restored"),
         "{}",
         weir.log()
     );

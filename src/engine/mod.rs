@@ -160,8 +160,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             options.max_queued = config.mqtt.max_queued_messages;
             options.max_connections = config.mqtt.max_connections;
             options.max_keep_alive = config.mqtt.max_keep_alive;
-            let server =
-                Server::bind(
+            let server = Server::bind(
                 options,
                 tx.clone(),
                 Some(store.clone()),

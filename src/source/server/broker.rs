@@ -20,8 +20,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::QoS;
-use crate::store::Store;
 use super::topics::{matches, SubscriptionTree};
+use crate::store::Store;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties, RetainForwardRule};
 
 /// A message on its way to one session.
@@ -277,7 +277,8 @@ impl BrokerState {
                             },
                             identifier: sub.identifier.map(|i| i as usize),
                         };
-                        self.subscriptions.insert(filter, &client, group, options.clone());
+                        self.subscriptions
+                            .insert(filter, &client, group, options.clone());
                         session.subscriptions.insert(sub.text, options);
                     }
                     if stored.expiry != u32::MAX {
@@ -299,7 +300,9 @@ impl BrokerState {
                     };
                     let left = match r.expires_at_ms {
                         Some(at) if at <= now_ms => continue,
-                        Some(at) => Some(now + std::time::Duration::from_millis((at - now_ms) as u64)),
+                        Some(at) => {
+                            Some(now + std::time::Duration::from_millis((at - now_ms) as u64))
+                        }
                         None => None,
                     };
                     let has_properties = r.payload_format_indicator.is_some()

@@ -97,13 +97,14 @@ pub fn read(
     let Some((_, size)) = frame(buf, max)? else {
         return Ok(None);
     };
-    // An MQTT 5 DISCONNECT may have no body (reason 0, no properties),
-    // which the v5 codec does not accept.
-    if protocol == Protocol::V5 && buf[0] == 0xE0 && size == 2 {
-        buf.advance(2);
-        return Ok(Some(Packet::Disconnect(v5::Disconnect::new(
-            v5::DisconnectReasonCode::NormalDisconnection,
-        ))));
+    // An MQTT 5 DISCONNECT may have no body (reason 0) or a reason code
+    // alone (no properties), neither of which the v5 codec accepts.
+    if protocol == Protocol::V5 && buf[0] == 0xE0 && size <= 3 {
+        let code = if size == 3 { buf[2] } else { 0 };
+        buf.advance(size);
+        let code = v5::DisconnectReasonCode::try_from(code)
+            .map_err(|e| ReadError::Malformed(e.to_string()))?;
+        return Ok(Some(Packet::Disconnect(v5::Disconnect::new(code))));
     }
     let malformed = |e: &dyn std::fmt::Display| ReadError::Malformed(e.to_string());
     let mut frame_bytes = buf.split_to(size);
@@ -214,11 +215,48 @@ fn from_v4(packet: v4::Packet) -> Result<Packet, ReadError> {
         v4::Packet::Disconnect => Packet::Disconnect(v5::Disconnect::new(
             v5::DisconnectReasonCode::NormalDisconnection,
         )),
-        other => {
-            return Err(ReadError::Malformed(format!(
-                "a client does not send {other:?}"
-            )))
-        }
+        // What a server sends: read too, so that a client (a test) can use
+        // this codec; the server refuses them from a client.
+        v4::Packet::ConnAck(a) => Packet::ConnAck(v5::ConnAck {
+            session_present: a.session_present,
+            code: match a.code {
+                v4::ConnectReturnCode::Success => v5::ConnectReturnCode::Success,
+                v4::ConnectReturnCode::RefusedProtocolVersion => {
+                    v5::ConnectReturnCode::UnsupportedProtocolVersion
+                }
+                v4::ConnectReturnCode::BadClientId => {
+                    v5::ConnectReturnCode::ClientIdentifierNotValid
+                }
+                v4::ConnectReturnCode::ServiceUnavailable => {
+                    v5::ConnectReturnCode::ServerUnavailable
+                }
+                v4::ConnectReturnCode::BadUserNamePassword => {
+                    v5::ConnectReturnCode::BadUserNamePassword
+                }
+                v4::ConnectReturnCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+            },
+            properties: None,
+        }),
+        v4::Packet::SubAck(a) => Packet::SubAck(v5::SubAck {
+            pkid: a.pkid,
+            return_codes: a
+                .return_codes
+                .into_iter()
+                .map(|c| match c {
+                    v4::SubscribeReasonCode::Success(q) => {
+                        v5::SubscribeReasonCode::Success(qos4(q))
+                    }
+                    v4::SubscribeReasonCode::Failure => v5::SubscribeReasonCode::Failure,
+                })
+                .collect(),
+            properties: None,
+        }),
+        v4::Packet::UnsubAck(a) => Packet::UnsubAck(v5::UnsubAck {
+            pkid: a.pkid,
+            reasons: Vec::new(),
+            properties: None,
+        }),
+        v4::Packet::PingResp => Packet::PingResp(v5::PingResp),
     })
 }
 
@@ -372,12 +410,22 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_mqtt_5_disconnect_is_a_normal_disconnect() {
+    fn short_mqtt_5_disconnects_are_read() {
         let mut buf = BytesMut::from(&[0xE0u8, 0][..]);
         assert!(matches!(
             read(&mut buf, Protocol::V5, 1 << 20),
             Ok(Some(Packet::Disconnect(d))) if d.reason_code == v5::DisconnectReasonCode::NormalDisconnection
         ));
+        let mut buf = BytesMut::from(&[0xE0u8, 1, 0x04][..]);
+        assert!(matches!(
+            read(&mut buf, Protocol::V5, 1 << 20),
+            Ok(Some(Packet::Disconnect(d))) if d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage
+        ));
+        let mut buf = BytesMut::from(&[0xE0u8, 1, 0x03][..]);
+        assert!(
+            read(&mut buf, Protocol::V5, 1 << 20).is_err(),
+            "no such reason"
+        );
     }
 
     #[test]

@@ -393,6 +393,8 @@ impl Connection {
         let receive_maximum = self.shared.options.receive_maximum as usize;
         let mut last_heard = Instant::now();
         loop {
+            // Acks first: they may open the window for packets already read.
+            self.release_acks();
             // Packets already read (several may have come in one read).
             loop {
                 // A 3.1.1 client is not read beyond the window: its publishes
