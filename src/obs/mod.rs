@@ -132,6 +132,9 @@ pub struct BrokerMetrics {
     /// message was larger than the client accepts.
     pub deliveries_dropped: AtomicU64,
     pub protocol_errors: AtomicU64,
+    pub sessions: AtomicI64,
+    pub subscriptions: AtomicI64,
+    pub retained: AtomicI64,
 }
 
 impl Metrics {
@@ -475,7 +478,25 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 13] = [
+        let single: [(&str, &str, &str, i64); 16] = [
+            (
+                "weir_mqtt_sessions",
+                "gauge",
+                "Sessions weir's MQTT server holds, online and offline.",
+                b.sessions.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_mqtt_subscriptions",
+                "gauge",
+                "Subscriptions in weir's MQTT server.",
+                b.subscriptions.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_mqtt_retained_messages",
+                "gauge",
+                "Retained messages weir's MQTT server holds.",
+                b.retained.load(Ordering::Relaxed),
+            ),
             (
                 "weir_mqtt_clients_connected",
                 "gauge",

@@ -122,6 +122,37 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
 }
 
+/// The broker state, locked; its sizes go to `/metrics` when it is let go.
+struct StateGuard<'a> {
+    guard: MutexGuard<'a, BrokerState>,
+    metrics: &'a Metrics,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = BrokerState;
+    fn deref(&self) -> &BrokerState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut BrokerState {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        let m = &self.metrics.broker;
+        m.sessions
+            .store(self.guard.sessions.len() as i64, Ordering::Relaxed);
+        m.subscriptions
+            .store(self.guard.subscriptions.len() as i64, Ordering::Relaxed);
+        m.retained
+            .store(self.guard.retained.len() as i64, Ordering::Relaxed);
+    }
+}
+
 impl Server {
     /// Binds the listener (port 0 picks a free one).
     pub async fn bind(
@@ -203,10 +234,13 @@ impl Server {
 }
 
 impl Shared {
-    fn state(&self) -> MutexGuard<'_, BrokerState> {
+    fn state(&self) -> StateGuard<'_> {
         // A panic while holding the lock leaves maps that are still
         // consistent (every update is a single insert or remove).
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        StateGuard {
+            guard: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            metrics: &self.metrics,
+        }
     }
 
     /// Ends `client`'s session `expiry` seconds from now, if it is still
