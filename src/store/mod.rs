@@ -112,6 +112,9 @@ pub struct Store {
     journal: std::sync::Arc<std::sync::Mutex<Option<(std::path::PathBuf, std::fs::File)>>>,
 }
 
+/// A key and its value, as stored.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One record to append: its sequence number, encoded bytes, and packed message ids.
 #[derive(Debug, Clone)]
 pub struct LogAppend {
@@ -631,7 +634,7 @@ impl Store {
     }
 
     /// Every MQTT server record whose key starts with `prefix`, in key order.
-    pub fn broker_records(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn broker_records(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
         for guard in self.broker.prefix(prefix) {
             let (k, v) = guard.into_inner().map_err(io("read broker state"))?;
