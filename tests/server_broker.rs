@@ -193,10 +193,10 @@ async fn receive(eventloop: &mut rumqttc::EventLoop, n: usize) -> (Vec<String>, 
     let mut present = false;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while got.len() < n {
-        let event = tokio::time::timeout_at(deadline, eventloop.poll())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} messages arrived: {got:?}", got.len()))
-            .expect("subscriber connection");
+        let Ok(event) = tokio::time::timeout_at(deadline, eventloop.poll()).await else {
+            panic!("only {} of {n} messages arrived: {got:?}", got.len());
+        };
+        let event = event.expect("subscriber connection");
         match event {
             Event::Incoming(Packet::ConnAck(a)) => present = a.session_present,
             Event::Incoming(Packet::Publish(p)) => {
