@@ -70,6 +70,9 @@ pub struct MqttConfig {
     /// Largest MQTT packet weir accepts, in bytes. Default 2 MiB, so 1 MiB
     /// batches fit with room to spare. Larger messages are dead-lettered as `oversize`.
     pub max_packet_bytes: usize,
+    /// External broker: this many connections on one shared subscription
+    /// (`$share/weir/...`), each with its own in-flight window. Default 1.
+    pub connections: usize,
     /// weir's MQTT server: publishes of one connection awaiting their ack
     /// (the receive maximum it advertises). Default 256.
     pub receive_maximum: u16,
@@ -95,6 +98,7 @@ impl Default for MqttConfig {
             cert_file: None,
             key_file: None,
             max_packet_bytes: 2 * 1024 * 1024,
+            connections: 1,
             receive_maximum: 256,
             max_queued_messages: 1000,
             max_connections: 200_000,
@@ -339,6 +343,12 @@ impl Config {
         let mut problems = Vec::new();
         if let Err(e) = self.mqtt.broker_addr() {
             problems.push(e);
+        }
+        if !(1..=64).contains(&self.mqtt.connections) {
+            problems.push(format!(
+                "mqtt.connections: {} is not between 1 and 64",
+                self.mqtt.connections
+            ));
         }
         if self.mqtt.receive_maximum == 0 {
             problems.push("mqtt.receive_maximum: must be at least 1".into());

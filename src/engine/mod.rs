@@ -295,14 +295,56 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                     .map(|s| (s.topic.filter(), s.qos))
                     .collect(),
                 max_packet_bytes: config.mqtt.max_packet_bytes,
+                index: 0,
+                total: 1,
             };
+            let total = config.mqtt.connections;
             tasks.push(tokio::spawn(async move {
-                // The broker keeps our session (and queues for it) until replay is done.
+                // The broker keeps our sessions (and queues for them) until replay is done.
                 tokio::select! {
                     _ = token.cancelled() => return,
                     r = recovered_rx => if r.is_err() { return },
                 }
-                mqtt::run(options, tx, ack_rx, source_ready, source_metrics, token).await;
+                // Each connection gets the acks of its own messages.
+                let mut ack_rx = ack_rx;
+                let mut routes = Vec::with_capacity(total);
+                let mut sources = Vec::with_capacity(total);
+                let subscribed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                for index in 0..total {
+                    let (route, acks) = mpsc::unbounded_channel::<Vec<AckToken>>();
+                    routes.push(route);
+                    sources.push(tokio::spawn(mqtt::run(
+                        options.nth(index, total),
+                        tx.clone(),
+                        acks,
+                        source_ready.clone(),
+                        subscribed.clone(),
+                        source_metrics.clone(),
+                        token.clone(),
+                    )));
+                }
+                drop(tx);
+                while let Some(batch) = ack_rx.recv().await {
+                    if total == 1 {
+                        let _ = routes[0].send(batch);
+                        continue;
+                    }
+                    let mut split: Vec<Vec<AckToken>> = vec![Vec::new(); total];
+                    for token in batch {
+                        if let Some(part) = split.get_mut(mqtt::source_of(&token)) {
+                            part.push(token);
+                        }
+                    }
+                    for (route, part) in routes.iter().zip(split) {
+                        if !part.is_empty() {
+                            let _ = route.send(part);
+                        }
+                    }
+                }
+                drop(routes);
+                for source in sources {
+                    let _ = source.await;
+                }
             }));
         }
     }

@@ -554,7 +554,7 @@ impl Metrics {
             (
                 "weir_mqtt_connected",
                 "gauge",
-                "1 while the MQTT source is connected and subscribed.",
+                "Subscribed connections to an external broker (1 with weir's own server, once it accepts clients).",
                 self.mqtt_connected.load(Ordering::Relaxed),
             ),
             (

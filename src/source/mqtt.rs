@@ -17,6 +17,12 @@
 //! connection they came on: one from an earlier connection is not sent,
 //! since the broker redelivers that message anyway (and the log's dedup
 //! recognises it).
+//!
+//! Several connections (`mqtt.connections`): each runs this loop with its
+//! own client id (`<client_id>-<n>` after the first) on one shared
+//! subscription (`$share/weir/<filter>`), so the broker spreads the
+//! messages over them and each has its own in-flight window. The top 16
+//! bits of an ack token's connection number say which of them it belongs to.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -40,6 +46,35 @@ pub struct SourceOptions {
     /// (filter, qos) per stream.
     pub filters: Vec<(String, u8)>,
     pub max_packet_bytes: usize,
+    /// Which of `total` connections this is (0-based).
+    pub index: usize,
+    pub total: usize,
+}
+
+impl SourceOptions {
+    /// The options of connection `index` of `total`: its client id and, when
+    /// there are several, the filters as one shared subscription.
+    pub fn nth(&self, index: usize, total: usize) -> SourceOptions {
+        let mut o = self.clone();
+        o.index = index;
+        o.total = total;
+        if index > 0 {
+            o.client_id = format!("{}-{index}", self.client_id);
+        }
+        if total > 1 {
+            o.filters = self
+                .filters
+                .iter()
+                .map(|(f, q)| (format!("$share/weir/{f}"), *q))
+                .collect();
+        }
+        o
+    }
+}
+
+/// The connection an ack token belongs to, among `mqtt.connections`.
+pub fn source_of(token: &AckToken) -> usize {
+    (token.connection >> 48) as usize
 }
 
 /// Runs until `shutdown`; `ready` is set while connected and subscribed.
@@ -48,9 +83,24 @@ pub async fn run(
     tx: mpsc::Sender<Message>,
     mut acks: mpsc::UnboundedReceiver<Vec<AckToken>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    subscribed: Arc<std::sync::atomic::AtomicUsize>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let mut is_subscribed = false;
+    // Ready once every connection is subscribed.
+    let mark = |now: bool, was: &mut bool| {
+        if now != *was {
+            let n = if now {
+                subscribed.fetch_add(1, Ordering::SeqCst) + 1
+            } else {
+                subscribed.fetch_sub(1, Ordering::SeqCst) - 1
+            };
+            *was = now;
+            ready.store(n == options.total, Ordering::SeqCst);
+            metrics.mqtt_connected.store(n as i64, Ordering::Relaxed);
+        }
+    };
     let mut mqtt = MqttOptions::new(
         options.client_id.clone(),
         options.host.clone(),
@@ -83,8 +133,9 @@ pub async fn run(
         .collect();
     let mut backoff = Duration::from_millis(100);
     let mut pending_subacks = 0usize;
-    // Counts connections, so acks from an earlier one are dropped.
-    let mut connection = 0u64;
+    // Counts connections, so acks from an earlier one are dropped; the top
+    // 16 bits are this source's index.
+    let mut connection = (options.index as u64) << 48;
     // Acks that did not fit the client's request queue yet.
     let mut unsent: std::collections::VecDeque<AckToken> = std::collections::VecDeque::new();
     loop {
@@ -106,8 +157,7 @@ pub async fn run(
                 backoff = Duration::from_millis(100);
                 tracing::info!(host = %options.host, port = options.port, session_present = ack.session_present, "connected to MQTT broker");
                 if ack.session_present || filters.is_empty() {
-                    ready.store(true, Ordering::SeqCst);
-                    metrics.mqtt_connected.store(1, Ordering::Relaxed);
+                    mark(true, &mut is_subscribed);
                 } else {
                     // try_ because the request channel is drained by this very
                     // loop, so an awaiting send could deadlock.
@@ -127,8 +177,7 @@ pub async fn run(
                 }
                 pending_subacks = pending_subacks.saturating_sub(1);
                 if pending_subacks == 0 {
-                    ready.store(true, Ordering::SeqCst);
-                    metrics.mqtt_connected.store(1, Ordering::Relaxed);
+                    mark(true, &mut is_subscribed);
                     tracing::info!(filters = ?options.filters, "subscribed");
                 }
             }
@@ -169,8 +218,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
-                ready.store(false, Ordering::SeqCst);
-                metrics.mqtt_connected.store(0, Ordering::Relaxed);
+                mark(false, &mut is_subscribed);
                 metrics.mqtt_reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection failed");
                 tokio::select! {
@@ -181,8 +229,7 @@ pub async fn run(
             }
         }
     }
-    ready.store(false, Ordering::SeqCst);
-    metrics.mqtt_connected.store(0, Ordering::Relaxed);
+    mark(false, &mut is_subscribed);
     // Send the acks already owed, then a clean DISCONNECT (the session stays).
     send_acks(&client, &mut unsent);
     if client.try_disconnect().is_ok() {
