@@ -1,6 +1,9 @@
 //! Nothing acknowledged is lost and nothing is doubled (DESIGN §4), with real
-//! processes and a real broker: two weir processes subscribe to the same
-//! Mosquitto with their own persistent sessions. One runs straight through;
+//! processes, on both kinds of broker. With Mosquitto, two weir processes
+//! subscribe to it with their own persistent sessions; with weir's own MQTT
+//! server (the default), a publisher with a persistent session sends the
+//! same messages to each weir, and resends what was not acknowledged when
+//! one comes back. One weir runs straight through;
 //! the other is killed with SIGKILL twice (once mid-stream, once right after
 //! it was started again) and stopped once with SIGTERM, while a known set of
 //! events is published at QoS 1. In the end every view of the interrupted
@@ -136,39 +139,80 @@ async fn wait_reports_at_least(weir: &WeirProcess, n: u64) {
     .await;
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Broker {
+    Mosquitto,
+    Embedded,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_twice_and_sigterm_lose_and_double_nothing() {
+async fn through_mosquitto_kill_9_twice_and_sigterm_lose_and_double_nothing() {
+    kill_9_twice_and_sigterm_lose_and_double_nothing(Broker::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_weirs_own_server_kill_9_twice_and_sigterm_lose_and_double_nothing() {
+    kill_9_twice_and_sigterm_lose_and_double_nothing(Broker::Embedded).await;
+}
+
+async fn kill_9_twice_and_sigterm_lose_and_double_nothing(broker: Broker) {
     let port = free_port();
-    let _mosquitto = Mosquitto::start(port).await;
+    let _mosquitto = match broker {
+        Broker::Mosquitto => Some(Mosquitto::start(port).await),
+        Broker::Embedded => None,
+    };
     let root = tempfile::tempdir().expect("tempdir");
     let mut specs = Vec::new();
+    let mut ports = Vec::new();
     for name in ["straight", "interrupted"] {
         let dir = root.path().join(name);
         std::fs::create_dir_all(dir.join("pipelines")).expect("mkdir");
         std::fs::write(dir.join("pipelines/telemetry.sql"), PIPELINE).expect("pipeline");
-        specs.push(
-            Spawn::new(&dir, port, &format!("weir-{name}"))
-                .env("WEIR_STORAGE__CHECKPOINT_INTERVAL", "1s")
-                // the events are from 2023: keep their rows
-                .env("WEIR_STORAGE__VIEW_RETENTION", "3650 days")
-                .env("WEIR_ALERTS__RETENTION", "3650 days"),
-        );
+        let mut spec = Spawn::new(&dir, port, &format!("weir-{name}"))
+            .env("WEIR_STORAGE__CHECKPOINT_INTERVAL", "1s")
+            // the events are from 2023: keep their rows
+            .env("WEIR_STORAGE__VIEW_RETENTION", "3650 days")
+            .env("WEIR_ALERTS__RETENTION", "3650 days");
+        if broker == Broker::Embedded {
+            let own = free_port();
+            spec = spec
+                .env("WEIR_MQTT__BROKER", "embedded")
+                .env("WEIR_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{own}"));
+            ports.push(own);
+        } else {
+            ports.push(port);
+        }
+        specs.push(spec);
     }
     let straight = WeirProcess::spawn(&specs[0]);
     let mut weir = WeirProcess::spawn(&specs[1]);
     straight.wait_ready().await;
     weir.wait_ready().await;
 
-    // The publisher runs on its own; the broker queues for whoever is down.
-    let publisher = tokio::spawn(async move {
-        let all: Vec<(String, String)> = (0..MESSAGES).map(message).collect();
-        for chunk in all.chunks(40) {
-            let chunk: Vec<(&str, String)> =
-                chunk.iter().map(|(t, p)| (t.as_str(), p.clone())).collect();
-            publish(port, &chunk, QoS::AtLeastOnce).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let all: Vec<(String, String)> = (0..MESSAGES).map(message).collect();
+    let publisher = match broker {
+        // The publisher runs on its own; the broker queues for whoever is down.
+        Broker::Mosquitto => tokio::spawn(async move {
+            for chunk in all.chunks(40) {
+                let chunk: Vec<(&str, String)> =
+                    chunk.iter().map(|(t, p)| (t.as_str(), p.clone())).collect();
+                publish(port, &chunk, QoS::AtLeastOnce).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }),
+        // A terminal per weir, each resending what its weir did not acknowledge.
+        Broker::Embedded => {
+            let (a, b) = (ports[0], ports[1]);
+            let again = all.clone();
+            tokio::spawn(async move {
+                // paced like the Mosquitto run, so that the kills land mid-stream
+                let pace = Duration::from_millis(2);
+                let straight = publish_through_restarts(a, "fleet", all, pace);
+                let interrupted = publish_through_restarts(b, "fleet", again, pace);
+                tokio::join!(straight, interrupted);
+            })
         }
-    });
+    };
     let total = (MESSAGES * EVENTS_PER_MESSAGE) as u64;
 
     // 1. SIGKILL mid-stream, after at least one checkpoint.
@@ -199,15 +243,14 @@ async fn kill_9_twice_and_sigterm_lose_and_double_nothing() {
     weir.wait_ready().await;
     publisher.await.expect("publisher");
     // One event far ahead closes every window of both runs.
-    publish(
-        port,
-        &[(
-            "terminals/T0/telemetry",
-            event(T0 + 3_600_000, 50.0, Some(10.0)),
-        )],
-        QoS::AtLeastOnce,
-    )
-    .await;
+    let last = [(
+        "terminals/T0/telemetry",
+        event(T0 + 3_600_000, 50.0, Some(10.0)),
+    )];
+    if broker == Broker::Embedded {
+        publish(ports[0], &last, QoS::AtLeastOnce).await;
+    }
+    publish(ports[1], &last, QoS::AtLeastOnce).await;
 
     wait_for("both runs to count every event", || async {
         let a = reports(&straight).await?;

@@ -258,6 +258,43 @@ pub async fn publish(port: u16, messages: &[(&str, String)], qos: QoS) {
     let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
 }
 
+/// Publishes at QoS 1 as one terminal would: a persistent session with
+/// `client_id`, and through any number of broker (or weir) restarts, until
+/// every message is acknowledged; `pace` between two messages.
+pub async fn publish_through_restarts(
+    port: u16,
+    client_id: &str,
+    messages: Vec<(String, String)>,
+    pace: Duration,
+) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_clean_session(false);
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let expected = messages.len();
+    let sender = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(pace).await;
+        }
+    });
+    let mut acked = 0;
+    while acked < expected {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = sender.await;
+}
+
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
