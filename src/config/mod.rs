@@ -84,6 +84,16 @@ pub struct MqttConfig {
     /// weir's MQTT server: the longest keep-alive a client gets, in seconds
     /// (a client asking for none, or more, gets this). Default 0: as the client asks.
     pub max_keep_alive: u16,
+    /// weir's MQTT server: longest a session outlives its connection. 3.1.1
+    /// clients with `clean_session = false` get this; MQTT 5 clients at most
+    /// this. Default `7 days`.
+    #[serde(with = "duration_str")]
+    pub max_session_expiry: Duration,
+    /// weir's MQTT server: subscriptions per session. Default 1000.
+    pub max_subscriptions: usize,
+    /// weir's MQTT server: retained messages kept; beyond, a retained
+    /// message is delivered but not kept. Default 100 000.
+    pub max_retained: usize,
 }
 
 impl Default for MqttConfig {
@@ -103,6 +113,9 @@ impl Default for MqttConfig {
             max_queued_messages: 1000,
             max_connections: 200_000,
             max_keep_alive: 0,
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
+            max_subscriptions: 1000,
+            max_retained: 100_000,
         }
     }
 }

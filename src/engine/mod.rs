@@ -160,6 +160,13 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             options.max_queued = config.mqtt.max_queued_messages;
             options.max_connections = config.mqtt.max_connections;
             options.max_keep_alive = config.mqtt.max_keep_alive;
+            options.max_session_expiry = config
+                .mqtt
+                .max_session_expiry
+                .as_secs()
+                .min(u32::MAX as u64) as u32;
+            options.max_subscriptions = config.mqtt.max_subscriptions;
+            options.max_retained = config.mqtt.max_retained;
             let server = Server::bind(
                 options,
                 tx.clone(),

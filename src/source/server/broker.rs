@@ -182,6 +182,9 @@ pub struct BrokerState {
     /// Round-robin position per shared subscription (group, filter).
     share_cursor: HashMap<(String, String), usize>,
     pub max_queued: usize,
+    max_retained: usize,
+    /// Retained messages not kept because `max_retained` was reached.
+    pub retained_refused: u64,
     next_generation: u64,
     store: Option<Store>,
 }
@@ -227,8 +230,10 @@ fn qos_from(n: u8) -> QoS {
 }
 
 impl BrokerState {
-    pub fn new(max_queued: usize, store: Option<Store>) -> Self {
+    pub fn new(max_queued: usize, max_retained: usize, store: Option<Store>) -> Self {
         Self {
+            max_retained,
+            retained_refused: 0,
             sessions: HashMap::new(),
             subscriptions: SubscriptionTree::default(),
             retained: HashMap::new(),
@@ -395,6 +400,13 @@ impl BrokerState {
     /// Keeps or clears the retained message of `publish`'s topic.
     pub fn retain(&mut self, publish: &Publish, expires_at: Option<Instant>) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        if !publish.payload.is_empty()
+            && self.retained.len() >= self.max_retained
+            && !self.retained.contains_key(&topic)
+        {
+            self.retained_refused += 1;
+            return;
+        }
         self.store_retained(publish, expires_at);
         if publish.payload.is_empty() {
             self.retained.remove(&topic);
@@ -655,7 +667,7 @@ mod tests {
 
     #[test]
     fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
-        let mut state = BrokerState::new(10, None);
+        let mut state = BrokerState::new(10, 100, None);
         let mut with_id = options(QoS::AtMostOnce);
         with_id.identifier = Some(7);
         offline(
@@ -685,7 +697,7 @@ mod tests {
 
     #[test]
     fn no_local_skips_the_publisher_and_offline_sessions_skip_qos_0() {
-        let mut state = BrokerState::new(10, None);
+        let mut state = BrokerState::new(10, 100, None);
         let mut o = options(QoS::AtLeastOnce);
         o.no_local = true;
         offline(&mut state, "me", &[("t", o)]);
@@ -698,7 +710,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let mut state = BrokerState::new(2, None);
+        let mut state = BrokerState::new(2, 100, None);
         offline(&mut state, "c", &[("t", options(QoS::AtLeastOnce))]);
         for _ in 0..3 {
             state.route("p", &publish("t", QoS::AtLeastOnce, false), None);
@@ -709,7 +721,7 @@ mod tests {
 
     #[test]
     fn shared_subscriptions_take_turns() {
-        let mut state = BrokerState::new(10, None);
+        let mut state = BrokerState::new(10, 100, None);
         offline(
             &mut state,
             "a",
@@ -729,7 +741,7 @@ mod tests {
 
     #[test]
     fn retained_messages_are_kept_replaced_cleared_and_expire() {
-        let mut state = BrokerState::new(10, None);
+        let mut state = BrokerState::new(10, 100, None);
         let now = Instant::now();
         state.retain(&publish("s/1", QoS::AtLeastOnce, true), None);
         state.retain(&publish("s/2", QoS::AtLeastOnce, true), Some(now));
@@ -743,6 +755,26 @@ mod tests {
         assert!(state
             .retained_for("#", &options(QoS::AtMostOnce), now)
             .is_empty());
+    }
+
+    #[test]
+    fn retained_messages_stop_at_the_limit_but_replace_and_clear() {
+        let mut state = BrokerState::new(10, 2, None);
+        for t in ["a", "b", "c"] {
+            state.retain(&publish(t, QoS::AtMostOnce, true), None);
+        }
+        assert_eq!((state.retained.len(), state.retained_refused), (2, 1));
+        state.retain(&publish("a", QoS::AtLeastOnce, true), None);
+        assert_eq!(
+            state.retained["a"].publish.qos,
+            QoS::AtLeastOnce,
+            "replacing is allowed"
+        );
+        let mut clear = publish("a", QoS::AtMostOnce, true);
+        clear.payload = Bytes::new();
+        state.retain(&clear, None);
+        state.retain(&publish("c", QoS::AtMostOnce, true), None);
+        assert!(state.retained.contains_key("c"));
     }
 
     #[test]

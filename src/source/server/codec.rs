@@ -409,6 +409,94 @@ mod tests {
         ));
     }
 
+    /// Every byte string, whole or cut, garbled or not, is a packet, an
+    /// error or "more to come" — never a panic (a poor man's fuzzer, run on
+    /// every `cargo test`).
+    #[test]
+    fn hostile_bytes_never_panic_the_codec() {
+        let mut seeds: Vec<Vec<u8>> = Vec::new();
+        let mut publish = v4::Publish::new(
+            "terminals/T1/telemetry",
+            m4::QoS::ExactlyOnce,
+            vec![7u8; 40],
+        );
+        publish.pkid = 9;
+        seeds.push(v4_bytes(v4::Packet::Publish(publish)).to_vec());
+        let mut connect = v4::Connect::new("t");
+        connect.last_will = Some(v4::LastWill::new("w/t", "bye", m4::QoS::AtLeastOnce, true));
+        connect.set_login("user", "pass");
+        seeds.push(v4_bytes(v4::Packet::Connect(connect)).to_vec());
+        seeds.push(
+            v4_bytes(v4::Packet::Subscribe(v4::Subscribe::new(
+                "a/#",
+                m4::QoS::AtLeastOnce,
+            )))
+            .to_vec(),
+        );
+        let mut v5_publish = BytesMut::new();
+        Packet::Publish(v5::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: Bytes::from_static(b"a/b"),
+            pkid: 3,
+            payload: Bytes::from_static(b"{}"),
+            properties: Some(v5::PublishProperties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval: Some(5),
+                topic_alias: Some(2),
+                response_topic: Some("r".into()),
+                correlation_data: Some(Bytes::from_static(b"c")),
+                user_properties: vec![("k".into(), "v".into())],
+                subscription_identifiers: vec![],
+                content_type: Some("json".into()),
+            }),
+        })
+        .write(&mut v5_publish, None)
+        .unwrap();
+        seeds.push(v5_publish.to_vec());
+        // xorshift: the same cases every run
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let mut bytes = seeds[round % seeds.len()].clone();
+            match next() % 4 {
+                0 => {
+                    let cut = (next() as usize) % (bytes.len() + 1);
+                    bytes.truncate(cut);
+                }
+                1 => {
+                    for _ in 0..1 + next() % 4 {
+                        let i = (next() as usize) % bytes.len();
+                        bytes[i] = next() as u8;
+                    }
+                }
+                2 => bytes = (0..next() % 64).map(|_| next() as u8).collect(),
+                _ => {
+                    let i = (next() as usize) % bytes.len();
+                    bytes.insert(i, next() as u8);
+                }
+            }
+            for protocol in [Protocol::V4, Protocol::V5] {
+                let mut buf = BytesMut::from(&bytes[..]);
+                // read until nothing more comes out, as a connection would
+                for _ in 0..8 {
+                    match read(&mut buf, protocol, 1 << 16) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let mut buf = BytesMut::from(&bytes[..]);
+                let _ = read_connect(&mut buf, 1 << 16);
+            }
+        }
+    }
+
     #[test]
     fn short_mqtt_5_disconnects_are_read() {
         let mut buf = BytesMut::from(&[0xE0u8, 0][..]);

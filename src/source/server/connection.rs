@@ -199,14 +199,17 @@ impl Connection {
         } else {
             connect.client_id.clone()
         };
+        let max_expiry = shared.options.max_session_expiry;
         let session_expiry = match protocol {
             Protocol::V4 if clean => 0,
-            Protocol::V4 => u32::MAX,
+            Protocol::V4 => max_expiry,
             Protocol::V5 => props
                 .as_ref()
                 .and_then(|p| p.session_expiry_interval)
-                .unwrap_or(0),
+                .unwrap_or(0)
+                .min(max_expiry),
         };
+        let requested_expiry = props.as_ref().and_then(|p| p.session_expiry_interval);
         if let Some(w) = &will {
             if !std::str::from_utf8(&w.topic).is_ok_and(|t| validate_topic(t).is_ok()) {
                 refuse(&mut writer, protocol, ConnectReturnCode::TopicNameInvalid).await;
@@ -283,11 +286,13 @@ impl Connection {
         };
 
         let options = &shared.options;
-        let client_receive_maximum = props
+        // What the client accepts, and never more than a session may queue.
+        let client_receive_maximum = (props
             .as_ref()
             .and_then(|p| p.receive_maximum)
             .unwrap_or(u16::MAX)
-            .max(1) as usize;
+            .max(1) as usize)
+            .min(shared.options.max_queued);
         let client_max_packet = props
             .as_ref()
             .and_then(|p| p.max_packet_size)
@@ -332,7 +337,10 @@ impl Connection {
             acks,
         };
         let properties = (protocol == Protocol::V5).then(|| ConnAckProperties {
-            session_expiry_interval: None,
+            // Said only when weir shortened what the client asked for.
+            session_expiry_interval: requested_expiry
+                .filter(|&asked| asked > session_expiry)
+                .map(|_| session_expiry),
             receive_max: Some(options.receive_maximum),
             max_qos: None,
             retain_available: None,
@@ -671,6 +679,17 @@ impl Connection {
                     });
                     continue;
                 };
+                let full = broker.sessions.get(&self.client_id).is_some_and(|s| {
+                    s.subscriptions.len() >= self.shared.options.max_subscriptions
+                        && !s.subscriptions.contains_key(&path)
+                });
+                if full {
+                    codes.push(match self.protocol {
+                        Protocol::V5 => SubscribeReasonCode::QuotaExceeded,
+                        Protocol::V4 => SubscribeReasonCode::Failure,
+                    });
+                    continue;
+                }
                 let options = SubOptions {
                     filter: filter.to_string(),
                     qos,

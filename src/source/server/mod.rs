@@ -68,6 +68,13 @@ pub struct ServerOptions {
     /// The keep-alive a client gets when it asks for none or more (seconds;
     /// 0: a client may turn keep-alive off).
     pub max_keep_alive: u16,
+    /// Longest a session outlives its connection, in seconds (3.1.1
+    /// persistent sessions get this; MQTT 5 ones at most this).
+    pub max_session_expiry: u32,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Retained messages the server keeps; more are passed on, not retained.
+    pub max_retained: usize,
     /// How long a new connection has to send CONNECT.
     pub connect_timeout: Duration,
     /// The stream topics' filters: publishes matching one go to the pipeline.
@@ -84,6 +91,9 @@ impl ServerOptions {
             max_connections: 200_000,
             topic_alias_maximum: 64,
             max_keep_alive: 0,
+            max_session_expiry: 7 * 24 * 3600,
+            max_subscriptions: 1000,
+            max_retained: 100_000,
             connect_timeout: Duration::from_secs(10),
             stream_filters,
         }
@@ -169,7 +179,7 @@ impl Server {
                     addr: options.listen,
                     source,
                 })?;
-        let mut state = BrokerState::new(options.max_queued, store);
+        let mut state = BrokerState::new(options.max_queued, options.max_retained, store);
         let expiring = state.restore();
         if !state.sessions.is_empty() || !state.retained.is_empty() {
             tracing::info!(
