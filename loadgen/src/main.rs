@@ -238,9 +238,26 @@ fn connect(
     Ok((client, poller))
 }
 
-/// Gives QoS 1 acks a moment to come back, then disconnects.
-async fn finish(client: AsyncClient, poller: tokio::task::JoinHandle<()>) {
-    tokio::time::sleep(Duration::from_millis(500)).await;
+/// Waits until every QoS 1 message of the run is acknowledged (at most 60 s;
+/// QoS 0: half a second), then disconnects. A message sent but never
+/// acknowledged is the publisher's to resend, so the report's counts are
+/// only comparable with the server's once the acks are in.
+async fn finish(
+    client: AsyncClient,
+    poller: tokio::task::JoinHandle<()>,
+    counters: &Counters,
+    qos: QoS,
+) {
+    if qos == QoS::AtMostOnce {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    } else {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while counters.acked.load(Ordering::Relaxed) < counters.messages.load(Ordering::Relaxed)
+            && Instant::now() < give_up
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), poller).await;
 }
@@ -327,7 +344,7 @@ async fn telemetry(
             .telemetry_events
             .fetch_add(args.batch as u64, Ordering::Relaxed);
     }
-    finish(client, poller).await;
+    finish(client, poller, &counters, qos).await;
     Ok(())
 }
 
@@ -381,7 +398,7 @@ async fn transactions(
             due.push(std::cmp::Reverse((at_us + (gap * 1e6) as u64, m)));
         }
     }
-    finish(client, poller).await;
+    finish(client, poller, &counters, qos).await;
     Ok(())
 }
 
