@@ -205,3 +205,100 @@ async fn acknowledged_means_logged_across_kill_9() {
         weir.log()
     );
 }
+
+/// QoS 2 with weir killed between PUBREC and PUBCOMP: the client resumes
+/// its session and releases the message; it is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_across_a_kill_between_pubrec_and_pubcomp_counts_once() {
+    use rumqttc::v5::mqttbytes::v5;
+    use rumqttc::v5::mqttbytes::QoS;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weir::source::server::codec::{self, Packet, Protocol};
+
+    async fn session(port: u16) -> (tokio::net::TcpStream, bytes::BytesMut, bool) {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut props = v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(600);
+        let connect = v5::Connect {
+            keep_alive: 0,
+            client_id: "meter-q2".into(),
+            clean_start: false,
+            properties: Some(props),
+        };
+        send(&mut socket, Packet::Connect(connect, None, None)).await;
+        let mut buf = bytes::BytesMut::new();
+        let Packet::ConnAck(ack) = recv(&mut socket, &mut buf).await else {
+            panic!("no CONNACK")
+        };
+        (socket, buf, ack.session_present)
+    }
+    async fn send(socket: &mut tokio::net::TcpStream, packet: Packet) {
+        let mut out = bytes::BytesMut::new();
+        codec::write(&packet, Protocol::V5, &mut out).expect("encode");
+        socket.write_all(&out).await.expect("write");
+    }
+    async fn recv(socket: &mut tokio::net::TcpStream, buf: &mut bytes::BytesMut) -> Packet {
+        loop {
+            if let Some(p) = codec::read(buf, Protocol::V5, 1 << 20).expect("valid") {
+                return p;
+            }
+            let n = tokio::time::timeout(DEADLINE, socket.read_buf(buf))
+                .await
+                .expect("a packet in time")
+                .expect("read");
+            assert!(n > 0, "closed");
+        }
+    }
+
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(root.path().join("pipelines")).expect("mkdir");
+    std::fs::write(root.path().join("pipelines/readings.sql"), PIPELINE).expect("pipeline");
+    let port = free_port();
+    let spec = Spawn::new(root.path(), port, "weir")
+        .env("WEIR_MQTT__BROKER", "embedded")
+        .env("WEIR_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{port}"));
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+
+    let (mut socket, mut buf, _) = session(port).await;
+    let publish = v5::Publish {
+        dup: false,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        topic: "terminals/Q2/readings".into(),
+        pkid: 77,
+        payload: r#"{"seq": 7}"#.into(),
+        properties: None,
+    };
+    send(&mut socket, Packet::Publish(publish.clone())).await;
+    let Packet::PubRec(rec) = recv(&mut socket, &mut buf).await else {
+        panic!("expected PUBREC");
+    };
+    assert_eq!(rec.pkid, 77);
+    weir.kill9();
+
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    let (mut socket, mut buf, present) = session(port).await;
+    assert!(present, "the session outlived weir");
+    // A client that missed the PUBREC would send the PUBLISH again: still once.
+    let mut again = publish;
+    again.dup = true;
+    send(&mut socket, Packet::Publish(again)).await;
+    let Packet::PubRec(rec) = recv(&mut socket, &mut buf).await else {
+        panic!("expected PUBREC");
+    };
+    send(&mut socket, Packet::PubRel(v5::PubRel::new(rec.pkid, None))).await;
+    let Packet::PubComp(comp) = recv(&mut socket, &mut buf).await else {
+        panic!("expected PUBCOMP");
+    };
+    assert_eq!(comp.pkid, 77);
+    let rows = wait_for("the message counted", || async {
+        let rows = seen(&weir).await?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows.get(&("Q2".to_string(), 7)), Some(&1), "{rows:?}");
+}

@@ -579,3 +579,36 @@ async fn a_silent_client_is_dropped_after_one_and_a_half_keep_alives() {
     assert_eq!(reason, Some(v5::DisconnectReasonCode::KeepAliveTimeout));
     weir.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_delivery_is_sent_again_with_dup_on_reconnect() {
+    let weir = broker().await;
+    let port = weir.broker_port;
+    let (mut sub, _) = Client::connect(port, connect("forgetful", true, expiry(300)), None).await;
+    sub.subscribe(vec![Filter::new("orders/#", QoS::ExactlyOnce)], None)
+        .await;
+    let mut p = Client::simple(port, "shop").await;
+    p.publish("orders/1", "one", QoS::AtLeastOnce, false, None)
+        .await;
+    // Received, never acknowledged, then the connection drops.
+    let first = loop {
+        if let Packet::Publish(publish) = sub.recv().await {
+            break publish;
+        }
+    };
+    assert!(!first.dup);
+    drop(sub);
+    let (mut sub, ack) =
+        Client::connect(port, connect("forgetful", false, expiry(300)), None).await;
+    assert!(ack.session_present);
+    let again = loop {
+        if let Packet::Publish(publish) = sub.recv().await {
+            break publish;
+        }
+    };
+    assert_eq!(
+        (&again.payload[..], again.pkid, again.dup),
+        (&b"one"[..], first.pkid, true)
+    );
+    weir.stop().await;
+}
