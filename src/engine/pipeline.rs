@@ -374,6 +374,8 @@ pub(super) struct Runner {
     needs_restart: Arc<AtomicBool>,
     /// While backfilling: the views that run (all, when `None`).
     only: Option<Vec<bool>>,
+    /// `sync` without the sync thread: `commit` fsyncs itself.
+    sync_inline: bool,
 }
 
 impl Runner {
@@ -437,6 +439,7 @@ impl Runner {
             checkpoints: Checkpoints::Inline(CheckpointSlots::new(log_floor)),
             needs_restart: Arc::new(AtomicBool::new(false)),
             only: None,
+            sync_inline: false,
         })
     }
 
@@ -675,9 +678,10 @@ impl Runner {
                     Acker::AfterSync(tx)
                 }
                 Err(e) => {
-                    // Without the thread, acks wait for nothing but the append:
-                    // say so loudly rather than stop.
-                    tracing::error!(error = %e, "cannot start the log sync thread; acknowledging after the append only");
+                    // Without the thread, this one fsyncs each micro-batch
+                    // before its acks go: slower, as durable.
+                    tracing::error!(error = %e, "cannot start the log sync thread; the pipeline fsyncs each micro-batch itself");
+                    self.sync_inline = true;
                     Acker::Direct(acks)
                 }
             },
@@ -926,9 +930,12 @@ impl Runner {
             return self.store.write_dead_letters(&prepared.rejects);
         }
         let started = Instant::now();
+        // With `sync`, the fsync is the sync thread's (one for every group of
+        // micro-batches, before their acks go): this thread does not wait for
+        // the disk — unless that thread could not start.
         self.store
             .append_log(&prepared.appends, &prepared.rejects)?;
-        if self.settings.durability == Durability::Sync {
+        if self.sync_inline {
             self.store.persist()?;
         }
         let bytes: usize = prepared.appends.iter().map(|a| a.record.len()).sum();
