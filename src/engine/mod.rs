@@ -22,6 +22,7 @@
 //! for every task and thread.
 
 mod pipeline;
+mod prepare;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

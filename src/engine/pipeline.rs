@@ -3,10 +3,11 @@
 //! One micro-batch (everything queued, up to `MAX_BATCH_MESSAGES`) goes
 //! through three steps:
 //!
-//! 1. **prepare**: drop redeliveries already logged (`crate::log::Dedup`),
-//!    route messages to streams, decode each stream's messages into one
-//!    Arrow batch, encode the log records;
-//! 2. **commit**: append the records and the micro-batch's dead letters in
+//! 1. **prepare**, on the prepare thread (`engine/prepare.rs`), while this
+//!    one works on the micro-batch before: drop redeliveries already logged
+//!    (`crate::log::Dedup`), route messages to streams, decode each stream's
+//!    messages into one Arrow batch, encode the log records;
+//! 2. **commit** (here, from now on), with the records' sequence numbers: append the records and the micro-batch's dead letters in
 //!    one atomic store batch. Only once that is durable are the QoS 1
 //!    messages acknowledged: with `storage.durability = "sync"` the acks go
 //!    to the sync thread, which fsyncs once for everything queued since its
@@ -36,15 +37,16 @@ use datafusion::arrow::array::UInt32Array;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::prepare::{Prepared, Preparer};
 use super::EngineError;
 use crate::alert::{AlertState, ChangeKind, RuleOperator};
 use crate::checkpoint::Checkpoint;
 use crate::config::Durability;
-use crate::log::{self, Dedup, LogError, LoggedBatch, MessageId, MessageMeta, Record};
+use crate::log::{self, Dedup, LogError, MessageMeta, Record};
 use crate::obs::{now_ms, AlertMetrics, Health, Metrics, StreamMetrics, ViewMetrics};
 use crate::plan::{Pipeline, StreamDef, Upstream, ViewPlan};
 use crate::sink::{self, notify::Notifier};
-use crate::source::decode::{AckToken, Decoder, Message, RejectReason, Rejected};
+use crate::source::decode::{AckToken, Message, RejectReason, Rejected};
 use crate::store::{LogAppend, Store, StoreError};
 use crate::window::operator::{EventBatch, ViewOperator, ViewOutput};
 use crate::window::Watermark;
@@ -108,8 +110,6 @@ impl AlertRuntime {
     }
 }
 
-/// Most messages taken into one micro-batch.
-pub(super) const MAX_BATCH_MESSAGES: usize = 512;
 /// How often idle streams are checked and their watermarks moved.
 const TICK: Duration = Duration::from_millis(250);
 /// Longest wait between two attempts to write to a failing store.
@@ -126,7 +126,6 @@ pub(super) struct Settings {
 
 struct StreamRuntime {
     def: Arc<StreamDef>,
-    decoder: Decoder,
     watermark: Watermark,
     metrics: Arc<StreamMetrics>,
 }
@@ -145,16 +144,6 @@ struct ViewRuntime {
     /// Index of the view it reads, if it reads a view.
     upstream_view: Option<usize>,
     metrics: Arc<ViewMetrics>,
-}
-
-/// A micro-batch after decoding, ready to be committed.
-#[derive(Default)]
-struct Prepared {
-    records: Vec<(u64, Record)>,
-    appends: Vec<LogAppend>,
-    rejects: Vec<Rejected>,
-    acks: Vec<AckToken>,
-    ids: Vec<MessageId>,
 }
 
 /// Where acknowledgements go once their messages are in the log.
@@ -393,7 +382,6 @@ impl Runner {
             .iter()
             .map(|s| StreamRuntime {
                 def: s.clone(),
-                decoder: Decoder::new(s.clone(), settings.max_message_bytes),
                 watermark: Watermark::new(s.event_time.bound_ms, s.idle_timeout.as_millis() as i64),
                 metrics: metrics.streams[&s.name].clone(),
             })
@@ -659,7 +647,7 @@ impl Runner {
 
     pub(super) fn run(
         mut self,
-        mut rx: mpsc::Receiver<Message>,
+        rx: mpsc::Receiver<Message>,
         acks: mpsc::UnboundedSender<Vec<AckToken>>,
         handle: tokio::runtime::Handle,
         shutdown: CancellationToken,
@@ -689,51 +677,60 @@ impl Runner {
         };
         self.checkpoints
             .start_thread(self.store.clone(), self.metrics.clone());
-        let mut messages: Vec<Message> = Vec::with_capacity(MAX_BATCH_MESSAGES);
+        // The prepare stage takes the messages, and the dedup window that
+        // recovery rebuilt.
+        let (prepared_tx, mut prepared_rx) = mpsc::channel::<Prepared>(2);
+        let preparer = Preparer::new(
+            &self
+                .streams
+                .iter()
+                .map(|s| s.def.clone())
+                .collect::<Vec<_>>(),
+            std::mem::replace(&mut self.dedup, Dedup::new(0)),
+            self.metrics.clone(),
+            self.settings.durability,
+            self.settings.max_message_bytes,
+        );
+        let prepare_thread = {
+            let (handle, shutdown) = (handle.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name("weir-prepare".into())
+                .spawn(move || preparer.run(rx, prepared_tx, handle, shutdown))
+        };
+        let prepare_thread = match prepare_thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the prepare thread; weir stops");
+                shutdown.cancel();
+                None
+            }
+        };
         let mut last_tick = now_ms();
+        // Until the prepare stage has handed over everything (at shutdown,
+        // what was still queued too) and closed the channel.
         loop {
-            let first = handle.block_on(async {
+            let next = handle.block_on(async {
                 tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => None,
-                    m = rx.recv() => m.map(Some),
-                    _ = tokio::time::sleep(TICK) => Some(None),
+                    p = prepared_rx.recv() => Some(p),
+                    _ = tokio::time::sleep(TICK) => None,
                 }
             });
-            match first {
-                None => break,
-                Some(Some(m)) => {
-                    messages.push(m);
-                    while messages.len() < MAX_BATCH_MESSAGES {
-                        match rx.try_recv() {
-                            Ok(m) => messages.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                    self.metrics
-                        .ingest_queue_depth
-                        .store(rx.len() as i64, Ordering::Relaxed);
-                    self.step(&mut messages, &acks, &handle, &shutdown);
-                }
-                Some(None) => {}
+            match next {
+                Some(None) => break,
+                Some(Some(prepared)) => self.step(prepared, &acks, &handle, &shutdown),
+                None => {}
             }
             let now = now_ms();
             if now - last_tick >= TICK.as_millis() as i64 {
                 last_tick = now;
                 self.tick(now);
             }
-            self.checkpoint(now, false);
-        }
-        // Shutdown: the source has stopped; take in what it had queued.
-        rx.close();
-        while let Ok(m) = rx.try_recv() {
-            messages.push(m);
-            if messages.len() == MAX_BATCH_MESSAGES {
-                self.step(&mut messages, &acks, &handle, &shutdown);
+            if !shutdown.is_cancelled() {
+                self.checkpoint(now, false);
             }
         }
-        if !messages.is_empty() {
-            self.step(&mut messages, &acks, &handle, &shutdown);
+        if let Some(t) = prepare_thread {
+            let _ = t.join();
         }
         self.checkpoint(now_ms(), true);
         self.checkpoints.finish();
@@ -744,10 +741,11 @@ impl Runner {
         tracing::info!("pipeline stopped");
     }
 
-    /// Prepare, commit (retrying while the store refuses), acknowledge, apply.
+    /// Numbers, commits (retrying while the store refuses), acknowledges
+    /// and applies one prepared micro-batch.
     fn step(
         &mut self,
-        messages: &mut Vec<Message>,
+        mut prepared: Prepared,
         acks: &Acker,
         handle: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
@@ -755,9 +753,22 @@ impl Runner {
         self.metrics
             .pipeline_batches
             .fetch_add(1, Ordering::Relaxed);
-        let mut prepared = self.prepare(messages);
+        let now = now_ms();
+        let seqs: Vec<u64> = prepared
+            .records
+            .iter()
+            .map(|_| self.next_seq(now))
+            .collect();
+        let appends: Vec<LogAppend> = seqs
+            .iter()
+            .zip(prepared.encoded.drain(..))
+            .filter_map(|(&seq, encoded)| {
+                let (record, ids) = encoded?;
+                Some(LogAppend { seq, record, ids })
+            })
+            .collect();
         let mut delay = Duration::from_millis(100);
-        while let Err(e) = self.commit(&prepared) {
+        while let Err(e) = self.commit(&appends, &prepared.rejects) {
             self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
             self.metrics.store_healthy.store(0, Ordering::Relaxed);
             let why = format!("cannot append to the ingest log: {e}");
@@ -772,7 +783,7 @@ impl Runner {
                 }
             });
             if stop {
-                // Not acknowledged: the broker delivers them again.
+                // Not acknowledged: the publishers (or the broker) send them again.
                 return;
             }
             delay = (delay * 2).min(MAX_RETRY);
@@ -783,18 +794,15 @@ impl Runner {
             tracing::info!("the store accepts writes again");
             self.health.clear();
         }
-        for id in prepared.ids.drain(..) {
-            self.dedup.insert(id);
-        }
         let logged = self.settings.durability != Durability::None;
         if logged {
             acks.send(std::mem::take(&mut prepared.acks));
         }
-        for (seq, record) in prepared.records.drain(..) {
+        for (seq, record) in seqs.into_iter().zip(prepared.records) {
             self.apply(seq, record, false);
         }
         if !logged {
-            acks.send(std::mem::take(&mut prepared.acks));
+            acks.send(prepared.acks);
         }
     }
 
@@ -803,145 +811,23 @@ impl Runner {
         self.last_seq
     }
 
-    /// Dedups, routes and decodes one micro-batch and encodes its log records.
-    fn prepare(&mut self, messages: &mut Vec<Message>) -> Prepared {
-        let now = now_ms();
-        let mut out = Prepared::default();
-        let n_streams = self.streams.len();
-        let mut per_stream: Vec<Vec<Message>> = (0..n_streams).map(|_| Vec::new()).collect();
-        let mut per_stream_ids: Vec<Vec<Option<MessageId>>> =
-            (0..n_streams).map(|_| Vec::new()).collect();
-        // Acks in arrival order (MQTT 4.6), each with its stream, so
-        // that a stream whose record cannot be logged acknowledges nothing.
-        let mut acks: Vec<(Option<usize>, AckToken)> = Vec::new();
-        for m in messages.drain(..) {
-            let id = m.ack.map(|a| MessageId::of(a.pkid, &m.topic, &m.payload));
-            if m.dup && id.is_some_and(|id| self.dedup.contains(&id)) {
-                self.metrics
-                    .duplicates_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-                acks.extend(m.ack.map(|a| (None, a)));
-                continue;
-            }
-            match self
-                .streams
-                .iter()
-                .position(|s| s.def.topic.matches(&m.topic, |_, _| {}))
-            {
-                Some(i) => {
-                    acks.extend(m.ack.map(|a| (Some(i), a)));
-                    per_stream[i].push(m);
-                    per_stream_ids[i].push(id);
-                }
-                None => {
-                    acks.extend(m.ack.map(|a| (None, a)));
-                    self.metrics
-                        .unmatched_messages
-                        .fetch_add(1, Ordering::Relaxed);
-                    out.rejects.push(Rejected {
-                        stream: String::new(),
-                        topic: m.topic.clone(),
-                        reason: RejectReason::Malformed,
-                        detail: format!("topic {} matches no stream", m.topic),
-                        payload: crate::source::decode::truncate_payload(&m.payload),
-                        received_at: m.received_at,
-                    });
-                }
-            }
-        }
-        let mut unlogged = vec![false; n_streams];
-        for (i, (msgs, ids)) in per_stream.into_iter().zip(per_stream_ids).enumerate() {
-            if msgs.is_empty() {
-                continue;
-            }
-            let stream = &self.streams[i];
-            stream
-                .metrics
-                .messages
-                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-            let before = out.rejects.len();
-            let decoded = stream.decoder.decode(&msgs, &mut out.rejects);
-            for r in &out.rejects[before..] {
-                stream.metrics.reject(r.reason);
-            }
-            let rows = decoded.batch.num_rows();
-            stream
-                .metrics
-                .ingested
-                .fetch_add(rows as u64, Ordering::Relaxed);
-            if rows == 0 && ids.iter().all(Option::is_none) {
-                continue;
-            }
-            let name = stream.def.name.clone();
-            let seq = self.next_seq(now);
-            let messages: Vec<MessageMeta> = msgs
-                .into_iter()
-                .zip(ids)
-                .map(|(m, id)| MessageMeta {
-                    topic: m.topic,
-                    received_at: m.received_at,
-                    id,
-                })
-                .collect();
-            let record = Record::Batch(Box::new(LoggedBatch {
-                stream: name,
-                appended_at: now,
-                data: decoded.batch,
-                event_time: decoded.event_time,
-                message_index: UInt32Array::from(decoded.message_index),
-                messages,
-            }));
-            if self.settings.durability != Durability::None {
-                match log::encode(&record) {
-                    Ok(bytes) => {
-                        if let Record::Batch(b) = &record {
-                            out.ids.extend(b.messages.iter().filter_map(|m| m.id));
-                            out.appends.push(LogAppend {
-                                seq,
-                                record: bytes,
-                                ids: log::pack_ids(&b.messages),
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        // Not expected for a batch we just built. Its rows are
-                        // processed, but since a restart could not replay
-                        // them, its messages are not acknowledged.
-                        tracing::error!(stream = %self.streams[i].def.name, error = %e, "cannot encode a log record; its messages stay unacknowledged");
-                        unlogged[i] = true;
-                    }
-                }
-            } else if let Record::Batch(b) = &record {
-                out.ids.extend(b.messages.iter().filter_map(|m| m.id));
-            }
-            out.records.push((seq, record));
-        }
-        out.acks = acks
-            .into_iter()
-            .filter(|(stream, _)| stream.is_none_or(|i| !unlogged[i]))
-            .map(|(_, a)| a)
-            .collect();
-        out
-    }
-
     /// Appends the prepared records and dead letters, and syncs when configured.
-    fn commit(&self, prepared: &Prepared) -> Result<(), StoreError> {
+    fn commit(&self, appends: &[LogAppend], rejects: &[Rejected]) -> Result<(), StoreError> {
         if self.settings.durability == Durability::None {
-            return self.store.write_dead_letters(&prepared.rejects);
+            return self.store.write_dead_letters(rejects);
         }
         let started = Instant::now();
         // With `sync`, the fsync is the sync thread's (one for every group of
         // micro-batches, before their acks go): this thread does not wait for
         // the disk — unless that thread could not start.
-        self.store
-            .append_log(&prepared.appends, &prepared.rejects)?;
+        self.store.append_log(appends, rejects)?;
         if self.sync_inline {
             self.store.persist()?;
         }
-        let bytes: usize = prepared.appends.iter().map(|a| a.record.len()).sum();
+        let bytes: usize = appends.iter().map(|a| a.record.len()).sum();
         self.metrics
             .log_records
-            .fetch_add(prepared.appends.len() as u64, Ordering::Relaxed);
+            .fetch_add(appends.len() as u64, Ordering::Relaxed);
         self.metrics
             .log_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
