@@ -3,7 +3,7 @@
 //! Data flows through the modules in this order:
 //!
 //! - [`config`]  `weir.toml` and `WEIR_<SECTION>__<KEY>` overrides.
-//! - [`source`]  MQTT in: the embedded broker, the rumqttc subscriber, topic patterns, JSON -> Arrow.
+//! - [`source`]  MQTT in: weir's own MQTT server, the rumqttc subscriber for external brokers, topic patterns, JSON -> Arrow.
 //! - [`log`]     the durable ingest log's records, sequence numbers and DUP dedup.
 //! - [`plan`]    pipeline `.sql` files -> stream definitions, view plans and alert rules (DataFusion).
 //! - [`window`]  event time, watermarks, windowed/updating/filter operators; pure, no I/O.
@@ -12,7 +12,7 @@
 //! - [`store`]   the only module that touches fjall: view rows, dead letters, log, checkpoints.
 //! - [`checkpoint`] operator state and log position, written atomically, restored at start-up.
 //! - [`api`]     the axum HTTP API; reads the store, never blocks the pipeline.
-//! - [`engine`]  wires the stages, runs the pipeline thread, owns start-up, recovery and shutdown.
+//! - [`engine`]  wires the stages, runs the prepare and pipeline threads, owns start-up, recovery and shutdown.
 //! - [`obs`]     metrics (Prometheus text) and tracing.
 //!
 

@@ -1,25 +1,29 @@
 //! The engine wires the stages and owns start-up and shutdown.
 //!
 //! ```text
-//!  MQTT source task ──bounded channel──▶ pipeline thread ──▶ store (fjall)
-//!   (rumqttc)  ◀──acks after the append── decode, log append,    ▲
-//!                                         views, checkpoints     │ reads
-//!                                                          HTTP API (axum)
+//!  MQTT server connections ─┐                 prepare thread       pipeline thread
+//!   (or rumqttc subscribers ├─bounded queue─▶ dedup, route,  ──▶   log append, views,  ──▶ store (fjall)
+//!    to an external broker) │                 decode, encode  (2)  rules, checkpoints        ▲
+//!        ▲                  ┘                                           │                    │ reads
+//!        └──────── PUBACK / PUBREC after the append (and fsync) ◀───────┘             HTTP API (axum)
 //! ```
 //!
-//! The pipeline runs on its own OS thread (`pipeline`): decoding and
-//! aggregation are CPU work that would otherwise stall the async workers
-//! that serve HTTP and MQTT. For each stream batch every view first
-//! processes the data and then sees the advanced watermark, and a view runs
-//! after the views it reads, so data always precedes the watermark that
-//! follows it — the ordering Flink's watermarks give.
+//! The pipeline runs on two OS threads of its own (`prepare`, `pipeline`),
+//! one micro-batch apart: decoding and aggregation are CPU work that would
+//! otherwise stall the async workers that serve HTTP and MQTT. For each
+//! stream batch every view first processes the data and then sees the
+//! advanced watermark, and a view runs after the views it reads, so data
+//! always precedes the watermark that follows it — the ordering Flink's
+//! watermarks give.
 //!
-//! Start-up: store, HTTP (so `/readyz` answers 503 while recovering),
-//! pipeline thread — which restores the checkpoint and replays the log —
-//! and only then the MQTT source. Shutdown (SIGTERM, SIGINT): one
-//! `CancellationToken` stops the source; the pipeline takes in what was
-//! queued, writes a final checkpoint and syncs; `Running::shutdown` waits
-//! for every task and thread.
+//! Start-up: store, HTTP (so `/readyz` answers 503 while recovering), the
+//! MQTT server's listener (bound, not yet accepting), pipeline thread —
+//! which restores the checkpoint and replays the log — and only then the
+//! MQTT server accepts clients (or the subscribers connect). Shutdown
+//! (SIGTERM, SIGINT): one `CancellationToken` stops the sources; the
+//! prepare thread takes in what was queued, the pipeline commits it,
+//! writes a final checkpoint and syncs; `Running::shutdown` waits for every
+//! task and thread.
 
 mod pipeline;
 mod prepare;
