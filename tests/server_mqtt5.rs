@@ -612,3 +612,53 @@ async fn an_unacknowledged_delivery_is_sent_again_with_dup_on_reconnect() {
     );
     weir.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_sends_a_client_no_more_than_its_receive_maximum_unacknowledged() {
+    let weir = broker().await;
+    let port = weir.broker_port;
+    let mut two = ConnectProperties::new();
+    two.receive_maximum = Some(2);
+    let (mut sub, _) = Client::connect(port, connect("slow-reader", true, Some(two)), None).await;
+    sub.subscribe(vec![Filter::new("feed/#", QoS::AtLeastOnce)], None)
+        .await;
+    let mut p = Client::simple(port, "feeder").await;
+    for i in 0..5 {
+        p.publish(
+            &format!("feed/{i}"),
+            &i.to_string(),
+            QoS::AtLeastOnce,
+            false,
+            None,
+        )
+        .await;
+    }
+    // All five are routed to the subscriber's session (the publisher has its
+    // PUBACKs). Whatever weir would send now, it sends before it answers a
+    // PINGREQ read after them: count what comes before the PINGRESP.
+    sub.send(Packet::PingReq(v5::PingReq)).await;
+    let mut held = Vec::new();
+    loop {
+        match sub.recv().await {
+            Packet::Publish(got) => held.push(got),
+            Packet::PingResp(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(held.len(), 2, "two in flight at most: {held:?}");
+    // Each PUBACK lets one more through, in order.
+    let mut seen: Vec<String> = held
+        .iter()
+        .map(|h| String::from_utf8_lossy(&h.payload).into_owned())
+        .collect();
+    for h in held {
+        sub.send(Packet::PubAck(v5::PubAck::new(h.pkid, None)))
+            .await;
+    }
+    while seen.len() < 5 {
+        let got = sub.next_publish().await;
+        seen.push(String::from_utf8_lossy(&got.payload).into_owned());
+    }
+    assert_eq!(seen, ["0", "1", "2", "3", "4"]);
+    weir.stop().await;
+}
