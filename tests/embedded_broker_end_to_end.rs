@@ -198,8 +198,10 @@ async fn telemetry_flows_into_every_view_shape() {
 async fn rows_filter_page_and_query() {
     let weir = Weir::start(&[("telemetry.sql", TELEMETRY)]).await;
     let mut messages = Vec::new();
-    for (i, terminal) in ["A", "B", "C"].iter().enumerate() {
-        for minute in 0..3 {
+    // In time order (minute by minute), so that no event is late however
+    // the messages are cut into micro-batches.
+    for minute in 0..3 {
+        for (i, terminal) in ["A", "B", "C"].iter().enumerate() {
             let ts = T0 + minute * 60_000 + i as i64 * 1000;
             messages.push((
                 format!("terminals/{terminal}/telemetry"),
