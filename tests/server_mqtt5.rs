@@ -662,3 +662,42 @@ async fn weir_sends_a_client_no_more_than_its_receive_maximum_unacknowledged() {
     assert_eq!(seen, ["0", "1", "2", "3", "4"]);
     weir.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_ends_an_old_connection_stuck_on_a_client_that_does_not_read() {
+    let weir = broker().await;
+    let port = weir.broker_port;
+    let mut old = Client::simple(port, "stuck").await;
+    old.subscribe(vec![Filter::new("big/#", QoS::AtMostOnce)], None)
+        .await;
+    // The old client reads nothing more: weir's writes to it fill the
+    // socket buffers and its connection task waits on the write.
+    let mut p = Client::simple(port, "flooder").await;
+    let chunk = "z".repeat(64 * 1024);
+    for i in 0..400 {
+        p.publish(&format!("big/{i}"), &chunk, QoS::AtMostOnce, false, None)
+            .await;
+    }
+    p.publish("big/last", "x", QoS::AtLeastOnce, false, None)
+        .await;
+    wait_metric(&weir, "weir_mqtt_clients_connected", 2.0).await;
+    let (_new, ack) = Client::connect(port, connect("stuck", true, None), None).await;
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    // The stuck one is gone (without its socket ever being read again):
+    // the flooder and the new connection remain.
+    wait_for("the stuck connection to be closed", || async {
+        let n = metric_value(&weir.metrics().await, "weir_mqtt_clients_connected")?;
+        (n == 2.0).then_some(())
+    })
+    .await;
+    drop(old);
+    weir.stop().await;
+}
+
+async fn wait_metric(weir: &Weir, name: &str, at_least: f64) {
+    wait_for(&format!("{name} >= {at_least}"), || async {
+        let value = metric_value(&weir.metrics().await, name)?;
+        (value >= at_least).then_some(())
+    })
+    .await;
+}

@@ -144,6 +144,9 @@ pub enum ToConnection {
 pub struct Online {
     pub connection: u64,
     pub tx: mpsc::Sender<ToConnection>,
+    /// Ends the connection even while it is stuck writing to a client that
+    /// does not read (a takeover must not wait on it).
+    pub kick: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Debug)]

@@ -78,6 +78,7 @@ struct Connection {
     maybe_redelivered: usize,
     rx: mpsc::Receiver<ToConnection>,
     acks: mpsc::UnboundedReceiver<Vec<u16>>,
+    kick: tokio_util::sync::CancellationToken,
 }
 
 pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
@@ -228,18 +229,23 @@ impl Connection {
         let mut handed = None;
         if let Some(holder) = holder {
             let (tx, rx) = oneshot::channel();
-            if holder
-                .tx
-                .send(ToConnection::TakeOver { state: tx, clean })
-                .await
-                .is_ok()
-            {
-                handed = tokio::time::timeout(TAKEOVER_WAIT, rx)
+            let handover = async {
+                holder
+                    .tx
+                    .send(ToConnection::TakeOver { state: tx, clean })
                     .await
-                    .ok()
-                    .and_then(Result::ok);
-            }
+                    .ok()?;
+                rx.await.ok()
+            };
+            handed = tokio::time::timeout(TAKEOVER_WAIT, handover)
+                .await
+                .ok()
+                .flatten();
+            // Handed over or not (stuck writing to a client that does not
+            // read), the old connection ends now.
+            holder.kick.cancel();
         }
+        let kick = tokio_util::sync::CancellationToken::new();
 
         let (tx, rx) = mpsc::channel(shared.options.max_queued.max(1));
         let (ack_tx, acks) = mpsc::unbounded_channel();
@@ -275,7 +281,11 @@ impl Connection {
                 None => std::mem::take(&mut session.stored),
             };
             state.dropped = 0;
-            session.online = Some(Online { connection: id, tx });
+            session.online = Some(Online {
+                connection: id,
+                tx,
+                kick: kick.clone(),
+            });
             let changed = session.expiry != session_expiry || !present;
             session.expiry = session_expiry;
             session.generation = generation;
@@ -335,6 +345,7 @@ impl Connection {
             },
             rx,
             acks,
+            kick,
         };
         let properties = (protocol == Protocol::V5).then(|| ConnAckProperties {
             // Said only when weir shortened what the client asked for.
@@ -444,46 +455,62 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
+                _ = self.kick.cancelled() => return End::TakenOver,
                 acks = self.acks.recv() => {
-                    for pkid in acks.into_iter().flatten() {
-                        if let Some(p) = self.pending.iter_mut().find(|p| p.pkid == pkid && !p.done) {
-                            p.done = true;
-                        }
-                    }
+                    self.mark_durable(acks.unwrap_or_default());
                     while let Ok(more) = self.acks.try_recv() {
-                        for pkid in more {
-                            if let Some(p) = self.pending.iter_mut().find(|p| p.pkid == pkid && !p.done) {
-                                p.done = true;
-                            }
-                        }
+                        self.mark_durable(more);
                     }
                 }
-                message = self.rx.recv() => match message {
-                    Some(ToConnection::Deliver(d)) => {
-                        let max = self.shared.options.max_queued;
-                        if !self.state.enqueue(d, max) {
-                            self.shared.metrics.broker.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
+                message = self.rx.recv() => {
+                    // Closed: the broker has let go of this session.
+                    let Some(message) = message else { return End::Shutdown };
+                    let mut next = Some(message);
+                    // Everything already queued, in order (a takeover ends it).
+                    while let Some(message) = next {
+                        if let Some(end) = self.on_message(message) {
+                            return end;
                         }
-                        while let Ok(ToConnection::Deliver(d)) = self.rx.try_recv() {
-                            if !self.state.enqueue(d, max) {
-                                self.shared.metrics.broker.deliveries_dropped.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        next = self.rx.try_recv().ok();
                     }
-                    Some(ToConnection::TakeOver { state, clean }) => {
-                        if clean {
-                            self.will_delay = 0;
-                        }
-                        let _ = state.send(std::mem::take(&mut self.state));
-                        return End::TakenOver;
-                    }
-                    None => return End::Shutdown,
-                },
+                }
                 read = reader.read_buf(buf), if can_read => match read {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(_) => {}
                 },
                 _ = sleep_until(deadline) => return End::KeepAlive,
+            }
+        }
+    }
+
+    /// Publishes whose events the pipeline has made durable: their acks may go.
+    fn mark_durable(&mut self, pkids: Vec<u16>) {
+        for pkid in pkids {
+            if let Some(p) = self.pending.iter_mut().find(|p| p.pkid == pkid && !p.done) {
+                p.done = true;
+            }
+        }
+    }
+
+    /// A message from the broker side; `Some` when the connection must end.
+    fn on_message(&mut self, message: ToConnection) -> Option<End> {
+        match message {
+            ToConnection::Deliver(d) => {
+                if !self.state.enqueue(d, self.shared.options.max_queued) {
+                    self.shared
+                        .metrics
+                        .broker
+                        .deliveries_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            ToConnection::TakeOver { state, clean } => {
+                if clean {
+                    self.will_delay = 0;
+                }
+                let _ = state.send(std::mem::take(&mut self.state));
+                Some(End::TakenOver)
             }
         }
     }
@@ -829,7 +856,10 @@ impl Connection {
         if self.out.is_empty() {
             return Ok(());
         }
-        let result = self.writer.write_all(&self.out).await;
+        let result = tokio::select! {
+            result = self.writer.write_all(&self.out) => result,
+            _ = self.kick.cancelled() => Err(std::io::ErrorKind::ConnectionAborted.into()),
+        };
         self.out.clear();
         if self.out.capacity() > 1 << 20 {
             self.out = BytesMut::with_capacity(4096);
