@@ -9,9 +9,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::process::{Spawn, WeirProcess};
 use common::*;
 use rumqttc::QoS;
@@ -27,36 +24,6 @@ CREATE TABLE telemetry (
 CREATE VIEW latest AS
 SELECT terminal_id, count(*) AS reports FROM telemetry GROUP BY terminal_id;
 ";
-
-/// A tmpfs mounted for the test's lifetime.
-struct Tmpfs<'a>(&'a Path);
-
-impl<'a> Tmpfs<'a> {
-    fn mount(dir: &'a Path, size: &str) -> Option<Tmpfs<'a>> {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Tmpfs(dir))
-    }
-
-    fn grow(&self, size: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.0)
-            .status()
-            .expect("remount");
-        assert!(status.success(), "remount tmpfs");
-    }
-}
-
-impl Drop for Tmpfs<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0).status();
-    }
-}
 
 /// 20 events with 4 KiB of incompressible text each.
 fn message(k: usize, seed: &mut u64) -> String {

@@ -530,3 +530,36 @@ impl Sse {
         }
     }
 }
+
+/// A tmpfs mounted for the test's lifetime.
+pub struct Tmpfs<'a>(&'a std::path::Path);
+
+impl<'a> Tmpfs<'a> {
+    pub fn mount(dir: &'a std::path::Path, size: &str) -> Option<Tmpfs<'a>> {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs(dir))
+    }
+
+    pub fn grow(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.0)
+            .status()
+            .expect("remount");
+        assert!(status.success(), "remount tmpfs");
+    }
+}
+
+impl Drop for Tmpfs<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0)
+            .status();
+    }
+}
