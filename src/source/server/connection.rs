@@ -29,6 +29,9 @@ use super::topics::{parse_filter, validate_topic};
 use super::Shared;
 use crate::source::decode::AckToken;
 
+/// Bytes read from a socket at a time (at least).
+const READ_CHUNK: usize = 8 * 1024;
+
 /// How long a taken-over connection has to hand its session over.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
@@ -84,7 +87,7 @@ struct Connection {
 pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
     let _ = socket.set_nodelay(true);
     let (mut reader, mut writer) = socket.into_split();
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(1024);
     let max = shared.options.max_packet_bytes;
     let first = tokio::time::timeout(shared.options.connect_timeout, async {
         loop {
@@ -324,7 +327,7 @@ impl Connection {
             protocol,
             client_id,
             writer,
-            out: BytesMut::with_capacity(4096),
+            out: BytesMut::new(),
             keep_alive: Duration::from_secs(keep_alive as u64),
             will,
             will_delay,
@@ -440,6 +443,9 @@ impl Connection {
                     }
                 }
             }
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = BytesMut::new();
+            }
             self.release_acks();
             self.pump();
             if self.flush().await.is_err() {
@@ -474,9 +480,20 @@ impl Connection {
                         next = self.rx.try_recv().ok();
                     }
                 }
-                read = reader.read_buf(buf), if can_read => match read {
-                    Ok(0) | Err(_) => return End::Lost,
-                    Ok(_) => {}
+                // Readable first, then a buffer: an idle connection holds none.
+                ready = reader.readable(), if can_read => {
+                    if ready.is_err() {
+                        return End::Lost;
+                    }
+                    if buf.capacity() - buf.len() < 1024 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    match reader.try_read_buf(buf) {
+                        Ok(0) => return End::Lost,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return End::Lost,
+                    }
                 },
                 _ = sleep_until(deadline) => return End::KeepAlive,
             }
@@ -860,10 +877,9 @@ impl Connection {
             result = self.writer.write_all(&self.out) => result,
             _ = self.kick.cancelled() => Err(std::io::ErrorKind::ConnectionAborted.into()),
         };
-        self.out.clear();
-        if self.out.capacity() > 1 << 20 {
-            self.out = BytesMut::with_capacity(4096);
-        }
+        // Nothing held between writes: most connections are idle most of
+        // the time, and a hundred thousand of them would hold it all.
+        self.out = BytesMut::new();
         result
     }
 
