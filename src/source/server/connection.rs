@@ -564,6 +564,7 @@ impl Connection {
                 Ok(())
             }
             Packet::PubRel(r) => {
+                tracing::trace!(client = %self.client_id, pkid = r.pkid, known = self.state.awaiting_release.contains(&r.pkid), "PUBREL");
                 let mut comp = PubComp::new(r.pkid, None);
                 if !self.state.awaiting_release.remove(&r.pkid) {
                     comp.reason = PubCompReason::PacketIdentifierNotFound;
@@ -690,6 +691,7 @@ impl Connection {
                 self.state.awaiting_release.insert(pkid);
             }
         }
+        tracing::trace!(client = %self.client_id, pkid, ?qos, dup = p.dup, "PUBLISH");
         let mut dup = p.dup;
         if qos != QoS::AtMostOnce && self.maybe_redelivered > 0 {
             self.maybe_redelivered -= 1;
