@@ -197,7 +197,8 @@ async fn kill_9_twice_and_sigterm_lose_and_double_nothing(broker: Broker) {
                 let chunk: Vec<(&str, String)> =
                     chunk.iter().map(|(t, p)| (t.as_str(), p.clone())).collect();
                 publish(port, &chunk, QoS::AtLeastOnce).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // 2 ms a message, as the embedded run: the kills land mid-stream
+                tokio::time::sleep(Duration::from_millis(80)).await;
             }
         }),
         // A terminal per weir, each resending what its weir did not acknowledge.
