@@ -7,7 +7,6 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::process::metric_value;
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -51,14 +50,6 @@ fn mosquitto_pub(port: u16, args: &[&str]) {
         "mosquitto_pub {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-async fn wait_metric(weir: &Weir, name: &str, at_least: f64) {
-    wait_for(&format!("{name} >= {at_least}"), || async {
-        let value = metric_value(&weir.metrics().await, name)?;
-        (value >= at_least).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

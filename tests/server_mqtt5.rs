@@ -693,11 +693,3 @@ async fn a_takeover_ends_an_old_connection_stuck_on_a_client_that_does_not_read(
     drop(old);
     weir.stop().await;
 }
-
-async fn wait_metric(weir: &Weir, name: &str, at_least: f64) {
-    wait_for(&format!("{name} >= {at_least}"), || async {
-        let value = metric_value(&weir.metrics().await, name)?;
-        (value >= at_least).then_some(())
-    })
-    .await;
-}

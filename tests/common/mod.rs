@@ -196,6 +196,15 @@ pub async fn wait_http_ready(http: &reqwest::Client, base: &str, what: &str) {
     .await;
 }
 
+/// Waits until the unlabelled series `name` of weir's `/metrics` is at least `at_least`.
+pub async fn wait_metric(weir: &Weir, name: &str, at_least: f64) {
+    wait_for(&format!("{name} >= {at_least}"), || async {
+        let value = process::metric_value(&weir.metrics().await, name)?;
+        (value >= at_least).then_some(())
+    })
+    .await;
+}
+
 /// The sum of a numeric column over rows as the API serves them.
 pub fn column_sum(rows: &[Value], column: &str) -> u64 {
     rows.iter().filter_map(|r| r[column].as_u64()).sum()
