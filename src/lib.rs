@@ -14,10 +14,13 @@
 //! - [`api`]     the axum HTTP API; reads the store, never blocks the pipeline.
 //! - [`engine`]  wires the stages, runs the prepare and pipeline threads, owns start-up, recovery and shutdown.
 //! - [`obs`]     metrics (Prometheus text) and tracing.
+//! - [`auth`]    who may call the API (tokens, scopes) and who may connect to the MQTT server (users, roles, ACL).
+//! - [`tls`]     rustls (ring) configs for every listener and client.
 //!
 
 pub mod alert;
 pub mod api;
+pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -27,4 +30,5 @@ pub mod plan;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod tls;
 pub mod window;

@@ -1,4 +1,5 @@
-//! The `weir` binary: `weir run` serves, `weir check` plans every pipeline.
+//! The `weir` binary: `weir run` serves, `weir check` plans every pipeline,
+//! `weir token new` and `weir user new` make credentials.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +36,122 @@ enum Command {
         #[arg(long)]
         pipelines: Option<PathBuf>,
     },
+    /// API tokens: `weir token new --name dashboard --scopes read`.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// MQTT users: `weir user new T00042 --role terminal`.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a random token: print it once, and the [[http.tokens]] entry
+    /// (with its SHA-256, not the token) to paste into weir.toml.
+    New {
+        /// Who holds it (shown in logs).
+        #[arg(long, default_value = "token")]
+        name: String,
+        /// Comma-separated: read, query, ack, admin.
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        scopes: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Make an MQTT user: a random password (or one read from stdin), printed
+    /// once, and the [[user]] entry (argon2id hash) to paste into the users file.
+    New {
+        /// The user name; for a terminal, its terminal id (its topics are
+        /// terminals/{name}/...).
+        name: String,
+        /// terminal, reader or admin.
+        #[arg(long, default_value = "terminal")]
+        role: String,
+        /// Read the password from the first line of stdin instead of making one.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+fn new_token(name: &str, scopes: &[String]) -> ExitCode {
+    use weir::auth::http::{new_token, token_digest, Scope};
+    let mut parsed = Vec::new();
+    for scope in scopes {
+        match Scope::parse(scope) {
+            Ok(s) => parsed.push(s.as_str()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let token = new_token();
+    println!("token (shown once; weir keeps only its hash): {token}");
+    println!();
+    println!("[[http.tokens]]");
+    println!("name = {name:?}");
+    println!("token_sha256 = {:?}", token_digest(&token));
+    println!("scopes = {parsed:?}");
+    ExitCode::SUCCESS
+}
+
+fn new_user(name: &str, role: &str, password_stdin: bool) -> ExitCode {
+    use weir::auth::mqtt::{hash_password, valid_user_name, Role};
+    if let Err(e) = valid_user_name(name) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let role: Role = match serde_json::from_value(serde_json::Value::String(role.into())) {
+        Ok(r) => r,
+        Err(_) => {
+            eprintln!("error: unknown role {role:?}: expected terminal, reader or admin");
+            return ExitCode::from(2);
+        }
+    };
+    let password = if password_stdin {
+        let mut line = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut line) {
+            eprintln!("error: cannot read the password from stdin: {e}");
+            return ExitCode::from(2);
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_string();
+        if line.is_empty() {
+            eprintln!("error: empty password on stdin");
+            return ExitCode::from(2);
+        }
+        line
+    } else {
+        let token = weir::auth::http::new_token();
+        token.trim_start_matches("weir_")[..24].to_string()
+    };
+    let hash = match hash_password(&password) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: cannot hash the password: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !password_stdin {
+        println!("password (shown once; weir keeps only its hash): {password}");
+        println!();
+    }
+    println!("[[user]]");
+    println!("name = {name:?}");
+    println!("password_hash = {hash:?}");
+    println!(
+        "role = {:?}",
+        serde_json::to_value(role)
+            .unwrap_or_default()
+            .as_str()
+            .unwrap_or("terminal")
+    );
+    ExitCode::SUCCESS
 }
 
 /// The config file to use: the one given, else `config/weir.toml` when it exists.
@@ -55,6 +172,17 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Token {
+            action: TokenAction::New { name, scopes },
+        } => new_token(&name, &scopes),
+        Command::User {
+            action:
+                UserAction::New {
+                    name,
+                    role,
+                    password_stdin,
+                },
+        } => new_user(&name, &role, password_stdin),
         Command::Check { config, pipelines } => {
             let config = match load_config(config) {
                 Ok(c) => c,

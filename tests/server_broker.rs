@@ -205,7 +205,7 @@ async fn a_persistent_subscriber_gets_what_was_published_while_it_was_away() {
     let port = weir.broker_port;
     let (client, mut eventloop) = persistent(port, "dashboard-1");
     client
-        .subscribe("weir/alerts/#", QoS::AtLeastOnce)
+        .subscribe("fleet/news/#", QoS::AtLeastOnce)
         .await
         .unwrap();
     loop {
@@ -223,14 +223,14 @@ async fn a_persistent_subscriber_gets_what_was_published_while_it_was_away() {
                 "-q",
                 "1",
                 "-t",
-                &format!("weir/alerts/low_battery/T{i}"),
+                &format!("fleet/news/low_battery/T{i}"),
                 "-m",
                 &format!("a{i}"),
             ],
         );
     }
     // QoS 0 is not kept for an absent subscriber.
-    mosquitto_pub(port, &["-q", "0", "-t", "weir/alerts/x/y", "-m", "lost"]);
+    mosquitto_pub(port, &["-q", "0", "-t", "fleet/news/x/y", "-m", "lost"]);
 
     let (_client, mut eventloop) = persistent(port, "dashboard-1");
     let (got, present) = receive(&mut eventloop, 5).await;
@@ -255,7 +255,7 @@ async fn a_persistent_subscriber_gets_what_was_published_while_it_was_away() {
     assert!(present, "the session was restored from the store");
     mosquitto_pub(
         port,
-        &["-q", "1", "-t", "weir/alerts/r/T9", "-m", "after-restart"],
+        &["-q", "1", "-t", "fleet/news/r/T9", "-m", "after-restart"],
     );
     let (got, _) = receive(&mut eventloop, 1).await;
     assert_eq!(

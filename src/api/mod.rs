@@ -7,7 +7,10 @@
 //! logged, not returned.
 
 mod alerts;
+mod listener;
 pub mod query;
+
+pub use listener::TlsListener;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
+use crate::auth::http::HttpAuth;
 use crate::obs::{format_time, now_ms, Metrics};
 use crate::plan::{describe_window, Pipeline, ViewPlan, ViewShape};
 use crate::source::decode::RejectReason;
@@ -57,7 +61,36 @@ pub async fn blocking<T: Send + 'static>(
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// Access control in front of every route (see [`crate::auth::http`]).
+async fn guard(
+    State((auth, metrics)): State<(Arc<HttpAuth>, Arc<Metrics>)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match auth.check(request.method(), request.uri().path(), request.headers()) {
+        Ok(_) => next.run(request).await,
+        Err(denied) => {
+            metrics.http_denied.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(method = %request.method(), path = %request.uri().path(), code = denied.code, "HTTP request refused");
+            let status = StatusCode::from_u16(denied.status).unwrap_or(StatusCode::FORBIDDEN);
+            let mut response = (
+                status,
+                axum::Json(json!({"error": {"code": denied.code, "message": denied.message}})),
+            )
+                .into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            response
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
+    let counters = state.metrics.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -74,6 +107,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/alerts/{id}/ack", post(alerts::ack))
         .fallback(not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            (auth, counters),
+            guard,
+        ))
 }
 
 /// An API error: status, machine-readable code, human message.

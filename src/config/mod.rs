@@ -42,12 +42,30 @@ pub struct Config {
 pub struct HttpConfig {
     /// Address of the HTTP API. Default `127.0.0.1:8080`; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Bearer tokens (`[[http.tokens]]`: `name`, `token_sha256`, `scopes`).
+    /// None: the API is open, and only on a loopback listen unless
+    /// `allow_anonymous`. `weir token new` makes one.
+    pub tokens: Vec<crate::auth::http::TokenConfig>,
+    /// Serve the API without tokens on a non-loopback address. Default false.
+    pub allow_anonymous: bool,
+    /// Host names the API answers to besides loopback ones (a `Host`
+    /// header naming another is refused: DNS rebinding). Default none:
+    /// on a loopback listen only loopback names, otherwise any.
+    pub allowed_hosts: Vec<String>,
+    /// Serve HTTPS with this PEM certificate chain and key.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tokens: Vec::new(),
+            allow_anonymous: false,
+            allowed_hosts: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -60,8 +78,26 @@ pub struct MqttConfig {
     pub broker: String,
     /// Listen address of weir's MQTT server. Default `127.0.0.1:1883`.
     pub embedded_listen: SocketAddr,
+    /// weir's MQTT server over TLS (MQTT over TLS, usually port 8883), beside
+    /// `embedded_listen`. Needs `tls_cert_file` and `tls_key_file`.
+    pub embedded_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain and key of weir's MQTT TLS listener.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Clients of the TLS listener may present a certificate signed by this
+    /// CA (mTLS); its subject CN is their user name.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// `[[user]]` `name`, `password_hash` (PHC string: argon2id, or bcrypt),
+    /// `role` (`terminal`, `reader`, `admin`). With it, anonymous clients
+    /// are refused. `weir user new` makes an entry.
+    pub users_file: Option<PathBuf>,
+    /// Let anonymous clients connect to a non-loopback listener (no users
+    /// file). Default false: weir refuses to start that way.
+    pub allow_anonymous: bool,
     /// Client id of weir's subscriber; the persistent-session identity. Default `weir`.
     pub client_id: String,
+    /// External broker: credentials, and for `mqtts://` the CA to trust
+    /// besides the system's and a client certificate and key (mTLS).
     pub username: Option<String>,
     pub password: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -101,6 +137,12 @@ impl Default for MqttConfig {
         Self {
             broker: "embedded".into(),
             embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            embedded_tls_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            users_file: None,
+            allow_anonymous: false,
             client_id: "weir".into(),
             username: None,
             password: None,
@@ -254,8 +296,11 @@ impl Default for AlertsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// `http://...` (https is not compiled into this build).
+    /// `http://...` or `https://...` (the system's CAs are trusted, and `ca_file`).
     pub url: String,
+    /// A PEM CA to trust for this webhook besides the system's (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Name in metrics and logs. Default `webhook<N>` (its position, from 0).
     #[serde(default)]
     pub name: Option<String>,
@@ -381,20 +426,67 @@ impl Config {
         if self.mqtt.cert_file.is_some() != self.mqtt.key_file.is_some() {
             problems.push("mqtt.cert_file and mqtt.key_file must be given together".into());
         }
-        if self.mqtt.ca_file.is_some() || self.mqtt.cert_file.is_some() {
-            problems.push("mqtt.ca_file, mqtt.cert_file, mqtt.key_file: TLS is not supported by this build yet".into());
+        let external_tls = matches!(
+            self.mqtt.broker_addr(),
+            Ok(BrokerAddr::External { tls: true, .. })
+        );
+        if !external_tls && (self.mqtt.ca_file.is_some() || self.mqtt.cert_file.is_some()) {
+            problems.push(
+                "mqtt.ca_file, mqtt.cert_file, mqtt.key_file: only for an external broker reached \
+                 with mqtts:// (weir's own listener uses tls_cert_file, tls_key_file)"
+                    .into(),
+            );
         }
         if self.mqtt.username.is_none() && self.mqtt.password.is_some() {
             problems.push("mqtt.password: given without mqtt.username".into());
         }
-        if matches!(
-            self.mqtt.broker_addr(),
-            Ok(BrokerAddr::External { tls: true, .. })
-        ) {
-            problems.push(
-                "mqtt.broker: mqtts:// is not supported by this build yet (TLS is not compiled in)"
-                    .into(),
-            );
+        let embedded = self.mqtt.broker_addr() == Ok(BrokerAddr::Embedded);
+        if embedded {
+            if self.mqtt.embedded_tls_listen.is_some()
+                && (self.mqtt.tls_cert_file.is_none() || self.mqtt.tls_key_file.is_none())
+            {
+                problems.push(
+                    "mqtt.embedded_tls_listen: needs mqtt.tls_cert_file and mqtt.tls_key_file"
+                        .into(),
+                );
+            }
+            if self.mqtt.tls_client_ca_file.is_some() && self.mqtt.embedded_tls_listen.is_none() {
+                problems.push(
+                    "mqtt.tls_client_ca_file: client certificates need mqtt.embedded_tls_listen"
+                        .into(),
+                );
+            }
+            let exposed = !self.mqtt.embedded_listen.ip().is_loopback()
+                || self
+                    .mqtt
+                    .embedded_tls_listen
+                    .is_some_and(|a| !a.ip().is_loopback());
+            if exposed && self.mqtt.users_file.is_none() && !self.mqtt.allow_anonymous {
+                problems.push(
+                    "mqtt: a listener on a non-loopback address needs mqtt.users_file (who may \
+                     connect), or mqtt.allow_anonymous = true to let anyone in"
+                        .into(),
+                );
+            }
+        }
+        if self.http.tokens.is_empty()
+            && !self.http.listen.ip().is_loopback()
+            && !self.http.allow_anonymous
+        {
+            problems.push(format!(
+                "http.listen: {} is not a loopback address and no [[http.tokens]] are \
+                 configured; add tokens (weir token new), or set http.allow_anonymous = true \
+                 to serve the API to anyone",
+                self.http.listen
+            ));
+        }
+        for (i, token) in self.http.tokens.iter().enumerate() {
+            if let Err(e) = token.check() {
+                problems.push(format!("http.tokens[{i}]: {e}"));
+            }
+        }
+        if self.http.tls_cert_file.is_some() != self.http.tls_key_file.is_some() {
+            problems.push("http.tls_cert_file and http.tls_key_file must be given together".into());
         }
         if self.storage.checkpoint_interval.is_zero() {
             problems.push("storage.checkpoint_interval: must be greater than 0".into());
@@ -407,12 +499,11 @@ impl Config {
         }
         for (i, w) in self.alerts.webhook.iter().enumerate() {
             let at = format!("alerts.webhook[{i}]");
-            if !w.url.starts_with("http://") {
-                problems.push(if w.url.starts_with("https://") {
-                    format!("{at}.url: https is not compiled into this build; use http:// (for example through a local relay)")
-                } else {
-                    format!("{at}.url: {:?} is not an http:// URL", w.url)
-                });
+            if !w.url.starts_with("http://") && !w.url.starts_with("https://") {
+                problems.push(format!(
+                    "{at}.url: {:?} is not an http:// or https:// URL",
+                    w.url
+                ));
             }
             if w.max_attempts == 0 {
                 problems.push(format!("{at}.max_attempts: must be at least 1"));

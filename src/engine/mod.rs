@@ -41,7 +41,7 @@ use crate::api::{self, AppState};
 use crate::config::{BrokerAddr, Config};
 use crate::obs::{now_ms, Health, Metrics};
 use crate::plan::{Pipeline, ViewShape};
-use crate::sink::notify::{MqttTarget, Notifier};
+use crate::sink::notify::{ExternalTarget, MqttTarget, Notifier};
 use crate::source::decode::{AckToken, Message};
 use crate::source::mqtt;
 use crate::source::server::{Server, ServerError, ServerOptions};
@@ -77,6 +77,8 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// The embedded broker's address, when weir runs one.
     pub embedded_broker: Option<SocketAddr>,
+    /// weir's MQTT-over-TLS listener, when configured.
+    pub embedded_tls: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -172,6 +174,26 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                 .min(u32::MAX as u64) as u32;
             options.max_subscriptions = config.mqtt.max_subscriptions;
             options.max_retained = config.mqtt.max_retained;
+            if let Some(path) = &config.mqtt.users_file {
+                let auth = crate::auth::mqtt::MqttAuth::load(path).map_err(EngineError::Config)?;
+                tracing::info!(users = auth.user_count(), file = %path.display(), "MQTT clients must log in");
+                options.auth = Arc::new(auth);
+            }
+            if let (Some(addr), Some(cert), Some(key)) = (
+                config.mqtt.embedded_tls_listen,
+                &config.mqtt.tls_cert_file,
+                &config.mqtt.tls_key_file,
+            ) {
+                let tls = crate::tls::server_config(
+                    cert,
+                    key,
+                    config.mqtt.tls_client_ca_file.as_deref(),
+                    &[b"mqtt"],
+                )
+                .map_err(|e| EngineError::Config(format!("mqtt TLS: {e}")))?;
+                options.tls_listen = Some(addr);
+                options.tls = Some(tls);
+            }
             let server = Server::bind(
                 options,
                 tx.clone(),
@@ -185,12 +207,41 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                 source,
             })?;
             tracing::info!(%addr, "MQTT server listening (it accepts clients once recovery is done)");
+            if let Some(tls_addr) = server.tls_local_addr() {
+                tracing::info!(addr = %tls_addr, mtls = config.mqtt.tls_client_ca_file.is_some(), "MQTT over TLS listening");
+            }
             (addr.ip().to_string(), addr.port(), Some((server, addr)))
         }
         BrokerAddr::External { host, port, .. } => (host, port, None),
     };
+    let embedded_tls = server.as_ref().and_then(|(s, _)| s.tls_local_addr());
+    // mqtts:// to the operator's broker.
+    let external_tls = match config.mqtt.broker_addr() {
+        Ok(BrokerAddr::External { tls: true, .. }) => Some(
+            crate::tls::client_config(
+                config.mqtt.ca_file.as_deref(),
+                config.mqtt.cert_file.as_deref(),
+                config.mqtt.key_file.as_deref(),
+            )
+            .map_err(|e| EngineError::Config(format!("mqtt.broker TLS: {e}")))?,
+        ),
+        _ => None,
+    };
     let embedded_broker = server.as_ref().map(|(_, addr)| *addr);
 
+    let http_auth = crate::auth::http::HttpAuth::new(
+        &config.http.tokens,
+        &config.http.allowed_hosts,
+        config.http.listen,
+    )
+    .map_err(EngineError::Config)?;
+    let http_tls = match (&config.http.tls_cert_file, &config.http.tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::server_config(cert, key, None, &[b"http/1.1"])
+                .map_err(|e| EngineError::Config(format!("http TLS: {e}")))?,
+        ),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .map_err(|source| EngineError::Http {
@@ -208,18 +259,26 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let fatal = Arc::new(std::sync::Mutex::new(None));
     let log_floor = Arc::new(AtomicU64::new(0));
     let handle = tokio::runtime::Handle::current();
-    let notifier = Arc::new(Notifier::start(
-        &handle,
-        config.alerts.mqtt.then(|| MqttTarget {
+    let mqtt_target = match &server {
+        Some((server, _)) => MqttTarget::Embedded(server.publisher()),
+        None => MqttTarget::External(ExternalTarget {
             host: host.clone(),
             port,
             client_id: format!("{}-alerts", config.mqtt.client_id),
             username: config.mqtt.username.clone(),
             password: config.mqtt.password.clone(),
+            tls: external_tls.clone(),
         }),
-        &config.alerts.webhook,
-        shutdown.clone(),
-    ));
+    };
+    let notifier = Arc::new(
+        Notifier::start(
+            &handle,
+            config.alerts.mqtt.then_some(mqtt_target),
+            &config.alerts.webhook,
+            shutdown.clone(),
+        )
+        .map_err(|e| EngineError::Config(format!("alerts.webhook {e}")))?,
+    );
     let _ = metrics.notifications.set(notifier.channels.clone());
     let pipeline = Arc::new(pipeline);
     let state = Arc::new(AppState {
@@ -307,6 +366,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                     .map(|s| (s.topic.filter(), s.qos))
                     .collect(),
                 max_packet_bytes: config.mqtt.max_packet_bytes,
+                tls: external_tls,
                 index: 0,
                 total: 1,
             };
@@ -362,17 +422,29 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     }
 
     // HTTP API.
-    let router = api::router(state.clone());
+    let open_api = http_auth.open();
+    let router = api::router(state.clone(), Arc::new(http_auth));
     let token = shutdown.clone();
+    let https = http_tls.is_some();
     tasks.push(tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
+        let graceful = async move { token.cancelled().await };
+        let served = match http_tls {
+            Some(tls) => {
+                axum::serve(api::TlsListener::new(listener, tls), router)
+                    .with_graceful_shutdown(graceful)
+                    .await
+            }
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(graceful)
+                    .await
+            }
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
-    tracing::info!(%http_addr, "HTTP API listening");
+    tracing::info!(%http_addr, https, tokens = !open_api, "HTTP API listening");
 
     // Retention and disk usage.
     tasks.push(tokio::spawn(housekeeping(
@@ -387,6 +459,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     Ok(Running {
         http_addr,
         embedded_broker,
+        embedded_tls,
         state,
         shutdown,
         tasks,

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub broker: BrokerMetrics,
     pub store_disk_bytes: AtomicU64,
     pub store_errors: AtomicU64,
+    /// HTTP requests refused by access control.
+    pub http_denied: AtomicU64,
     /// 0 while the store refuses writes (and nothing is acknowledged).
     pub store_healthy: AtomicI64,
     /// Nanoseconds the MQTT source waited on a full ingest queue.
@@ -132,6 +134,15 @@ pub struct BrokerMetrics {
     /// message was larger than the client accepts.
     pub deliveries_dropped: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// CONNECTs with a wrong user name, password or certificate name.
+    pub login_failures: AtomicU64,
+    /// CONNECTs without credentials where a users file asks for them.
+    pub logins_refused: AtomicU64,
+    /// CONNECTs refused unchecked: too many failures from that address.
+    pub logins_rate_limited: AtomicU64,
+    /// PUBLISH, SUBSCRIBE and wills the ACL refused.
+    pub acl_denied: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
     pub sessions: AtomicI64,
     pub subscriptions: AtomicI64,
     pub retained: AtomicI64,
@@ -478,7 +489,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 16] = [
+        let single: [(&str, &str, &str, i64); 22] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -532,6 +543,42 @@ impl Metrics {
                 "counter",
                 "Connections closed for a protocol violation.",
                 load(&b.protocol_errors) as i64,
+            ),
+            (
+                "weir_mqtt_login_failures_total",
+                "counter",
+                "MQTT CONNECTs refused for a wrong user name, password or certificate name.",
+                load(&b.login_failures) as i64,
+            ),
+            (
+                "weir_mqtt_logins_refused_total",
+                "counter",
+                "MQTT CONNECTs refused for having no credentials (a users file is configured).",
+                load(&b.logins_refused) as i64,
+            ),
+            (
+                "weir_mqtt_logins_rate_limited_total",
+                "counter",
+                "MQTT CONNECTs refused unchecked after too many failed logins from their address.",
+                load(&b.logins_rate_limited) as i64,
+            ),
+            (
+                "weir_mqtt_acl_denied_total",
+                "counter",
+                "MQTT publishes, subscriptions and wills refused by the access rules.",
+                load(&b.acl_denied) as i64,
+            ),
+            (
+                "weir_mqtt_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes on weir's MQTT TLS listener that failed.",
+                load(&b.tls_handshake_failures) as i64,
+            ),
+            (
+                "weir_http_requests_denied_total",
+                "counter",
+                "HTTP requests refused: no or unknown token, missing scope, Host, Origin or Content-Type.",
+                load(&self.http_denied) as i64,
             ),
             (
                 "weir_ingest_queue_depth",

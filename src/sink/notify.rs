@@ -72,13 +72,24 @@ pub struct Notifier {
 }
 
 /// Where the MQTT notifications go.
+#[derive(Clone)]
+pub enum MqttTarget {
+    /// weir's own server: published in-process, as weir (no client, no
+    /// credentials; nobody else may publish under `weir/alerts/`).
+    Embedded(crate::source::server::Publisher),
+    /// The operator's broker, as a client.
+    External(ExternalTarget),
+}
+
 #[derive(Debug, Clone)]
-pub struct MqttTarget {
+pub struct ExternalTarget {
     pub host: String,
     pub port: u16,
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// `mqtts://`: the TLS client config.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Notifier {
@@ -88,7 +99,7 @@ impl Notifier {
         mqtt: Option<MqttTarget>,
         webhooks: &[WebhookConfig],
         shutdown: CancellationToken,
-    ) -> Notifier {
+    ) -> Result<Notifier, String> {
         let (sse, _) = broadcast::channel(SSE_BUFFER);
         let sse_metrics = ChannelMetrics::named("sse");
         let mut channels = vec![sse_metrics];
@@ -96,17 +107,29 @@ impl Notifier {
             let (tx, rx) = mpsc::channel(MQTT_QUEUE);
             let metrics = ChannelMetrics::named("mqtt");
             channels.push(metrics.clone());
-            handle.spawn(publish_mqtt(target, rx, metrics.clone(), shutdown.clone()));
+            match target {
+                MqttTarget::Embedded(publisher) => handle.spawn(publish_embedded(
+                    publisher,
+                    rx,
+                    metrics.clone(),
+                    shutdown.clone(),
+                )),
+                MqttTarget::External(target) => {
+                    handle.spawn(publish_mqtt(target, rx, metrics.clone(), shutdown.clone()))
+                }
+            };
             (tx, metrics)
         });
         let mut hooks = Vec::new();
         for (i, config) in webhooks.iter().enumerate() {
             let name = config.name.clone().unwrap_or_else(|| format!("webhook{i}"));
             let (tx, rx) = mpsc::channel(config.queue);
+            let client = webhook_client(config).map_err(|e| format!("{name}: {e}"))?;
             let metrics = ChannelMetrics::named(name);
             channels.push(metrics.clone());
             handle.spawn(deliver_webhook(
                 config.clone(),
+                client,
                 rx,
                 metrics.clone(),
                 shutdown.clone(),
@@ -117,12 +140,12 @@ impl Notifier {
                 metrics,
             });
         }
-        Notifier {
+        Ok(Notifier {
             sse,
             mqtt,
             webhooks: hooks,
             channels,
-        }
+        })
     }
 
     /// Hands `event` to every channel; never waits.
@@ -194,8 +217,29 @@ pub fn alert_topic(rule: &str, key: &str) -> String {
     format!("weir/alerts/{rule}/{key}")
 }
 
+/// Alerts into weir's own server, retained at QoS 1, as weir.
+async fn publish_embedded(
+    publisher: crate::source::server::Publisher,
+    mut rx: mpsc::Receiver<Arc<AlertEvent>>,
+    metrics: Arc<ChannelMetrics>,
+    shutdown: CancellationToken,
+) {
+    while let Some(event) = next_queued(&mut rx, &metrics, &shutdown).await {
+        let topic = alert_topic(&event.alert.rule, &event.alert.key);
+        let payload = event.alert.api_json();
+        if publisher
+            .publish(&topic, payload.into_bytes().into(), true)
+            .await
+        {
+            metrics.sent.fetch_add(1, Ordering::Relaxed);
+        } else {
+            metrics.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn publish_mqtt(
-    target: MqttTarget,
+    target: ExternalTarget,
     mut rx: mpsc::Receiver<Arc<AlertEvent>>,
     metrics: Arc<ChannelMetrics>,
     shutdown: CancellationToken,
@@ -205,6 +249,11 @@ async fn publish_mqtt(
     options.set_max_packet_size(1 << 20, 1 << 20);
     if let Some(user) = target.username {
         options.set_credentials(user, target.password.unwrap_or_default());
+    }
+    if let Some(tls) = target.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     // The event loop runs on its own, so that a publish waiting for room in
@@ -247,19 +296,25 @@ async fn publish_mqtt(
     let _ = client.disconnect().await;
 }
 
+/// The HTTP client of one webhook: https through weir's rustls, trusting
+/// the system's CAs and the webhook's `ca_file`.
+fn webhook_client(config: &WebhookConfig) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().timeout(config.timeout);
+    if config.url.starts_with("https://") {
+        let tls = crate::tls::client_config(config.ca_file.as_deref(), None, None)
+            .map_err(|e| e.to_string())?;
+        builder = builder.use_preconfigured_tls((*tls).clone());
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
 async fn deliver_webhook(
     config: WebhookConfig,
+    client: reqwest::Client,
     mut rx: mpsc::Receiver<Arc<AlertEvent>>,
     metrics: Arc<ChannelMetrics>,
     shutdown: CancellationToken,
 ) {
-    let client = match reqwest::Client::builder().timeout(config.timeout).build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(webhook = %metrics.name, error = %e, "cannot build the webhook client; its notifications are dropped");
-            return;
-        }
-    };
     loop {
         let Some(event) = next_queued(&mut rx, &metrics, &shutdown).await else {
             break;

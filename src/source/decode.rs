@@ -305,14 +305,26 @@ impl Decoder {
                     rejects.push(reject(RejectReason::Schema, format!("row {r}: {p}")));
                     continue;
                 }
-                let row = &mut scratch.cells[r * width..(r + 1) * width];
-                // topic levels fill columns the payload does not carry
+                // The topic is authoritative (DESIGN §2): a payload value
+                // that disagrees with its topic level is not this
+                // publisher's to give, so one terminal cannot speak for another.
+                let mut disagrees = None;
                 for (column, (_, value)) in self.bound_columns.iter().zip(&bound) {
-                    if let Some(c) = *column {
-                        if matches!(row[c], Cell::Missing | Cell::Null) {
-                            row[c] = Cell::Text(value);
-                        }
+                    let Some(c) = *column else { continue };
+                    let cell = &scratch.cells[r * width + c];
+                    if matches!(cell, Cell::Missing | Cell::Null) {
+                        scratch.cells[r * width + c] = Cell::Text(value);
+                    } else if scratch.text(cell) != Some(*value) {
+                        disagrees = Some(format!(
+                            "row {r}: field {} does not match the topic's {} ({value:?})",
+                            self.names[c], self.names[c]
+                        ));
+                        break;
                     }
+                }
+                if let Some(problem) = disagrees {
+                    rejects.push(reject(RejectReason::Schema, problem));
+                    continue;
                 }
                 let row = &scratch.cells[r * width..(r + 1) * width];
                 if let Some(problem) = self.check_row(row, &scratch.owned) {
@@ -763,21 +775,33 @@ mod tests {
             ),
             message(
                 "terminals/T2/telemetry",
-                r#"[{"ts": "1970-01-01T00:00:02Z", "battery_pct": 40.5}, {"ts": 3000, "terminal_id": "T9"}]"#,
+                r#"[{"ts": "1970-01-01T00:00:02Z", "battery_pct": 40.5}, {"ts": 3000, "terminal_id": "T2"}, {"ts": 3500, "terminal_id": "T9"}]"#,
             ),
             message(
                 "terminals/T3/telemetry",
                 "{\"ts\": 4000, \"error_count\": 2}\n{\"ts\": 5000}\n",
             ),
         ]);
-        assert!(rejects.is_empty(), "{rejects:?}");
+        // The payload may repeat its topic's terminal_id; it may not name another.
+        let details: Vec<_> = rejects
+            .iter()
+            .map(|r| (r.reason, r.detail.as_str(), r.topic.as_str()))
+            .collect();
+        assert_eq!(
+            details,
+            vec![(
+                RejectReason::Schema,
+                "row 2: field terminal_id does not match the topic's terminal_id (\"T2\")",
+                "terminals/T2/telemetry"
+            )]
+        );
         assert_eq!(times, vec![1000, 2000, 3000, 4000, 5000]);
         assert!(
             text.contains("| T1          |             | 1970-01-01T00:00:01Z | 50.0"),
             "{text}"
         );
-        // a value in the payload wins over the topic level
-        assert!(text.contains("| T9 "), "{text}");
+        // a payload value that disagrees with the topic level is rejected
+        assert!(!text.contains("| T9 "), "{text}");
         assert!(text.contains("| T3 ") && text.contains("| 2 "), "{text}");
     }
 
@@ -839,8 +863,9 @@ mod tests {
     #[test]
     fn escaped_strings_and_non_utf8() {
         let (text, _, rejects) = decode(&[
+            // An escaped payload value that equals its topic level is that level.
             message(
-                "terminals/T1/telemetry",
+                "terminals/T\\x/telemetry",
                 r#"{"ts": 1, "merchant_id": "M\"1\u00e9", "terminal_id": "T\\x"}"#,
             ),
             Message {

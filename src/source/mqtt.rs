@@ -43,6 +43,8 @@ pub struct SourceOptions {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// `mqtts://`: the TLS client config (trusted CAs, client certificate).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// (filter, qos) per stream.
     pub filters: Vec<(String, u8)>,
     pub max_packet_bytes: usize,
@@ -115,6 +117,11 @@ pub async fn run(
     mqtt.set_manual_acks(true);
     if let Some(user) = &options.username {
         mqtt.set_credentials(user.clone(), options.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &options.tls {
+        mqtt.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
     let filters: Vec<SubscribeFilter> = options

@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    PubAck, PubComp, PubCompReason, PubRec, PubRel, Publish, PublishProperties, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, Publish,
+    PublishProperties, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttc::v5::mqttbytes::v5::{Filter, PingResp, RetainForwardRule, Subscribe, Unsubscribe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::server::TlsStream;
 
 use super::broker::{
     empty_properties, Online, OutFlight, Session, SessionState, SubOptions, ToConnection,
@@ -27,6 +28,7 @@ use super::broker::{
 use super::codec::{self, Packet, Protocol, QoS, ReadError};
 use super::topics::{parse_filter, validate_topic};
 use super::Shared;
+use crate::auth::mqtt::{reserved_client_id, Identity, Refusal};
 use crate::source::decode::AckToken;
 
 /// Bytes read from a socket at a time (at least).
@@ -57,6 +59,42 @@ struct PendingAck {
     qos: QoS,
     /// Durable (stream topics) or routed (other topics): the ack may go.
     done: bool,
+    /// Not this client's to publish: dropped, and an MQTT 5 client is told so.
+    refused: bool,
+}
+
+/// The read side of a connection. A plain one waits for readability before
+/// it takes a buffer, so an idle connection holds none; TLS keeps its own
+/// buffers (rustls) whatever we do.
+enum Reader {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+impl Reader {
+    /// Reads what is there into `buf`; 0 at the end. Cancel-safe.
+    async fn read_more(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Reader::Plain(reader) => loop {
+                reader.readable().await?;
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK);
+                }
+                match reader.try_read_buf(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            },
+            Reader::Tls(reader) => {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(READ_CHUNK);
+                }
+                reader.read_buf(buf).await
+            }
+        }
+    }
 }
 
 struct Connection {
@@ -64,7 +102,9 @@ struct Connection {
     id: u64,
     protocol: Protocol,
     client_id: String,
-    writer: OwnedWriteHalf,
+    /// Who logged in, and so what it may publish and subscribe to.
+    identity: Identity,
+    writer: Writer,
     out: BytesMut,
     keep_alive: Duration,
     will: Option<LastWill>,
@@ -84,9 +124,46 @@ struct Connection {
     kick: tokio_util::sync::CancellationToken,
 }
 
-pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let _ = socket.set_nodelay(true);
-    let (mut reader, mut writer) = socket.into_split();
+    // TLS first (within the same time a client has for CONNECT); a client
+    // certificate the handshake verified names the client.
+    let (mut reader, mut writer, cert_name): (Reader, Writer, Option<String>) = match tls {
+        None => {
+            let (reader, writer) = socket.into_split();
+            (Reader::Plain(reader), Box::new(writer), None)
+        }
+        Some(acceptor) => {
+            let handshake =
+                tokio::time::timeout(shared.options.connect_timeout, acceptor.accept(socket)).await;
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
+                    shared
+                        .metrics
+                        .broker
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => return,
+            };
+            let cert_name = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| crate::tls::common_name(leaf));
+            let (reader, writer) = tokio::io::split(stream);
+            (Reader::Tls(reader), Box::new(writer), cert_name)
+        }
+    };
     let mut buf = BytesMut::with_capacity(1024);
     let max = shared.options.max_packet_bytes;
     let first = tokio::time::timeout(shared.options.connect_timeout, async {
@@ -96,7 +173,7 @@ pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr
                 Ok(None) => {}
                 Err(e) => return Err(Some(e)),
             }
-            match reader.read_buf(&mut buf).await {
+            match reader.read_more(&mut buf).await {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) => {}
             }
@@ -129,7 +206,61 @@ pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr
     let Packet::Connect(connect, will, login) = packet else {
         return;
     };
-    let _ = login; // authentication: the access-control issue
+    // Client ids starting `weir` are weir's own.
+    if reserved_client_id(&connect.client_id) {
+        tracing::debug!(%peer, client = %connect.client_id, "MQTT client refused: reserved client id");
+        refuse(
+            &mut writer,
+            protocol,
+            ConnectReturnCode::ClientIdentifierNotValid,
+        )
+        .await;
+        return;
+    }
+    let (username, password) = match &login {
+        Some(l) => (Some(l.username.as_str()), Some(l.password.as_bytes())),
+        None => (None, None),
+    };
+    let identity = match shared
+        .options
+        .auth
+        .authenticate(peer.ip(), username, password, cert_name.as_deref())
+        .await
+    {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            let m = &shared.metrics.broker;
+            let code = match refusal {
+                Refusal::NotAuthorized => {
+                    m.logins_refused.fetch_add(1, Ordering::Relaxed);
+                    ConnectReturnCode::NotAuthorized
+                }
+                Refusal::BadCredentials => {
+                    m.login_failures.fetch_add(1, Ordering::Relaxed);
+                    ConnectReturnCode::BadUserNamePassword
+                }
+                Refusal::RateLimited => {
+                    m.logins_rate_limited.fetch_add(1, Ordering::Relaxed);
+                    ConnectReturnCode::ConnectionRateExceeded
+                }
+            };
+            tracing::info!(%peer, client = %connect.client_id, user = username.unwrap_or(""), reason = ?refusal, "MQTT login refused");
+            refuse(&mut writer, protocol, code).await;
+            return;
+        }
+    };
+    if let Some(w) = &will {
+        let allowed = std::str::from_utf8(&w.topic).is_ok_and(|t| identity.may_publish(t));
+        if !allowed {
+            shared
+                .metrics
+                .broker
+                .acl_denied
+                .fetch_add(1, Ordering::Relaxed);
+            refuse(&mut writer, protocol, ConnectReturnCode::NotAuthorized).await;
+            return;
+        }
+    }
     if shared.connections.fetch_add(1, Ordering::AcqRel) >= shared.options.max_connections {
         shared.connections.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!(%peer, "MQTT connection refused: max_connections reached");
@@ -147,7 +278,7 @@ pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
     if let Some(connection) =
-        Connection::accept(shared.clone(), protocol, connect, will, writer).await
+        Connection::accept(shared.clone(), protocol, connect, will, identity, writer).await
     {
         connection.serve(reader, buf).await;
     }
@@ -160,7 +291,7 @@ pub(super) async fn run(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr
 }
 
 /// A CONNACK that refuses, then the socket closes.
-async fn refuse(writer: &mut OwnedWriteHalf, protocol: Protocol, code: ConnectReturnCode) {
+async fn refuse(writer: &mut Writer, protocol: Protocol, code: ConnectReturnCode) {
     let mut out = BytesMut::new();
     let ack = Packet::ConnAck(ConnAck {
         session_present: false,
@@ -169,6 +300,7 @@ async fn refuse(writer: &mut OwnedWriteHalf, protocol: Protocol, code: ConnectRe
     });
     if codec::write(&ack, protocol, &mut out).is_ok() {
         let _ = writer.write_all(&out).await;
+        let _ = writer.flush().await;
     }
     let _ = writer.shutdown().await;
 }
@@ -180,7 +312,8 @@ impl Connection {
         protocol: Protocol,
         connect: rumqttc::v5::mqttbytes::v5::Connect,
         will: Option<LastWill>,
-        mut writer: OwnedWriteHalf,
+        identity: Identity,
+        mut writer: Writer,
     ) -> Option<Connection> {
         let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         let clean = connect.clean_start;
@@ -326,6 +459,7 @@ impl Connection {
             id,
             protocol,
             client_id,
+            identity,
             writer,
             out: BytesMut::new(),
             keep_alive: Duration::from_secs(keep_alive as u64),
@@ -405,12 +539,12 @@ impl Connection {
         Some(connection)
     }
 
-    async fn serve(mut self, mut reader: OwnedReadHalf, mut buf: BytesMut) {
+    async fn serve(mut self, mut reader: Reader, mut buf: BytesMut) {
         let end = self.run(&mut reader, &mut buf).await;
         self.close(end).await;
     }
 
-    async fn run(&mut self, reader: &mut OwnedReadHalf, buf: &mut BytesMut) -> End {
+    async fn run(&mut self, reader: &mut Reader, buf: &mut BytesMut) -> End {
         let shutdown = self.shared.shutdown.clone();
         let receive_maximum = self.shared.options.receive_maximum as usize;
         let mut last_heard = Instant::now();
@@ -481,18 +615,10 @@ impl Connection {
                     }
                 }
                 // Readable first, then a buffer: an idle connection holds none.
-                ready = reader.readable(), if can_read => {
-                    if ready.is_err() {
-                        return End::Lost;
-                    }
-                    if buf.capacity() - buf.len() < 1024 {
-                        buf.reserve(READ_CHUNK);
-                    }
-                    match reader.try_read_buf(buf) {
-                        Ok(0) => return End::Lost,
+                read = reader.read_more(buf), if can_read => {
+                    match read {
+                        Ok(0) | Err(_) => return End::Lost,
                         Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return End::Lost,
                     }
                 },
                 _ = sleep_until(deadline) => return End::KeepAlive,
@@ -676,6 +802,28 @@ impl Connection {
                 return Ok(());
             }
         }
+        if !self.identity.may_publish(&topic) {
+            // Not this client's topic: dropped. MQTT 5 says why in the ack;
+            // 3.1.1 has no way to, so the ack is a plain one (as Mosquitto does).
+            self.shared
+                .metrics
+                .broker
+                .acl_denied
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %self.client_id, user = ?self.identity.name(), %topic, "PUBLISH refused by the ACL");
+            if qos != QoS::AtMostOnce {
+                self.pending.push_back(PendingAck {
+                    pkid,
+                    qos,
+                    done: true,
+                    refused: self.protocol == Protocol::V5,
+                });
+                if qos == QoS::ExactlyOnce && self.protocol == Protocol::V4 {
+                    self.state.awaiting_release.insert(pkid);
+                }
+            }
+            return Ok(());
+        }
         let stream = self.shared.is_stream_topic(&topic) && !(p.retain && p.payload.is_empty());
         let ack = (qos != QoS::AtMostOnce && stream).then_some(AckToken {
             connection: self.id,
@@ -686,6 +834,7 @@ impl Connection {
                 pkid,
                 qos,
                 done: ack.is_none(),
+                refused: false,
             });
             if qos == QoS::ExactlyOnce {
                 self.state.awaiting_release.insert(pkid);
@@ -725,6 +874,19 @@ impl Connection {
                     });
                     continue;
                 };
+                if !self.identity.may_subscribe(filter) {
+                    self.shared
+                        .metrics
+                        .broker
+                        .acl_denied
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %self.client_id, user = ?self.identity.name(), filter = %path, "SUBSCRIBE refused by the ACL");
+                    codes.push(match self.protocol {
+                        Protocol::V5 => SubscribeReasonCode::NotAuthorized,
+                        Protocol::V4 => SubscribeReasonCode::Failure,
+                    });
+                    continue;
+                }
                 let full = broker.sessions.get(&self.client_id).is_some_and(|s| {
                     s.subscriptions.len() >= self.shared.options.max_subscriptions
                         && !s.subscriptions.contains_key(&path)
@@ -812,8 +974,20 @@ impl Connection {
                 break;
             };
             let packet = match p.qos {
-                QoS::ExactlyOnce => Packet::PubRec(PubRec::new(p.pkid, None)),
-                _ => Packet::PubAck(PubAck::new(p.pkid, None)),
+                QoS::ExactlyOnce => {
+                    let mut rec = PubRec::new(p.pkid, None);
+                    if p.refused {
+                        rec.reason = PubRecReason::NotAuthorized;
+                    }
+                    Packet::PubRec(rec)
+                }
+                _ => {
+                    let mut ack = PubAck::new(p.pkid, None);
+                    if p.refused {
+                        ack.reason = PubAckReason::NotAuthorized;
+                    }
+                    Packet::PubAck(ack)
+                }
             };
             self.send(&packet);
         }
@@ -875,8 +1049,15 @@ impl Connection {
         if self.out.is_empty() {
             return Ok(());
         }
+        let writer = &mut self.writer;
+        let out = &self.out;
+        let write = async move {
+            writer.write_all(out).await?;
+            // TLS holds what it encrypted until flushed; TCP does nothing here.
+            writer.flush().await
+        };
         let result = tokio::select! {
-            result = self.writer.write_all(&self.out) => result,
+            result = write => result,
             _ = self.kick.cancelled() => Err(std::io::ErrorKind::ConnectionAborted.into()),
         };
         // Nothing held between writes: most connections are idle most of

@@ -46,6 +46,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::mqtt::MqttAuth;
 use crate::obs::{now_ms, Metrics};
 use crate::source::decode::{AckToken, Message};
 use broker::BrokerState;
@@ -79,6 +80,11 @@ pub struct ServerOptions {
     pub connect_timeout: Duration,
     /// The stream topics' filters: publishes matching one go to the pipeline.
     pub stream_filters: Vec<String>,
+    /// A second listener speaking MQTT over TLS, and its config.
+    pub tls_listen: Option<SocketAddr>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Who may connect and what they may do.
+    pub auth: Arc<MqttAuth>,
 }
 
 impl ServerOptions {
@@ -96,6 +102,9 @@ impl ServerOptions {
             max_retained: 100_000,
             connect_timeout: Duration::from_secs(10),
             stream_filters,
+            tls_listen: None,
+            tls: None,
+            auth: Arc::new(MqttAuth::open()),
         }
     }
 }
@@ -116,7 +125,23 @@ pub enum ServerError {
 /// The server, bound but not yet accepting.
 pub struct Server {
     listener: TcpListener,
+    /// The TLS listener, when there is one.
+    tls_listener: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     shared: Arc<Shared>,
+}
+
+/// Publishes into the server from inside weir (alert notifications): as
+/// weir, which is the only publisher allowed under `weir/alerts/`.
+#[derive(Clone)]
+pub struct Publisher(Arc<Shared>);
+
+impl Publisher {
+    /// Retains (when asked) and routes a QoS 1 message; false once weir stops.
+    pub async fn publish(&self, topic: &str, payload: bytes::Bytes, retain: bool) -> bool {
+        let mut publish = Publish::new(topic, codec::QoS::AtLeastOnce, payload, None);
+        publish.retain = retain;
+        self.0.publish("weir", publish, None, false).await
+    }
 }
 
 /// What every connection task shares.
@@ -179,6 +204,15 @@ impl Server {
                     addr: options.listen,
                     source,
                 })?;
+        let tls_listener = match (options.tls_listen, &options.tls) {
+            (Some(addr), Some(config)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Listen { addr, source })?;
+                Some((listener, tokio_rustls::TlsAcceptor::from(config.clone())))
+            }
+            _ => None,
+        };
         let mut state = BrokerState::new(options.max_queued, options.max_retained, store);
         let expiring = state.restore();
         if !state.sessions.is_empty() || !state.retained.is_empty() {
@@ -201,11 +235,27 @@ impl Server {
         for (client, expiry) in expiring {
             shared.expire_later(client, expiry, 0);
         }
-        Ok(Server { listener, shared })
+        Ok(Server {
+            listener,
+            tls_listener,
+            shared,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Publishes from inside weir, as weir.
+    pub fn publisher(&self) -> Publisher {
+        Publisher(self.shared.clone())
     }
 
     /// Accepts connections and routes the pipeline's acks until shutdown.
@@ -220,15 +270,20 @@ impl Server {
             })
         };
         let tasks = tokio_util::task::TaskTracker::new();
+        let tls_accept = async |tls: &Option<(TcpListener, tokio_rustls::TlsAcceptor)>| match tls {
+            Some((listener, acceptor)) => (listener.accept().await, Some(acceptor.clone())),
+            None => std::future::pending().await,
+        };
         loop {
-            let accepted = tokio::select! {
+            let (accepted, tls) = tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
-                accepted = self.listener.accept() => accepted,
+                accepted = self.listener.accept() => (accepted, None),
+                accepted = tls_accept(&self.tls_listener) => accepted,
             };
             match accepted {
                 Ok((socket, peer)) => {
                     let shared = shared.clone();
-                    tasks.spawn(connection::run(shared, socket, peer));
+                    tasks.spawn(connection::run(shared, socket, peer, tls));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
