@@ -240,8 +240,8 @@ impl HttpAuth {
             .and_then(|v| v.to_str().ok())
             .map(host_name)
             .unwrap_or_default();
-        let allowed = self.allowed_hosts.contains(&host)
-            || (self.loopback && is_loopback_name(&host));
+        let allowed =
+            self.allowed_hosts.contains(&host) || (self.loopback && is_loopback_name(&host));
         if allowed {
             Ok(())
         } else {

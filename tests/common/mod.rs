@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod process;
 
 use std::future::Future;
@@ -65,6 +66,18 @@ impl Weir {
         broker: Option<String>,
         tweak: impl FnOnce(&mut Config),
     ) -> Weir {
+        Self::start_full(dir, broker, tweak, None).await
+    }
+
+    /// Like `start_configured`; with `https`, the API is reached as
+    /// `https://localhost:port` through that client (the config's tweak
+    /// sets the certificate), and `/readyz` is asked the same way.
+    pub async fn start_full(
+        dir: tempfile::TempDir,
+        broker: Option<String>,
+        tweak: impl FnOnce(&mut Config),
+        https: Option<reqwest::Client>,
+    ) -> Weir {
         let mut config = Config::default();
         config.http.listen = "127.0.0.1:0".parse().expect("addr");
         config.mqtt.embedded_listen = "127.0.0.1:0".parse().expect("addr");
@@ -88,7 +101,10 @@ impl Weir {
         let running = weir::engine::start(config, pipeline)
             .await
             .expect("weir starts");
-        let base = format!("http://{}", running.http_addr);
+        let base = match &https {
+            Some(_) => format!("https://localhost:{}", running.http_addr.port()),
+            None => format!("http://{}", running.http_addr),
+        };
         let broker_port = running
             .embedded_broker
             .map(|a| a.port())
@@ -99,7 +115,7 @@ impl Weir {
             base,
             broker_port,
             dir,
-            http: reqwest::Client::new(),
+            http: https.unwrap_or_default(),
         };
         weir.wait_ready().await;
         weir
