@@ -156,10 +156,10 @@ async fn receive_until(
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !until(&got) {
-        let event = tokio::time::timeout_at(deadline, eventloop.poll())
-            .await
-            .unwrap_or_else(|_| panic!("messages before the deadline; got {got:?}"))
-            .expect("connection");
+        let Ok(event) = tokio::time::timeout_at(deadline, eventloop.poll()).await else {
+            panic!("messages before the deadline; got {got:?}");
+        };
+        let event = event.expect("connection");
         if let Event::Incoming(Packet::Publish(p)) = event {
             got.push((p.topic, String::from_utf8_lossy(&p.payload).into_owned()));
         }
