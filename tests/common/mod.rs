@@ -361,29 +361,30 @@ impl Mosquitto {
     /// With `persistence`, sessions and queued messages are saved in that
     /// directory when the broker stops (SIGTERM) and loaded when it starts.
     pub async fn start_with(port: u16, persistence: Option<&std::path::Path>) -> Mosquitto {
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n{}",
+            match persistence {
+                Some(dir) => format!(
+                    // run as root (CI), it would switch to the `mosquitto` user,
+                    // which cannot write the test's temp dir
+                    "persistence true\npersistence_location {}/\nautosave_interval 0\nuser root\n",
+                    dir.display()
+                ),
+                None => "persistence false\n".to_string(),
+            }
+        );
+        Self::start_conf(port, &conf).await
+    }
+
+    /// With this configuration file (which must listen on `port`).
+    pub async fn start_conf(port: u16, conf_text: &str) -> Mosquitto {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .expect("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)");
         let mut conf = tempfile::NamedTempFile::new().expect("conf");
-        std::io::Write::write_all(
-            &mut conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n{}",
-                match persistence {
-                    Some(dir) => format!(
-                        // run as root (CI), it would switch to the `mosquitto` user,
-                        // which cannot write the test's temp dir
-                        "persistence true\npersistence_location {}/\nautosave_interval 0\nuser root\n",
-                        dir.display()
-                    ),
-                    None => "persistence false\n".to_string(),
-                }
-            )
-            .as_bytes(),
-        )
-        .expect("write conf");
+        std::io::Write::write_all(&mut conf, conf_text.as_bytes()).expect("write conf");
         let child = std::process::Command::new(binary)
             .arg("-c")
             .arg(conf.path())
