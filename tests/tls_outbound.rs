@@ -112,17 +112,18 @@ async fn weir_reads_and_alerts_through_a_mosquitto_over_mqtts() {
     weir.stop().await;
 }
 
+/// What the webhook received: its Authorization header and body.
+type Received = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_reach_an_https_webhook_of_a_private_ca() {
     let pki = Pki::new("webhook");
-    let received: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::default();
+    let received: Received = Arc::default();
     let app = axum::Router::new()
         .route(
             "/hook",
             axum::routing::post(
-                |axum::extract::State(seen): axum::extract::State<
-                    Arc<Mutex<Vec<(Option<String>, Value)>>>,
-                >,
+                |axum::extract::State(seen): axum::extract::State<Received>,
                  headers: axum::http::HeaderMap,
                  axum::Json(body): axum::Json<Value>| async move {
                     let auth = headers
