@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use rumqttc::{AsyncClient, LastWill, QoS};
 
-use super::{parse_broker, Rng};
+use super::{Broker, Rng};
 
 #[derive(Default)]
 pub struct DropoutCounters {
@@ -34,19 +34,18 @@ pub struct DropoutCounters {
 
 /// One terminal that drops off and comes back until `deadline`.
 pub async fn dropout_terminal(
-    broker: String,
+    broker: Broker,
     index: usize,
     seed: u64,
     counters: Arc<DropoutCounters>,
     deadline: Instant,
 ) -> anyhow::Result<()> {
-    let (host, port) = parse_broker(&broker)?;
     let id = format!("D{index:06}");
     let topic = format!("terminals/{id}/status");
     let mut rng = Rng::new(seed, (1 << 40) + index as u64);
     let mut first = true;
     while Instant::now() < deadline {
-        let mut options = MqttOptions::new(format!("terminal-{id}"), host.clone(), port);
+        let mut options = broker.options(format!("terminal-{id}"));
         options.set_keep_alive(Duration::from_secs(5));
         options.set_last_will(LastWill::new(
             topic.clone(),
@@ -108,7 +107,7 @@ pub struct Latency {
 /// Publishes markers until `deadline` and measures publish-to-SSE latency.
 pub async fn measure(
     api: String,
-    broker: String,
+    broker: Broker,
     markers_per_s: f64,
     deadline: Instant,
 ) -> anyhow::Result<Latency> {
@@ -160,12 +159,7 @@ pub async fn measure(
         }
     });
 
-    let (host, port) = parse_broker(&broker)?;
-    let mut options = MqttOptions::new(
-        format!("weir-loadgen-markers-{}", std::process::id()),
-        host,
-        port,
-    );
+    let mut options = broker.options(format!("loadgen-markers-{}", std::process::id()));
     options.set_inflight(100);
     let (client, mut eventloop) = AsyncClient::new(options, 100);
     let poller = tokio::spawn(async move {

@@ -36,9 +36,18 @@ pub use fleet::Rng;
     about = "Simulate a fleet of payment terminals over MQTT and report rate and latency"
 )]
 struct Args {
-    /// Broker address, mqtt://host:port.
+    /// Broker address, mqtt://host:port or mqtts://host:port.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// Log in as this MQTT user (every connection; an `admin` of weir's
+    /// users file may publish for every terminal).
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+    /// mqtts://: a PEM CA to trust besides the system's.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     /// Number of terminals (20 per merchant).
     #[arg(long, default_value_t = 1000)]
     terminals: usize,
@@ -164,15 +173,83 @@ impl Counters {
     }
 }
 
-fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .context("--broker must look like mqtt://host:port")?;
-    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    Ok((
-        host.to_string(),
-        port.parse().context("invalid port in --broker")?,
+/// Where and how every connection of the run connects.
+#[derive(Clone)]
+pub struct Broker {
+    host: String,
+    port: u16,
+    login: Option<(String, String)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Broker {
+    fn from_args(args: &Args) -> anyhow::Result<Broker> {
+        let (tls, rest) = if let Some(rest) = args.broker.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            let rest = args
+                .broker
+                .strip_prefix("mqtt://")
+                .context("--broker must look like mqtt://host:port or mqtts://host:port")?;
+            (false, rest)
+        };
+        let default_port = if tls { "8883" } else { "1883" };
+        let (host, port) = rest.rsplit_once(':').unwrap_or((rest, default_port));
+        let tls = if tls {
+            Some(tls_config(args.ca_file.as_deref())?)
+        } else {
+            None
+        };
+        Ok(Broker {
+            host: host.to_string(),
+            port: port.parse().context("invalid port in --broker")?,
+            login: args
+                .username
+                .clone()
+                .map(|u| (u, args.password.clone().unwrap_or_default())),
+            tls,
+        })
+    }
+
+    /// Options for one connection named `client_id`.
+    pub fn options(&self, client_id: String) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
+        if let Some((user, password)) = &self.login {
+            options.set_credentials(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
+        options
+    }
+}
+
+/// rustls (ring) trusting the system's roots and `ca_file`.
+fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("--ca-file {}", path.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("--ca-file {}", path.display()))?)
+                .context("--ca-file")?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
     ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn wall_ms() -> i64 {
@@ -198,12 +275,8 @@ impl Clock {
 
 /// A connection of this load generator to `--broker`, named `name`.
 fn mqtt_options(args: &Args, name: &str) -> anyhow::Result<MqttOptions> {
-    let (host, port) = parse_broker(&args.broker)?;
-    let mut options = MqttOptions::new(
-        format!("weir-loadgen-{}-{name}", std::process::id()),
-        host,
-        port,
-    );
+    let mut options =
+        Broker::from_args(args)?.options(format!("loadgen-{}-{name}", std::process::id()));
     options.set_max_packet_size(16 << 20, 16 << 20);
     options.set_keep_alive(Duration::from_secs(30));
     Ok(options)
@@ -501,7 +574,7 @@ async fn main() -> anyhow::Result<()> {
             args.txn_rate()
         );
     }
-    parse_broker(&args.broker)?;
+    let broker = Broker::from_args(&args)?;
 
     let delivered = Arc::new(DeliveredCounters::default());
     let subscriber = if args.count {
@@ -521,7 +594,7 @@ async fn main() -> anyhow::Result<()> {
     let dropouts: Vec<_> = (0..args.dropouts)
         .map(|i| {
             tokio::spawn(alerts::dropout_terminal(
-                args.broker.clone(),
+                broker.clone(),
                 i,
                 args.seed,
                 dropout_counters.clone(),
@@ -532,7 +605,7 @@ async fn main() -> anyhow::Result<()> {
     let latency = args.api.clone().map(|api| {
         tokio::spawn(alerts::measure(
             api,
-            args.broker.clone(),
+            broker.clone(),
             args.markers_per_s,
             deadline,
         ))

@@ -221,12 +221,23 @@ pub(super) async fn run(
         Some(l) => (Some(l.username.as_str()), Some(l.password.as_bytes())),
         None => (None, None),
     };
-    let identity = match shared
-        .options
-        .auth
-        .authenticate(peer.ip(), username, password, cert_name.as_deref())
-        .await
-    {
+    // Password checks queue behind each other (a few at a time): a flood of
+    // logins waits at most as long as a client has for CONNECT, then is
+    // told the server is busy.
+    let checked = tokio::time::timeout(
+        shared.options.connect_timeout,
+        shared
+            .options
+            .auth
+            .authenticate(peer.ip(), username, password, cert_name.as_deref()),
+    )
+    .await;
+    let Ok(checked) = checked else {
+        tracing::warn!(%peer, "MQTT login not checked in time: too many logins at once");
+        refuse(&mut writer, protocol, ConnectReturnCode::ServerBusy).await;
+        return;
+    };
+    let identity = match checked {
         Ok(identity) => identity,
         Err(refusal) => {
             let m = &shared.metrics.broker;
