@@ -31,7 +31,7 @@ pub fn telemetry_decoder(pipeline: &Pipeline) -> Decoder {
         .stream("telemetry")
         .expect("telemetry stream")
         .clone();
-    Decoder::new(stream, 4 << 20)
+    Decoder::new(stream, bench_limits())
 }
 
 /// The shipped `terminal_health_1m` view (tumbling minute per terminal).
@@ -93,7 +93,10 @@ pub fn shipped() -> Pipeline {
 
 /// The decoder of a stream of `pipeline`.
 pub fn decoder(pipeline: &Pipeline, stream: &str) -> Decoder {
-    Decoder::new(pipeline.stream(stream).expect("stream").clone(), 4 << 20)
+    Decoder::new(
+        pipeline.stream(stream).expect("stream").clone(),
+        bench_limits(),
+    )
 }
 
 /// `count` transactions, one per message as terminals send them, from
@@ -157,4 +160,12 @@ pub fn terminal_batches(terminals: usize, count: usize) -> Vec<Message> {
             }
         })
         .collect()
+}
+
+/// The default limits, with room for the benches' large messages.
+pub fn bench_limits() -> weir::source::decode::Limits {
+    weir::source::decode::Limits {
+        max_rows_per_message: 1_000_000,
+        ..weir::source::decode::Limits::with_message_bytes(4 << 20)
+    }
 }

@@ -35,6 +35,31 @@ pub struct Config {
     pub storage: StorageConfig,
     pub pipelines: PipelinesConfig,
     pub alerts: AlertsConfig,
+    pub limits: LimitsConfig,
+}
+
+/// What one message may hold (DESIGN §2 "Limits"); beyond, it is dead-lettered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// A longer text value is `schema` (it would become keys and rows). Default 1024.
+    pub max_text_bytes: usize,
+    /// A message with more rows is `oversize`. Default 10 000.
+    pub max_rows_per_message: usize,
+    /// An event time further ahead of its arrival is `future`, and never
+    /// moves a watermark. Default `1h`.
+    #[serde(with = "duration_str")]
+    pub max_future: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_text_bytes: 1024,
+            max_rows_per_message: 10_000,
+            max_future: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -487,6 +512,21 @@ impl Config {
         }
         if self.http.tls_cert_file.is_some() != self.http.tls_key_file.is_some() {
             problems.push("http.tls_cert_file and http.tls_key_file must be given together".into());
+        }
+        if !(16..=16 * 1024).contains(&self.limits.max_text_bytes) {
+            problems.push(format!(
+                "limits.max_text_bytes: {} is not between 16 and 16384 (text values become keys)",
+                self.limits.max_text_bytes
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.limits.max_rows_per_message) {
+            problems.push(format!(
+                "limits.max_rows_per_message: {} is not between 1 and 1 000 000",
+                self.limits.max_rows_per_message
+            ));
+        }
+        if self.limits.max_future > Duration::from_secs(366 * 24 * 3600) {
+            problems.push("limits.max_future: at most a year".into());
         }
         if self.storage.checkpoint_interval.is_zero() {
             problems.push("storage.checkpoint_interval: must be greater than 0".into());

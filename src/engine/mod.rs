@@ -308,7 +308,12 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         pipeline::Settings {
             durability: config.storage.durability,
             checkpoint_interval: config.storage.checkpoint_interval,
-            max_message_bytes: config.mqtt.max_packet_bytes,
+            limits: crate::source::decode::Limits {
+                max_message_bytes: config.mqtt.max_packet_bytes,
+                max_text_bytes: config.limits.max_text_bytes,
+                max_rows_per_message: config.limits.max_rows_per_message,
+                max_future_ms: config.limits.max_future.as_millis().min(i64::MAX as u128) as i64,
+            },
         },
         log_floor.clone(),
         Some(notifier),

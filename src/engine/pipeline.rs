@@ -121,7 +121,8 @@ const WATERMARK_ROW_BASE: u32 = 1 << 31;
 pub(super) struct Settings {
     pub durability: Durability,
     pub checkpoint_interval: Duration,
-    pub max_message_bytes: usize,
+    /// What one message may hold (DESIGN §2 "Limits").
+    pub limits: crate::source::decode::Limits,
 }
 
 struct StreamRuntime {
@@ -689,7 +690,7 @@ impl Runner {
             std::mem::replace(&mut self.dedup, Dedup::new(0)),
             self.metrics.clone(),
             self.settings.durability,
-            self.settings.max_message_bytes,
+            self.settings.limits,
         );
         let prepare_thread = {
             let (handle, shutdown) = (handle.clone(), shutdown.clone());

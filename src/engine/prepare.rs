@@ -54,13 +54,13 @@ impl Preparer {
         dedup: Dedup,
         metrics: Arc<Metrics>,
         durability: Durability,
-        max_message_bytes: usize,
+        limits: crate::source::decode::Limits,
     ) -> Self {
         let streams = streams
             .iter()
             .map(|def| StreamPrep {
                 def: def.clone(),
-                decoder: Decoder::new(def.clone(), max_message_bytes),
+                decoder: Decoder::new(def.clone(), limits),
                 metrics: metrics.streams[&def.name].clone(),
             })
             .collect();
@@ -165,6 +165,7 @@ impl Preparer {
                         detail: format!("topic {} matches no stream", m.topic),
                         payload: crate::source::decode::truncate_payload(&m.payload),
                         received_at: m.received_at,
+                        rows: 1,
                     });
                 }
             }
@@ -182,7 +183,7 @@ impl Preparer {
             let before = out.rejects.len();
             let decoded = stream.decoder.decode(&msgs, &mut out.rejects);
             for r in &out.rejects[before..] {
-                stream.metrics.reject(r.reason);
+                stream.metrics.reject_n(r.reason, r.rows);
             }
             let rows = decoded.batch.num_rows();
             stream

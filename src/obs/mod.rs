@@ -17,7 +17,7 @@ pub struct StreamMetrics {
     pub messages: AtomicU64,
     pub ingested: AtomicU64,
     /// Indexed like `RejectReason::ALL`.
-    pub rejected: [AtomicU64; 4],
+    pub rejected: [AtomicU64; 5],
     pub late: AtomicU64,
     /// Epoch ms; `i64::MIN` until the first event.
     pub watermark: AtomicI64,

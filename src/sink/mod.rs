@@ -284,6 +284,7 @@ pub fn late_rows<'m>(
                 detail: detail(event_time.get(r).copied().unwrap_or(0)),
                 payload: texts.get(i).cloned().unwrap_or_default(),
                 received_at,
+                rows: 1,
             }
         })
         .collect()

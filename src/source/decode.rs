@@ -29,8 +29,11 @@ pub enum RejectReason {
     Malformed,
     /// Decodable, but does not fit the stream's schema.
     Schema,
-    /// Larger than `mqtt.max_packet_bytes`.
+    /// Larger than `mqtt.max_packet_bytes`, more rows than
+    /// `limits.max_rows_per_message`, or nested deeper than [`MAX_DEPTH`].
     Oversize,
+    /// An event time more than `limits.max_future` ahead of its arrival.
+    Future,
     /// Its window had already closed.
     Late,
 }
@@ -41,6 +44,7 @@ impl RejectReason {
             RejectReason::Malformed => "malformed",
             RejectReason::Schema => "schema",
             RejectReason::Oversize => "oversize",
+            RejectReason::Future => "future",
             RejectReason::Late => "late",
         }
     }
@@ -50,15 +54,17 @@ impl RejectReason {
             "malformed" => RejectReason::Malformed,
             "schema" => RejectReason::Schema,
             "oversize" => RejectReason::Oversize,
+            "future" => RejectReason::Future,
             "late" => RejectReason::Late,
             _ => return None,
         })
     }
 
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::Malformed,
         RejectReason::Schema,
         RejectReason::Oversize,
+        RejectReason::Future,
         RejectReason::Late,
     ];
 }
@@ -96,10 +102,78 @@ pub struct Rejected {
     /// The raw payload text, truncated to `PAYLOAD_LIMIT` bytes.
     pub payload: String,
     pub received_at: i64,
+    /// Rows this dead letter stands for (a whole message counts once).
+    #[serde(default = "one")]
+    pub rows: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// How much of a rejected payload the dead-letter store keeps.
 pub const PAYLOAD_LIMIT: usize = 4096;
+
+/// JSON nested deeper than this is `oversize` (DESIGN §2).
+pub const MAX_DEPTH: usize = 64;
+
+/// Row problems a dead letter spells out; the rest are counted.
+const DETAILED_ROWS: usize = 5;
+
+/// What one message may hold (DESIGN §2 "Limits"; `[limits]` and
+/// `mqtt.max_packet_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_text_bytes: usize,
+    pub max_rows_per_message: usize,
+    /// How far ahead of its arrival an event time may be, in ms.
+    pub max_future_ms: i64,
+}
+
+impl Limits {
+    /// The defaults of DESIGN §2, with this message size.
+    pub fn with_message_bytes(max_message_bytes: usize) -> Limits {
+        Limits {
+            max_message_bytes,
+            max_text_bytes: 1024,
+            max_rows_per_message: 10_000,
+            max_future_ms: 3_600_000,
+        }
+    }
+}
+
+/// True when `payload` nests arrays and objects deeper than `max`. One pass
+/// over the bytes, strings skipped, before any parsing.
+pub fn nested_deeper_than(payload: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in payload {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
 
 pub fn truncate_payload(payload: &[u8]) -> String {
     let text = String::from_utf8_lossy(&payload[..payload.len().min(PAYLOAD_LIMIT)]).into_owned();
@@ -150,9 +224,11 @@ enum Cell<'a> {
 struct Scratch<'a> {
     /// `width` cells per row.
     cells: Vec<Cell<'a>>,
-    /// Rows that are not objects: (row, why).
+    /// Rows that are not objects: (row, why), in row order.
     problems: Vec<(usize, String)>,
     owned: Vec<String>,
+    /// Set when the message had more rows than allowed (parsing stopped).
+    too_many_rows: bool,
 }
 
 impl<'a> Scratch<'a> {
@@ -160,6 +236,7 @@ impl<'a> Scratch<'a> {
         self.cells.clear();
         self.problems.clear();
         self.owned.clear();
+        self.too_many_rows = false;
     }
 
     fn text(&self, cell: &Cell<'a>) -> Option<&str> {
@@ -193,11 +270,11 @@ pub struct Decoder {
     event_time_column: Option<usize>,
     /// Column of each `{name}` level of the topic, in `TopicPattern::bindings` order.
     bound_columns: Vec<Option<usize>>,
-    max_bytes: usize,
+    limits: Limits,
 }
 
 impl Decoder {
-    pub fn new(stream: Arc<StreamDef>, max_bytes: usize) -> Self {
+    pub fn new(stream: Arc<StreamDef>, limits: Limits) -> Self {
         let schema = stream.schema.clone();
         let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let types = schema
@@ -226,7 +303,7 @@ impl Decoder {
             nullable,
             event_time_column,
             bound_columns,
-            max_bytes,
+            limits,
         }
     }
 
@@ -250,6 +327,9 @@ impl Decoder {
         let mut message_index = Vec::new();
         let mut scratch = Scratch::default();
 
+        let limits = self.limits;
+        // Rows of one message that were turned away: (row, reason, why).
+        let mut bad: Vec<(usize, RejectReason, String)> = Vec::new();
         for (m, message) in messages.iter().enumerate() {
             let reject = |reason: RejectReason, detail: String| Rejected {
                 stream: self.stream.name.clone(),
@@ -258,14 +338,15 @@ impl Decoder {
                 detail,
                 payload: truncate_payload(&message.payload),
                 received_at: message.received_at,
+                rows: 1,
             };
-            if message.payload.len() > self.max_bytes {
+            if message.payload.len() > limits.max_message_bytes {
                 rejects.push(reject(
                     RejectReason::Oversize,
                     format!(
                         "message of {} bytes exceeds the limit of {} bytes",
                         message.payload.len(),
-                        self.max_bytes
+                        limits.max_message_bytes
                     ),
                 ));
                 continue;
@@ -281,6 +362,25 @@ impl Decoder {
                 ));
                 continue;
             };
+            if let Some((name, value)) = bound.iter().find(|(_, v)| v.len() > limits.max_text_bytes)
+            {
+                rejects.push(reject(
+                    RejectReason::Schema,
+                    format!(
+                        "topic level {name} of {} bytes exceeds limits.max_text_bytes ({})",
+                        value.len(),
+                        limits.max_text_bytes
+                    ),
+                ));
+                continue;
+            }
+            if nested_deeper_than(&message.payload, MAX_DEPTH) {
+                rejects.push(reject(
+                    RejectReason::Oversize,
+                    format!("JSON nested deeper than {MAX_DEPTH} levels"),
+                ));
+                continue;
+            }
             scratch.clear();
             let text = match std::str::from_utf8(&message.payload) {
                 Ok(text) => text,
@@ -293,17 +393,30 @@ impl Decoder {
                 }
             };
             if let Err(e) = self.parse_payload(text, &mut scratch) {
-                rejects.push(reject(
-                    RejectReason::Malformed,
-                    format!("invalid JSON: {e}"),
-                ));
+                rejects.push(if scratch.too_many_rows {
+                    reject(
+                        RejectReason::Oversize,
+                        format!(
+                            "more than limits.max_rows_per_message ({}) rows",
+                            limits.max_rows_per_message
+                        ),
+                    )
+                } else {
+                    reject(RejectReason::Malformed, format!("invalid JSON: {e}"))
+                });
                 continue;
             }
             let rows = scratch.cells.len() / width.max(1);
+            bad.clear();
+            // Problems come in row order: one cursor, no search.
+            let mut next_problem = 0;
             for r in 0..rows {
-                if let Some((_, p)) = scratch.problems.iter().find(|(pr, _)| *pr == r) {
-                    rejects.push(reject(RejectReason::Schema, format!("row {r}: {p}")));
-                    continue;
+                if let Some((pr, p)) = scratch.problems.get(next_problem) {
+                    if *pr == r {
+                        next_problem += 1;
+                        bad.push((r, RejectReason::Schema, p.clone()));
+                        continue;
+                    }
                 }
                 // The topic is authoritative (DESIGN §2): a payload value
                 // that disagrees with its topic level is not this
@@ -316,19 +429,19 @@ impl Decoder {
                         scratch.cells[r * width + c] = Cell::Text(value);
                     } else if scratch.text(cell) != Some(*value) {
                         disagrees = Some(format!(
-                            "row {r}: field {} does not match the topic's {} ({value:?})",
+                            "field {} does not match the topic's {} ({value:?})",
                             self.names[c], self.names[c]
                         ));
                         break;
                     }
                 }
                 if let Some(problem) = disagrees {
-                    rejects.push(reject(RejectReason::Schema, problem));
+                    bad.push((r, RejectReason::Schema, problem));
                     continue;
                 }
                 let row = &scratch.cells[r * width..(r + 1) * width];
                 if let Some(problem) = self.check_row(row, &scratch.owned) {
-                    rejects.push(reject(RejectReason::Schema, format!("row {r}: {problem}")));
+                    bad.push((r, RejectReason::Schema, problem));
                     continue;
                 }
                 let t = match self.event_time_column {
@@ -338,11 +451,53 @@ impl Decoder {
                     },
                     None => message.received_at,
                 };
+                if t < 0 {
+                    bad.push((
+                        r,
+                        RejectReason::Schema,
+                        format!("event time {t} is before 1970-01-01"),
+                    ));
+                    continue;
+                }
+                if t > message.received_at.saturating_add(limits.max_future_ms) {
+                    bad.push((
+                        r,
+                        RejectReason::Future,
+                        format!(
+                            "event time {} is more than limits.max_future ({} s) after its arrival {}",
+                            crate::obs::format_time(t),
+                            limits.max_future_ms / 1000,
+                            crate::obs::format_time(message.received_at)
+                        ),
+                    ));
+                    continue;
+                }
                 for (c, cell) in row.iter().enumerate() {
                     append(&mut builders[c], cell, &scratch);
                 }
                 event_time.append_value(t);
                 message_index.push(m as u32);
+            }
+            if let Some((_, reason, _)) = bad.first() {
+                // One dead letter per message, its payload once, whatever
+                // the number of bad rows.
+                let mut detail = if bad.len() == 1 && rows == 1 {
+                    String::new()
+                } else {
+                    format!("{} of {rows} rows rejected: ", bad.len())
+                };
+                for (i, (r, _, why)) in bad.iter().take(DETAILED_ROWS).enumerate() {
+                    if i > 0 {
+                        detail.push_str("; ");
+                    }
+                    detail.push_str(&format!("row {r}: {why}"));
+                }
+                if bad.len() > DETAILED_ROWS {
+                    detail.push_str(&format!("; and {} more", bad.len() - DETAILED_ROWS));
+                }
+                let mut dead = reject(*reason, detail);
+                dead.rows = bad.len() as u64;
+                rejects.push(dead);
             }
         }
         let columns: Vec<ArrayRef> = builders
@@ -430,6 +585,10 @@ impl Decoder {
             .filter(|l| !l.trim().is_empty())
             .enumerate()
         {
+            if row >= self.limits.max_rows_per_message {
+                scratch.too_many_rows = true;
+                return Err(de::Error::custom("too many rows"));
+            }
             let mut de = serde_json::Deserializer::from_str(line);
             RowSeed {
                 decoder: self,
@@ -477,6 +636,10 @@ impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut row = 0;
         loop {
+            if row >= self.decoder.limits.max_rows_per_message {
+                self.scratch.too_many_rows = true;
+                return Err(de::Error::custom("too many rows"));
+            }
             let seed = RowSeed {
                 decoder: self.decoder,
                 scratch: &mut *self.scratch,
@@ -530,6 +693,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
                     let cell = map.next_value_seed(CellSeed {
                         column: d.types[c],
                         owned: &mut self.scratch.owned,
+                        max_text: d.limits.max_text_bytes,
                     })?;
                     self.scratch.cells[start + c] = cell;
                 }
@@ -625,6 +789,8 @@ impl<'de> Visitor<'de> for KeySeed<'_, '_> {
 struct CellSeed<'o> {
     column: ColumnType,
     owned: &'o mut Vec<String>,
+    /// Longer text is `Cell::Bad` (it would become keys and rows).
+    max_text: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for CellSeed<'_> {
@@ -644,6 +810,7 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
 
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cell<'de>, E> {
         Ok(match self.column {
+            ColumnType::Text if v.len() > self.max_text => self.too_long(v.len()),
             ColumnType::Text => Cell::Text(v),
             _ => self.text(v),
         })
@@ -710,6 +877,7 @@ impl CellSeed<'_> {
     /// A string that cannot be borrowed (it had escapes), or one for a non-text column.
     fn text<'de>(self, v: &str) -> Cell<'de> {
         match self.column {
+            ColumnType::Text if v.len() > self.max_text => self.too_long(v.len()),
             ColumnType::Text => Cell::OwnedText(keep(self.owned, v.to_string())),
             ColumnType::Timestamp => match chrono::DateTime::parse_from_rfc3339(v) {
                 Ok(t) => Cell::Int(t.timestamp_millis()),
@@ -720,6 +888,14 @@ impl CellSeed<'_> {
             },
             _ => self.mismatch("a string"),
         }
+    }
+
+    fn too_long<'de>(self, len: usize) -> Cell<'de> {
+        let max = self.max_text;
+        Cell::Bad(keep(
+            self.owned,
+            format!("text of {len} bytes exceeds limits.max_text_bytes ({max})"),
+        ))
     }
 
     fn mismatch<'de>(self, got: &str) -> Cell<'de> {
@@ -746,7 +922,15 @@ mod tests {
             WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
             WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json');";
         let p = plan_sources(&[("t.sql".into(), sql.into())]).unwrap();
-        Decoder::new(p.streams[0].clone(), 1024)
+        Decoder::new(
+            p.streams[0].clone(),
+            Limits {
+                max_message_bytes: 1024,
+                max_text_bytes: 64,
+                max_rows_per_message: 100,
+                max_future_ms: 3_600_000,
+            },
+        )
     }
 
     fn message(topic: &str, payload: &str) -> Message {
@@ -791,7 +975,7 @@ mod tests {
             details,
             vec![(
                 RejectReason::Schema,
-                "row 2: field terminal_id does not match the topic's terminal_id (\"T2\")",
+                "1 of 3 rows rejected: row 2: field terminal_id does not match the topic's terminal_id (\"T2\")",
                 "terminals/T2/telemetry"
             )]
         );
@@ -812,23 +996,19 @@ mod tests {
             r#"[{"ts": 1000}, {"ts": 2000, "battery_pct": "full"}, {"battery_pct": 3}, 7, {"ts": 5000}]"#,
         )]);
         assert_eq!(times, vec![1000, 5000]);
+        // One dead letter for the message, every bad row in it.
         let details: Vec<_> = rejects
             .iter()
-            .map(|r| (r.reason, r.detail.as_str()))
+            .map(|r| (r.reason, r.detail.as_str(), r.rows))
             .collect();
         assert_eq!(
             details,
-            vec![
-                (
-                    RejectReason::Schema,
-                    "row 1: field battery_pct: expected a number, got a string"
-                ),
-                (RejectReason::Schema, "row 2: missing NOT NULL column ts"),
-                (
-                    RejectReason::Schema,
-                    "row 3: expected a JSON object, got a number"
-                ),
-            ]
+            vec![(
+                RejectReason::Schema,
+                "3 of 5 rows rejected: row 1: field battery_pct: expected a number, got a string; \
+                 row 2: missing NOT NULL column ts; row 3: expected a JSON object, got a number",
+                3
+            )]
         );
         assert!(rejects[0].payload.contains("\"full\""));
         assert_eq!(rejects[0].received_at, 777);
@@ -899,5 +1079,94 @@ mod tests {
             "{}",
             rejects[0].detail
         );
+    }
+
+    #[test]
+    fn limits_turn_hostile_messages_into_one_dead_letter_each() {
+        let long = "x".repeat(65);
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        let many: String = format!("[{}]", vec!["{}"; 101].join(","));
+        let numbers: String = format!("[{}]", vec!["1"; 200].join(","));
+        let hour = 3_600_000;
+        let (_, times, rejects) = decode(&[
+            // a key too long to store, in the payload and as the topic level
+            message(
+                "terminals/T1/telemetry",
+                &format!(r#"{{"ts": 1000, "merchant_id": "{long}"}}"#),
+            ),
+            message(&format!("terminals/{long}/telemetry"), r#"{"ts": 1000}"#),
+            // rows beyond the limit, and nesting beyond 64
+            message("terminals/T1/telemetry", &many),
+            message("terminals/T1/telemetry", &numbers),
+            message("terminals/T1/telemetry", &deep),
+            // the far future, the far past
+            message(
+                "terminals/T1/telemetry",
+                &format!(
+                    r#"[{{"ts": 2000}}, {{"ts": {}}}, {{"ts": "9999-12-31T00:00:00Z"}}]"#,
+                    777 + hour + 1
+                ),
+            ),
+            message(
+                "terminals/T1/telemetry",
+                &format!(r#"{{"ts": {}}}"#, i64::MIN),
+            ),
+            message("terminals/T1/telemetry", r#"{"ts": 1e300}"#),
+            // and a good one: still counted
+            message(
+                "terminals/T1/telemetry",
+                &format!(r#"{{"ts": {}}}"#, 777 + hour),
+            ),
+        ]);
+        assert_eq!(times, vec![2000, 777 + hour]);
+        let got: Vec<_> = rejects
+            .iter()
+            .map(|r| {
+                (
+                    r.reason,
+                    r.rows,
+                    r.detail.split(':').next().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        use RejectReason::*;
+        assert_eq!(got.len(), 8, "{rejects:#?}");
+        assert_eq!(got[0].0, Schema);
+        assert!(
+            rejects[0]
+                .detail
+                .contains("exceeds limits.max_text_bytes (64)"),
+            "{}",
+            rejects[0].detail
+        );
+        assert_eq!(got[1].0, Schema);
+        assert!(
+            rejects[1]
+                .detail
+                .contains("topic level terminal_id of 65 bytes"),
+            "{}",
+            rejects[1].detail
+        );
+        assert_eq!(
+            (got[2].0, got[3].0, got[4].0),
+            (Oversize, Oversize, Oversize)
+        );
+        assert!(rejects[2].detail.contains("max_rows_per_message (100)"));
+        assert!(rejects[4].detail.contains("nested deeper than 64"));
+        assert_eq!((got[5].0, got[5].1), (Future, 2), "{}", rejects[5].detail);
+        assert_eq!(got[6].0, Schema, "{}", rejects[6].detail);
+        assert_eq!(got[7].0, Schema, "{}", rejects[7].detail);
+        // every payload stored once and cut
+        assert!(rejects
+            .iter()
+            .all(|r| r.payload.len() <= PAYLOAD_LIMIT + 64));
+    }
+
+    #[test]
+    fn depth_scan_skips_strings() {
+        assert!(!nested_deeper_than(br#"{"a": "[[[[[[[[[[[["}"#, 2));
+        assert!(!nested_deeper_than(br#"{"a": "\"[[[[[[[["}"#, 2));
+        assert!(nested_deeper_than(br#"{"a": [[1]]}"#, 2));
+        assert!(!nested_deeper_than(br#"{"a": [1], "b": [2]}"#, 2));
     }
 }

@@ -911,6 +911,7 @@ mod tests {
             detail: format!("d{t}"),
             payload: "{}".into(),
             received_at: t,
+            rows: 1,
         };
         {
             let store = Store::open(dir.path()).unwrap();

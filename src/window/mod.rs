@@ -115,7 +115,9 @@ impl Watermark {
                 .map_or(max_event_time, |m| m.max(max_event_time)),
         );
         self.last_arrival = Some(now);
-        self.raise(max_event_time - self.bound_ms);
+        // Checked: event times are bounded at decode, but a watermark must
+        // never wrap whatever it is given.
+        self.raise(max_event_time.saturating_sub(self.bound_ms));
     }
 
     /// Advances an idle stream's watermark with the wall clock. Returns whether it moved.
@@ -124,11 +126,15 @@ impl Watermark {
         else {
             return false;
         };
-        let idle_for = now - last_arrival;
+        let idle_for = now.saturating_sub(last_arrival);
         if idle_for < self.idle_timeout_ms {
             return false;
         }
-        self.raise(max_event_time - self.bound_ms + idle_for)
+        self.raise(
+            max_event_time
+                .saturating_sub(self.bound_ms)
+                .saturating_add(idle_for),
+        )
     }
 
     /// Takes the progress (not the settings) of a checkpointed watermark.
