@@ -146,7 +146,7 @@ async fn telemetry_flows_into_every_view_shape() {
     let schema = weir.get_ok("/api/v1/deadletter?reason=schema").await;
     assert_eq!(
         schema["items"][0]["detail"],
-        "row 0: field battery_pct: expected a number, got a string"
+        "1 of 2 rows rejected: row 0: field battery_pct: expected a number, got a string"
     );
     assert!(schema["items"][0]["received_at"]
         .as_str()

@@ -9,6 +9,7 @@
 mod alerts;
 mod listener;
 pub mod query;
+pub mod sandbox;
 
 pub use listener::TlsListener;
 
@@ -45,6 +46,8 @@ pub struct AppState {
     /// the server's graceful shutdown open.
     pub shutdown: tokio_util::sync::CancellationToken,
     pub sse_keepalive: std::time::Duration,
+    /// Where ad-hoc queries run (their own threads, limits).
+    pub sandbox: sandbox::Sandbox,
 }
 
 /// Runs a store read on the blocking pool, so a long scan never stalls the
@@ -122,6 +125,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,

@@ -80,6 +80,13 @@ pub struct HttpConfig {
     /// Serve HTTPS with this PEM certificate chain and key.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Ad-hoc queries running at once (more: 429). Default 2.
+    pub query_concurrency: usize,
+    /// An ad-hoc query is cancelled after this (408). Default `10s`.
+    #[serde(with = "duration_str")]
+    pub query_timeout: Duration,
+    /// Bytes one ad-hoc query may use (views loaded, sorts, aggregates; more: 413). Default 256 MiB.
+    pub query_memory: usize,
 }
 
 impl Default for HttpConfig {
@@ -91,6 +98,9 @@ impl Default for HttpConfig {
             allowed_hosts: Vec::new(),
             tls_cert_file: None,
             tls_key_file: None,
+            query_concurrency: 2,
+            query_timeout: Duration::from_secs(10),
+            query_memory: 256 << 20,
         }
     }
 }
@@ -509,6 +519,18 @@ impl Config {
             if let Err(e) = token.check() {
                 problems.push(format!("http.tokens[{i}]: {e}"));
             }
+        }
+        if !(1..=64).contains(&self.http.query_concurrency) {
+            problems.push(format!(
+                "http.query_concurrency: {} is not between 1 and 64",
+                self.http.query_concurrency
+            ));
+        }
+        if self.http.query_timeout.is_zero() {
+            problems.push("http.query_timeout: must be greater than 0".into());
+        }
+        if self.http.query_memory < 1 << 20 {
+            problems.push("http.query_memory: at least 1 MiB (1048576)".into());
         }
         if self.http.tls_cert_file.is_some() != self.http.tls_key_file.is_some() {
             problems.push("http.tls_cert_file and http.tls_key_file must be given together".into());

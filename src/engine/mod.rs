@@ -281,7 +281,15 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     );
     let _ = metrics.notifications.set(notifier.channels.clone());
     let pipeline = Arc::new(pipeline);
+    let sandbox = crate::api::sandbox::Sandbox::new(
+        config.http.query_concurrency,
+        config.http.query_timeout,
+        config.http.query_memory,
+        metrics.clone(),
+    )
+    .map_err(EngineError::Thread)?;
     let state = Arc::new(AppState {
+        sandbox,
         notifier: notifier.clone(),
         shutdown: shutdown.clone(),
         sse_keepalive: config.alerts.sse_keepalive,

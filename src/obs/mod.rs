@@ -98,6 +98,10 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// HTTP requests refused by access control.
     pub http_denied: AtomicU64,
+    /// Ad-hoc queries running now, cancelled at the timeout, turned away (all slots taken).
+    pub queries_running: AtomicI64,
+    pub queries_cancelled: AtomicU64,
+    pub queries_refused: AtomicU64,
     /// 0 while the store refuses writes (and nothing is acknowledged).
     pub store_healthy: AtomicI64,
     /// Nanoseconds the MQTT source waited on a full ingest queue.
@@ -489,7 +493,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 22] = [
+        let single: [(&str, &str, &str, i64); 25] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -579,6 +583,24 @@ impl Metrics {
                 "counter",
                 "HTTP requests refused: no or unknown token, missing scope, Host, Origin or Content-Type.",
                 load(&self.http_denied) as i64,
+            ),
+            (
+                "weir_queries_running",
+                "gauge",
+                "Ad-hoc queries running in the query sandbox.",
+                self.queries_running.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_queries_cancelled_total",
+                "counter",
+                "Ad-hoc queries cancelled at http.query_timeout.",
+                load(&self.queries_cancelled) as i64,
+            ),
+            (
+                "weir_queries_refused_total",
+                "counter",
+                "Ad-hoc queries turned away because http.query_concurrency were running.",
+                load(&self.queries_refused) as i64,
             ),
             (
                 "weir_ingest_queue_depth",
