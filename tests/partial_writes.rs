@@ -109,3 +109,64 @@ async fn torn_log_tail_and_torn_checkpoint_are_discarded() {
         "the partial record was not removed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_before_the_end_stops_recovery_with_a_clear_error() {
+    let weir = Weir::start(&[("telemetry.sql", TELEMETRY)]).await;
+    publish_and_count(&weir, 0, 3).await;
+    let dir = weir.stop().await;
+
+    // Two records after the checkpoint: the first damaged, the second whole.
+    {
+        let store = Store::open(&dir.path().join("data")).expect("open store");
+        let last = store.last_log_seq().expect("read").expect("records");
+        let mut bytes = Vec::new();
+        store
+            .scan_log(last - 1, |seq, b| {
+                if seq == last {
+                    bytes = b.to_vec();
+                }
+                true
+            })
+            .expect("scan");
+        let mut damaged = bytes.clone();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0xff;
+        store
+            .append_log(
+                &[
+                    LogAppend {
+                        seq: last + 1,
+                        record: damaged,
+                        ids: Vec::new(),
+                    },
+                    LogAppend {
+                        seq: last + 2,
+                        record: bytes,
+                        ids: Vec::new(),
+                    },
+                ],
+                &[],
+            )
+            .expect("append");
+        store.sync().expect("sync");
+    }
+
+    let mut config = weir::config::Config::default();
+    config.http.listen = "127.0.0.1:0".parse().expect("addr");
+    config.mqtt.embedded_listen = "127.0.0.1:0".parse().expect("addr");
+    config.storage.dir = dir.path().join("data");
+    config.pipelines.dir = dir.path().join("pipelines");
+    let pipeline = weir::plan::plan_dir(&config.pipelines.dir).expect("plan");
+    let running = weir::engine::start(config, pipeline)
+        .await
+        .expect("weir starts");
+    let stopped = tokio::time::timeout(DEADLINE, running.wait_for(std::future::pending()))
+        .await
+        .expect("weir stops by itself");
+    let error = stopped.expect_err("recovery fails");
+    assert!(
+        error.contains("recovery failed") && error.contains("corrupt"),
+        "{error}"
+    );
+}

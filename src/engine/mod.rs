@@ -113,7 +113,15 @@ impl Running {
 
     async fn join(&mut self) {
         for task in self.tasks.drain(..) {
-            let _ = task.await;
+            if let Err(e) = task.await {
+                if e.is_panic() {
+                    let what =
+                        format!("a task panicked: {}", pipeline::panic_text(&e.into_panic()));
+                    tracing::error!("{what}");
+                    let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+                    fatal.get_or_insert(what);
+                }
+            }
         }
         if let Some(thread) = self.pipeline.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -122,6 +130,40 @@ impl Running {
             tracing::error!(error = %e, "final store sync failed");
         }
         tracing::info!("weir stopped");
+    }
+}
+
+/// Spawns weir's tasks so that a panic in one is never swallowed: weir
+/// turns unhealthy, stops, and exits non-zero with the panic's message.
+struct Guard {
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+}
+
+impl Guard {
+    fn spawn(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let (fatal, health, shutdown) = (
+            self.fatal.clone(),
+            self.health.clone(),
+            self.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            use futures::FutureExt;
+            if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+                let what = format!("a task panicked: {}", pipeline::panic_text(&panic));
+                tracing::error!("{what}; weir stops");
+                health.fail(what.clone());
+                fatal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(what);
+                shutdown.cancel();
+            }
+        })
     }
 }
 
@@ -257,6 +299,11 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let recovered = Arc::new(AtomicBool::new(false));
     let health = Arc::new(Health::default());
     let fatal = Arc::new(std::sync::Mutex::new(None));
+    let guard = Guard {
+        fatal: fatal.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    };
     let log_floor = Arc::new(AtomicU64::new(0));
     let handle = tokio::runtime::Handle::current();
     let mqtt_target = match &server {
@@ -326,6 +373,8 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         log_floor.clone(),
         Some(notifier),
     )?;
+    runner.fatal = fatal.clone();
+    let health_slot = health.clone();
     let token = shutdown.clone();
     let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel::<()>();
     let recovered_flag = recovered.clone();
@@ -342,7 +391,21 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             }
             recovered_flag.store(true, Ordering::SeqCst);
             let _ = recovered_tx.send(());
-            runner.run(rx, ack_tx, handle, token)
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runner.run(rx, ack_tx, handle, token.clone())
+            }));
+            // A panic anywhere on this thread stops weir loudly: unhealthy,
+            // and a non-zero exit.
+            if let Err(panic) = ran {
+                let what = format!(
+                    "the pipeline thread panicked: {}",
+                    pipeline::panic_text(&panic)
+                );
+                tracing::error!("{what}; weir stops");
+                health_slot.fail(what.clone());
+                *fatal_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+                token.cancel();
+            }
         })
         .map_err(EngineError::Thread)?;
 
@@ -354,7 +417,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     match server {
         Some((server, _)) => {
             drop(tx);
-            tasks.push(tokio::spawn(async move {
+            tasks.push(guard.spawn(async move {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     r = recovered_rx => if r.is_err() { return },
@@ -384,7 +447,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                 total: 1,
             };
             let total = config.mqtt.connections;
-            tasks.push(tokio::spawn(async move {
+            tasks.push(guard.spawn(async move {
                 // The broker keeps our sessions (and queues for them) until replay is done.
                 tokio::select! {
                     _ = token.cancelled() => return,
@@ -439,7 +502,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let router = api::router(state.clone(), Arc::new(http_auth));
     let token = shutdown.clone();
     let https = http_tls.is_some();
-    tasks.push(tokio::spawn(async move {
+    tasks.push(guard.spawn(async move {
         let graceful = async move { token.cancelled().await };
         let served = match http_tls {
             Some(tls) => {
@@ -460,7 +523,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     tracing::info!(%http_addr, https, tokens = !open_api, "HTTP API listening");
 
     // Retention and disk usage.
-    tasks.push(tokio::spawn(housekeeping(
+    tasks.push(guard.spawn(housekeeping(
         store,
         pipeline.clone(),
         metrics,

@@ -366,6 +366,14 @@ pub(super) struct Runner {
     only: Option<Vec<bool>>,
     /// `sync` without the sync thread: `commit` fsyncs itself.
     sync_inline: bool,
+    /// Why weir stopped itself, when it did (the engine reports it and exits non-zero).
+    pub(super) fatal: Arc<std::sync::Mutex<Option<String>>>,
+    /// Set once processing panicked: the operators' state cannot be trusted,
+    /// so nothing more is applied, acknowledged or checkpointed.
+    broken: bool,
+    /// Fault injection for the tests (`WEIR_TEST_PANIC_ON`): processing a
+    /// batch whose first column holds this text panics. Unset in production.
+    panic_on: Option<String>,
 }
 
 impl Runner {
@@ -429,6 +437,11 @@ impl Runner {
             needs_restart: Arc::new(AtomicBool::new(false)),
             only: None,
             sync_inline: false,
+            fatal: Arc::default(),
+            broken: false,
+            panic_on: std::env::var("WEIR_TEST_PANIC_ON")
+                .ok()
+                .filter(|v| !v.is_empty()),
         })
     }
 
@@ -478,8 +491,15 @@ impl Runner {
 
         let last = self.store.last_log_seq()?;
         let store = self.store.clone();
+        let poisoned = self.store.poisoned()?;
         let mut replayed = 0u64;
+        let mut corrupt = None;
         store.scan_log(from, |seq, bytes| {
+            if poisoned.contains(&seq) {
+                // It panicked the pipeline once; it is a dead letter now.
+                self.last_seq = self.last_seq.max(seq);
+                return true;
+            }
             match log::decode(seq, bytes) {
                 Ok(record) => {
                     self.apply(seq, record, true);
@@ -492,12 +512,25 @@ impl Runner {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "log record skipped");
+                    // Not a torn last write: acknowledged data is damaged.
+                    // Going on would silently lose it; stop and say so.
+                    corrupt = Some(format!(
+                        "ingest log record {seq} is corrupt ({e}); it holds acknowledged \
+                         messages, so weir will not skip it silently: restore the data \
+                         directory from a backup, or move it aside to start empty"
+                    ));
+                    return false;
                 }
             }
             self.last_seq = self.last_seq.max(seq);
             true
         })?;
+        if let Some(message) = corrupt {
+            return Err(StoreError::Corrupt {
+                what: "ingest log",
+                message,
+            });
+        }
         self.last_seq = self.last_seq.max(from);
         self.metrics
             .replayed_records
@@ -726,14 +759,16 @@ impl Runner {
                 last_tick = now;
                 self.tick(now);
             }
-            if !shutdown.is_cancelled() {
+            if !shutdown.is_cancelled() && !self.broken {
                 self.checkpoint(now, false);
             }
         }
         if let Some(t) = prepare_thread {
             let _ = t.join();
         }
-        self.checkpoint(now_ms(), true);
+        if !self.broken {
+            self.checkpoint(now_ms(), true);
+        }
         self.checkpoints.finish();
         drop(acks);
         if let Some(handle) = syncer {
@@ -751,6 +786,10 @@ impl Runner {
         handle: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
     ) {
+        if self.broken {
+            // Not acknowledged: publishers send them again after the restart.
+            return;
+        }
         self.metrics
             .pipeline_batches
             .fetch_add(1, Ordering::Relaxed);
@@ -800,11 +839,60 @@ impl Runner {
             acks.send(std::mem::take(&mut prepared.acks));
         }
         for (seq, record) in seqs.into_iter().zip(prepared.records) {
-            self.apply(seq, record, false);
+            let messages = match &record {
+                Record::Batch(b) => Some((b.stream.clone(), b.messages.clone())),
+                Record::Watermark { .. } => None,
+            };
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.apply(seq, record, false)
+            }));
+            if let Err(panic) = applied {
+                self.poisoned(seq, messages, panic_text(&panic), shutdown);
+                return;
+            }
         }
         if !logged {
             acks.send(prepared.acks);
         }
+    }
+
+    /// Processing log record `seq` panicked: its operators' state cannot be
+    /// trusted any more. The record is set aside for good (replay skips it),
+    /// its messages become dead letters, and weir stops unhealthy with an
+    /// error, so that a restart recovers from the last checkpoint without it.
+    fn poisoned(
+        &mut self,
+        seq: u64,
+        messages: Option<(String, Vec<log::MessageMeta>)>,
+        why: String,
+        shutdown: &CancellationToken,
+    ) {
+        self.broken = true;
+        let what = format!("processing ingest log record {seq} panicked: {why}");
+        tracing::error!(seq, "{what}; the record is set aside and weir stops");
+        if let Err(e) = self.store.mark_poison(seq, &why) {
+            tracing::error!(error = %e, "cannot set the record aside");
+        }
+        if let Some((stream, messages)) = messages {
+            let letters: Vec<Rejected> = messages
+                .iter()
+                .map(|m| Rejected {
+                    stream: stream.clone(),
+                    topic: m.topic.clone(),
+                    reason: crate::source::decode::RejectReason::Schema,
+                    detail: format!("set aside: {what}"),
+                    payload: String::new(),
+                    received_at: m.received_at,
+                    rows: 1,
+                })
+                .collect();
+            if let Err(e) = self.store.write_dead_letters(&letters) {
+                tracing::error!(error = %e, "cannot write the set-aside messages' dead letters");
+            }
+        }
+        self.health.fail(what.clone());
+        *self.fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+        shutdown.cancel();
     }
 
     fn next_seq(&mut self, now: i64) -> u64 {
@@ -851,6 +939,16 @@ impl Runner {
                 self.run_views(i, None, current, seq);
             }
             Record::Batch(b) => {
+                if let Some(value) = &self.panic_on {
+                    let hit = b.data.columns().first().is_some_and(|c| {
+                        c.as_any()
+                            .downcast_ref::<datafusion::arrow::array::StringArray>()
+                            .is_some_and(|a| a.iter().any(|v| v == Some(value.as_str())))
+                    });
+                    if hit {
+                        panic!("WEIR_TEST_PANIC_ON matched {value:?}");
+                    }
+                }
                 let Some(i) = self.stream_index(&b.stream) else {
                     tracing::warn!(stream = %b.stream, "log record of a stream that no longer exists: skipped");
                     return;
@@ -959,6 +1057,9 @@ impl Runner {
 
     /// Moves idle streams' watermarks with the wall clock, logging each move.
     fn tick(&mut self, now: i64) {
+        if self.broken {
+            return;
+        }
         for i in 0..self.streams.len() {
             let before = self.streams[i].watermark.clone();
             if !self.streams[i].watermark.on_tick(now) {
@@ -1249,4 +1350,13 @@ impl Runner {
         }
         result
     }
+}
+
+/// The message a panic carried.
+pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

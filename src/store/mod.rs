@@ -625,6 +625,32 @@ impl Store {
         self.meta.insert(key, value).map_err(io("write meta"))
     }
 
+    /// Sets the log record `seq` aside for good (its processing panicked),
+    /// durably: replay skips it from now on.
+    pub fn mark_poison(&self, seq: u64, why: &str) -> Result<(), StoreError> {
+        let key = [b"poison/".as_slice(), &seq.to_be_bytes()].concat();
+        self.meta
+            .insert(key, why.as_bytes())
+            .map_err(io("write poison mark"))?;
+        self.sync()
+    }
+
+    /// Log records set aside by [`Store::mark_poison`].
+    pub fn poisoned(&self) -> Result<std::collections::BTreeSet<u64>, StoreError> {
+        let mut out = std::collections::BTreeSet::new();
+        for guard in self.meta.prefix(b"poison/") {
+            let (k, _) = guard.into_inner().map_err(io("read poison marks"))?;
+            if let Some(seq) = k
+                .get(7..15)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+            {
+                out.insert(seq);
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes (or, with `None`, removes) one of the MQTT server's records.
     pub fn put_broker(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
         match value {

@@ -146,6 +146,15 @@ impl WeirProcess {
         metric_value(&text, name)
     }
 
+    /// The exit status once weir has stopped by itself.
+    pub async fn wait_exit(mut self) -> std::process::ExitStatus {
+        wait_for("weir to exit by itself", || {
+            let done = self.child.try_wait().expect("try_wait");
+            async move { done }
+        })
+        .await
+    }
+
     /// SIGKILL: no flush, no checkpoint, no goodbye.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
