@@ -140,3 +140,57 @@ async fn poison_messages_are_dead_lettered_and_ingestion_goes_on() {
     check(&weir).await;
     weir.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_a_view_cannot_compute_costs_that_row_only() {
+    let pipeline = "
+CREATE TABLE telemetry (terminal_id TEXT NOT NULL, ts TIMESTAMP NOT NULL, tx BIGINT, errors BIGINT,
+  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json', idle_timeout = '1h');
+
+CREATE VIEW error_rate AS
+SELECT terminal_id, ts, tx / errors AS tx_per_error FROM telemetry;
+
+CREATE VIEW latest AS
+SELECT terminal_id, count(*) AS reports FROM telemetry GROUP BY terminal_id;
+";
+    let weir = Weir::start(&[("p.sql", pipeline)]).await;
+    weir.publish(&[(
+        "terminals/T1/telemetry",
+        format!(
+            r#"[{{"ts": {T0}, "tx": 100, "errors": 2}}, {{"ts": {}, "tx": 7, "errors": 0}}, {{"ts": {}, "tx": 50, "errors": 5}}]"#,
+            T0 + 1000,
+            T0 + 2000
+        ),
+    )])
+    .await;
+    let latest = weir.wait_rows("latest", 1).await;
+    assert_eq!(latest[0]["reports"], 3, "the other view saw every row");
+    let rates = weir.wait_rows("error_rate", 2).await;
+    let mut got: Vec<i64> = rates
+        .iter()
+        .filter_map(|r| r["tx_per_error"].as_i64())
+        .collect();
+    got.sort();
+    assert_eq!(got, [10, 50], "the computable rows of the batch are kept");
+    let dead = weir.get_ok("/api/v1/deadletter?reason=schema").await;
+    let items = dead["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{dead}");
+    let detail = items[0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("view error_rate") && detail.to_lowercase().contains("divide by zero"),
+        "{detail}"
+    );
+    assert!(
+        items[0]["payload"]
+            .as_str()
+            .is_some_and(|p| p.contains("\"errors\":0")),
+        "{dead}"
+    );
+    // A replay writes the dead letter once.
+    let dir = weir.stop().await;
+    let weir = Weir::start_in(dir, None).await;
+    let dead = weir.get_ok("/api/v1/deadletter?reason=schema").await;
+    assert_eq!(dead["items"].as_array().map(Vec::len), Some(1), "{dead}");
+    weir.stop().await;
+}

@@ -28,7 +28,7 @@
 //! state, the watermarks and the last applied sequence number are written as
 //! one checkpoint (`crate::checkpoint`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -971,18 +971,28 @@ impl Runner {
                     .unwrap_or(i64::MIN);
                 let watermark_before = self.streams[i].watermark.current();
                 let batch = EventBatch::new(b.data, b.event_time, seq);
-                let (late, late_views) = self.run_views(i, Some(&batch), None, seq);
+                let run = self.run_views(i, Some(&batch), None, seq);
                 // (a backfill does not write dead letters: the first run did)
-                if !late.is_empty() && self.only.is_none() {
+                if !run.late.is_empty() && self.only.is_none() {
                     self.late_letters(
                         i,
                         seq,
                         &batch,
                         &b.messages,
                         &b.message_index,
-                        &late,
-                        &late_views,
+                        &run.late,
+                        &run.late_views,
                         watermark_before,
+                    );
+                }
+                if !run.failed_rows.is_empty() && self.only.is_none() {
+                    self.failed_letters(
+                        i,
+                        seq,
+                        &batch,
+                        &b.messages,
+                        &b.message_index,
+                        &run.failed_rows,
                     );
                 }
                 self.streams[i]
@@ -1014,8 +1024,9 @@ impl Runner {
         let watermark = watermark_before
             .map(crate::obs::format_time)
             .unwrap_or_default();
-        let letters = sink::late_rows(
+        let letters = sink::rejected_rows(
             &self.streams[stream].def.name,
+            RejectReason::Late,
             &batch.data,
             batch.event_time.values(),
             &rows,
@@ -1048,6 +1059,53 @@ impl Runner {
         if let Err(e) = self.store.write_keyed_dead_letters(&keyed) {
             self.row_write_failed(&e);
             tracing::error!(error = %e, lost = keyed.len(), "cannot store late dead letters");
+        }
+    }
+
+    /// Dead letters (`schema`) for rows a view could not compute, keyed by
+    /// (log record, row) like late ones, so that a replay writes them once.
+    fn failed_letters(
+        &mut self,
+        stream: usize,
+        seq: u64,
+        batch: &EventBatch,
+        messages: &[MessageMeta],
+        message_index: &UInt32Array,
+        failed: &BTreeMap<u32, String>,
+    ) {
+        let rows: Vec<u32> = failed.keys().copied().collect();
+        let letters = sink::rejected_rows(
+            &self.streams[stream].def.name,
+            RejectReason::Schema,
+            &batch.data,
+            batch.event_time.values(),
+            &rows,
+            |r| {
+                let m = message_index
+                    .values()
+                    .get(r)
+                    .and_then(|&i| messages.get(i as usize));
+                m.map_or(("", 0), |m| (m.topic.as_str(), m.received_at))
+            },
+            |_| String::new(),
+        );
+        self.streams[stream]
+            .metrics
+            .reject_n(RejectReason::Schema, letters.len() as u64);
+        let keyed: Vec<(Vec<u8>, Rejected)> = rows
+            .iter()
+            .zip(letters)
+            .map(|(row, mut letter)| {
+                letter.detail = failed.get(row).cloned().unwrap_or_default();
+                let mut key = seq.to_be_bytes().to_vec();
+                key.extend_from_slice(&row.to_be_bytes());
+                key.push(b'v');
+                (key, letter)
+            })
+            .collect();
+        if let Err(e) = self.store.write_keyed_dead_letters(&keyed) {
+            self.row_write_failed(&e);
+            tracing::error!(error = %e, lost = keyed.len(), "cannot store the dead letters of rows views could not compute");
         }
     }
 
@@ -1196,9 +1254,10 @@ impl Runner {
         batch: Option<&EventBatch>,
         watermark: Option<i64>,
         seq: u64,
-    ) -> (BTreeSet<u32>, Vec<String>) {
+    ) -> ViewsRun {
         let mut late = BTreeSet::new();
         let mut late_views = Vec::new();
+        let mut failed_rows: BTreeMap<u32, String> = BTreeMap::new();
         let mut outputs: Vec<Vec<ViewOutput>> = (0..self.views.len()).map(|_| Vec::new()).collect();
         let row_base = if batch.is_some() {
             0
@@ -1229,23 +1288,46 @@ impl Runner {
             let view = &mut self.views[v];
             let name = view.operator.plan().name.clone();
             let mut produced = Vec::new();
+            let mut take = |p: crate::window::operator::Processed,
+                            view: &mut ViewRuntime,
+                            produced: &mut Vec<ViewOutput>| {
+                if !p.late_rows.is_empty() {
+                    view.metrics
+                        .late
+                        .fetch_add(p.late_rows.len() as u64, Ordering::Relaxed);
+                    if view.upstream_view.is_none() {
+                        late.extend(p.late_rows.iter().copied());
+                        if !late_views.contains(&name) {
+                            late_views.push(name.clone());
+                        }
+                    }
+                }
+                produced.extend(p.output);
+            };
             for input in &inputs {
                 match view.operator.process(input) {
-                    Ok(p) => {
-                        if !p.late_rows.is_empty() {
-                            view.metrics
-                                .late
-                                .fetch_add(p.late_rows.len() as u64, Ordering::Relaxed);
-                            if view.upstream_view.is_none() {
-                                late.extend(p.late_rows.iter().copied());
-                                late_views.push(name.clone());
+                    Ok(p) => take(p, view, &mut produced),
+                    Err(e) => {
+                        // A row the view cannot compute (a division by zero,
+                        // an overflowing cast) costs that row, not the batch:
+                        // the batch goes again row by row, and each failing
+                        // row becomes a dead letter naming the view.
+                        tracing::warn!(view = %name, error = %e, rows = input.num_rows(), "view failed on a batch; its rows go one by one");
+                        for r in 0..input.num_rows() {
+                            let one = input.row(r);
+                            match view.operator.process(&one) {
+                                Ok(p) => take(p, view, &mut produced),
+                                Err(e) => {
+                                    view.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                                    if view.upstream_view.is_none() {
+                                        let row = one.row_ids.value(0);
+                                        failed_rows
+                                            .entry(row)
+                                            .or_insert_with(|| format!("view {name}: {e}"));
+                                    }
+                                }
                             }
                         }
-                        produced.extend(p.output);
-                    }
-                    Err(e) => {
-                        view.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(view = %name, error = %e, rows = input.num_rows(), "view failed on a batch; its rows were skipped");
                     }
                 }
             }
@@ -1284,7 +1366,11 @@ impl Runner {
         if let Some(e) = failed {
             self.row_write_failed(&e);
         }
-        (late, late_views)
+        ViewsRun {
+            late,
+            late_views,
+            failed_rows,
+        }
     }
 
     /// Runs the alert rules rooted at stream `root` on what `run_views` fed
@@ -1350,6 +1436,15 @@ impl Runner {
         }
         result
     }
+}
+
+/// What [`Runner::run_views`] found beside the rows it wrote.
+struct ViewsRun {
+    /// Input rows (row ids) late for some view, and those views.
+    late: BTreeSet<u32>,
+    late_views: Vec<String>,
+    /// Input rows a view could not compute, with why.
+    failed_rows: BTreeMap<u32, String>,
 }
 
 /// The message a panic carried.

@@ -260,8 +260,9 @@ pub fn write_view_output(
 }
 
 /// Dead letters for input rows that were late for windowed views.
-pub fn late_rows<'m>(
+pub fn rejected_rows<'m>(
     stream: &str,
+    reason: RejectReason,
     batch: &RecordBatch,
     event_time: &[i64],
     rows: &[u32],
@@ -280,7 +281,7 @@ pub fn late_rows<'m>(
             Rejected {
                 stream: stream.to_string(),
                 topic: topic.to_string(),
-                reason: RejectReason::Late,
+                reason,
                 detail: detail(event_time.get(r).copied().unwrap_or(0)),
                 payload: texts.get(i).cloned().unwrap_or_default(),
                 received_at,

@@ -66,6 +66,16 @@ impl EventBatch {
     pub fn num_rows(&self) -> usize {
         self.data.num_rows()
     }
+
+    /// Row `row` alone, with its row id.
+    pub fn row(&self, row: usize) -> EventBatch {
+        EventBatch {
+            data: self.data.slice(row, 1),
+            event_time: self.event_time.slice(row, 1),
+            row_ids: self.row_ids.slice(row, 1),
+            seq: self.seq,
+        }
+    }
 }
 
 /// Rows a view writes: upserts keyed by `keys` (DESIGN §4).
