@@ -253,6 +253,9 @@ pub struct StorageConfig {
     /// How long a dead letter is kept. Default `7 days`.
     #[serde(with = "duration_str")]
     pub deadletter_retention: Duration,
+    /// How often retention runs (log, views by event time, alerts, dead letters). Default `1m`.
+    #[serde(with = "duration_str")]
+    pub housekeeping_interval: Duration,
     /// When an acknowledged message is safe. Default `sync`.
     pub durability: Durability,
 }
@@ -280,6 +283,7 @@ impl Default for StorageConfig {
             log_retention: Duration::from_secs(24 * 3600),
             view_retention: Duration::from_secs(30 * 24 * 3600),
             deadletter_retention: Duration::from_secs(7 * 24 * 3600),
+            housekeeping_interval: Duration::from_secs(60),
             durability: Durability::Sync,
         }
     }
@@ -549,6 +553,9 @@ impl Config {
         }
         if self.limits.max_future > Duration::from_secs(366 * 24 * 3600) {
             problems.push("limits.max_future: at most a year".into());
+        }
+        if self.storage.housekeeping_interval < Duration::from_millis(100) {
+            problems.push("storage.housekeeping_interval: at least 100ms".into());
         }
         if self.storage.checkpoint_interval.is_zero() {
             problems.push("storage.checkpoint_interval: must be greater than 0".into());

@@ -31,7 +31,6 @@ mod prepare;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -50,7 +49,6 @@ use crate::store::{Store, StoreError};
 /// Capacity of the channel between the MQTT source and the pipeline.
 const INGEST_QUEUE: usize = 256;
 /// How often retention runs.
-const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -571,7 +569,7 @@ async fn housekeeping(
     log_floor: Arc<AtomicU64>,
     shutdown: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(HOUSEKEEPING);
+    let mut interval = tokio::time::interval(config.storage.housekeeping_interval);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -601,8 +599,20 @@ async fn housekeeping(
                 if view.shape == ViewShape::Updating {
                     continue;
                 }
+                // Event time (DESIGN §4): rows older than the view's
+                // watermark minus its retention go, never by the wall clock,
+                // so a backfill of last year's data stays. No watermark
+                // yet (recovery not done, no data): nothing goes.
+                let Some(watermark) = root_stream(&pipeline, view)
+                    .and_then(|s| metrics.streams.get(s))
+                    .and_then(|m| m.watermark())
+                else {
+                    continue;
+                };
                 let retention = view.retention.unwrap_or(config.storage.view_retention);
-                if let Err(e) = store.expire_rows(&view.name, now - retention.as_millis() as i64) {
+                let before =
+                    watermark.saturating_sub(retention.as_millis().min(i64::MAX as u128) as i64);
+                if let Err(e) = store.expire_rows(&view.name, before) {
                     tracing::warn!(view = %view.name, error = %e, "retention failed");
                 }
             }
@@ -617,7 +627,20 @@ async fn housekeeping(
             metrics
                 .store_disk_bytes
                 .store(store.disk_space(), Ordering::Relaxed);
+            metrics.housekeeping_runs.fetch_add(1, Ordering::Relaxed);
         })
         .await;
     }
+}
+
+/// The stream a view reads from, through any views in between.
+fn root_stream<'p>(pipeline: &'p Pipeline, view: &'p crate::plan::ViewPlan) -> Option<&'p str> {
+    let mut upstream = &view.upstream;
+    for _ in 0..=pipeline.views.len() {
+        match upstream {
+            crate::plan::Upstream::Stream(s) => return Some(s),
+            crate::plan::Upstream::View(v) => upstream = &pipeline.view(v)?.upstream,
+        }
+    }
+    None
 }

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub queries_running: AtomicI64,
     pub queries_cancelled: AtomicU64,
     pub queries_refused: AtomicU64,
+    /// Passes of retention and disk accounting.
+    pub housekeeping_runs: AtomicU64,
     /// 0 while the store refuses writes (and nothing is acknowledged).
     pub store_healthy: AtomicI64,
     /// Nanoseconds the MQTT source waited on a full ingest queue.
@@ -493,7 +495,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 25] = [
+        let single: [(&str, &str, &str, i64); 26] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -583,6 +585,12 @@ impl Metrics {
                 "counter",
                 "HTTP requests refused: no or unknown token, missing scope, Host, Origin or Content-Type.",
                 load(&self.http_denied) as i64,
+            ),
+            (
+                "weir_housekeeping_runs_total",
+                "counter",
+                "Passes of retention (log, views by event time, alerts, dead letters) and disk accounting.",
+                load(&self.housekeeping_runs) as i64,
             ),
             (
                 "weir_queries_running",
