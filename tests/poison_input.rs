@@ -194,3 +194,40 @@ SELECT terminal_id, count(*) AS reports FROM telemetry GROUP BY terminal_id;
     assert_eq!(dead["items"].as_array().map(Vec::len), Some(1), "{dead}");
     weir.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_messages_stays_within_the_dead_letter_quota() {
+    let weir = Weir::start_tweaked(&[("telemetry.sql", TELEMETRY)], None, |c| {
+        c.storage.deadletter_max_bytes = 1 << 20;
+    })
+    .await;
+    let junk = "x".repeat(1500);
+    let mut flood: Vec<(&str, String)> = (0..2000)
+        .map(|i| ("terminals/T1/telemetry", format!("not json {i} {junk}")))
+        .collect();
+    flood.push(reading_ref(T0, 80.0));
+    weir.publish(&flood).await;
+    wait_metric(&weir, "weir_deadletters_trimmed_total", 1.0).await;
+    let metrics = weir.metrics().await;
+    let bytes =
+        common::process::metric_value(&metrics, "weir_deadletter_bytes").unwrap_or(f64::MAX);
+    assert!(bytes <= (1 << 20) as f64, "{bytes} bytes of dead letters");
+    // The newest are the ones kept.
+    let dead = weir.get_ok("/api/v1/deadletter?limit=1").await;
+    assert!(
+        dead["items"][0]["payload"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("not json 1999 ")),
+        "{dead}"
+    );
+    let latest = weir.wait_rows("latest", 1).await;
+    assert_eq!(latest[0]["reports"], 1, "ingestion went on");
+    weir.stop().await;
+}
+
+fn reading_ref(ts: i64, battery: f64) -> (&'static str, String) {
+    (
+        "terminals/T1/telemetry",
+        format!(r#"{{"ts": {ts}, "battery_pct": {battery}}}"#),
+    )
+}

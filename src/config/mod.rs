@@ -253,6 +253,9 @@ pub struct StorageConfig {
     /// How long a dead letter is kept. Default `7 days`.
     #[serde(with = "duration_str")]
     pub deadletter_retention: Duration,
+    /// Bytes the dead letters may take; beyond, the oldest go (in chunks,
+    /// checked every second). Default 1 GiB.
+    pub deadletter_max_bytes: u64,
     /// How often retention runs (log, views by event time, alerts, dead letters). Default `1m`.
     #[serde(with = "duration_str")]
     pub housekeeping_interval: Duration,
@@ -284,6 +287,7 @@ impl Default for StorageConfig {
             view_retention: Duration::from_secs(30 * 24 * 3600),
             deadletter_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_interval: Duration::from_secs(60),
+            deadletter_max_bytes: 1 << 30,
             durability: Durability::Sync,
         }
     }
@@ -553,6 +557,9 @@ impl Config {
         }
         if self.limits.max_future > Duration::from_secs(366 * 24 * 3600) {
             problems.push("limits.max_future: at most a year".into());
+        }
+        if self.storage.deadletter_max_bytes < 1 << 20 {
+            problems.push("storage.deadletter_max_bytes: at least 1 MiB (1048576)".into());
         }
         if self.storage.housekeeping_interval < Duration::from_millis(100) {
             problems.push("storage.housekeeping_interval: at least 100ms".into());

@@ -570,10 +570,34 @@ async fn housekeeping(
     shutdown: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(config.storage.housekeeping_interval);
+    // The dead-letter quota is checked every second: a flood of bad input
+    // must not fill the disk between two retention passes.
+    let mut quota = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
+            _ = quota.tick() => {
+                let max = config.storage.deadletter_max_bytes;
+                metrics.deadletter_bytes.store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
+                if store.dead_letter_bytes() > max {
+                    let store = store.clone();
+                    let metrics = metrics.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        // Down to 90 %, so that trimming is not constant.
+                        match store.trim_dead_letters(max / 10 * 9) {
+                            Ok(n) => {
+                                metrics.deadletters_trimmed.fetch_add(n as u64, Ordering::Relaxed);
+                                tracing::warn!(deleted = n, max_bytes = max, "dead letters over storage.deadletter_max_bytes: the oldest were deleted");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "dead-letter quota failed"),
+                        }
+                        metrics.deadletter_bytes.store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
+                    })
+                    .await;
+                }
+                continue;
+            }
         }
         let store = store.clone();
         let pipeline = pipeline.clone();

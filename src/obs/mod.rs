@@ -104,6 +104,9 @@ pub struct Metrics {
     pub queries_refused: AtomicU64,
     /// Passes of retention and disk accounting.
     pub housekeeping_runs: AtomicU64,
+    /// Bytes the dead letters take, and those deleted over the quota.
+    pub deadletter_bytes: AtomicI64,
+    pub deadletters_trimmed: AtomicU64,
     /// 0 while the store refuses writes (and nothing is acknowledged).
     pub store_healthy: AtomicI64,
     /// Nanoseconds the MQTT source waited on a full ingest queue.
@@ -495,7 +498,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 26] = [
+        let single: [(&str, &str, &str, i64); 28] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -585,6 +588,18 @@ impl Metrics {
                 "counter",
                 "HTTP requests refused: no or unknown token, missing scope, Host, Origin or Content-Type.",
                 load(&self.http_denied) as i64,
+            ),
+            (
+                "weir_deadletter_bytes",
+                "gauge",
+                "Bytes the dead letters take in the store.",
+                self.deadletter_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_deadletters_trimmed_total",
+                "counter",
+                "Oldest dead letters deleted because they took more than storage.deadletter_max_bytes.",
+                load(&self.deadletters_trimmed) as i64,
             ),
             (
                 "weir_housekeeping_runs_total",

@@ -107,6 +107,9 @@ pub struct Store {
     /// and the API (acks) both update alerts.
     alert_lock: std::sync::Arc<std::sync::Mutex<()>>,
     dead_letter_seq: std::sync::Arc<AtomicU64>,
+    /// Bytes of the dead letters (keys and values), kept up to date on
+    /// every write and delete; the quota is checked against it.
+    dead_letter_bytes: std::sync::Arc<AtomicU64>,
     dir: std::sync::Arc<std::path::PathBuf>,
     /// The journal file `sync_journal` last synced, kept open.
     journal: std::sync::Arc<std::sync::Mutex<Option<(std::path::PathBuf, std::fs::File)>>>,
@@ -195,7 +198,13 @@ impl Store {
             }
             None => 0,
         };
+        let mut letter_bytes = 0u64;
+        for guard in deadletter.iter() {
+            let (k, v) = guard.into_inner().map_err(io("count dead letters"))?;
+            letter_bytes += (k.len() + v.len()) as u64;
+        }
         Ok(Store {
+            dead_letter_bytes: std::sync::Arc::new(AtomicU64::new(letter_bytes)),
             db,
             rows,
             deadletter,
@@ -442,12 +451,16 @@ impl Store {
         batch: &mut fjall::OwnedWriteBatch,
         items: &[Rejected],
     ) -> Result<(), StoreError> {
+        let mut bytes = 0;
         for r in items {
             let seq = self.dead_letter_seq.fetch_add(1, Ordering::Relaxed);
             let mut key = time_key(r.received_at).to_vec();
             key.extend_from_slice(&seq.to_be_bytes());
-            batch.insert(&self.deadletter, key, dead_letter_json(r)?);
+            let value = dead_letter_json(r)?;
+            bytes += (key.len() + value.len()) as u64;
+            batch.insert(&self.deadletter, key, value);
         }
+        self.dead_letter_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -461,12 +474,19 @@ impl Store {
             return Ok(());
         }
         let mut batch = self.db.batch();
+        let mut bytes = 0;
         for (suffix, r) in items {
             let mut key = time_key(r.received_at).to_vec();
             key.extend_from_slice(suffix);
-            batch.insert(&self.deadletter, key, dead_letter_json(r)?);
+            let value = dead_letter_json(r)?;
+            // (a rewrite of the same letter counts twice until trimmed: an
+            // overestimate, on the safe side)
+            bytes += (key.len() + value.len()) as u64;
+            batch.insert(&self.deadletter, key, value);
         }
-        batch.commit().map_err(io("write dead letters"))
+        batch.commit().map_err(io("write dead letters"))?;
+        self.dead_letter_bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Rows of `view` with key suffix in `[from, to)`, after `cursor`, up to `limit` that pass `keep`.
@@ -569,14 +589,59 @@ impl Store {
         let end = time_key(before).to_vec();
         let mut batch = self.db.batch();
         let mut n = 0;
+        let mut bytes = 0u64;
         for guard in self.deadletter.range(..end) {
-            batch.remove(
-                &self.deadletter,
-                guard.key().map_err(io("expire dead letters"))?,
-            );
+            let (k, v) = guard.into_inner().map_err(io("expire dead letters"))?;
+            bytes += (k.len() + v.len()) as u64;
+            batch.remove(&self.deadletter, k);
             n += 1;
         }
         batch.commit().map_err(io("expire dead letters"))?;
+        self.forget_dead_letter_bytes(bytes);
+        Ok(n)
+    }
+
+    /// Bytes the dead letters take (keys and values).
+    pub fn dead_letter_bytes(&self) -> u64 {
+        self.dead_letter_bytes.load(Ordering::Relaxed)
+    }
+
+    fn forget_dead_letter_bytes(&self, bytes: u64) {
+        let _ = self
+            .dead_letter_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
+    }
+
+    /// Deletes the oldest dead letters, in chunks, until they take at most
+    /// `target` bytes. Returns how many went.
+    pub fn trim_dead_letters(&self, target: u64) -> Result<usize, StoreError> {
+        const CHUNK: usize = 10_000;
+        let mut n = 0;
+        while self.dead_letter_bytes() > target {
+            let mut batch = self.db.batch();
+            let mut bytes = 0u64;
+            let mut in_chunk = 0;
+            let over = self.dead_letter_bytes() - target;
+            for guard in self.deadletter.iter() {
+                let (k, v) = guard.into_inner().map_err(io("trim dead letters"))?;
+                bytes += (k.len() + v.len()) as u64;
+                batch.remove(&self.deadletter, k);
+                in_chunk += 1;
+                if in_chunk == CHUNK || bytes >= over {
+                    break;
+                }
+            }
+            if in_chunk == 0 {
+                // The count overestimated (rewritten letters): none are left.
+                self.dead_letter_bytes.store(0, Ordering::Relaxed);
+                break;
+            }
+            batch.commit().map_err(io("trim dead letters"))?;
+            self.forget_dead_letter_bytes(bytes);
+            n += in_chunk;
+        }
         Ok(n)
     }
 
