@@ -134,6 +134,9 @@ pub async fn ack(
 /// A client too slow to keep up gets a `lagged` event with the number of
 /// events it missed (re-read `GET /api/v1/alerts` then); the pipeline never
 /// waits for it.
+/// Alert streams (SSE) open at once, at most.
+pub const MAX_SSE_CLIENTS: usize = 1024;
+
 pub async fn stream(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
@@ -147,6 +150,15 @@ pub async fn stream(
                 "no alert rule is named {r:?}"
             )));
         }
+    }
+    // Each client holds a receiver of the notification channel: a cap, so
+    // that clients opening streams without end cannot grow weir.
+    if state.notifier.sse_clients() >= MAX_SSE_CLIENTS {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            format!("{MAX_SSE_CLIENTS} alert streams are open already; try again later"),
+        ));
     }
     let rx = state.notifier.subscribe();
     let shutdown = state.shutdown.clone();

@@ -1,0 +1,253 @@
+//! A mutation fuzzer in the normal suite, for everything that parses input
+//! from outside: the JSON decoder with topic binding (what terminals send),
+//! the pipeline planner (`weir check` on arbitrary text) and the config
+//! parser. Seeds are the checked-in corpus under `fuzz/corpus/`; each
+//! iteration mutates one (bit flips, cut, duplicated and spliced ranges,
+//! hostile tokens) and feeds it in. Nothing may panic, and the decoder's
+//! limits must hold. Deterministic (a fixed seed per target); more
+//! iterations with `WEIR_FUZZ_ITERATIONS=N` (`scripts/fuzz`). A crashing
+//! input is written to `target/fuzz-crashes/` to be added to the corpus.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use bytes::Bytes;
+use weir::source::decode::{Decoder, Limits, Message, PAYLOAD_LIMIT};
+
+/// xorshift64*: small, fast, reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+}
+
+const TOKENS: &[&str] = &[
+    "{",
+    "}",
+    "[",
+    "]",
+    "\"",
+    "\\",
+    "\\u0000",
+    "\\ud800",
+    ",",
+    ":",
+    "null",
+    "true",
+    "1e309",
+    "-9223372036854775808",
+    "18446744073709551616",
+    "0.0000001",
+    "NaN",
+    "\"ts\"",
+    "\"terminal_id\"",
+    "\"9999-12-31T23:59:59Z\"",
+    "\n",
+    "'",
+    "(",
+    ")",
+    ";",
+    "--",
+    "/*",
+    "*/",
+    "SELECT",
+    "FROM",
+    "GROUP BY",
+    "WHERE",
+    "tumble(INTERVAL '1' MINUTE)",
+    "hop(",
+    "session(",
+    "WATERMARK FOR",
+    "CREATE VIEW x AS ",
+    "CREATE ALERT a WITH (",
+    "= '",
+    "''",
+    "[[",
+    "]]",
+    "= \"",
+    "\u{feff}",
+    "\u{1F600}",
+    "\0",
+];
+
+fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
+    let mut data = seeds[rng.below(seeds.len())].clone();
+    for _ in 0..1 + rng.below(8) {
+        let len = data.len();
+        match rng.below(7) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                data[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                data[i] = rng.next() as u8;
+            }
+            2 if len > 1 => {
+                let a = rng.below(len);
+                let b = (a + 1 + rng.below(16)).min(len);
+                data.drain(a..b);
+            }
+            3 if len > 1 => {
+                let a = rng.below(len);
+                let b = (a + 1 + rng.below(64)).min(len);
+                let piece = data[a..b].to_vec();
+                let at = rng.below(len);
+                for _ in 0..1 + rng.below(4) {
+                    data.splice(at..at, piece.iter().copied());
+                }
+            }
+            4 => {
+                let other = &seeds[rng.below(seeds.len())];
+                if !other.is_empty() {
+                    let a = rng.below(other.len());
+                    let b = (a + 1 + rng.below(128)).min(other.len());
+                    let at = rng.below(len + 1);
+                    data.splice(at..at, other[a..b].iter().copied());
+                }
+            }
+            5 | 6 => {
+                let token = TOKENS[rng.below(TOKENS.len())].as_bytes();
+                let at = rng.below(len + 1);
+                data.splice(at..at, token.iter().copied());
+            }
+            _ => {}
+        }
+    }
+    data
+}
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|entry| std::fs::read(entry.ok()?.path()).ok())
+        .collect();
+    seeds.sort();
+    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
+    seeds
+}
+
+fn iterations(default: usize) -> usize {
+    std::env::var("WEIR_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `check` on `iterations` mutated inputs; a panic fails the test
+/// after the input is saved.
+fn fuzz(target: &str, seed: u64, default: usize, mut check: impl FnMut(&[u8])) {
+    let seeds = corpus(target);
+    let mut rng = Rng(seed);
+    let n = iterations(default);
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    for i in 0..n {
+        let input = mutate(&mut rng, &seeds);
+        if catch_unwind(AssertUnwindSafe(|| check(&input))).is_err() {
+            std::panic::set_hook(quiet);
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz-crashes");
+            let _ = std::fs::create_dir_all(&dir);
+            let file = dir.join(format!("{target}-{i}"));
+            let _ = std::fs::write(&file, &input);
+            panic!(
+                "{target}: input {i} panicked; saved to {} ({:?})",
+                file.display(),
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
+    std::panic::set_hook(quiet);
+    eprintln!("{target}: {n} inputs, no panic");
+}
+
+#[test]
+fn the_decoder_survives_mutated_payloads_and_topics() {
+    let sql = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pipelines/10_telemetry.sql"),
+    )
+    .expect("shipped pipeline");
+    let pipeline =
+        weir::plan::plan_sources(&[("10_telemetry.sql".into(), sql)]).expect("shipped plan");
+    let stream = pipeline.streams[0].clone();
+    let limits = Limits {
+        max_message_bytes: 64 * 1024,
+        max_text_bytes: 64,
+        max_rows_per_message: 50,
+        max_future_ms: 3_600_000,
+    };
+    let decoder = Decoder::new(stream, limits);
+    let topics = [
+        "terminals/T1/telemetry",
+        "terminals//telemetry",
+        "terminals/T1",
+        "x/y/z",
+    ];
+    let mut pick = Rng(7);
+    fuzz("decoder", 0x5eed_0001, 20_000, |input| {
+        let topic = topics[pick_index(&mut pick, topics.len())].to_string();
+        let message = Message {
+            topic,
+            payload: Bytes::copy_from_slice(input),
+            received_at: 1_700_000_000_000,
+            ack: None,
+            dup: false,
+        };
+        let mut rejects = Vec::new();
+        let decoded = decoder.decode(&[message], &mut rejects);
+        let rows = decoded.batch.num_rows();
+        assert!(rows <= limits.max_rows_per_message);
+        assert_eq!(decoded.event_time.len(), rows);
+        assert!(rejects.len() <= 1, "one dead letter per message");
+        for r in &rejects {
+            assert!(r.payload.len() <= PAYLOAD_LIMIT + 64);
+        }
+        for t in decoded.event_time.values() {
+            assert!(*t >= 0 && *t <= 1_700_000_000_000 + limits.max_future_ms);
+        }
+    });
+}
+
+fn pick_index(rng: &mut Rng, n: usize) -> usize {
+    rng.below(n)
+}
+
+#[test]
+fn the_planner_survives_mutated_pipelines() {
+    fuzz("planner", 0x5eed_0002, 1_000, |input| {
+        let text = String::from_utf8_lossy(input).into_owned();
+        if let Err(errors) = weir::plan::plan_sources(&[("f.sql".into(), text)]) {
+            assert!(!errors.is_empty());
+            for e in errors {
+                let shown = e.to_string();
+                assert!(shown.contains("f.sql"), "errors name the file: {shown}");
+            }
+        }
+    });
+}
+
+#[test]
+fn the_config_parser_survives_mutated_files() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("weir.toml");
+    fuzz("config", 0x5eed_0003, 3_000, |input| {
+        std::fs::write(&path, input).expect("write");
+        let _ = weir::config::Config::load(Some(&path), std::iter::empty());
+    });
+}
