@@ -231,3 +231,52 @@ fn reading_ref(ts: i64, battery: f64) -> (&'static str, String) {
         format!(r#"{{"ts": {ts}, "battery_pct": {battery}}}"#),
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_idle_out_leave_memory_and_keep_their_rows() {
+    let pipeline = "
+CREATE TABLE telemetry (terminal_id TEXT NOT NULL, ts TIMESTAMP NOT NULL, battery_pct DOUBLE,
+  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json', idle_timeout = '1h');
+
+CREATE VIEW latest WITH (key_ttl = '5 minutes') AS
+SELECT terminal_id, count(*) AS reports FROM telemetry GROUP BY terminal_id;
+";
+    let weir = Weir::start(&[("p.sql", pipeline)]).await;
+    // 300 terminals nobody will hear from again (random ids, say) ...
+    let strays: Vec<(String, String)> = (0..300)
+        .map(|i| {
+            (
+                format!("terminals/stray-{i}/telemetry"),
+                format!(r#"{{"ts": {T0}, "battery_pct": 50}}"#),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, String)> = strays
+        .iter()
+        .map(|(t, p)| (t.as_str(), p.clone()))
+        .collect();
+    weir.publish(&refs).await;
+    weir.wait_rows("latest", 300).await;
+    // ... and one that keeps reporting, ten minutes on.
+    weir.publish(&[reading_ref(T0 + 10 * 60_000, 80.0)]).await;
+    wait_for("the strays to idle out", || async {
+        let metrics = weir.metrics().await;
+        let evicted = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("weir_view_keys_evicted_total{view=\"latest\"} "))?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        (evicted == 300.0).then_some(())
+    })
+    .await;
+    let metrics = weir.metrics().await;
+    assert!(
+        metrics.contains("weir_view_open_groups{view=\"latest\"} 1"),
+        "one key left in memory"
+    );
+    // Their rows stay in the store.
+    assert_eq!(weir.rows("latest").await.len(), 301);
+    weir.stop().await;
+}

@@ -50,6 +50,11 @@ pub struct LimitsConfig {
     /// moves a watermark. Default `1h`.
     #[serde(with = "duration_str")]
     pub max_future: Duration,
+    /// An updating view's key idle this long (event time, behind the
+    /// watermark) leaves memory; its stored row stays. Per view: `WITH
+    /// (key_ttl = ...)`. `0s`: never. Default `30 days`.
+    #[serde(with = "duration_str")]
+    pub key_ttl: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -58,6 +63,7 @@ impl Default for LimitsConfig {
             max_text_bytes: 1024,
             max_rows_per_message: 10_000,
             max_future: Duration::from_secs(3600),
+            key_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -367,6 +367,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                 max_rows_per_message: config.limits.max_rows_per_message,
                 max_future_ms: config.limits.max_future.as_millis().min(i64::MAX as u128) as i64,
             },
+            key_ttl: Some(config.limits.key_ttl).filter(|d| !d.is_zero()),
         },
         log_floor.clone(),
         Some(notifier),

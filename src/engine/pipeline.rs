@@ -123,6 +123,8 @@ pub(super) struct Settings {
     pub checkpoint_interval: Duration,
     /// What one message may hold (DESIGN §2 "Limits").
     pub limits: crate::source::decode::Limits,
+    /// How long an updating view keeps an idle key, unless it says (`limits.key_ttl`).
+    pub key_ttl: Option<Duration>,
 }
 
 struct StreamRuntime {
@@ -397,10 +399,11 @@ impl Runner {
             .collect::<Vec<_>>();
         let mut views: Vec<ViewRuntime> = Vec::new();
         for (i, v) in pipeline.views.iter().enumerate() {
-            let operator = ViewOperator::new(v.clone()).map_err(|e| EngineError::View {
+            let mut operator = ViewOperator::new(v.clone()).map_err(|e| EngineError::View {
                 view: v.name.clone(),
                 message: e.to_string(),
             })?;
+            operator.set_key_ttl(v.key_ttl.or(settings.key_ttl));
             let (root, upstream_view) =
                 locate(&v.name, &v.upstream, &streams, &pipeline.views[..i], &views)?;
             views.push(ViewRuntime {
@@ -1338,6 +1341,12 @@ impl Runner {
                         view.metrics.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(view = %name, error = %e, "view failed to close windows");
                     }
+                }
+                let evicted = view.operator.take_evicted();
+                if evicted > 0 {
+                    view.metrics
+                        .keys_evicted
+                        .fetch_add(evicted, Ordering::Relaxed);
                 }
             }
             for out in &produced {

@@ -64,6 +64,8 @@ pub struct ViewMetrics {
     pub errors: AtomicU64,
     pub open_groups: AtomicU64,
     pub late: AtomicU64,
+    /// Keys of an updating view that idled out (`key_ttl`).
+    pub keys_evicted: AtomicU64,
 }
 
 /// Counters of one alert rule.
@@ -384,6 +386,13 @@ impl Metrics {
             "counter",
             "Batches a view failed to evaluate.",
             per_view(&|m| load(&m.errors)),
+        );
+        family(
+            &mut out,
+            "weir_view_keys_evicted_total",
+            "counter",
+            "Keys of an updating view dropped from memory after idling longer than key_ttl.",
+            per_view(&|m| load(&m.keys_evicted)),
         );
         family(
             &mut out,

@@ -131,6 +131,9 @@ pub struct ViewPlan {
     pub line: usize,
     pub shape: ViewShape,
     pub retention: Option<Duration>,
+    /// Updating views: a key idle this long (in event time) leaves memory;
+    /// `None`: the global `limits.key_ttl`.
+    pub key_ttl: Option<Duration>,
     pub upstream: Upstream,
     /// Schema of the rows the view reads.
     pub input_schema: SchemaRef,
@@ -225,6 +228,7 @@ struct PendingView {
     text: String,
     query: Box<datafusion::sql::sqlparser::ast::Query>,
     retention: Option<Duration>,
+    key_ttl: Option<Duration>,
     references: Vec<String>,
 }
 
@@ -327,6 +331,7 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                     let name = cv.name.to_string().to_ascii_lowercase();
                     let what = if kind == "alert" { "alert" } else { "view" };
                     let mut retention = None;
+                    let mut key_ttl = None;
                     let options = match &cv.options {
                         CreateTableOptions::With(o) | CreateTableOptions::Options(o) => o.clone(),
                         _ => vec![],
@@ -357,23 +362,31 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                         }
                     } else {
                         for (key, value) in &pairs {
-                            if key != "retention" {
-                                errors.push(err(
-                                    stmt.line,
-                                    format!(
-                                        "view {name}: unknown option {key:?} (known: retention)"
-                                    ),
-                                ));
-                                bad = true;
-                                continue;
-                            }
-                            match crate::config::parse_duration(value) {
-                                Ok(d) => retention = Some(d),
-                                Err(e) => {
+                            let slot = match key.as_str() {
+                                "retention" => &mut retention,
+                                "key_ttl" => &mut key_ttl,
+                                _ => {
                                     errors.push(err(
                                         stmt.line,
-                                        format!("view {name}: retention: {e}"),
+                                        format!(
+                                            "view {name}: unknown option {key:?} (known: retention, key_ttl)"
+                                        ),
                                     ));
+                                    bad = true;
+                                    continue;
+                                }
+                            };
+                            match crate::config::parse_duration(value) {
+                                Ok(d) if !d.is_zero() => *slot = Some(d),
+                                Ok(_) => {
+                                    errors.push(err(
+                                        stmt.line,
+                                        format!("view {name}: {key}: must be greater than 0"),
+                                    ));
+                                    bad = true;
+                                }
+                                Err(e) => {
+                                    errors.push(err(stmt.line, format!("view {name}: {key}: {e}")));
                                     bad = true;
                                 }
                             }
@@ -410,6 +423,7 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                         text: stmt.text.clone(),
                         query: cv.query,
                         retention,
+                        key_ttl,
                         references,
                     };
                     match alert_options {
@@ -889,7 +903,14 @@ fn compile(
     };
 
     let logical_plan = plan.display_indent().to_string();
-    let fingerprint = fingerprint(&[&p.text, &logical_plan, &format!("{:?}", p.retention)]);
+    if p.key_ttl.is_some() && shape != ViewShape::Updating {
+        return Err(
+            "key_ttl is for views without a window (their keys stay until they idle out); a windowed view frees a window's keys when it closes".into(),
+        );
+    }
+    // (key_ttl joins the fingerprint only when set, so that views without it keep theirs)
+    let ttl = p.key_ttl.map(|d| format!("{d:?}")).unwrap_or_default();
+    let fingerprint = fingerprint(&[&p.text, &logical_plan, &format!("{:?}{ttl}", p.retention)]);
     Ok(ViewPlan {
         name: p.name.clone(),
         doc: p.doc.clone(),
@@ -898,6 +919,7 @@ fn compile(
         line: p.line,
         shape,
         retention: p.retention,
+        key_ttl: p.key_ttl,
         upstream,
         input_schema,
         pre,

@@ -166,6 +166,13 @@ pub struct ViewOperator {
     aggregate_schema: Option<SchemaRef>,
     /// Columns the operator prepends to the SELECT list (`window_start`, `window_end`).
     implicit_window_columns: Vec<&'static str>,
+    /// Updating views: keys idle longer than this behind the watermark leave
+    /// memory (their stored row stays; if they come back they start afresh).
+    key_ttl: Option<Millis>,
+    /// The watermark at the last eviction pass.
+    evicted_at: Millis,
+    /// Keys evicted since the last `take_evicted`.
+    evicted: u64,
 }
 
 impl std::fmt::Debug for ViewOperator {
@@ -243,7 +250,72 @@ impl ViewOperator {
             converter,
             aggregate_schema,
             implicit_window_columns,
+            key_ttl: None,
+            evicted_at: Millis::MIN,
+            evicted: 0,
         })
+    }
+
+    /// Sets how long an updating view keeps an idle key (event time).
+    pub fn set_key_ttl(&mut self, ttl: Option<std::time::Duration>) {
+        self.key_ttl = ttl.map(|d| d.as_millis().min(Millis::MAX as u128) as Millis);
+    }
+
+    /// Keys evicted since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Drops the keys of an updating view whose newest event is more than
+    /// `key_ttl` behind `watermark`. Runs when the watermark has moved a
+    /// tenth of the TTL since the last pass, so its cost (one pass over the
+    /// keys) is spread thin.
+    fn evict_idle(&mut self, watermark: Millis) {
+        let Some(ttl) = self.key_ttl else { return };
+        if self.evicted_at != Millis::MIN
+            && watermark.saturating_sub(self.evicted_at) < (ttl / 10).max(1)
+        {
+            return;
+        }
+        self.evicted_at = watermark;
+        let n_aggs = self.fresh.len();
+        let State::Updating {
+            groups,
+            dirty,
+            is_dirty,
+        } = &mut self.state
+        else {
+            return;
+        };
+        let cutoff = watermark.saturating_sub(ttl);
+        if !groups.event_time.iter().any(|t| *t < cutoff) {
+            return;
+        }
+        let old = std::mem::take(groups);
+        let mut remap = vec![usize::MAX; old.keys.len()];
+        for (g, key) in old.keys.into_iter().enumerate() {
+            // A key with an update not yet emitted stays until it is.
+            if old.event_time[g] < cutoff && !is_dirty.get(g).copied().unwrap_or(false) {
+                self.evicted += 1;
+                continue;
+            }
+            let new = groups.keys.len();
+            remap[g] = new;
+            groups.index.insert(key.clone(), new);
+            groups.keys.push(key);
+            groups
+                .states
+                .extend_from_slice(&old.states[g * n_aggs..(g + 1) * n_aggs]);
+            groups.event_time.push(old.event_time[g]);
+        }
+        for g in dirty.iter_mut() {
+            *g = remap[*g];
+        }
+        let mut flags = vec![false; groups.keys.len()];
+        for &g in dirty.iter() {
+            flags[g] = true;
+        }
+        *is_dirty = flags;
     }
 
     pub fn plan(&self) -> &Arc<ViewPlan> {
@@ -485,6 +557,10 @@ impl ViewOperator {
         // built from borrowed states, without copying them per group.
         let mut closed_windows: Vec<(Millis, Millis, Groups)> = Vec::new();
         let mut closed_sessions: Vec<(Box<[u8]>, Session)> = Vec::new();
+        if matches!(self.state, State::Updating { .. }) {
+            self.evict_idle(watermark);
+            return Ok(None);
+        }
         match &mut self.state {
             State::Filter | State::Updating { .. } => return Ok(None),
             State::Fixed { windows } => {
@@ -1041,6 +1117,35 @@ mod tests {
         // a lone event whose session would already be closed is late
         let p = op.process(&batch(&[("a", 20_000, None)], 3)).unwrap();
         assert_eq!(p.late_rows, vec![0]);
+    }
+
+    #[test]
+    fn idle_keys_of_an_updating_view_leave_memory_after_key_ttl() {
+        let mut op = operator(
+            "CREATE VIEW v WITH (key_ttl = '1 minute') AS SELECT terminal_id, count(*) AS n FROM telemetry GROUP BY terminal_id;",
+        );
+        op.set_key_ttl(op.plan().key_ttl);
+        op.process(&batch(&[("a", 0, None), ("b", 100_000, None)], 1))
+            .unwrap();
+        assert_eq!(op.open_groups(), 2);
+        // b is within a minute of the watermark, a is not
+        op.advance_watermark(100_000).unwrap();
+        assert_eq!((op.open_groups(), op.take_evicted()), (1, 1));
+        assert_eq!(op.take_evicted(), 0);
+        // a comes back: it starts afresh; b kept its count
+        let out = op
+            .process(&batch(&[("a", 110_000, None), ("b", 110_000, None)], 2))
+            .unwrap()
+            .output
+            .unwrap();
+        assert_eq!(show(&out), vec!["terminal_id=a n=1", "terminal_id=b n=2"]);
+        // without a TTL nothing goes
+        let mut keep = operator(
+            "CREATE VIEW v AS SELECT terminal_id, count(*) AS n FROM telemetry GROUP BY terminal_id;",
+        );
+        keep.process(&batch(&[("a", 0, None)], 1)).unwrap();
+        keep.advance_watermark(i64::MAX).unwrap();
+        assert_eq!(keep.open_groups(), 1);
     }
 
     #[test]
