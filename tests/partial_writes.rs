@@ -18,6 +18,21 @@ async fn reports(weir: &Weir, terminal: &str) -> Option<u64> {
         .as_u64()
 }
 
+/// The log's last record: its sequence number and bytes.
+fn last_record(store: &Store) -> (u64, Vec<u8>) {
+    let last = store.last_log_seq().expect("read").expect("records");
+    let mut bytes = Vec::new();
+    store
+        .scan_log(last - 1, |seq, b| {
+            if seq == last {
+                bytes = b.to_vec();
+            }
+            true
+        })
+        .expect("scan");
+    (last, bytes)
+}
+
 async fn publish_and_count(weir: &Weir, from: usize, to: usize) {
     let messages: Vec<(&str, String)> = (from..to)
         .map(|i| {
@@ -64,16 +79,7 @@ async fn torn_log_tail_and_torn_checkpoint_are_discarded() {
             .write_checkpoint(slot, &stored)
             .expect("tear checkpoint");
 
-        let last = store.last_log_seq().expect("read").expect("records");
-        let mut bytes = Vec::new();
-        store
-            .scan_log(last - 1, |seq, b| {
-                if seq == last {
-                    bytes = b.to_vec();
-                }
-                true
-            })
-            .expect("scan");
+        let (last, bytes) = last_record(&store);
         partial_seq = last + 1;
         let half = LogAppend {
             seq: partial_seq,
@@ -119,16 +125,7 @@ async fn a_corrupt_record_before_the_end_stops_recovery_with_a_clear_error() {
     // Two records after the checkpoint: the first damaged, the second whole.
     {
         let store = Store::open(&dir.path().join("data")).expect("open store");
-        let last = store.last_log_seq().expect("read").expect("records");
-        let mut bytes = Vec::new();
-        store
-            .scan_log(last - 1, |seq, b| {
-                if seq == last {
-                    bytes = b.to_vec();
-                }
-                true
-            })
-            .expect("scan");
+        let (last, bytes) = last_record(&store);
         let mut damaged = bytes.clone();
         let middle = damaged.len() / 2;
         damaged[middle] ^= 0xff;

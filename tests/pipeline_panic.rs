@@ -45,13 +45,8 @@ async fn reports(weir: &WeirProcess, id: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_message_stops_weir_loudly_and_is_set_aside() {
     let root = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(root.path().join("pipelines")).expect("mkdir");
-    std::fs::write(root.path().join("pipelines/p.sql"), PIPELINE).expect("pipeline");
     let port = free_port();
-    let spec = Spawn::new(root.path(), port, "weir")
-        .env("WEIR_MQTT__BROKER", "embedded")
-        .env("WEIR_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{port}"))
-        .env("WEIR_TEST_PANIC_ON", "POISON");
+    let spec = Spawn::embedded(root.path(), port, PIPELINE).env("WEIR_TEST_PANIC_ON", "POISON");
     let weir = WeirProcess::spawn(&spec);
     weir.wait_ready().await;
     send(port, &[reading("T1", 1), reading("T1", 2)]).await;

@@ -38,12 +38,8 @@ async fn window_starts(weir: &WeirProcess, view: &str) -> Option<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_event_times_survive_kill_9_and_retention_follows_the_watermark() {
     let root = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(root.path().join("pipelines")).expect("mkdir");
-    std::fs::write(root.path().join("pipelines/p.sql"), PIPELINE).expect("pipeline");
     let port = free_port();
-    let spec = Spawn::new(root.path(), port, "weir")
-        .env("WEIR_MQTT__BROKER", "embedded")
-        .env("WEIR_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{port}"))
+    let spec = Spawn::embedded(root.path(), port, PIPELINE)
         .env("WEIR_STORAGE__HOUSEKEEPING_INTERVAL", "200ms");
     let weir = WeirProcess::spawn(&spec);
     weir.wait_ready().await;

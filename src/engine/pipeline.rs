@@ -1033,13 +1033,7 @@ impl Runner {
             &batch.data,
             batch.event_time.values(),
             &rows,
-            |r| {
-                let m = message_index
-                    .values()
-                    .get(r)
-                    .and_then(|&i| messages.get(i as usize));
-                m.map_or(("", 0), |m| (m.topic.as_str(), m.received_at))
-            },
+            |r| message_of(messages, message_index, r),
             |t| {
                 format!(
                     "event time {} is behind the watermark {watermark}: its window had closed in {views}",
@@ -1083,13 +1077,7 @@ impl Runner {
             &batch.data,
             batch.event_time.values(),
             &rows,
-            |r| {
-                let m = message_index
-                    .values()
-                    .get(r)
-                    .and_then(|&i| messages.get(i as usize));
-                m.map_or(("", 0), |m| (m.topic.as_str(), m.received_at))
-            },
+            |r| message_of(messages, message_index, r),
             |_| String::new(),
         );
         self.streams[stream]
@@ -1445,6 +1433,19 @@ impl Runner {
         }
         result
     }
+}
+
+/// (topic, received_at) of the message row `row` of a logged batch came from.
+fn message_of<'m>(
+    messages: &'m [MessageMeta],
+    message_index: &UInt32Array,
+    row: usize,
+) -> (&'m str, i64) {
+    message_index
+        .values()
+        .get(row)
+        .and_then(|&i| messages.get(i as usize))
+        .map_or(("", 0), |m| (m.topic.as_str(), m.received_at))
 }
 
 /// What [`Runner::run_views`] found beside the rows it wrote.

@@ -40,6 +40,16 @@ impl Spawn {
         }
     }
 
+    /// weir as the MQTT server on `port`, with `pipeline` as its one
+    /// pipeline file (written into `dir/pipelines`).
+    pub fn embedded(dir: &Path, port: u16, pipeline: &str) -> Self {
+        std::fs::create_dir_all(dir.join("pipelines")).expect("mkdir pipelines");
+        std::fs::write(dir.join("pipelines/p.sql"), pipeline).expect("pipeline");
+        Self::new(dir, port, "weir")
+            .env("WEIR_MQTT__BROKER", "embedded")
+            .env("WEIR_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{port}"))
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
         self
