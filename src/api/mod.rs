@@ -64,14 +64,28 @@ pub async fn blocking<T: Send + 'static>(
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
 
-/// Access control in front of every route (see [`crate::auth::http`]).
+/// The longest a handler may take to answer (queries have their own, shorter, limit).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Access control in front of every route (see [`crate::auth::http`]), and
+/// a time limit on every answer.
 async fn guard(
     State((auth, metrics)): State<(Arc<HttpAuth>, Arc<Metrics>)>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     match auth.check(request.method(), request.uri().path(), request.headers()) {
-        Ok(_) => next.run(request).await,
+        // A handler that has not answered in REQUEST_TIMEOUT gets a 503
+        // (a stream's body, once started, is not limited).
+        Ok(_) => match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "request_timeout",
+                "the request took too long; try a smaller page",
+            )
+            .into_response(),
+        },
         Err(denied) => {
             metrics.http_denied.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(method = %request.method(), path = %request.uri().path(), code = denied.code, "HTTP request refused");
