@@ -58,7 +58,9 @@ async fn a_full_disk_holds_the_publisher_at_the_window_and_loses_nothing() {
     let spec = Spawn::new(root.path(), port, "weir")
         .env("WEIR_MQTT__BROKER", "embedded")
         .env("WEIR_MQTT__EMBEDDED_LISTEN", &format!("127.0.0.1:{port}"))
-        .env("WEIR_MQTT__RECEIVE_MAXIMUM", &WINDOW.to_string());
+        .env("WEIR_MQTT__RECEIVE_MAXIMUM", &WINDOW.to_string())
+        // the readings' 8 KiB notes fill the disk fast; the default text limit is 1 KiB
+        .env("WEIR_LIMITS__MAX_TEXT_BYTES", "16384");
     let weir = WeirProcess::spawn(&spec);
     weir.wait_ready().await;
 

@@ -620,7 +620,7 @@ fn apply_env_overrides(
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         if !matches!(
             section.as_str(),
-            "http" | "mqtt" | "storage" | "pipelines" | "alerts"
+            "http" | "mqtt" | "storage" | "pipelines" | "alerts" | "limits"
         ) {
             problems.push(format!("{name}: unknown config section [{section}]"));
             continue;
@@ -681,9 +681,11 @@ mod tests {
                 "mqtt://broker.local:1884".to_string(),
             ),
             ("WEIR_STORAGE__LOG_RETENTION".to_string(), "2h".to_string()),
+            ("WEIR_LIMITS__MAX_FUTURE".to_string(), "10m".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ];
         let c = Config::load(Some(f.path()), env).unwrap();
+        assert_eq!(c.limits.max_future, Duration::from_secs(600));
         assert_eq!(c.http.listen.port(), 9000);
         assert_eq!(c.storage.checkpoint_interval, Duration::from_secs(30));
         assert_eq!(c.storage.log_retention, Duration::from_secs(7200));
