@@ -842,15 +842,11 @@ impl Runner {
             acks.send(std::mem::take(&mut prepared.acks));
         }
         for (seq, record) in seqs.into_iter().zip(prepared.records) {
-            let messages = match &record {
-                Record::Batch(b) => Some((b.stream.clone(), b.messages.clone())),
-                Record::Watermark { .. } => None,
-            };
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.apply(seq, record, false)
             }));
             if let Err(panic) = applied {
-                self.poisoned(seq, messages, panic_text(&panic), shutdown);
+                self.poisoned(seq, panic_text(&panic), shutdown);
                 return;
             }
         }
@@ -863,18 +859,26 @@ impl Runner {
     /// trusted any more. The record is set aside for good (replay skips it),
     /// its messages become dead letters, and weir stops unhealthy with an
     /// error, so that a restart recovers from the last checkpoint without it.
-    fn poisoned(
-        &mut self,
-        seq: u64,
-        messages: Option<(String, Vec<log::MessageMeta>)>,
-        why: String,
-        shutdown: &CancellationToken,
-    ) {
+    fn poisoned(&mut self, seq: u64, why: String, shutdown: &CancellationToken) {
         self.broken = true;
         let what = format!("processing ingest log record {seq} panicked: {why}");
         tracing::error!(seq, "{what}; the record is set aside and weir stops");
         if let Err(e) = self.store.mark_poison(seq, &why) {
             tracing::error!(error = %e, "cannot set the record aside");
+        }
+        // The record's messages, read back from the log (only on this rare
+        // path; with durability "none" nothing was logged, and nothing replays).
+        let mut messages = None;
+        let scanned = self.store.scan_log(seq.saturating_sub(1), |s, bytes| {
+            if s == seq {
+                if let Ok(Record::Batch(b)) = log::decode(s, bytes) {
+                    messages = Some((b.stream, b.messages));
+                }
+            }
+            s < seq
+        });
+        if let Err(e) = scanned {
+            tracing::error!(error = %e, "cannot read the set-aside record back");
         }
         if let Some((stream, messages)) = messages {
             let letters: Vec<Rejected> = messages
