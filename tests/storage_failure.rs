@@ -62,7 +62,9 @@ async fn a_full_disk_stops_acks_and_loses_nothing() {
     std::fs::write(root.path().join("pipelines/t.sql"), PIPELINE).expect("pipeline");
     let port = free_port();
     let _mosquitto = Mosquitto::start(port).await;
-    let spec = Spawn::new(root.path(), port, "weir-disk-full");
+    // the readings' 4 KiB notes fill the disk fast; the default text limit is 1 KiB
+    let spec =
+        Spawn::new(root.path(), port, "weir-disk-full").env("WEIR_LIMITS__MAX_TEXT_BYTES", "8192");
     let weir = WeirProcess::spawn(&spec);
     weir.wait_ready().await;
 
