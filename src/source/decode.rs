@@ -143,36 +143,68 @@ impl Limits {
     }
 }
 
-/// True when `payload` nests arrays and objects deeper than `max`. One pass
-/// over the bytes, strings skipped, before any parsing.
-pub fn nested_deeper_than(payload: &[u8], max: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in payload {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+/// The start of the parse error for JSON nested deeper than [`MAX_DEPTH`].
+const TOO_DEEP: &str = "JSON nested deeper than 64 levels";
+
+/// Skips a value the stream has no column for, counting how deep it nests
+/// (`level`: where the value sits, the payload's top being 1): deeper than
+/// [`MAX_DEPTH`] is an error. Free for flat payloads: a scalar is one call.
+struct Skip(usize);
+
+impl<'de> DeserializeSeed<'de> for Skip {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
     }
-    false
+}
+
+impl<'de> Visitor<'de> for Skip {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.0 > MAX_DEPTH {
+            return Err(de::Error::custom(TOO_DEEP));
+        }
+        while seq.next_element_seed(Skip(self.0 + 1))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.0 > MAX_DEPTH {
+            return Err(de::Error::custom(TOO_DEEP));
+        }
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(Skip(self.0 + 1))?;
+        }
+        Ok(())
+    }
 }
 
 pub fn truncate_payload(payload: &[u8]) -> String {
@@ -374,13 +406,6 @@ impl Decoder {
                 ));
                 continue;
             }
-            if nested_deeper_than(&message.payload, MAX_DEPTH) {
-                rejects.push(reject(
-                    RejectReason::Oversize,
-                    format!("JSON nested deeper than {MAX_DEPTH} levels"),
-                ));
-                continue;
-            }
             scratch.clear();
             let text = match std::str::from_utf8(&message.payload) {
                 Ok(text) => text,
@@ -393,7 +418,9 @@ impl Decoder {
                 }
             };
             if let Err(e) = self.parse_payload(text, &mut scratch) {
-                rejects.push(if scratch.too_many_rows {
+                rejects.push(if e.to_string().starts_with(TOO_DEEP) {
+                    reject(RejectReason::Oversize, TOO_DEEP.to_string())
+                } else if scratch.too_many_rows {
                     reject(
                         RejectReason::Oversize,
                         format!(
@@ -574,6 +601,7 @@ impl Decoder {
             decoder: self,
             scratch,
             row: 0,
+            level: 1,
         }
         .deserialize(&mut de)?;
         if de.end().is_ok() {
@@ -594,6 +622,7 @@ impl Decoder {
                 decoder: self,
                 scratch,
                 row,
+                level: 1,
             }
             .deserialize(&mut de)?;
             de.end()?;
@@ -644,6 +673,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, '_, 'a> {
                 decoder: self.decoder,
                 scratch: &mut *self.scratch,
                 row,
+                level: 2,
             };
             if seq.next_element_seed(seed)?.is_none() {
                 return Ok(());
@@ -658,6 +688,8 @@ struct RowSeed<'d, 'c, 'a> {
     decoder: &'d Decoder,
     scratch: &'c mut Scratch<'a>,
     row: usize,
+    /// Nesting level of the row (1: the payload is the row).
+    level: usize,
 }
 
 impl<'de: 'a, 'a> DeserializeSeed<'de> for RowSeed<'_, '_, 'a> {
@@ -694,11 +726,12 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
                         column: d.types[c],
                         owned: &mut self.scratch.owned,
                         max_text: d.limits.max_text_bytes,
+                        level: self.level + 1,
                     })?;
                     self.scratch.cells[start + c] = cell;
                 }
                 None => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value_seed(Skip(self.level + 1))?;
                 }
             }
         }
@@ -706,7 +739,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowSeed<'_, '_, 'a> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element_seed(Skip(self.level + 1))?.is_some() {}
         self.not_an_object("an array")
     }
 
@@ -791,6 +824,8 @@ struct CellSeed<'o> {
     owned: &'o mut Vec<String>,
     /// Longer text is `Cell::Bad` (it would become keys and rows).
     max_text: usize,
+    /// Nesting level of the value.
+    level: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for CellSeed<'_> {
@@ -862,13 +897,13 @@ impl<'de> Visitor<'de> for CellSeed<'_> {
         Ok(Cell::Null)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Cell<'de>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Cell<'de>, A::Error> {
+        Skip(self.level).visit_map(map)?;
         Ok(self.mismatch("an object"))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Cell<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Cell<'de>, A::Error> {
+        Skip(self.level).visit_seq(seq)?;
         Ok(self.mismatch("an array"))
     }
 }
@@ -1163,10 +1198,41 @@ mod tests {
     }
 
     #[test]
-    fn depth_scan_skips_strings() {
-        assert!(!nested_deeper_than(br#"{"a": "[[[[[[[[[[[["}"#, 2));
-        assert!(!nested_deeper_than(br#"{"a": "\"[[[[[[[["}"#, 2));
-        assert!(nested_deeper_than(br#"{"a": [[1]]}"#, 2));
-        assert!(!nested_deeper_than(br#"{"a": [1], "b": [2]}"#, 2));
+    fn nesting_is_counted_where_it_is_and_strings_do_not_count() {
+        let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let (_, _, rejects) = decode(&[
+            // 64 levels: the payload's array, then 63 in the row
+            message("terminals/T1/telemetry", &nest(64)),
+            message("terminals/T1/telemetry", &nest(65)),
+            // an object with an unknown field nesting to 64, and to 65
+            message(
+                "terminals/T1/telemetry",
+                &format!(r#"{{"ts": 1000, "x": {}}}"#, nest(63)),
+            ),
+            message(
+                "terminals/T1/telemetry",
+                &format!(r#"{{"ts": 1000, "x": {}}}"#, nest(64)),
+            ),
+            message(
+                "terminals/T1/telemetry",
+                &format!(r#"{{"ts": 1000, "x": "{}"}}"#, "[".repeat(500)),
+            ),
+        ]);
+        let reasons: Vec<_> = rejects
+            .iter()
+            .map(|r| (r.reason, r.detail.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (
+                    RejectReason::Schema,
+                    "row 0: expected a JSON object, got an array"
+                ),
+                (RejectReason::Oversize, "JSON nested deeper than 64 levels"),
+                (RejectReason::Oversize, "JSON nested deeper than 64 levels"),
+            ],
+            "{rejects:#?}"
+        );
     }
 }
