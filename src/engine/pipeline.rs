@@ -1012,8 +1012,7 @@ impl Runner {
         }
     }
 
-    /// Dead letters for late rows, keyed by (log record, row) so that a
-    /// replay writes the same letters again instead of new ones.
+    /// Dead letters for late rows.
     #[allow(clippy::too_many_arguments)]
     fn late_letters(
         &mut self,
@@ -1031,40 +1030,24 @@ impl Runner {
         let watermark = watermark_before
             .map(crate::obs::format_time)
             .unwrap_or_default();
-        let letters = sink::rejected_rows(
-            &self.streams[stream].def.name,
-            RejectReason::Late,
-            &batch.data,
-            batch.event_time.values(),
+        let n = self.row_letters(
+            (stream, seq, RejectReason::Late, None),
+            (batch, messages, message_index),
             &rows,
-            |r| message_of(messages, message_index, r),
-            |t| {
+            |_, t| {
                 format!(
                     "event time {} is behind the watermark {watermark}: its window had closed in {views}",
                     crate::obs::format_time(t)
                 )
             },
         );
-        let m = &self.streams[stream].metrics;
-        m.late.fetch_add(letters.len() as u64, Ordering::Relaxed);
-        m.reject_n(RejectReason::Late, letters.len() as u64);
-        let keyed: Vec<(Vec<u8>, Rejected)> = rows
-            .iter()
-            .zip(letters)
-            .map(|(row, letter)| {
-                let mut key = seq.to_be_bytes().to_vec();
-                key.extend_from_slice(&row.to_be_bytes());
-                (key, letter)
-            })
-            .collect();
-        if let Err(e) = self.store.write_keyed_dead_letters(&keyed) {
-            self.row_write_failed(&e);
-            tracing::error!(error = %e, lost = keyed.len(), "cannot store late dead letters");
-        }
+        self.streams[stream]
+            .metrics
+            .late
+            .fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Dead letters (`schema`) for rows a view could not compute, keyed by
-    /// (log record, row) like late ones, so that a replay writes them once.
+    /// Dead letters (`schema`) for rows a view could not compute.
     fn failed_letters(
         &mut self,
         stream: usize,
@@ -1075,33 +1058,50 @@ impl Runner {
         failed: &BTreeMap<u32, String>,
     ) {
         let rows: Vec<u32> = failed.keys().copied().collect();
+        self.row_letters(
+            (stream, seq, RejectReason::Schema, Some(b'v')),
+            (batch, messages, message_index),
+            &rows,
+            |row, _| failed.get(&row).cloned().unwrap_or_default(),
+        );
+    }
+
+    /// Stores one dead letter per row of log record `seq`, keyed by (log
+    /// record, row, `tag`) so that a replay writes the same letters again
+    /// instead of new ones, and counts them; returns how many.
+    fn row_letters(
+        &mut self,
+        (stream, seq, reason, tag): (usize, u64, RejectReason, Option<u8>),
+        (batch, messages, message_index): (&EventBatch, &[MessageMeta], &UInt32Array),
+        rows: &[u32],
+        detail: impl Fn(u32, i64) -> String,
+    ) -> u64 {
         let letters = sink::rejected_rows(
             &self.streams[stream].def.name,
-            RejectReason::Schema,
+            reason,
             &batch.data,
             batch.event_time.values(),
-            &rows,
+            rows,
             |r| message_of(messages, message_index, r),
-            |_| String::new(),
+            detail,
         );
-        self.streams[stream]
-            .metrics
-            .reject_n(RejectReason::Schema, letters.len() as u64);
+        let n = letters.len() as u64;
+        self.streams[stream].metrics.reject_n(reason, n);
         let keyed: Vec<(Vec<u8>, Rejected)> = rows
             .iter()
             .zip(letters)
-            .map(|(row, mut letter)| {
-                letter.detail = failed.get(row).cloned().unwrap_or_default();
+            .map(|(row, letter)| {
                 let mut key = seq.to_be_bytes().to_vec();
                 key.extend_from_slice(&row.to_be_bytes());
-                key.push(b'v');
+                key.extend(tag);
                 (key, letter)
             })
             .collect();
         if let Err(e) = self.store.write_keyed_dead_letters(&keyed) {
             self.row_write_failed(&e);
-            tracing::error!(error = %e, lost = keyed.len(), "cannot store the dead letters of rows views could not compute");
+            tracing::error!(error = %e, lost = keyed.len(), reason = reason.as_str(), "cannot store rows' dead letters");
         }
+        n
     }
 
     fn stream_index(&self, name: &str) -> Option<usize> {

@@ -259,7 +259,8 @@ pub fn write_view_output(
     store.write_rows(view, pairs)
 }
 
-/// Dead letters for input rows that were late for windowed views.
+/// Dead letters for single input rows (late for a window, or not
+/// computable by a view), each with the row as its payload.
 pub fn rejected_rows<'m>(
     stream: &str,
     reason: RejectReason,
@@ -268,21 +269,22 @@ pub fn rejected_rows<'m>(
     rows: &[u32],
     // (topic, received_at) of the message a row came from
     source: impl Fn(usize) -> (&'m str, i64),
-    detail: impl Fn(i64) -> String,
+    // why, from the row and its event time
+    detail: impl Fn(u32, i64) -> String,
 ) -> Vec<Rejected> {
     // Only the late rows are formatted, not the whole batch they came in.
     let picked = take_record_batch(batch, &UInt32Array::from(rows.to_vec()));
     let texts = picked.map(|b| batch_to_json_text(&b)).unwrap_or_default();
     rows.iter()
         .enumerate()
-        .map(|(i, &r)| {
-            let r = r as usize;
+        .map(|(i, &row)| {
+            let r = row as usize;
             let (topic, received_at) = source(r);
             Rejected {
                 stream: stream.to_string(),
                 topic: topic.to_string(),
                 reason,
-                detail: detail(event_time.get(r).copied().unwrap_or(0)),
+                detail: detail(row, event_time.get(r).copied().unwrap_or(0)),
                 payload: texts.get(i).cloned().unwrap_or_default(),
                 received_at,
                 rows: 1,
