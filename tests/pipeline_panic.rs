@@ -28,11 +28,7 @@ fn reading(id: &str, s: i64) -> (String, String) {
 }
 
 async fn send(port: u16, messages: &[(String, String)]) {
-    let refs: Vec<(&str, String)> = messages
-        .iter()
-        .map(|(t, p)| (t.as_str(), p.clone()))
-        .collect();
-    publish(port, &refs, QoS::AtLeastOnce).await;
+    publish(port, messages, QoS::AtLeastOnce).await;
 }
 
 async fn reports(weir: &WeirProcess, id: &str) -> Option<u64> {

@@ -122,11 +122,7 @@ async fn poison_messages_are_dead_lettered_and_ingestion_goes_on() {
     messages.extend(attacks.iter().cloned());
     messages.push(reading("T1", T0 + 10_000, 70.0));
     messages.push(reading("T2", T0 + 20_000, 60.0));
-    let refs: Vec<(&str, String)> = messages
-        .iter()
-        .map(|(t, p)| (t.as_str(), p.clone()))
-        .collect();
-    weir.publish(&refs).await;
+    weir.publish(&messages).await;
 
     check(&weir).await;
     let peak = peak_rss_mib();
@@ -252,11 +248,7 @@ SELECT terminal_id, count(*) AS reports FROM telemetry GROUP BY terminal_id;
             )
         })
         .collect();
-    let refs: Vec<(&str, String)> = strays
-        .iter()
-        .map(|(t, p)| (t.as_str(), p.clone()))
-        .collect();
-    weir.publish(&refs).await;
+    weir.publish(&strays).await;
     weir.wait_rows("latest", 300).await;
     // ... and one that keeps reporting, ten minutes on.
     weir.publish(&[reading_ref(T0 + 10 * 60_000, 80.0)]).await;

@@ -23,11 +23,7 @@ async fn fleet(weir: &Weir) {
             )
         })
         .collect();
-    let refs: Vec<(&str, String)> = messages
-        .iter()
-        .map(|(t, p)| (t.as_str(), p.clone()))
-        .collect();
-    weir.publish(&refs).await;
+    weir.publish(&messages).await;
     weir.wait_rows("latest", 100).await;
 }
 

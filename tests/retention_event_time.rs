@@ -54,11 +54,7 @@ async fn old_event_times_survive_kill_9_and_retention_follows_the_watermark() {
             )
         })
         .collect();
-    let refs: Vec<(&str, String)> = messages
-        .iter()
-        .map(|(t, p)| (t.as_str(), p.clone()))
-        .collect();
-    publish(port, &refs, QoS::AtLeastOnce).await;
+    publish(port, &messages, QoS::AtLeastOnce).await;
     let three = wait_for("three closed windows", || async {
         let starts = window_starts(&weir, "per_minute").await?;
         (starts.len() == 3).then_some(starts)

@@ -191,7 +191,7 @@ impl Weir {
         .await
     }
 
-    pub async fn publish(&self, messages: &[(&str, String)]) {
+    pub async fn publish<T: AsRef<str>>(&self, messages: &[(T, String)]) {
         publish(self.broker_port, messages, QoS::AtLeastOnce).await;
     }
 
@@ -246,14 +246,15 @@ where
 
 /// Publishes with a real MQTT client and returns once the broker has
 /// acknowledged every message (QoS 1) or they are all written (QoS 0).
-pub async fn publish(port: u16, messages: &[(&str, String)], qos: QoS) {
+/// Topics may be `&str` or `String`.
+pub async fn publish<T: AsRef<str>>(port: u16, messages: &[(T, String)], qos: QoS) {
     let id = format!("test-pub-{}-{}", std::process::id(), rand_suffix());
     let mut options = MqttOptions::new(id, "127.0.0.1", port);
     options.set_max_packet_size(8 << 20, 8 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let owned: Vec<(String, String)> = messages
         .iter()
-        .map(|(t, p)| (t.to_string(), p.clone()))
+        .map(|(t, p)| (t.as_ref().to_string(), p.clone()))
         .collect();
     let sender = client.clone();
     let send = tokio::spawn(async move {
