@@ -36,6 +36,29 @@ enum Command {
         #[arg(long)]
         pipelines: Option<PathBuf>,
     },
+    /// The lineage graph, from MQTT topics to alert sinks, with column-level
+    /// edges: whole, or upstream/downstream of one node.
+    Lineage {
+        /// A node: its name (`terminal_health_1m`) or id (`view:terminal_health_1m`).
+        name: Option<String>,
+        /// Only what NAME is computed from.
+        #[arg(long, conflicts_with = "downstream")]
+        upstream: bool,
+        /// Only what is computed from NAME.
+        #[arg(long)]
+        downstream: bool,
+        /// Draw every column and column edge (mermaid, dot).
+        #[arg(long)]
+        columns: bool,
+        /// json, mermaid, dot or openlineage.
+        #[arg(long, default_value = "json")]
+        format: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pipelines folder; overrides the config's pipelines.dir.
+        #[arg(long)]
+        pipelines: Option<PathBuf>,
+    },
     /// API tokens: `weir token new --name dashboard --scopes read`.
     Token {
         #[command(subcommand)]
@@ -154,6 +177,66 @@ fn new_user(name: &str, role: &str, password_stdin: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Plans the pipelines of `config` (or `pipelines`), printing every error.
+fn plan_or_report(
+    config: Option<PathBuf>,
+    pipelines: Option<PathBuf>,
+) -> Result<(Config, plan::Pipeline), ExitCode> {
+    let config = load_config(config)?;
+    let dir = pipelines.unwrap_or_else(|| config.pipelines.dir.clone());
+    match plan::plan_dir(&dir) {
+        Ok(p) => Ok((config, p)),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!(
+                "\n{} error(s) in {}; `weir check` lists them",
+                errors.len(),
+                dir.display()
+            );
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+fn lineage(
+    name: Option<String>,
+    direction: weir::lineage::Direction,
+    columns: bool,
+    format: &str,
+    config: Option<PathBuf>,
+    pipelines: Option<PathBuf>,
+) -> ExitCode {
+    use weir::lineage::render::{render, Format};
+    let format = match Format::parse(format) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (config, pipeline) = match plan_or_report(config, pipelines) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let mut graph = weir::lineage::build(&pipeline, &config.alerts);
+    if let Some(name) = name {
+        match graph.resolve(&name) {
+            Ok(node) => {
+                let id = node.id.clone();
+                graph = graph.around(&id, direction);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    print!("{}", render(&graph, format, columns));
+    ExitCode::SUCCESS
+}
+
 /// The config file to use: the one given, else `config/weir.toml` when it exists.
 fn config_path(given: Option<PathBuf>) -> Option<PathBuf> {
     given.or_else(|| {
@@ -183,6 +266,22 @@ fn main() -> ExitCode {
                     password_stdin,
                 },
         } => new_user(&name, &role, password_stdin),
+        Command::Lineage {
+            name,
+            upstream,
+            downstream,
+            columns,
+            format,
+            config,
+            pipelines,
+        } => {
+            let direction = match (upstream, downstream) {
+                (true, _) => weir::lineage::Direction::Upstream,
+                (_, true) => weir::lineage::Direction::Downstream,
+                _ => weir::lineage::Direction::Both,
+            };
+            lineage(name, direction, columns, &format, config, pipelines)
+        }
         Command::Check { config, pipelines } => {
             let config = match load_config(config) {
                 Ok(c) => c,

@@ -398,6 +398,31 @@ pub fn format_duration(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
 }
 
+/// A duration for people: `1 minute`, `5 minutes`, `1 hour 30 minutes`, `500 ms`.
+pub fn format_duration_words(duration: Duration) -> String {
+    let mut left = duration.as_millis();
+    if left == 0 {
+        return "0 seconds".into();
+    }
+    let mut parts = Vec::new();
+    for (unit, ms) in [
+        ("day", 86_400_000u128),
+        ("hour", 3_600_000),
+        ("minute", 60_000),
+        ("second", 1_000),
+    ] {
+        let n = left / ms;
+        if n > 0 {
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+            left %= ms;
+        }
+    }
+    if left > 0 {
+        parts.push(format!("{left} ms"));
+    }
+    parts.join(" ")
+}
+
 mod duration_str {
     use super::*;
 

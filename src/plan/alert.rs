@@ -44,16 +44,29 @@ pub struct AlertPlan {
     /// The `clear` option, over the input row.
     pub clear: Option<Arc<dyn PhysicalExpr>>,
     pub clear_sql: Option<String>,
+    /// The `WHERE` clause as written.
+    pub condition_sql: Option<String>,
     /// The `SELECT` list: what an alert reports as the row that fired or cleared it.
     pub project: Vec<Step>,
     pub output_schema: SchemaRef,
+    /// Per output column, the input columns it comes from.
+    pub column_lineage: Vec<super::lineage::ColumnLineage>,
+    /// Input columns the firing condition (`WHERE`) reads.
+    pub condition_columns: std::collections::BTreeSet<String>,
+    /// Input columns `clear` reads.
+    pub clear_columns: std::collections::BTreeSet<String>,
+    /// Output column -> the `--` comment above its item in the `SELECT` list.
+    pub column_docs: std::collections::BTreeMap<String, String>,
     /// The column (of the output) that identifies an alert's subject.
     pub key_column: String,
     pub key_index: usize,
     /// DataFusion's logical plan, for `weir check`.
     pub logical_plan: String,
-    /// Everything that decides the rule's state; a change discards it.
+    /// Everything that decides the rule's state, its upstream view's
+    /// definition included; a change discards it.
     pub fingerprint: u64,
+    /// Fingerprint of the rule's own definition.
+    pub definition: u64,
 }
 
 /// The `WITH` options of a `CREATE ALERT`, validated.
@@ -163,15 +176,18 @@ pub fn compile(
     let project = compile_steps(state, &above)?;
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
 
+    let mut clear_columns = std::collections::BTreeSet::new();
     let clear = match &options.clear {
         None => None,
         Some(sql) => {
             let expr = state
                 .create_logical_expr(sql, &input_df_schema)
                 .map_err(|e| format!("clear: {}", clean_message(&e)))?;
+            clear_columns.extend(expr.column_refs().into_iter().map(|c| c.name.clone()));
             Some(physical(state, &expr, &input_df_schema).map_err(|e| format!("clear: {e}"))?)
         }
     };
+    let traced = super::lineage::trace(plan)?;
 
     let (key_index, key_column) = match &options.key {
         None => (0, output_schema.field(0).name().clone()),
@@ -212,12 +228,18 @@ pub fn compile(
         condition,
         clear,
         clear_sql: options.clear.clone(),
+        condition_sql: None,
         project,
         output_schema,
+        column_lineage: traced.columns,
+        condition_columns: traced.row_filters,
+        clear_columns,
+        column_docs: Default::default(),
         key_column,
         key_index,
         logical_plan,
         fingerprint,
+        definition: fingerprint,
     })
 }
 

@@ -37,6 +37,8 @@ pub struct StreamDef {
     pub schema: SchemaRef,
     pub event_time: EventTime,
     pub doc: String,
+    /// Column -> the `--` comment above it in the `CREATE TABLE`.
+    pub column_docs: std::collections::BTreeMap<String, String>,
     pub sql: String,
     pub file: String,
     pub line: usize,
@@ -351,6 +353,7 @@ pub fn build_stream(parts: TableParts) -> Result<StreamDef, Vec<String>> {
         schema: Arc::new(Schema::new(fields)),
         event_time,
         doc: String::new(),
+        column_docs: Default::default(),
         sql: String::new(),
         file: String::new(),
         line: 0,

@@ -18,6 +18,7 @@
 
 pub mod alert;
 pub mod ddl;
+pub mod lineage;
 pub mod split;
 
 use std::collections::{HashMap, HashSet};
@@ -144,10 +145,21 @@ pub struct ViewPlan {
     pub output_schema: SchemaRef,
     /// Output columns that are group keys, in `GROUP BY` order.
     pub key_columns: Vec<String>,
+    /// Per output column, the upstream columns it comes from (window
+    /// bounds: none here; they come from the root stream's event time).
+    pub column_lineage: Vec<lineage::ColumnLineage>,
+    /// Upstream columns read by `WHERE` or `HAVING`.
+    pub row_filters: std::collections::BTreeSet<String>,
+    /// Output column -> the `--` comment above its item in the `SELECT` list.
+    pub column_docs: std::collections::BTreeMap<String, String>,
     /// DataFusion's logical plan, for `weir check` and the API.
     pub logical_plan: String,
-    /// Fingerprint of everything that decides the view's rows; a change means its rows are stale.
+    /// Fingerprint of everything that decides the view's rows, its
+    /// upstream views' definitions included: a change means its rows are stale.
     pub fingerprint: u64,
+    /// Fingerprint of this view's own definition: it differs from the last
+    /// run's when this view was edited, not only something upstream.
+    pub definition: u64,
 }
 
 impl ViewPlan {
@@ -230,6 +242,7 @@ struct PendingView {
     retention: Option<Duration>,
     key_ttl: Option<Duration>,
     references: Vec<String>,
+    column_docs: std::collections::BTreeMap<String, String>,
 }
 
 /// Plans pipeline sources given as (file name, text). Collects every error.
@@ -312,6 +325,7 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                             }
                             names.insert(s.name.clone(), (file.clone(), stmt.line));
                             s.doc = stmt.doc.clone();
+                            s.column_docs = lineage::table_column_docs(&stmt.text, &ct.columns);
                             s.sql = stmt.text.clone();
                             s.file = file.clone();
                             s.line = stmt.line;
@@ -414,8 +428,10 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                                 .collect()
                         })
                         .unwrap_or_default();
+                    let column_docs = lineage::select_item_docs(&stmt.text, &cv.query);
                     let view = PendingView {
                         what,
+                        column_docs,
                         name,
                         file: file.clone(),
                         line: stmt.line,
@@ -554,7 +570,14 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
         };
         match alert::compile(&state, &p.name, &p.text, options, &plan, upstream) {
             Ok(mut a) => {
+                a.fingerprint = with_upstream(a.definition, &a.upstream, &planned);
                 a.doc = p.doc.clone();
+                a.column_docs = p.column_docs.clone();
+                if let datafusion::sql::sqlparser::ast::SetExpr::Select(select) =
+                    p.query.body.as_ref()
+                {
+                    a.condition_sql = select.selection.as_ref().map(|w| w.to_string());
+                }
                 a.file = p.file.clone();
                 a.line = p.line;
                 alerts.push(Arc::new(a));
@@ -765,7 +788,26 @@ fn plan_view(
         line: p.line,
         message: format!("view {}: {message}", p.name),
     };
-    compile(&state, p, &plan, streams, planned).map_err(fail)
+    let mut view = compile(&state, p, &plan, streams, planned).map_err(fail)?;
+    view.fingerprint = with_upstream(view.definition, &view.upstream, planned);
+    Ok(view)
+}
+
+/// A statement's fingerprint with its upstream view's: rows computed from a
+/// view go stale when that view's definition changes, however far up.
+fn with_upstream(
+    definition: u64,
+    upstream: &Upstream,
+    planned: &HashMap<String, Arc<ViewPlan>>,
+) -> u64 {
+    match upstream {
+        // a view over a stream keeps the fingerprint it always had
+        Upstream::Stream(_) => definition,
+        Upstream::View(v) => match planned.get(v) {
+            Some(up) => fingerprint(&[&definition.to_string(), &up.fingerprint.to_string()]),
+            None => definition,
+        },
+    }
 }
 
 /// Cuts the logical plan into pre-steps, aggregate and post-steps.
@@ -902,6 +944,14 @@ fn compile(
         _ => Vec::new(),
     };
 
+    let traced = lineage::trace(plan)?;
+    let mut column_lineage = Vec::with_capacity(output_schema.fields().len());
+    column_lineage.resize(
+        output_schema.fields().len() - traced.columns.len(),
+        Default::default(),
+    );
+    column_lineage.extend(traced.columns);
+
     let logical_plan = plan.display_indent().to_string();
     if p.key_ttl.is_some() && shape != ViewShape::Updating {
         return Err(
@@ -927,8 +977,12 @@ fn compile(
         post,
         output_schema,
         key_columns,
+        column_lineage,
+        row_filters: traced.row_filters,
+        column_docs: p.column_docs.clone(),
         logical_plan,
         fingerprint,
+        definition: fingerprint,
     })
 }
 
