@@ -59,6 +59,19 @@ enum Command {
         #[arg(long)]
         pipelines: Option<PathBuf>,
     },
+    /// What a start with the current pipeline files would do to the stored
+    /// state: which views and rules are new, changed (rebuilt from the log),
+    /// downstream of a change, removed, or kept.
+    Plan {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pipelines folder; overrides the config's pipelines.dir.
+        #[arg(long)]
+        pipelines: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// API tokens: `weir token new --name dashboard --scopes read`.
     Token {
         #[command(subcommand)]
@@ -237,6 +250,86 @@ fn lineage(
     ExitCode::SUCCESS
 }
 
+/// The stored state of `config`'s data folder, and where it was read from.
+fn stored_state(config: &Config) -> Result<(weir::plan::changes::Deployed, String), String> {
+    use weir::plan::changes::Deployed;
+    let dir = &config.storage.dir;
+    if !dir.join("lock").exists() && !dir.join(weir::engine::DEPLOYED_FILE).exists() {
+        return Ok((
+            Deployed::default(),
+            format!(
+                "no stored state in {}: everything starts new",
+                dir.display()
+            ),
+        ));
+    }
+    match weir::store::Store::open(dir) {
+        Ok(store) => weir::engine::deployed(&store)
+            .map(|d| {
+                (
+                    d,
+                    format!("compared with the stored state in {}", dir.display()),
+                )
+            })
+            .map_err(|e| e.to_string()),
+        Err(e) if e.is_locked() => {
+            let path = dir.join(weir::engine::DEPLOYED_FILE);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "weir is running on {} and {} cannot be read: {e}",
+                    dir.display(),
+                    path.display()
+                )
+            })?;
+            let d: Deployed =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok((
+                d,
+                format!(
+                    "weir is running on {}: compared with the pipelines it runs",
+                    dir.display()
+                ),
+            ))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn plan_command(config: Option<PathBuf>, pipelines: Option<PathBuf>, json: bool) -> ExitCode {
+    let (config, pipeline) = match plan_or_report(config, pipelines) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let (deployed, source) = match stored_state(&config) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let changes = weir::plan::changes::changes(
+        &pipeline,
+        &deployed,
+        weir::obs::now_ms(),
+        config.storage.log_retention,
+        config.storage.view_retention,
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&changes).unwrap_or_default()
+        );
+    } else {
+        println!("{source}");
+        if let Some(at) = changes.checkpoint_at {
+            println!("newest checkpoint: {}", weir::obs::format_time(at));
+        }
+        println!();
+        print!("{}", weir::plan::changes::describe(&changes));
+    }
+    ExitCode::SUCCESS
+}
+
 /// The config file to use: the one given, else `config/weir.toml` when it exists.
 fn config_path(given: Option<PathBuf>) -> Option<PathBuf> {
     given.or_else(|| {
@@ -282,15 +375,33 @@ fn main() -> ExitCode {
             };
             lineage(name, direction, columns, &format, config, pipelines)
         }
+        Command::Plan {
+            config,
+            pipelines,
+            json,
+        } => plan_command(config, pipelines, json),
         Command::Check { config, pipelines } => {
             let config = match load_config(config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let dir = pipelines.unwrap_or(config.pipelines.dir);
+            let dir = pipelines.unwrap_or_else(|| config.pipelines.dir.clone());
             match plan::plan_dir(&dir) {
                 Ok(pipeline) => {
                     print!("{}", plan::describe(&pipeline));
+                    // what a start would rebuild, when the stored state can be read
+                    if let Ok((deployed, _)) = stored_state(&config) {
+                        let changes = plan::changes::changes(
+                            &pipeline,
+                            &deployed,
+                            weir::obs::now_ms(),
+                            config.storage.log_retention,
+                            config.storage.view_retention,
+                        );
+                        for w in &changes.warnings {
+                            eprintln!("warning: {w}");
+                        }
+                    }
                     println!(
                         "\nok: {} streams, {} views, {} alerts in {}",
                         pipeline.streams.len(),

@@ -104,12 +104,13 @@ impl Checkpoint {
         })
     }
 
-    /// Checks the manifest's checksum and every part against the manifest.
-    pub fn decode(stored: StoredCheckpoint) -> Result<Self, CheckpointError> {
+    /// Only the manifest: what the checkpoint holds, without reading the
+    /// parts (`weir plan`). Its parts may still turn out damaged at start-up,
+    /// and then the older checkpoint is used.
+    pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, CheckpointError> {
         let partial = |what: &str| CheckpointError::Partial {
             what: what.to_string(),
         };
-        let bytes = &stored.manifest;
         let (body, crc) = bytes
             .split_at_checked(bytes.len().wrapping_sub(4))
             .ok_or_else(|| partial("manifest"))?;
@@ -119,6 +120,15 @@ impl Checkpoint {
         }
         let manifest: Manifest =
             serde_json::from_slice(body).map_err(|e| CheckpointError::Manifest(e.to_string()))?;
+        Ok(manifest)
+    }
+
+    /// Checks the manifest's checksum and every part against the manifest.
+    pub fn decode(stored: StoredCheckpoint) -> Result<Self, CheckpointError> {
+        let partial = |what: &str| CheckpointError::Partial {
+            what: what.to_string(),
+        };
+        let manifest = Self::decode_manifest(&stored.manifest)?;
         let mut parts: BTreeMap<String, Vec<u8>> = stored.parts.into_iter().collect();
         let mut views = BTreeMap::new();
         for (name, info) in &manifest.views {

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::config::{BrokerAddr, Config};
 use crate::obs::{now_ms, Health, Metrics};
+use crate::plan::changes::Deployed;
 use crate::plan::{Pipeline, ViewShape};
 use crate::sink::notify::{ExternalTarget, MqttTarget, Notifier};
 use crate::source::decode::{AckToken, Message};
@@ -168,7 +169,16 @@ impl Guard {
 /// Starts weir: store, broker (when embedded), MQTT source, pipeline, HTTP API.
 pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, EngineError> {
     let store = Store::open(&config.storage.dir)?;
+    let changes = crate::plan::changes::changes(
+        &pipeline,
+        &deployed(&store)?,
+        now_ms(),
+        config.storage.log_retention,
+        config.storage.view_retention,
+    );
+    log_changes(&changes);
     reconcile_views(&store, &pipeline)?;
+    record_deployed(&store, &config.storage.dir, &pipeline)?;
     for (i, hook) in config.alerts.webhook.iter().enumerate() {
         if let Some(unknown) = hook.rules.iter().find(|r| pipeline.alert(r).is_none()) {
             return Err(EngineError::Config(format!(
@@ -541,6 +551,105 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         pipeline: Some(pipeline_thread),
         fatal,
     })
+}
+
+/// What the stored state was computed with: the newest checkpoint's
+/// fingerprints, the definitions remembered from the last start, and how far
+/// back the log reaches (`weir plan` and the start-up log).
+pub fn deployed(store: &Store) -> Result<Deployed, StoreError> {
+    let mut newest: Option<crate::checkpoint::Manifest> = None;
+    for slot in 0..2u8 {
+        let Some(bytes) = store.read_checkpoint_manifest(slot)? else {
+            continue;
+        };
+        if let Ok(m) = crate::checkpoint::Checkpoint::decode_manifest(&bytes) {
+            if newest
+                .as_ref()
+                .is_none_or(|n| (m.seq, m.taken_at) > (n.seq, n.taken_at))
+            {
+                newest = Some(m);
+            }
+        }
+    }
+    let definitions = match store.get_meta(DEFINITIONS_KEY)? {
+        Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        None => Default::default(),
+    };
+    Ok(Deployed {
+        parts: newest
+            .as_ref()
+            .map(|m| {
+                m.views
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.fingerprint))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        definitions,
+        checkpoint_at: newest.map(|m| m.taken_at),
+        log_from: store.first_log_seq()?.map(|seq| (seq >> 16) as i64),
+    })
+}
+
+const DEFINITIONS_KEY: &str = "pipelines/definitions";
+
+/// The file `weir plan` reads while weir runs (the store is locked then).
+pub const DEPLOYED_FILE: &str = "deployed.json";
+
+/// Remembers the running definitions (in the store, for the next start's
+/// plan) and writes `deployed.json` beside the store: what a restart will
+/// compare the files with, once this run has checkpointed.
+fn record_deployed(
+    store: &Store,
+    dir: &std::path::Path,
+    pipeline: &Pipeline,
+) -> Result<(), StoreError> {
+    let mut running = Deployed::default();
+    for v in &pipeline.views {
+        running.parts.insert(v.name.clone(), v.fingerprint);
+        running.definitions.insert(v.name.clone(), v.definition);
+    }
+    for a in &pipeline.alerts {
+        let part = crate::plan::changes::alert_part(&a.name);
+        running.parts.insert(part.clone(), a.fingerprint);
+        running.definitions.insert(part, a.definition);
+    }
+    running.log_from = store.first_log_seq()?.map(|seq| (seq >> 16) as i64);
+    let definitions = serde_json::to_vec(&running.definitions).unwrap_or_default();
+    store.put_meta(DEFINITIONS_KEY, &definitions)?;
+    let path = dir.join(DEPLOYED_FILE);
+    let tmp = dir.join(format!("{DEPLOYED_FILE}.tmp"));
+    let written = serde_json::to_vec_pretty(&running)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "cannot write the deployed pipelines file (weir plan reads it while weir runs)");
+    }
+    Ok(())
+}
+
+/// The start-up log of what this start does to the stored state: the same
+/// lines `weir plan` prints.
+fn log_changes(changes: &crate::plan::changes::Changes) {
+    use crate::plan::changes::Change;
+    for item in &changes.items {
+        if item.change == Change::Kept {
+            continue;
+        }
+        tracing::info!(kind = item.kind, name = %item.name, change = item.change.as_str(), "{}", item.detail);
+    }
+    for w in &changes.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        new = changes.names(Change::New).len(),
+        changed = changes.names(Change::Changed).len(),
+        downstream = changes.names(Change::Downstream).len(),
+        removed = changes.names(Change::Removed).len(),
+        kept = changes.names(Change::Kept).len(),
+        "pipelines planned against the stored state"
+    );
 }
 
 /// Clears the stored rows of every view whose plan changed since the last

@@ -461,9 +461,13 @@ impl Runner {
                     if let Checkpoints::Inline(c) = &mut self.checkpoints {
                         c.slots[slot as usize] = Some(cp.manifest.seq);
                     }
+                    // Newest by log position, then by time: a restart
+                    // with nothing new in the log writes the same position
+                    // with different state (a rebuilt view).
+                    let key = |m: &crate::checkpoint::Manifest| (m.seq, m.taken_at);
                     if best
                         .as_ref()
-                        .is_none_or(|(_, b)| cp.manifest.seq > b.manifest.seq)
+                        .is_none_or(|(_, b)| key(&cp.manifest) > key(&b.manifest))
                     {
                         best = Some((slot, cp));
                     }

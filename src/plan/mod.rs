@@ -17,6 +17,7 @@
 //! scalar expression is evaluated by DataFusion over Arrow batches.
 
 pub mod alert;
+pub mod changes;
 pub mod ddl;
 pub mod lineage;
 pub mod split;

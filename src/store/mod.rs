@@ -61,6 +61,19 @@ pub enum StoreError {
     Corrupt { what: &'static str, message: String },
 }
 
+impl StoreError {
+    /// Another process (a running weir) holds the store.
+    pub fn is_locked(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Open {
+                source: fjall::Error::Locked,
+                ..
+            }
+        )
+    }
+}
+
 /// A dead letter as stored and served (DESIGN §6); `received_at` is epoch ms.
 pub type DeadLetter = Rejected;
 
@@ -323,6 +336,26 @@ impl Store {
             }
             None => Ok(None),
         }
+    }
+
+    /// The oldest record the log still holds.
+    pub fn first_log_seq(&self) -> Result<Option<u64>, StoreError> {
+        match self.log.first_key_value() {
+            Some(guard) => {
+                let key = guard.key().map_err(io("read the ingest log"))?;
+                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Only the manifest of the checkpoint in `slot`, as written.
+    pub fn read_checkpoint_manifest(&self, slot: u8) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .checkpoint
+            .get(format!("{slot}/manifest"))
+            .map_err(io("read checkpoint"))?
+            .map(|m| m.to_vec()))
     }
 
     /// Removes one log record (a partial write found at start-up).
