@@ -13,6 +13,7 @@
 //! - [`checkpoint`] operator state and log position, written atomically, restored at start-up.
 //! - [`api`]     the axum HTTP API; reads the store, never blocks the pipeline.
 //! - [`lineage`] the graph from topic to alert sink, column by column, traced from the plans; JSON, Mermaid, DOT, OpenLineage.
+//! - [`docs`]    the documentation site (`weir docs`, `/docs/`): one page per stream, view and alert, the graph as SVG.
 //! - [`engine`]  wires the stages, runs the prepare and pipeline threads, owns start-up, recovery and shutdown.
 //! - [`obs`]     metrics (Prometheus text) and tracing.
 //! - [`auth`]    who may call the API (tokens, scopes) and who may connect to the MQTT server (users, roles, ACL).
@@ -24,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod checkpoint;
 pub mod config;
+pub mod docs;
 pub mod engine;
 pub mod lineage;
 pub mod log;

@@ -72,6 +72,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the documentation site: an index, the lineage graph and one
+    /// page per stream, view and alert (the same pages weir serves at /docs/).
+    Docs {
+        /// Where to write it.
+        #[arg(long, default_value = "weir-docs")]
+        out: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pipelines folder; overrides the config's pipelines.dir.
+        #[arg(long)]
+        pipelines: Option<PathBuf>,
+    },
     /// API tokens: `weir token new --name dashboard --scopes read`.
     Token {
         #[command(subcommand)]
@@ -330,6 +342,32 @@ fn plan_command(config: Option<PathBuf>, pipelines: Option<PathBuf>, json: bool)
     ExitCode::SUCCESS
 }
 
+fn docs(out: &std::path::Path, config: Option<PathBuf>, pipelines: Option<PathBuf>) -> ExitCode {
+    let (config, pipeline) = match plan_or_report(config, pipelines) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let graph = weir::lineage::build(&pipeline, &config.alerts);
+    let pages = weir::docs::site(&graph, &pipeline, &config, &Default::default());
+    if let Err(e) = std::fs::create_dir_all(out) {
+        eprintln!("error: cannot create {}: {e}", out.display());
+        return ExitCode::from(1);
+    }
+    for (name, html) in &pages {
+        if let Err(e) = std::fs::write(out.join(name), html) {
+            eprintln!("error: cannot write {}: {e}", out.join(name).display());
+            return ExitCode::from(1);
+        }
+    }
+    println!(
+        "wrote {} pages to {} (open {})",
+        pages.len(),
+        out.display(),
+        out.join("index.html").display()
+    );
+    ExitCode::SUCCESS
+}
+
 /// The config file to use: the one given, else `config/weir.toml` when it exists.
 fn config_path(given: Option<PathBuf>) -> Option<PathBuf> {
     given.or_else(|| {
@@ -375,6 +413,11 @@ fn main() -> ExitCode {
             };
             lineage(name, direction, columns, &format, config, pipelines)
         }
+        Command::Docs {
+            out,
+            config,
+            pipelines,
+        } => docs(&out, config, pipelines),
         Command::Plan {
             config,
             pipelines,

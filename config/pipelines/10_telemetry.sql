@@ -3,11 +3,15 @@
 CREATE TABLE telemetry (
   terminal_id TEXT NOT NULL,
   merchant_id TEXT,
+  -- When the terminal took the reading (its clock).
   ts TIMESTAMP NOT NULL,
+  -- Battery level, in percent (0-100).
   battery_pct DOUBLE,
   charging BOOLEAN,
+  -- wifi, cellular, ethernet, or none while offline.
   network TEXT,
   rssi_dbm DOUBLE,
+  -- Round trip of the payment app to its backend, in milliseconds.
   app_latency_ms DOUBLE,
   app_version TEXT,
   error_count BIGINT,
@@ -19,11 +23,14 @@ CREATE TABLE telemetry (
 CREATE VIEW terminal_health_1m AS
 SELECT terminal_id,
        count(*) AS samples,
+       -- Battery level, in percent: the lowest reading of the minute.
        min(battery_pct) AS min_battery,
        avg(rssi_dbm) AS avg_rssi_dbm,
        avg(app_latency_ms) AS avg_latency_ms,
+       -- 99th percentile of the app's latency (HdrHistogram, 3 significant digits).
        approx_percentile_cont(app_latency_ms, 0.99) AS p99_latency_ms,
        sum(error_count) AS errors,
+       -- Readings taken while the terminal had no network.
        count(*) FILTER (WHERE network = 'none') AS offline_samples
 FROM telemetry
 GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);

@@ -7,6 +7,7 @@
 //! logged, not returned.
 
 mod alerts;
+pub mod lineage;
 mod listener;
 pub mod query;
 pub mod sandbox;
@@ -48,6 +49,12 @@ pub struct AppState {
     pub sse_keepalive: std::time::Duration,
     /// Where ad-hoc queries run (their own threads, limits).
     pub sandbox: sandbox::Sandbox,
+    /// The lineage graph of the running pipelines.
+    pub lineage: Arc<crate::lineage::Graph>,
+    /// Samples for the lineage overlay's rates.
+    pub rates: lineage::Rates,
+    /// The configuration the docs pages describe (retention, the API address).
+    pub docs_config: crate::config::Config,
 }
 
 /// Runs a store read on the blocking pool, so a long scan never stalls the
@@ -118,6 +125,10 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
         .route("/api/v1/views/{name}/rows", get(view_rows))
         .route("/api/v1/query", post(query::query))
         .route("/api/v1/deadletter", get(dead_letters))
+        .route("/api/v1/lineage", get(lineage::lineage))
+        .route("/docs", get(lineage::docs_root))
+        .route("/docs/", get(lineage::docs_page))
+        .route("/docs/{page}", get(lineage::docs_page))
         .route("/api/v1/alerts", get(alerts::list))
         .route("/api/v1/alerts/stream", get(alerts::stream))
         .route("/api/v1/alerts/{id}", get(alerts::one))

@@ -343,8 +343,12 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         metrics.clone(),
     )
     .map_err(EngineError::Thread)?;
+    let lineage = Arc::new(crate::lineage::build(&pipeline, &config.alerts));
     let state = Arc::new(AppState {
         sandbox,
+        lineage,
+        rates: Default::default(),
+        docs_config: config.clone(),
         notifier: notifier.clone(),
         shutdown: shutdown.clone(),
         sse_keepalive: config.alerts.sse_keepalive,
@@ -737,8 +741,9 @@ async fn housekeeping(
                 // watermark minus its retention go, never by the wall clock,
                 // so a backfill of last year's data stays. No watermark
                 // yet (recovery not done, no data): nothing goes.
-                let Some(watermark) = root_stream(&pipeline, view)
-                    .and_then(|s| metrics.streams.get(s))
+                let Some(watermark) = pipeline
+                    .root_stream(view)
+                    .and_then(|s| metrics.streams.get(&s.name))
                     .and_then(|m| m.watermark())
                 else {
                     continue;
@@ -765,16 +770,4 @@ async fn housekeeping(
         })
         .await;
     }
-}
-
-/// The stream a view reads from, through any views in between.
-fn root_stream<'p>(pipeline: &'p Pipeline, view: &'p crate::plan::ViewPlan) -> Option<&'p str> {
-    let mut upstream = &view.upstream;
-    for _ in 0..=pipeline.views.len() {
-        match upstream {
-            crate::plan::Upstream::Stream(s) => return Some(s),
-            crate::plan::Upstream::View(v) => upstream = &pipeline.view(v)?.upstream,
-        }
-    }
-    None
 }

@@ -276,21 +276,11 @@ pub fn build(pipeline: &Pipeline, alerts: &AlertsConfig) -> Graph {
 
 /// The event-time column a view's window bounds come from: the root stream's.
 fn event_time_source(pipeline: &Pipeline, v: &ViewPlan) -> Option<String> {
-    let mut upstream = &v.upstream;
-    for _ in 0..=pipeline.views.len() {
-        match upstream {
-            Upstream::Stream(s) => {
-                let s = pipeline.stream(s)?;
-                return s
-                    .event_time
-                    .column
-                    .as_ref()
-                    .map(|c| format!("stream:{}.{c}", s.name));
-            }
-            Upstream::View(name) => upstream = &pipeline.view(name)?.upstream,
-        }
-    }
-    None
+    let s = pipeline.root_stream(v)?;
+    s.event_time
+        .column
+        .as_ref()
+        .map(|c| format!("stream:{}.{c}", s.name))
 }
 
 fn lineage_edges(

@@ -209,7 +209,7 @@ pub fn compile(
 
     let logical_plan = plan.display_indent().to_string();
     let fingerprint = super::fingerprint(&[
-        text,
+        &super::without_comments(text),
         &logical_plan,
         &format!("{:?}", options.timing),
         options.clear.as_deref().unwrap_or(""),

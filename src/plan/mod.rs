@@ -190,6 +190,18 @@ impl Pipeline {
     pub fn alert(&self, name: &str) -> Option<&Arc<AlertPlan>> {
         self.alerts.iter().find(|a| a.name == name)
     }
+
+    /// The stream a view reads from, through any views in between.
+    pub fn root_stream<'p>(&'p self, view: &'p ViewPlan) -> Option<&'p StreamDef> {
+        let mut upstream = &view.upstream;
+        for _ in 0..=self.views.len() {
+            match upstream {
+                Upstream::Stream(s) => return self.stream(s).map(|s| s.as_ref()),
+                Upstream::View(v) => upstream = &self.view(v)?.upstream,
+            }
+        }
+        None
+    }
 }
 
 pub const WINDOW_FUNCTIONS: [&str; 3] = ["tumble", "hop", "session"];
@@ -961,7 +973,11 @@ fn compile(
     }
     // (key_ttl joins the fingerprint only when set, so that views without it keep theirs)
     let ttl = p.key_ttl.map(|d| format!("{d:?}")).unwrap_or_default();
-    let fingerprint = fingerprint(&[&p.text, &logical_plan, &format!("{:?}{ttl}", p.retention)]);
+    let fingerprint = fingerprint(&[
+        &without_comments(&p.text),
+        &logical_plan,
+        &format!("{:?}{ttl}", p.retention),
+    ]);
     Ok(ViewPlan {
         name: p.name.clone(),
         doc: p.doc.clone(),
@@ -1224,6 +1240,40 @@ fn window_spec(name: &str, args: &[Expr]) -> Result<WindowSpec, String> {
     }
 }
 
+/// A statement without its `--` comments (each becomes one space): what its
+/// fingerprint is taken over, so that documenting a column does not rebuild
+/// the view. A statement without comments is its own text, so fingerprints
+/// taken before this existed stay the same.
+pub fn without_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '-' && chars.peek() == Some(&'-') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+                out.push(' ');
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 /// FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
 pub fn fingerprint(parts: &[&str]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -1337,5 +1387,23 @@ impl fmt::Display for ViewShape {
             ViewShape::Updating => "updating",
             ViewShape::Filter => "filter",
         })
+    }
+}
+
+#[cfg(test)]
+mod comment_tests {
+    use super::without_comments;
+
+    #[test]
+    fn comments_go_and_strings_stay() {
+        assert_eq!(
+            without_comments("SELECT a -- x\nFROM t"),
+            "SELECT a  FROM t"
+        );
+        assert_eq!(
+            without_comments("SELECT '--not' AS a FROM t"),
+            "SELECT '--not' AS a FROM t"
+        );
+        assert_eq!(without_comments("SELECT a FROM t"), "SELECT a FROM t");
     }
 }
