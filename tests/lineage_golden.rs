@@ -174,3 +174,67 @@ fn dot_output_is_accepted_by_graphviz() {
     }
     assert!(checked >= 3, "golden DOT files are missing");
 }
+
+/// `PYTHONPATH` holding openlineage-python (scripts/test installs it into
+/// target/pydeps), when python3 can import it.
+fn openlineage_python() -> Option<String> {
+    let path = std::env::var("WEIR_PYDEPS")
+        .unwrap_or_else(|_| root().join("target/pydeps").display().to_string());
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import openlineage.client.event_v2"])
+        .env("PYTHONPATH", &path)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openlineage-python is missing on CI (scripts/test installs it into target/pydeps)"
+        );
+        eprintln!("openlineage-python not installed: skipping the OpenLineage check");
+        return None;
+    }
+    Some(path)
+}
+
+fn check_openlineage(pythonpath: &str, events: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .arg(root().join("tests/openlineage/validate.py"))
+        .env("PYTHONPATH", pythonpath)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(events.as_bytes())
+        .expect("write events");
+    child.wait_with_output().expect("validator")
+}
+
+#[test]
+fn openlineage_events_match_the_openlineage_model() {
+    let Some(pythonpath) = openlineage_python() else {
+        return;
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["lineage", "--format", "openlineage"])
+        .current_dir(root())
+        .output()
+        .expect("weir lineage");
+    assert!(out.status.success());
+    let events = String::from_utf8_lossy(&out.stdout).into_owned();
+    let checked = check_openlineage(&pythonpath, &events);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("11 events match"));
+    // and the check can fail: a run id that is not a UUID
+    let broken = events.replacen("\"runId\": \"", "\"runId\": \"not-a-uuid-", 1);
+    assert!(!check_openlineage(&pythonpath, &broken).status.success());
+}

@@ -236,7 +236,7 @@ const SCHEMA_URL: &str = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$d
 const COLUMN_LINEAGE_URL: &str =
     "https://openlineage.io/spec/facets/1-2-0/ColumnLineageDatasetFacet.json#/$defs/ColumnLineageDatasetFacet";
 const SCHEMA_FACET_URL: &str =
-    "https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet";
+    "https://openlineage.io/spec/facets/1-2-0/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet";
 const SQL_FACET_URL: &str =
     "https://openlineage.io/spec/facets/1-1-0/SQLJobFacet.json#/$defs/SQLJobFacet";
 const NAMESPACE: &str = "weir";
