@@ -225,3 +225,80 @@ async fn a_running_weir_serves_lineage_and_docs_with_live_figures() {
     assert_eq!(status, 404);
     weir.stop().await;
 }
+
+/// mermaid.min.js from npm (scripts/test installs it into target/npm).
+fn mermaid_js() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/npm/node_modules/mermaid/dist/mermaid.min.js");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "mermaid is missing on CI (scripts/test installs it into target/npm)"
+    );
+    None
+}
+
+/// Renders `diagram` with mermaid.js in Chromium: "ok" and the SVG, or the error.
+fn render_mermaid(browser: &Path, mermaid: &Path, diagram: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let page = dir.path().join("m.html");
+    let html = format!(
+        "<!doctype html><html><body><pre class=\"mermaid\">{}</pre>\n<script src=\"file://{}\"></script>\n<script>\nmermaid.initialize({{startOnLoad: false}});\nmermaid.run().then(() => document.body.setAttribute('data-rendered', 'ok'))\n  .catch(e => document.body.setAttribute('data-rendered', 'error: ' + e));\n</script></body></html>",
+        weir::docs::esc(diagram),
+        mermaid.display()
+    );
+    std::fs::write(&page, html).expect("write page");
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = Command::new(browser)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=15000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("run chromium");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn mermaid_output_renders_with_mermaid_js() {
+    let (Some(browser), Some(mermaid)) = (chromium(), mermaid_js()) else {
+        eprintln!("chromium or mermaid missing: skipping the Mermaid render check");
+        return;
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lineage");
+    let mut rendered = 0;
+    for entry in std::fs::read_dir(&dir).expect("tests/lineage") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|x| x != "mmd") {
+            continue;
+        }
+        let diagram = std::fs::read_to_string(&path).expect("read");
+        let dom = render_mermaid(&browser, &mermaid, &diagram);
+        assert!(
+            dom.contains("data-rendered=\"ok\"") && dom.contains("<svg"),
+            "{} does not render: {}",
+            path.display(),
+            dom.split("data-rendered=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("no result")
+        );
+        rendered += 1;
+    }
+    assert!(rendered >= 3, "golden Mermaid files are missing");
+    // and the check can fail
+    let dom = render_mermaid(&browser, &mermaid, "flowchart LR\n  a -->");
+    assert!(
+        !dom.contains("data-rendered=\"ok\""),
+        "a broken diagram must not pass"
+    );
+}

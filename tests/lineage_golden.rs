@@ -1,7 +1,7 @@
 //! Lineage golden tests: the shipped pipelines and every planner test file
 //! that plans (`tests/planner/ok_*.sql`) are rendered as JSON, Mermaid and
 //! DOT (with columns) and must equal `tests/lineage/<name>.{json,mmd,dot}`.
-//! `BLESS=1` rewrites them after a deliberate change; review the diff.
+//! (and Mermaid with columns, `.columns.mmd`). `BLESS=1` rewrites them after a deliberate change; review the diff.
 //! Every DOT file must also be accepted by Graphviz (`dot -Tsvg`).
 
 use std::path::{Path, PathBuf};
@@ -66,6 +66,7 @@ fn lineage_golden_files() {
         for (ext, text) in [
             ("json", to_json(&graph)),
             ("mmd", to_mermaid(&graph, false)),
+            ("columns.mmd", to_mermaid(&graph, true)),
             ("dot", to_dot(&graph, true)),
         ] {
             let path = dir.join(format!("{name}.{ext}"));
