@@ -50,7 +50,7 @@ enum Command {
         /// Draw every column and column edge (mermaid, dot).
         #[arg(long)]
         columns: bool,
-        /// json, mermaid, dot or openlineage.
+        /// json, mermaid, dot, openlineage or svg.
         #[arg(long, default_value = "json")]
         format: String,
         #[arg(long, short)]

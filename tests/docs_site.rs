@@ -197,7 +197,7 @@ async fn a_running_weir_serves_lineage_and_docs_with_live_figures() {
         .await
         .expect("body")
         .starts_with("digraph lineage {"));
-    let (status, body) = weir.get("/api/v1/lineage?format=svg").await;
+    let (status, body) = weir.get("/api/v1/lineage?format=png").await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "bad_request");
     let (status, body) = weir.get("/api/v1/lineage?node=nope").await;

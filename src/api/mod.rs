@@ -7,6 +7,7 @@
 //! logged, not returned.
 
 mod alerts;
+pub mod dashboard;
 pub mod lineage;
 mod listener;
 pub mod query;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub rates: lineage::Rates,
     /// The configuration the docs pages describe (retention, the API address).
     pub docs_config: crate::config::Config,
+    /// The dashboard's fleet summary, rebuilt at most every few seconds.
+    pub fleet: dashboard::FleetCache,
 }
 
 /// Runs a store read on the blocking pool, so a long scan never stalls the
@@ -126,6 +129,10 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
         .route("/api/v1/query", post(query::query))
         .route("/api/v1/deadletter", get(dead_letters))
         .route("/api/v1/lineage", get(lineage::lineage))
+        .route("/", get(dashboard::index))
+        .route("/ui/{file}", get(dashboard::asset))
+        .route("/api/v1/fleet", get(dashboard::fleet))
+        .route("/api/v1/fleet/terminals", get(dashboard::terminals))
         .route("/docs", get(lineage::docs_root))
         .route("/docs/", get(lineage::docs_page))
         .route("/docs/{page}", get(lineage::docs_page))

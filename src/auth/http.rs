@@ -127,6 +127,13 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     if path == "/healthz" || path == "/readyz" {
         return None;
     }
+    // The dashboard's page and assets hold no data: the page asks for a
+    // token and sends it with every API call it makes.
+    if (method == Method::GET || method == Method::HEAD)
+        && (path == "/" || path.starts_with("/ui/"))
+    {
+        return None;
+    }
     if method == Method::GET || method == Method::HEAD {
         return Some(Scope::Read);
     }

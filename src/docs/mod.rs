@@ -6,7 +6,7 @@
 //! watermark, retention, alert semantics in words, and example `curl` calls.
 //! Plain HTML and one small stylesheet; every link is relative.
 
-mod svg;
+pub mod svg;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

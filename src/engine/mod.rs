@@ -349,6 +349,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         lineage,
         rates: Default::default(),
         docs_config: config.clone(),
+        fleet: Default::default(),
         notifier: notifier.clone(),
         shutdown: shutdown.clone(),
         sse_keepalive: config.alerts.sse_keepalive,

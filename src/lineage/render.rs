@@ -16,6 +16,8 @@ pub enum Format {
     Mermaid,
     Dot,
     OpenLineage,
+    /// The docs' drawing: boxes link to `<kind>-<name>.html` docs pages.
+    Svg,
 }
 
 impl Format {
@@ -25,8 +27,9 @@ impl Format {
             "mermaid" => Ok(Format::Mermaid),
             "dot" => Ok(Format::Dot),
             "openlineage" => Ok(Format::OpenLineage),
+            "svg" => Ok(Format::Svg),
             other => Err(format!(
-                "unknown format {other:?}: json, mermaid, dot or openlineage"
+                "unknown format {other:?}: json, mermaid, dot, openlineage or svg"
             )),
         }
     }
@@ -35,6 +38,7 @@ impl Format {
         match self {
             Format::Json | Format::OpenLineage => "application/json",
             Format::Mermaid | Format::Dot => "text/plain; charset=utf-8",
+            Format::Svg => "image/svg+xml",
         }
     }
 }
@@ -46,6 +50,7 @@ pub fn render(graph: &Graph, format: Format, columns: bool) -> String {
         Format::Json => to_json(graph),
         Format::Mermaid => to_mermaid(graph, columns),
         Format::Dot => to_dot(graph, columns),
+        Format::Svg => crate::docs::svg::draw(graph) + "\n",
         Format::OpenLineage => {
             let events = to_openlineage(graph, &crate::obs::format_time(crate::obs::now_ms()));
             serde_json::to_string_pretty(&events).unwrap_or_default() + "\n"
