@@ -238,7 +238,7 @@ async fn the_dashboard_shows_the_fleet_and_a_live_offline_alert_that_can_be_acke
         "the browser check failed (its stderr says why)"
     );
     assert!(dropped, "the check never got to the Alerts tab");
-    for tab in ["fleet", "terminal", "alerts", "engine", "sql"] {
+    for tab in ["fleet", "terminal", "alerts", "engine", "sql", "docs"] {
         assert!(
             shots.join(format!("{tab}.png")).is_file(),
             "no screenshot of {tab}"

@@ -96,6 +96,15 @@ function fail(why) {
     .catch(() => fail("the SQL console did not answer: " + JSON.stringify(errors)));
   await page.screenshot({ path: shots + "/sql.png" });
 
+  // Docs, fetched with the token, links kept inside the tab.
+  await page.click('a[data-tab="docs"]');
+  await page.waitForSelector('#docs-page a[href="#docs/view-terminal_health_1m.html"]', { timeout: 10000 })
+    .catch(() => fail("the Docs tab does not list terminal_health_1m"));
+  await page.click('#docs-page a[href="#docs/view-terminal_health_1m.html"]');
+  await page.waitForFunction(() => document.querySelector("#docs-page").textContent.includes("tumble(1 minute)"), null, { timeout: 10000 })
+    .catch(() => fail("the view's docs page did not open"));
+  await page.screenshot({ path: shots + "/docs.png" });
+
   if (errors.length) fail("errors in the page: " + errors.join("; "));
   console.log("METRICS " + JSON.stringify({ first_page_bytes: firstWeight, load_ms: loaded, first_contentful_paint_ms: fcp }));
   await browser.close();

@@ -68,7 +68,8 @@ function show() {
   for (const s of document.querySelectorAll("section.tab")) s.hidden = s.id !== tab;
   for (const a of document.querySelectorAll("#tabs a[data-tab]")) a.classList.toggle("active", a.dataset.tab === tab || (tab === "terminal" && a.dataset.tab === "fleet"));
   while (timers.length) clearInterval(timers.pop());
-  const run = { fleet: showFleet, terminal: () => showTerminal(decodeURIComponent(arg || "")), alerts: showAlerts, engine: showEngine, sql: () => {} }[tab];
+  const run = { fleet: showFleet, terminal: () => showTerminal(decodeURIComponent(arg || "")), alerts: showAlerts, engine: showEngine,
+    docs: () => showDocs(arg || "index.html"), sql: () => {} }[tab];
   if (run) run();
 }
 
@@ -289,6 +290,23 @@ function showEngine() {
   $("#rate-chart").innerHTML = "";
   loadEngineOnce();
   every(2000, sampleEngine);
+}
+
+// ---- docs ---------------------------------------------------------------------
+
+// The /docs pages, fetched with the token (a link cannot send one) and shown
+// here; their relative links stay inside this tab.
+async function showDocs(page) {
+  try {
+    const html = await api("/docs/" + encodeURIComponent(page));
+    const doc = new DOMParser().parseFromString(html, "text/html");
+    const body = doc.body;
+    for (const a of body.querySelectorAll("a[href]")) {
+      const href = a.getAttribute("href");
+      if (/^[a-z]+-[^/]*\.html$|^index\.html$/.test(href)) a.setAttribute("href", "#docs/" + href);
+    }
+    $("#docs-page").innerHTML = body.innerHTML;
+  } catch (e) { if (e.message !== "unauthorized") banner("Docs: " + e.message); }
 }
 
 // ---- SQL console -------------------------------------------------------------
