@@ -145,7 +145,7 @@ pub async fn stream(
     let rule = params.get("rule").cloned();
     let key = params.get("key").cloned();
     if let Some(r) = &rule {
-        if state.pipeline.alert(r).is_none() {
+        if state.pipeline().alert(r).is_none() {
             return Err(ApiError::bad_request(format!(
                 "no alert rule is named {r:?}"
             )));

@@ -148,7 +148,7 @@ fn summarize(state: &AppState) -> Result<FleetSummary, crate::store::StoreError>
     let mut online = 0u64;
     // merchant -> [terminals, offline, silent, low battery]
     let mut merchants: HashMap<String, [u64; 4]> = HashMap::new();
-    let has_view = state.pipeline.view(FLEET_VIEW).is_some();
+    let has_view = state.pipeline().view(FLEET_VIEW).is_some();
     if has_view {
         state
             .store
@@ -206,7 +206,7 @@ pub async fn terminals(
     State(state): State<Arc<AppState>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    if state.pipeline.view(FLEET_VIEW).is_none() {
+    if state.pipeline().view(FLEET_VIEW).is_none() {
         return Err(ApiError::not_found(format!(
             "the fleet is read from the view {FLEET_VIEW}, which this weir does not define"
         )));

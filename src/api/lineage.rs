@@ -64,7 +64,7 @@ impl Rates {
             for (name, s) in &metrics.streams {
                 counts.insert(format!("stream:{name}"), s.ingested.load(Ordering::Relaxed));
             }
-            for (name, v) in &metrics.views {
+            for (name, v) in metrics.views.all() {
                 counts.insert(
                     format!("view:{name}"),
                     v.rows_written.load(Ordering::Relaxed),
@@ -167,7 +167,7 @@ pub async fn lineage(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let format =
         Format::parse(q.format.as_deref().unwrap_or("json")).map_err(ApiError::bad_request)?;
-    let graph = select(&state.lineage, q.node.as_deref(), q.direction.as_deref())?;
+    let graph = select(&state.lineage(), q.node.as_deref(), q.direction.as_deref())?;
     if format == Format::Json {
         let rates = state.rates.sample(&state.metrics);
         let mut body = serde_json::to_value(&graph).map_err(ApiError::internal)?;
@@ -192,7 +192,7 @@ pub async fn docs_page(
     page: Option<axum::extract::Path<String>>,
 ) -> Result<Response, ApiError> {
     let rates = state.rates.sample(&state.metrics);
-    let figures: crate::docs::Figures = live(&state.lineage, &state.metrics, &rates)
+    let figures: crate::docs::Figures = live(&state.lineage(), &state.metrics, &rates)
         .into_iter()
         .map(|(id, v)| {
             let pairs = v
@@ -213,13 +213,13 @@ pub async fn docs_page(
         })
         .collect();
     let config = state.docs_config.clone();
-    let pages = crate::docs::site(&state.lineage, &state.pipeline, &config, &figures);
+    let pages = crate::docs::site(&state.lineage(), &state.pipeline(), &config, &figures);
     let wanted = page.map(|p| p.0).unwrap_or_else(|| "index.html".into());
     let html = match pages.get(&wanted) {
         Some(h) => h.clone(),
         None => {
             let by_name = state
-                .lineage
+                .lineage()
                 .resolve(&wanted)
                 .ok()
                 .and_then(crate::docs::page_of)

@@ -36,7 +36,10 @@ use crate::window::operator::time_key;
 /// What the handlers share.
 pub struct AppState {
     pub store: Store,
-    pub pipeline: Arc<Pipeline>,
+    /// The running pipelines and their lineage; a reload swaps them.
+    pub live: Arc<crate::engine::reload::Live>,
+    /// Plans the files again and applies them (`POST /api/v1/pipelines/reload`).
+    pub reloader: Arc<crate::engine::reload::Reloader>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
     /// False until the checkpoint is restored and the log replayed.
@@ -50,14 +53,24 @@ pub struct AppState {
     pub sse_keepalive: std::time::Duration,
     /// Where ad-hoc queries run (their own threads, limits).
     pub sandbox: sandbox::Sandbox,
-    /// The lineage graph of the running pipelines.
-    pub lineage: Arc<crate::lineage::Graph>,
     /// Samples for the lineage overlay's rates.
     pub rates: lineage::Rates,
     /// The configuration the docs pages describe (retention, the API address).
     pub docs_config: crate::config::Config,
     /// The dashboard's fleet summary, rebuilt at most every few seconds.
     pub fleet: dashboard::FleetCache,
+}
+
+impl AppState {
+    /// The pipelines running now.
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        self.live.pipeline()
+    }
+
+    /// Their lineage graph.
+    pub fn lineage(&self) -> Arc<crate::lineage::Graph> {
+        self.live.lineage()
+    }
 }
 
 /// Runs a store read on the blocking pool, so a long scan never stalls the
@@ -129,6 +142,8 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
         .route("/api/v1/query", post(query::query))
         .route("/api/v1/deadletter", get(dead_letters))
         .route("/api/v1/lineage", get(lineage::lineage))
+        .route("/api/v1/pipelines", get(pipelines))
+        .route("/api/v1/pipelines/reload", post(reload_pipelines))
         .route("/", get(dashboard::index))
         .route("/ui/{file}", get(dashboard::asset))
         .route("/api/v1/fleet", get(dashboard::fleet))
@@ -146,6 +161,24 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
             (auth, counters),
             guard,
         ))
+}
+
+/// `GET /api/v1/pipelines`: files, fingerprints, status, the last reload.
+async fn pipelines(State(state): State<Arc<AppState>>) -> ApiResult {
+    Ok(axum::Json(
+        serde_json::to_value(state.live.status()).map_err(ApiError::internal)?,
+    ))
+}
+
+/// `POST /api/v1/pipelines/reload`: plans the files again and applies them;
+/// answers what `GET /api/v1/pipelines` then shows (`last_reload.applied`
+/// false, and `errors`, when nothing changed because of them).
+async fn reload_pipelines(State(state): State<Arc<AppState>>) -> ApiResult {
+    state
+        .reloader
+        .reload(crate::engine::reload::Trigger::Api)
+        .await;
+    pipelines(State(state)).await
 }
 
 /// An API error: status, machine-readable code, human message.
@@ -259,7 +292,7 @@ fn schema_json(schema: &datafusion::arrow::datatypes::Schema) -> Value {
 
 async fn streams(State(state): State<Arc<AppState>>) -> ApiResult {
     let items: Vec<Value> = state
-        .pipeline
+        .pipeline()
         .streams
         .iter()
         .map(|s| {
@@ -317,7 +350,7 @@ fn view_json(view: &ViewPlan, row_count: Option<usize>) -> Value {
 async fn views(State(state): State<Arc<AppState>>) -> ApiResult {
     let st = state.clone();
     let counts = blocking(move || {
-        st.pipeline
+        st.pipeline()
             .views
             .iter()
             .map(|v| st.store.count_rows(&v.name))
@@ -325,7 +358,7 @@ async fn views(State(state): State<Arc<AppState>>) -> ApiResult {
     })
     .await?;
     let items: Vec<Value> = state
-        .pipeline
+        .pipeline()
         .views
         .iter()
         .zip(counts)
@@ -336,7 +369,7 @@ async fn views(State(state): State<Arc<AppState>>) -> ApiResult {
 
 fn find_view(state: &AppState, name: &str) -> Result<Arc<ViewPlan>, ApiError> {
     state
-        .pipeline
+        .pipeline()
         .view(name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no view named {name:?}")))

@@ -56,11 +56,7 @@ pub async fn query(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Re
             ),
         ));
     }
-    let (store, pipeline, memory) = (
-        state.store.clone(),
-        state.pipeline.clone(),
-        state.sandbox.memory,
-    );
+    let (store, pipeline, memory) = (state.store.clone(), state.pipeline(), state.sandbox.memory);
     let body = state
         .sandbox
         .run(async move { run_limited(store, pipeline, &request.sql, memory).await })

@@ -304,12 +304,15 @@ impl Default for StorageConfig {
 pub struct PipelinesConfig {
     /// Folder of `.sql` pipeline files. Default `config/pipelines`.
     pub dir: PathBuf,
+    /// Apply changed files while running (DESIGN §7). Default `true`.
+    pub watch: bool,
 }
 
 impl Default for PipelinesConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("config/pipelines"),
+            watch: true,
         }
     }
 }

@@ -27,6 +27,7 @@
 
 mod pipeline;
 mod prepare;
+pub mod reload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -177,6 +178,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         config.storage.view_retention,
     );
     log_changes(&changes);
+    let start_changes = changes;
     reconcile_views(&store, &pipeline)?;
     record_deployed(&store, &config.storage.dir, &pipeline)?;
     for (i, hook) in config.alerts.webhook.iter().enumerate() {
@@ -343,10 +345,19 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         metrics.clone(),
     )
     .map_err(EngineError::Thread)?;
-    let lineage = Arc::new(crate::lineage::build(&pipeline, &config.alerts));
+    let live = Arc::new(reload::Live::new(pipeline.clone(), &config));
+    live.record_start(&start_changes);
+    let (reload_tx, reload_rx) = std::sync::mpsc::sync_channel::<reload::Request>(4);
+    let reloader = Arc::new(reload::Reloader {
+        live: live.clone(),
+        store: store.clone(),
+        config: config.clone(),
+        runner: reload_tx,
+    });
     let state = Arc::new(AppState {
         sandbox,
-        lineage,
+        live: live.clone(),
+        reloader: reloader.clone(),
         rates: Default::default(),
         docs_config: config.clone(),
         fleet: Default::default(),
@@ -354,7 +365,6 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         shutdown: shutdown.clone(),
         sse_keepalive: config.alerts.sse_keepalive,
         store: store.clone(),
-        pipeline: pipeline.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),
         recovered: recovered.clone(),
@@ -388,6 +398,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         Some(notifier),
     )?;
     runner.fatal = fatal.clone();
+    runner.reloads = Some(reload_rx);
     let health_slot = health.clone();
     let token = shutdown.clone();
     let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel::<()>();
@@ -536,10 +547,44 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     }));
     tracing::info!(%http_addr, https, tokens = !open_api, "HTTP API listening");
 
+    // Pipeline files changing while weir runs: watched, and SIGHUP.
+    if config.pipelines.watch {
+        tasks.push(guard.spawn(reload::watch(
+            reloader.clone(),
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_millis(400),
+            shutdown.clone(),
+        )));
+    }
+    #[cfg(unix)]
+    {
+        let reloader = reloader.clone();
+        let token = shutdown.clone();
+        tasks.push(guard.spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                tracing::warn!("cannot listen for SIGHUP; reload with the API or by saving a file");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    got = hup.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        reloader.reload(reload::Trigger::Signal).await;
+                    }
+                }
+            }
+        }));
+    }
+
     // Retention and disk usage.
     tasks.push(guard.spawn(housekeeping(
         store,
-        pipeline.clone(),
+        live.clone(),
         metrics,
         config.clone(),
         log_floor,
@@ -604,7 +649,7 @@ pub const DEPLOYED_FILE: &str = "deployed.json";
 /// Remembers the running definitions (in the store, for the next start's
 /// plan) and writes `deployed.json` beside the store: what a restart will
 /// compare the files with, once this run has checkpointed.
-fn record_deployed(
+pub(super) fn record_deployed(
     store: &Store,
     dir: &std::path::Path,
     pipeline: &Pipeline,
@@ -659,7 +704,7 @@ fn log_changes(changes: &crate::plan::changes::Changes) {
 
 /// Clears the stored rows of every view whose plan changed since the last
 /// run, and only those: an unchanged view keeps its rows.
-fn reconcile_views(store: &Store, pipeline: &Pipeline) -> Result<(), StoreError> {
+pub(super) fn reconcile_views(store: &Store, pipeline: &Pipeline) -> Result<(), StoreError> {
     for view in &pipeline.views {
         let key = format!("view/{}/fingerprint", view.name);
         let current = view.fingerprint.to_be_bytes();
@@ -678,7 +723,7 @@ fn reconcile_views(store: &Store, pipeline: &Pipeline) -> Result<(), StoreError>
 
 async fn housekeeping(
     store: Store,
-    pipeline: Arc<Pipeline>,
+    live: Arc<reload::Live>,
     metrics: Arc<Metrics>,
     config: Config,
     log_floor: Arc<AtomicU64>,
@@ -715,7 +760,7 @@ async fn housekeeping(
             }
         }
         let store = store.clone();
-        let pipeline = pipeline.clone();
+        let pipeline = live.pipeline();
         let metrics = metrics.clone();
         let config = config.clone();
         let floor = log_floor.load(Ordering::Relaxed);

@@ -376,6 +376,8 @@ pub(super) struct Runner {
     /// Fault injection for the tests (`WEIR_TEST_PANIC_ON`): processing a
     /// batch whose first column holds this text panics. Unset in production.
     panic_on: Option<String>,
+    /// Pipeline reloads to apply between two micro-batches.
+    pub(super) reloads: Option<std::sync::mpsc::Receiver<super::reload::Request>>,
 }
 
 impl Runner {
@@ -410,7 +412,7 @@ impl Runner {
                 operator,
                 root,
                 upstream_view,
-                metrics: metrics.views[&v.name].clone(),
+                metrics: metrics.views.get_or_add(&v.name),
             });
         }
         let mut alerts = Vec::new();
@@ -421,7 +423,7 @@ impl Runner {
                 operator: RuleOperator::new(a.clone()),
                 root,
                 upstream_view,
-                metrics: metrics.alerts[&a.name].clone(),
+                metrics: metrics.alerts.get_or_add(&a.name),
             });
         }
         Ok(Self {
@@ -445,6 +447,7 @@ impl Runner {
             panic_on: std::env::var("WEIR_TEST_PANIC_ON")
                 .ok()
                 .filter(|v| !v.is_empty()),
+            reloads: None,
         })
     }
 
@@ -760,6 +763,14 @@ impl Runner {
                 Some(None) => break,
                 Some(Some(prepared)) => self.step(prepared, &acks, &handle, &shutdown),
                 None => {}
+            }
+            let requests: Vec<super::reload::Request> = match &self.reloads {
+                Some(rx) => rx.try_iter().collect(),
+                None => Vec::new(),
+            };
+            for request in requests {
+                let done = self.reload(&request.pipeline);
+                let _ = request.reply.send(done);
             }
             let now = now_ms();
             if now - last_tick >= TICK.as_millis() as i64 {
@@ -1154,6 +1165,117 @@ impl Runner {
             }
             self.apply(seq, record, false);
         }
+    }
+
+    /// Swaps in `next`'s views and rules between two micro-batches: kept
+    /// ones (same fingerprint) move over with their state, new and changed
+    /// ones start empty and are backfilled from the log up to the last
+    /// record applied (as at start-up), removed ones stop. Streams are the
+    /// same (the reloader refused otherwise). Returns how long ingestion
+    /// waited.
+    pub(super) fn reload(&mut self, next: &Pipeline) -> Result<Duration, String> {
+        let started = Instant::now();
+        if self.broken || self.needs_restart.load(Ordering::Acquire) {
+            return Err("the pipeline has failed and waits for a restart".into());
+        }
+        if next.streams.len() != self.streams.len()
+            || next
+                .streams
+                .iter()
+                .zip(&self.streams)
+                .any(|(a, b)| a.name != b.def.name)
+        {
+            return Err("the streams differ: a restart is needed".into());
+        }
+        // New operators first, so that a failure leaves everything as it was.
+        let mut fresh_views = Vec::with_capacity(next.views.len());
+        for v in &next.views {
+            let kept = self.views.iter().any(|rt| {
+                rt.operator.plan().name == v.name && rt.operator.plan().fingerprint == v.fingerprint
+            });
+            if kept {
+                fresh_views.push(None);
+            } else {
+                let mut operator =
+                    ViewOperator::new(v.clone()).map_err(|e| format!("view {}: {e}", v.name))?;
+                operator.set_key_ttl(v.key_ttl.or(self.settings.key_ttl));
+                fresh_views.push(Some(operator));
+            }
+        }
+        let mut old_views: std::collections::HashMap<String, ViewRuntime> = self
+            .views
+            .drain(..)
+            .map(|rt| (rt.operator.plan().name.clone(), rt))
+            .collect();
+        let mut views: Vec<ViewRuntime> = Vec::with_capacity(next.views.len());
+        let mut fresh = Vec::with_capacity(next.views.len());
+        for (i, (v, new_operator)) in next.views.iter().zip(fresh_views).enumerate() {
+            fresh.push(new_operator.is_some());
+            let operator = match new_operator {
+                Some(op) => op,
+                None => match old_views.remove(&v.name) {
+                    Some(rt) => rt.operator,
+                    None => return Err(format!("view {}: its state went missing", v.name)),
+                },
+            };
+            let (root, upstream_view) = locate(
+                &v.name,
+                &v.upstream,
+                &self.streams,
+                &next.views[..i],
+                &views,
+            )
+            .map_err(|e| e.to_string())?;
+            views.push(ViewRuntime {
+                operator,
+                root,
+                upstream_view,
+                metrics: self.metrics.views.get_or_add(&v.name),
+            });
+        }
+        let mut old_alerts: std::collections::HashMap<String, AlertRuntime> = self
+            .alerts
+            .drain(..)
+            .map(|rt| (rt.operator.plan().name.clone(), rt))
+            .collect();
+        let mut alerts = Vec::with_capacity(next.alerts.len());
+        for a in &next.alerts {
+            let operator = match old_alerts.remove(&a.name) {
+                Some(rt) if rt.operator.plan().fingerprint == a.fingerprint => rt.operator,
+                _ => {
+                    let mut op = RuleOperator::new(a.clone());
+                    adopt_open_alerts(&self.store, &mut op);
+                    op
+                }
+            };
+            let (root, upstream_view) =
+                locate(&a.name, &a.upstream, &self.streams, &next.views, &views)
+                    .map_err(|e| e.to_string())?;
+            alerts.push(AlertRuntime {
+                operator,
+                root,
+                upstream_view,
+                metrics: self.metrics.alerts.get_or_add(&a.name),
+            });
+        }
+        self.views = views;
+        self.alerts = alerts;
+        let names: std::collections::BTreeSet<&str> =
+            next.views.iter().map(|v| v.name.as_str()).collect();
+        self.metrics.views.retain(&names);
+        let rules: std::collections::BTreeSet<&str> =
+            next.alerts.iter().map(|a| a.name.as_str()).collect();
+        self.metrics.alerts.retain(&rules);
+        // The stored rows of rebuilt views go; the backfill writes them again.
+        super::reconcile_views(&self.store, next).map_err(|e| e.to_string())?;
+        self.backfill(fresh, self.last_seq)
+            .map_err(|e| format!("backfill: {e}"))?;
+        for a in &self.alerts {
+            a.publish_metrics();
+        }
+        // The next start must find this state, not the old one.
+        self.checkpoint(now_ms(), true);
+        Ok(started.elapsed())
     }
 
     /// Takes a checkpoint when one is due (or `force`d at shutdown) and the

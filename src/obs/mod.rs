@@ -78,12 +78,59 @@ pub struct AlertMetrics {
     pub errors: AtomicU64,
 }
 
+/// Series sets by name that a pipeline reload adds to and removes from.
+#[derive(Debug)]
+pub struct Registry<T> {
+    inner: std::sync::RwLock<BTreeMap<String, Arc<T>>>,
+}
+
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Self {
+            inner: std::sync::RwLock::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl<T: Default> Registry<T> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<T>>> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<T>> {
+        self.read().get(name).cloned()
+    }
+
+    /// The series of `name`, created when new.
+    pub fn get_or_add(&self, name: &str) -> Arc<T> {
+        if let Some(m) = self.get(name) {
+            return m;
+        }
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Keeps only these names (a reload removed the others).
+    pub fn retain(&self, names: &std::collections::BTreeSet<&str>) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, _| names.contains(k.as_str()));
+    }
+
+    /// Every series set, sorted by name.
+    pub fn all(&self) -> Vec<(String, Arc<T>)> {
+        self.read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
 /// All of weir's metrics. Cheap to share behind an `Arc`.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub streams: BTreeMap<String, Arc<StreamMetrics>>,
-    pub views: BTreeMap<String, Arc<ViewMetrics>>,
-    pub alerts: BTreeMap<String, Arc<AlertMetrics>>,
+    pub views: Registry<ViewMetrics>,
+    pub alerts: Registry<AlertMetrics>,
     /// The notification channels (SSE, MQTT, webhooks), once started.
     pub notifications: std::sync::OnceLock<Vec<Arc<crate::sink::notify::ChannelMetrics>>>,
     pub alert_acks: AtomicU64,
@@ -169,21 +216,24 @@ impl Metrics {
                 .into_iter()
                 .map(|s| (s.to_string(), Arc::new(StreamMetrics::new())))
                 .collect(),
-            views: views
-                .into_iter()
-                .map(|v| (v.to_string(), Arc::new(ViewMetrics::default())))
-                .collect(),
             store_healthy: AtomicI64::new(1),
             ..Default::default()
         }
+        .with_views(views)
+    }
+
+    fn with_views<'a>(self, views: impl IntoIterator<Item = &'a str>) -> Self {
+        for v in views {
+            self.views.get_or_add(v);
+        }
+        self
     }
 
     /// Adds one series set per alert rule.
-    pub fn with_alerts<'a>(mut self, rules: impl IntoIterator<Item = &'a str>) -> Self {
-        self.alerts = rules
-            .into_iter()
-            .map(|r| (r.to_string(), Arc::new(AlertMetrics::default())))
-            .collect();
+    pub fn with_alerts<'a>(self, rules: impl IntoIterator<Item = &'a str>) -> Self {
+        for r in rules {
+            self.alerts.get_or_add(r);
+        }
         self
     }
 
@@ -191,6 +241,7 @@ impl Metrics {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let per_rule = |value: &dyn Fn(&AlertMetrics) -> u64| -> Vec<(String, String)> {
             self.alerts
+                .all()
                 .iter()
                 .map(|(r, m)| (format!("rule=\"{r}\""), value(m).to_string()))
                 .collect()
@@ -204,7 +255,8 @@ impl Metrics {
         );
         let transitions = self
             .alerts
-            .iter()
+            .all()
+            .into_iter()
             .flat_map(|(r, m)| {
                 [("opened", load(&m.opened)), ("resolved", load(&m.resolved))]
                     .into_iter()
@@ -296,6 +348,7 @@ impl Metrics {
             };
         let per_view = |value: &dyn Fn(&ViewMetrics) -> u64| -> Vec<(String, String)> {
             self.views
+                .all()
                 .iter()
                 .map(|(v, m)| (format!("view=\"{v}\""), value(m).to_string()))
                 .collect()

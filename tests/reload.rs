@@ -1,0 +1,261 @@
+//! Changing pipelines while weir runs: a saved file is reloaded without a
+//! restart. A changed view and its downstream are rebuilt from the log,
+//! exact; a new view is backfilled; an unchanged one keeps its rows, nothing
+//! doubled; a removed one stops; a broken file changes nothing and says
+//! where it is broken; a changed stream is refused with the reason. An MQTT
+//! client connected throughout never reconnects, and a restart afterwards
+//! keeps everything as the reload left it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+/// TELEMETRY (health_1m, latest, low_battery) with low_battery's threshold,
+/// plus a windowed view over low_battery.
+fn pipeline(threshold: u32) -> String {
+    TELEMETRY.replace(
+        "WHERE battery_pct < 20",
+        &format!("WHERE battery_pct < {threshold}"),
+    ) + "
+CREATE VIEW low_per_minute AS
+SELECT terminal_id, count(*) AS readings FROM low_battery
+GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+"
+}
+
+/// The edit: low_battery's threshold up, latest removed, readings added.
+fn edited() -> String {
+    let without_latest = pipeline(50).replace(
+        "CREATE VIEW latest AS
+SELECT terminal_id, last_value(battery_pct) AS battery_pct, count(*) AS reports
+FROM telemetry
+GROUP BY terminal_id;",
+        "",
+    );
+    without_latest
+        + "
+-- Readings per terminal.
+CREATE VIEW readings AS
+SELECT terminal_id, count(*) AS n FROM telemetry GROUP BY terminal_id;
+"
+}
+
+fn names(v: &Value) -> Vec<String> {
+    let mut n: Vec<String> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    n.sort();
+    n
+}
+
+async fn pipelines(weir: &Weir) -> Value {
+    weir.get_ok("/api/v1/pipelines").await
+}
+
+/// Waits for a reload after `before` (the previous `last_reload.at`).
+async fn next_reload(weir: &Weir, before: &Value) -> Value {
+    wait_for("the pipelines to be reloaded", || async {
+        let p = pipelines(weir).await;
+        (p["last_reload"]["at"] != *before && p["last_reload"]["trigger"] != "start").then_some(p)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_file_is_applied_without_a_restart() {
+    assert_ne!(edited(), pipeline(50), "the edit removes latest");
+    let weir = Weir::start(&[("telemetry.sql", &pipeline(20))]).await;
+    let start = pipelines(&weir).await;
+    assert_eq!(start["status"], "ok", "{start}");
+    assert_eq!(start["last_reload"]["trigger"], "start");
+
+    // An MQTT client connected throughout: it must never reconnect.
+    let mut options = MqttOptions::new("watcher-1", "127.0.0.1", weir.broker_port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut events) = AsyncClient::new(options, 16);
+    client
+        .subscribe("weir/alerts/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let connacks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connacks.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+
+    weir.publish(&[
+        ("terminals/A/telemetry", event(T0 + 1_000, 80.0, Some(10.0))),
+        ("terminals/A/telemetry", event(T0 + 2_000, 30.0, Some(30.0))),
+        ("terminals/A/telemetry", event(T0 + 3_000, 10.0, None)),
+        ("terminals/B/telemetry", event(T0 + 4_000, 45.0, None)),
+        // closes the first minute
+        ("terminals/B/telemetry", event(T0 + 70_000, 90.0, None)),
+    ])
+    .await;
+    weir.wait_rows("health_1m", 2).await;
+    weir.wait_rows("low_per_minute", 1).await;
+    let health_before = weir.rows("health_1m").await;
+    assert_eq!(weir.rows("low_battery").await.len(), 1);
+
+    // Save the edit: the watcher applies it.
+    let file = weir.dir.path().join("pipelines/telemetry.sql");
+    std::fs::write(&file, edited()).expect("save the edit");
+    let p = next_reload(&weir, &start["last_reload"]["at"]).await;
+    let r = &p["last_reload"];
+    assert_eq!(p["status"], "ok", "{p}");
+    assert_eq!(r["trigger"], "watch", "{p}");
+    assert_eq!(r["applied"], true, "{p}");
+    assert_eq!(names(&r["new"]), vec!["readings"], "{p}");
+    assert_eq!(names(&r["changed"]), vec!["low_battery"], "{p}");
+    assert_eq!(
+        names(&r["rebuilt"]),
+        vec!["low_battery", "low_per_minute"],
+        "{p}"
+    );
+    assert_eq!(names(&r["removed"]), vec!["latest"], "{p}");
+    assert_eq!(names(&r["kept"]), vec!["health_1m"], "{p}");
+
+    // Rebuilt from the log, exact.
+    let mut low: Vec<f64> = weir
+        .rows("low_battery")
+        .await
+        .iter()
+        .filter_map(|r| r["battery_pct"].as_f64())
+        .collect();
+    low.sort_by(f64::total_cmp);
+    assert_eq!(low, vec![10.0, 30.0, 45.0]);
+    let per_minute = weir.rows("low_per_minute").await;
+    assert_eq!(row_with(&per_minute, "terminal_id", "A")["readings"], 2);
+    assert_eq!(row_with(&per_minute, "terminal_id", "B")["readings"], 1);
+    // Backfilled, exact.
+    let readings = weir.rows("readings").await;
+    assert_eq!(row_with(&readings, "terminal_id", "A")["n"], 3);
+    assert_eq!(row_with(&readings, "terminal_id", "B")["n"], 2);
+    // Kept: the same rows.
+    assert_eq!(weir.rows("health_1m").await, health_before);
+    // Removed: no longer served.
+    let (status, _) = weir.get("/api/v1/views/latest/rows").await;
+    assert_eq!(status, 404);
+
+    // New data reaches every view once.
+    weir.publish(&[
+        ("terminals/A/telemetry", event(T0 + 71_000, 40.0, None)),
+        ("terminals/A/telemetry", event(T0 + 130_000, 95.0, None)),
+    ])
+    .await;
+    let readings = wait_for("readings to count the new data", || async {
+        let rows = weir.rows("readings").await;
+        (row_with(&rows, "terminal_id", "A")["n"] == 5).then_some(rows)
+    })
+    .await;
+    assert_eq!(row_with(&readings, "terminal_id", "B")["n"], 2);
+    let health = weir.wait_rows("health_1m", 4).await;
+    let minute_2: Vec<&Value> = health
+        .iter()
+        .filter(|r| r["window_start"] == weir::obs::format_time(T0 + 60_000))
+        .collect();
+    let samples: u64 = minute_2.iter().filter_map(|r| r["samples"].as_u64()).sum();
+    assert_eq!(samples, 2, "minute 2 counted once: {health:?}");
+
+    // A broken file: nothing changes; the error says where.
+    let before = pipelines(&weir).await;
+    std::fs::write(
+        &file,
+        edited().replace(
+            "count(*) AS n FROM telemetry",
+            "count(* AS n FROM telemetry",
+        ),
+    )
+    .expect("save a broken file");
+    let p = next_reload(&weir, &before["last_reload"]["at"]).await;
+    assert_eq!(p["status"], "error", "{p}");
+    assert_eq!(p["last_reload"]["applied"], false, "{p}");
+    let error = &p["errors"][0];
+    assert!(
+        error["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("telemetry.sql")),
+        "{p}"
+    );
+    assert!(error["line"].as_u64().is_some_and(|l| l > 1), "{p}");
+    weir.publish(&[("terminals/B/telemetry", event(T0 + 131_000, 50.0, None))])
+        .await;
+    wait_for("readings still running", || async {
+        let rows = weir.rows("readings").await;
+        (row_with(&rows, "terminal_id", "B")["n"] == 3).then_some(())
+    })
+    .await;
+
+    // Fixed again, and reloaded through the API with nothing to do.
+    std::fs::write(&file, edited()).expect("fix the file");
+    let before = pipelines(&weir).await;
+    let p = next_reload(&weir, &before["last_reload"]["at"]).await;
+    assert_eq!(p["status"], "ok", "{p}");
+    let (status, p) = weir.post("/api/v1/pipelines/reload", "{}").await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["last_reload"]["trigger"], "api");
+    assert_eq!(p["last_reload"]["applied"], true);
+    assert_eq!(names(&p["last_reload"]["kept"]).len(), 4, "{p}");
+    assert!(names(&p["last_reload"]["rebuilt"]).is_empty(), "{p}");
+
+    // A changed stream is refused, with the reason; the views go on.
+    std::fs::write(
+        &file,
+        edited().replace(
+            "app_latency_ms DOUBLE,",
+            "app_latency_ms DOUBLE, extra TEXT,",
+        ),
+    )
+    .expect("change the stream");
+    let p = wait_for("the stream change to be refused", || async {
+        let p = pipelines(&weir).await;
+        (p["status"] == "error").then_some(p)
+    })
+    .await;
+    assert!(
+        p["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stream telemetry changed")),
+        "{p}"
+    );
+    std::fs::write(&file, edited()).expect("undo the stream change");
+    wait_for("the files to plan again", || async {
+        (pipelines(&weir).await["status"] == "ok").then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        connacks.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the MQTT client reconnected"
+    );
+    watcher.abort();
+
+    // A restart keeps what the reload built.
+    let readings = weir.rows("readings").await;
+    let low = weir.rows("low_battery").await;
+    let dir = weir.stop().await;
+    let weir = Weir::start_in(dir, None).await;
+    let p = pipelines(&weir).await;
+    assert_eq!(names(&p["last_reload"]["kept"]).len(), 4, "{p}");
+    assert_eq!(weir.rows("readings").await, readings);
+    assert_eq!(weir.rows("low_battery").await, low);
+    weir.stop().await;
+}
