@@ -84,6 +84,22 @@ enum Command {
         #[arg(long)]
         pipelines: Option<PathBuf>,
     },
+    /// Run one view definition over the ingest log's recent events and print
+    /// the rows it would write; nothing is stored. While weir runs (the data
+    /// folder is in use) it asks the running weir (http.listen; a token in
+    /// WEIR_TOKEN when the API has tokens).
+    Preview {
+        /// A file holding one CREATE VIEW statement.
+        file: PathBuf,
+        /// Events that arrived since: `-15m`, an RFC 3339 time, or epoch ms.
+        #[arg(long, default_value = "-15m", allow_hyphen_values = true)]
+        from: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pipelines folder; overrides the config's pipelines.dir.
+        #[arg(long)]
+        pipelines: Option<PathBuf>,
+    },
     /// API tokens: `weir token new --name dashboard --scopes read`.
     Token {
         #[command(subcommand)]
@@ -368,6 +384,119 @@ fn docs(out: &std::path::Path, config: Option<PathBuf>, pipelines: Option<PathBu
     ExitCode::SUCCESS
 }
 
+fn preview(
+    file: &std::path::Path,
+    from: &str,
+    config: Option<PathBuf>,
+    pipelines: Option<PathBuf>,
+) -> ExitCode {
+    use weir::engine::preview::{self, PreviewError};
+    let sql = match std::fs::read_to_string(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let (config, pipeline) = match plan_or_report(config, pipelines) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let now = weir::obs::now_ms();
+    let from_ms = match weir::api::parse_from(from, now) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}", e.message());
+            return ExitCode::from(2);
+        }
+    };
+    let store = match weir::store::Store::open(&config.storage.dir) {
+        Ok(s) => s,
+        Err(e) if e.is_locked() => return preview_remote(&config, &sql, from),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let planned = preview::plan_preview(&pipeline, &sql);
+    let result = planned.and_then(|(p, view)| {
+        let deadline = std::time::Instant::now() + config.http.query_timeout;
+        preview::run(&store, &p, &view, from_ms, now, deadline, 10_000)
+    });
+    match result {
+        Ok(p) => {
+            println!(
+                "view {} ({}): {} rows from {} records ({} events) since {}{}",
+                p.view,
+                p.shape,
+                p.rows.len(),
+                p.records,
+                p.events,
+                weir::obs::format_time(from_ms),
+                if p.truncated { ", truncated" } else { "" }
+            );
+            for row in &p.rows {
+                println!("{row}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(PreviewError::Plan(errors)) => {
+            for e in errors {
+                eprintln!("{}:{}: {}", file.display(), e.line, e.message);
+            }
+            ExitCode::from(1)
+        }
+        Err(PreviewError::Timeout) => {
+            eprintln!("error: the preview took longer than http.query_timeout; try a later --from");
+            ExitCode::from(1)
+        }
+        Err(PreviewError::Failed(why)) => {
+            eprintln!("error: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The data folder is in use: ask the running weir.
+fn preview_remote(config: &Config, sql: &str, from: &str) -> ExitCode {
+    let url = format!("http://{}/api/v1/pipelines/preview", config.http.listen);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let answer = runtime.block_on(async {
+        let mut request = reqwest::Client::new()
+            .post(&url)
+            .json(&serde_json::json!({"sql": sql, "from": from}));
+        if let Ok(token) = std::env::var("WEIR_TOKEN") {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        Ok::<_, reqwest::Error>((status, response.text().await?))
+    });
+    match answer {
+        Ok((status, body)) if status.is_success() => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("error: weir answered {status}: {body}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: the data folder is in use and {url} did not answer: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// The config file to use: the one given, else `config/weir.toml` when it exists.
 fn config_path(given: Option<PathBuf>) -> Option<PathBuf> {
     given.or_else(|| {
@@ -413,6 +542,12 @@ fn main() -> ExitCode {
             };
             lineage(name, direction, columns, &format, config, pipelines)
         }
+        Command::Preview {
+            file,
+            from,
+            config,
+            pipelines,
+        } => preview(&file, &from, config, pipelines),
         Command::Docs {
             out,
             config,

@@ -259,3 +259,150 @@ async fn a_saved_file_is_applied_without_a_restart() {
     assert_eq!(weir.rows("low_battery").await, low);
     weir.stop().await;
 }
+
+/// `POST /api/v1/pipelines/preview`.
+async fn preview(weir: &Weir, sql: &str, from: &str) -> (u16, Value) {
+    let body = serde_json::json!({"sql": sql, "from": from}).to_string();
+    weir.post("/api/v1/pipelines/preview", &body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_runs_a_view_over_recent_events_and_stores_nothing() {
+    let weir = Weir::start(&[("telemetry.sql", &pipeline(20))]).await;
+    weir.publish(&[
+        ("terminals/A/telemetry", event(T0 + 1_000, 80.0, None)),
+        ("terminals/A/telemetry", event(T0 + 2_000, 30.0, None)),
+        ("terminals/A/telemetry", event(T0 + 3_000, 10.0, None)),
+        ("terminals/B/telemetry", event(T0 + 4_000, 45.0, None)),
+        ("terminals/B/telemetry", event(T0 + 70_000, 90.0, None)),
+    ])
+    .await;
+    weir.wait_rows("health_1m", 2).await;
+
+    // A windowed view: the windows the watermark closes, exact.
+    let windowed = "CREATE VIEW per_minute AS\nSELECT terminal_id, count(*) AS n, min(battery_pct) AS low\nFROM telemetry GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE)";
+    let (status, p) = preview(&weir, windowed, "-1h").await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["view"], "per_minute");
+    assert_eq!(p["events"], 5, "{p}");
+    let rows = p["rows"].as_array().expect("rows").clone();
+    assert_eq!(rows.len(), 2, "minute 1 of A and B; minute 2 is open: {p}");
+    assert_eq!(row_with(&rows, "terminal_id", "A")["n"], 3);
+    assert_eq!(row_with(&rows, "terminal_id", "A")["low"], 10.0);
+    assert_eq!(row_with(&rows, "terminal_id", "B")["n"], 1);
+    let columns: Vec<&str> = p["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        vec!["window_start", "window_end", "terminal_id", "n", "low"]
+    );
+
+    // A view over a running view; an updating view gives one row per key.
+    let (status, p) = preview(
+        &weir,
+        "CREATE VIEW low_count AS SELECT terminal_id, count(*) AS n FROM low_battery GROUP BY terminal_id",
+        "-1h",
+    )
+    .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        p["rows"],
+        serde_json::json!([{"terminal_id": "A", "n": 1}]),
+        "{p}"
+    );
+
+    // Only events that arrived since `from`.
+    let (_, p) = preview(
+        &weir,
+        windowed,
+        &weir::obs::format_time(weir::obs::now_ms() + 60_000),
+    )
+    .await;
+    assert_eq!(p["events"], 0, "{p}");
+
+    // Nothing stored, nothing running changed.
+    let (status, _) = weir.get("/api/v1/views/per_minute/rows").await;
+    assert_eq!(status, 404);
+    let views = weir.get_ok("/api/v1/views").await;
+    assert_eq!(views["items"].as_array().map(Vec::len), Some(4), "{views}");
+
+    // Errors: line and cause; one statement only; a bad body.
+    let (status, p) = preview(
+        &weir,
+        "CREATE VIEW bad AS\nSELECT nope\nFROM telemetry",
+        "-1h",
+    )
+    .await;
+    assert_eq!(status, 400, "{p}");
+    assert_eq!(p["error"]["code"], "bad_pipeline");
+    assert_eq!(p["errors"][0]["line"], 2, "{p}");
+    assert!(
+        p["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nope")),
+        "{p}"
+    );
+    let (status, p) = preview(
+        &weir,
+        "CREATE TABLE x (a TEXT) WITH (connector = 'mqtt', topic = 'x')",
+        "-1h",
+    )
+    .await;
+    assert_eq!(status, 400, "{p}");
+    let (status, p) = preview(&weir, windowed, "yesterday").await;
+    assert_eq!(status, 400, "{p}");
+    let (status, p) = weir
+        .post("/api/v1/pipelines/preview", r#"{"sql": 1}"#)
+        .await;
+    assert_eq!(status, 400, "{p}");
+
+    // `weir preview FILE` while weir runs asks it over HTTP.
+    let file = weir.dir.path().join("per_minute.sql");
+    std::fs::write(&file, windowed).expect("write the view");
+    let cli = |dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["preview"])
+            .arg(&file)
+            .args(["--from", "-1h"])
+            .current_dir(dir)
+            .env("WEIR_STORAGE__DIR", dir.join("data"))
+            .env("WEIR_PIPELINES__DIR", dir.join("pipelines"))
+            .env("WEIR_HTTP__LISTEN", weir.base.trim_start_matches("http://"))
+            .output()
+            .expect("run weir preview")
+    };
+    let out = cli(weir.dir.path());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(r#""terminal_id":"A","n":3"#), "{text}");
+    // and with weir stopped it reads the log itself
+    let dir = weir.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["preview"])
+        .arg(&file)
+        .args(["--from", "-1h"])
+        .current_dir(dir.path())
+        .env("WEIR_STORAGE__DIR", dir.path().join("data"))
+        .env("WEIR_PIPELINES__DIR", dir.path().join("pipelines"))
+        .output()
+        .expect("run weir preview");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("view per_minute (windowed): 2 rows"),
+        "{text}"
+    );
+    assert!(text.contains(r#""terminal_id":"B","n":1"#), "{text}");
+}

@@ -144,6 +144,7 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
         .route("/api/v1/lineage", get(lineage::lineage))
         .route("/api/v1/pipelines", get(pipelines))
         .route("/api/v1/pipelines/reload", post(reload_pipelines))
+        .route("/api/v1/pipelines/preview", post(preview_pipeline))
         .route("/", get(dashboard::index))
         .route("/ui/{file}", get(dashboard::asset))
         .route("/api/v1/fleet", get(dashboard::fleet))
@@ -181,6 +182,104 @@ async fn reload_pipelines(State(state): State<Arc<AppState>>) -> ApiResult {
     pipelines(State(state)).await
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    sql: String,
+    /// `-15m` (before now), an RFC 3339 time, or epoch ms. Default `-15m`.
+    from: Option<String>,
+}
+
+/// `from` of a preview: `-15m`, an RFC 3339 time or epoch ms.
+pub fn parse_from(text: &str, now: i64) -> Result<i64, ApiError> {
+    match text.strip_prefix('-') {
+        Some(ago) if ago.parse::<i64>().is_err() => crate::config::parse_duration(ago)
+            .map(|d| now.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64))
+            .map_err(|e| ApiError::bad_request(format!("from: {e}"))),
+        _ => parse_time("from", text),
+    }
+}
+
+/// `POST /api/v1/pipelines/preview`: one view run over the log's recent
+/// events; the rows it would write, nothing stored.
+async fn preview_pipeline(
+    State(state): State<Arc<AppState>>,
+    body: Result<axum::Json<PreviewRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    use crate::engine::preview::{self, PreviewError};
+    let axum::Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if request.sql.len() > 64 * 1024 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "a preview statement is at most 64 KiB",
+        ));
+    }
+    // Previews read the log on the blocking pool: two at a time.
+    static PREVIEWS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let Ok(_slot) = PREVIEWS.try_acquire() else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            "two previews are running; try again when one is done",
+        ));
+    };
+    let now = crate::obs::now_ms();
+    let from = parse_from(request.from.as_deref().unwrap_or("-15m"), now)?;
+    let running = state.pipeline();
+    let timeout = state.docs_config.http.query_timeout;
+    let st = state.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let (pipeline, view) = preview::plan_preview(&running, &request.sql)?;
+        let deadline = std::time::Instant::now() + timeout;
+        preview::run(&st.store, &pipeline, &view, from, now, deadline, MAX_LIMIT)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    match outcome {
+        Ok(p) => {
+            let rows = p.rows.join(",");
+            let mut head = serde_json::to_value(&p).map_err(ApiError::internal)?;
+            head["from"] = json!(crate::obs::format_time(from));
+            let head = head.to_string();
+            // rows are spliced in as text, to keep their columns in SELECT order
+            let body = format!("{},\"rows\":[{rows}]}}", head.trim_end_matches('}'));
+            Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        }
+        Err(PreviewError::Plan(errors)) => {
+            let message = errors
+                .iter()
+                .map(|e| format!("line {}: {}", e.line, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let list: Vec<Value> = errors
+                .iter()
+                .map(|e| json!({"file": e.file, "line": e.line, "message": e.message}))
+                .collect();
+            Ok((
+                StatusCode::BAD_REQUEST,
+                axum::Json(
+                    json!({"error": {"code": "bad_pipeline", "message": message}, "errors": list}),
+                ),
+            )
+                .into_response())
+        }
+        Err(PreviewError::Timeout) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the preview took longer than http.query_timeout ({}); try a later from",
+                crate::config::format_duration(timeout)
+            ),
+        )),
+        Err(PreviewError::Failed(why)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "preview_failed",
+            why,
+        )),
+    }
+}
+
 /// An API error: status, machine-readable code, human message.
 #[derive(Debug)]
 pub struct ApiError {
@@ -196,6 +295,11 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    /// What went wrong, for people.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {

@@ -27,6 +27,7 @@
 
 mod pipeline;
 mod prepare;
+pub mod preview;
 pub mod reload;
 
 use std::net::SocketAddr;
