@@ -73,7 +73,21 @@ async fn next_reload(weir: &Weir, before: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saved_file_is_applied_without_a_restart() {
     assert_ne!(edited(), pipeline(50), "the edit removes latest");
-    let weir = Weir::start(&[("telemetry.sql", &pipeline(20))]).await;
+    let weir = Weir::start_tweaked(&[("telemetry.sql", &pipeline(20))], None, |c| {
+        // a removed view's rows go 2 s after it is removed
+        c.pipelines.removed_retention = Duration::from_secs(2);
+        c.storage.housekeeping_interval = Duration::from_millis(200);
+    })
+    .await;
+    let stored_rows = |weir: &Weir, view: &str| {
+        weir.running
+            .as_ref()
+            .expect("running")
+            .state
+            .store
+            .count_rows(view)
+            .expect("count rows")
+    };
     let start = pipelines(&weir).await;
     assert_eq!(start["status"], "ok", "{start}");
     assert_eq!(start["last_reload"]["trigger"], "start");
@@ -113,6 +127,7 @@ async fn a_saved_file_is_applied_without_a_restart() {
     weir.wait_rows("low_per_minute", 1).await;
     let health_before = weir.rows("health_1m").await;
     assert_eq!(weir.rows("low_battery").await.len(), 1);
+    weir.wait_rows("latest", 2).await;
 
     // Save the edit: the watcher applies it.
     let file = weir.dir.path().join("pipelines/telemetry.sql");
@@ -150,9 +165,18 @@ async fn a_saved_file_is_applied_without_a_restart() {
     assert_eq!(row_with(&readings, "terminal_id", "B")["n"], 2);
     // Kept: the same rows.
     assert_eq!(weir.rows("health_1m").await, health_before);
-    // Removed: no longer served.
+    // Removed: no longer served, and its rows go after removed_retention.
     let (status, _) = weir.get("/api/v1/views/latest/rows").await;
     assert_eq!(status, 404);
+    wait_for("the removed view's rows to be dropped", || async {
+        (stored_rows(&weir, "latest") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stored_rows(&weir, "health_1m"),
+        2,
+        "a kept view keeps its rows"
+    );
 
     // New data reaches every view once.
     weir.publish(&[

@@ -306,6 +306,10 @@ pub struct PipelinesConfig {
     pub dir: PathBuf,
     /// Apply changed files while running (DESIGN §7). Default `true`.
     pub watch: bool,
+    /// How long a removed view's stored rows are kept (put it back within
+    /// this and they are still there). Default `1 day`.
+    #[serde(with = "duration_str")]
+    pub removed_retention: Duration,
 }
 
 impl Default for PipelinesConfig {
@@ -313,6 +317,7 @@ impl Default for PipelinesConfig {
         Self {
             dir: PathBuf::from("config/pipelines"),
             watch: true,
+            removed_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -179,6 +179,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         config.storage.view_retention,
     );
     log_changes(&changes);
+    note_removed(&store, &pipeline, &changes)?;
     let start_changes = changes;
     reconcile_views(&store, &pipeline)?;
     record_deployed(&store, &config.storage.dir, &pipeline)?;
@@ -680,6 +681,63 @@ pub(super) fn record_deployed(
     Ok(())
 }
 
+/// Notes when views were removed (their rows go after
+/// `pipelines.removed_retention`), and forgets it for views that are back.
+pub(super) fn note_removed(
+    store: &Store,
+    pipeline: &Pipeline,
+    changes: &crate::plan::changes::Changes,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    for item in &changes.items {
+        if item.kind == "view" && item.change == crate::plan::changes::Change::Removed {
+            let key = format!("{REMOVED_PREFIX}{}", item.name);
+            if store.get_meta(&key)?.is_none() {
+                store.put_meta(&key, &now.to_be_bytes())?;
+            }
+        }
+    }
+    for v in &pipeline.views {
+        let key = format!("{REMOVED_PREFIX}{}", v.name);
+        if store.get_meta(&key)?.is_some() {
+            store.delete_meta(&key)?;
+        }
+    }
+    Ok(())
+}
+
+const REMOVED_PREFIX: &str = "removed/";
+
+/// Drops the stored rows of views removed longer than `retention` ago.
+fn drop_removed(
+    store: &Store,
+    pipeline: &Pipeline,
+    retention: std::time::Duration,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let mut dropped = 0;
+    for (key, value) in store.meta_with_prefix(REMOVED_PREFIX)? {
+        let name = &key[REMOVED_PREFIX.len()..];
+        let at = value
+            .as_slice()
+            .try_into()
+            .map(i64::from_be_bytes)
+            .unwrap_or(0);
+        if pipeline.view(name).is_some() {
+            store.delete_meta(&key)?;
+            continue;
+        }
+        if now.saturating_sub(at) >= retention.as_millis().min(i64::MAX as u128) as i64 {
+            let rows = store.clear_view(name)?;
+            store.delete_meta(&format!("view/{name}/fingerprint"))?;
+            store.delete_meta(&key)?;
+            tracing::info!(view = %name, rows, "a removed view's rows were dropped (pipelines.removed_retention)");
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
 /// The start-up log of what this start does to the stored state: the same
 /// lines `weir plan` prints.
 fn log_changes(changes: &crate::plan::changes::Changes) {
@@ -801,6 +859,10 @@ async fn housekeeping(
                 if let Err(e) = store.expire_rows(&view.name, before) {
                     tracing::warn!(view = %view.name, error = %e, "retention failed");
                 }
+            }
+            if let Err(e) = drop_removed(&store, &pipeline, config.pipelines.removed_retention, now)
+            {
+                tracing::warn!(error = %e, "dropping removed views' rows failed");
             }
             if let Err(e) = store.expire_alerts(now - config.alerts.retention.as_millis() as i64) {
                 tracing::warn!(error = %e, "alert retention failed");

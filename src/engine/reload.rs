@@ -347,7 +347,9 @@ impl Reloader {
                 Err(why) => return refuse(why),
             }
         }
-        if let Err(e) = super::record_deployed(&self.store, &self.config.storage.dir, &next) {
+        if let Err(e) = super::record_deployed(&self.store, &self.config.storage.dir, &next)
+            .and_then(|()| super::note_removed(&self.store, &next, &changes))
+        {
             tracing::warn!(error = %e, "cannot record the reloaded definitions");
         }
         let graph = Arc::new(crate::lineage::build(&next, &self.config.alerts));

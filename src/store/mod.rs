@@ -723,6 +723,20 @@ impl Store {
         self.meta.insert(key, value).map_err(io("write meta"))
     }
 
+    pub fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
+        self.meta.remove(key).map_err(io("write meta"))
+    }
+
+    /// Every meta entry whose key starts with `prefix`: (key, value).
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.meta.prefix(prefix) {
+            let (key, value) = guard.into_inner().map_err(io("read meta"))?;
+            out.push((String::from_utf8_lossy(&key).into_owned(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Sets the log record `seq` aside for good (its processing panicked),
     /// durably: replay skips it from now on.
     pub fn mark_poison(&self, seq: u64, why: &str) -> Result<(), StoreError> {
