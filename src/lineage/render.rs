@@ -378,6 +378,7 @@ mod tests {
     #[test]
     fn formats_parse() {
         assert_eq!(Format::parse("DOT"), Ok(Format::Dot));
-        assert!(Format::parse("svg").is_err());
+        assert_eq!(Format::parse("svg"), Ok(Format::Svg));
+        assert!(Format::parse("png").is_err());
     }
 }
