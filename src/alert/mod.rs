@@ -117,6 +117,19 @@ impl KeyState {
         self.opened_at.is_some()
     }
 
+    /// Event time of the newest thing that happened to this key.
+    pub fn last_activity(&self) -> Option<Millis> {
+        [
+            self.last_seen.as_ref().map(|(t, _)| *t),
+            self.last_transition,
+            self.pending.as_ref().map(|(t, _)| *t),
+            self.last_break,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
     /// Applies one judged row at event time `t`. `row` renders the row (as
     /// JSON text); it is called only when the row is kept.
     pub fn observe(

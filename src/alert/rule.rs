@@ -48,6 +48,12 @@ pub struct RuleOperator {
     timers: BinaryHeap<Reverse<(Millis, String)>>,
     watermark: Option<Millis>,
     open: usize,
+    /// A key idle this long (event time, behind the watermark) is forgotten.
+    key_ttl: Option<Millis>,
+    /// Watermark of the last pass over the keys for `key_ttl`.
+    last_sweep: Option<Millis>,
+    /// Keys forgotten so far (taken by the metrics).
+    evicted: u64,
 }
 
 /// What a row or a timer may change besides its key's state: the timer
@@ -113,6 +119,57 @@ impl RuleOperator {
             timers: BinaryHeap::new(),
             watermark: None,
             open: 0,
+            key_ttl: None,
+            last_sweep: None,
+            evicted: 0,
+        }
+    }
+
+    /// Keys idle longer than `ttl` (in event time) are forgotten; an alert
+    /// still open for such a key is resolved (with no row), so that a key
+    /// that will never report again cannot hold state or an alert forever.
+    pub fn set_key_ttl(&mut self, ttl: Option<std::time::Duration>) {
+        self.key_ttl = ttl.map(|d| d.as_millis().min(Millis::MAX as u128) as Millis);
+    }
+
+    /// Keys forgotten since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Forgets the keys idle longer than `key_ttl` at watermark `w`. Runs
+    /// once per tenth of the TTL of watermark progress: a pass over all keys
+    /// that often costs nothing worth counting.
+    fn sweep(&mut self, w: Millis, changes: &mut Vec<Change>) {
+        let Some(ttl) = self.key_ttl else {
+            return;
+        };
+        if self
+            .last_sweep
+            .is_some_and(|s| w.saturating_sub(s) < (ttl / 10).max(1))
+        {
+            return;
+        }
+        self.last_sweep = Some(w);
+        let before = w.saturating_sub(ttl);
+        let idle: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, e)| e.state.last_activity().is_none_or(|t| t < before))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in idle {
+            if let Some(entry) = self.keys.remove(&key) {
+                if let Some(opened_at) = entry.state.opened_at {
+                    self.open = self.open.saturating_sub(1);
+                    changes.push(Change {
+                        key,
+                        opened_at,
+                        transition: Transition::Resolved { at: w, row: None },
+                    });
+                }
+                self.evicted += 1;
+            }
         }
     }
 
@@ -254,6 +311,7 @@ impl RuleOperator {
             };
             counts.after_change(entry, &timing, &key, opened_at, transition);
         }
+        self.sweep(w, &mut changes);
         changes
     }
 
@@ -337,4 +395,119 @@ fn key_text(column: &dyn Array, i: usize) -> Option<Cow<'_, str>> {
             other => other.to_string(),
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{
+        Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
+    };
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+
+    const DAY: Millis = 86_400_000;
+
+    fn rule(options: &str, condition: &str) -> RuleOperator {
+        let sql = format!(
+            "CREATE TABLE telemetry (terminal_id TEXT NOT NULL, ts TIMESTAMP NOT NULL, battery_pct DOUBLE,
+               WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+             WITH (connector = 'mqtt', topic = 'terminals/{{terminal_id}}/telemetry', format = 'json');
+             CREATE ALERT r WITH ({options}) AS SELECT terminal_id, battery_pct FROM telemetry {condition};"
+        );
+        let pipeline = crate::plan::plan_sources(&[("t.sql".into(), sql)]).expect("plans");
+        let plan = pipeline.alerts[0].clone();
+        let mut op = RuleOperator::new(plan.clone());
+        op.set_key_ttl(plan.key_ttl);
+        op
+    }
+
+    fn batch(rows: &[(&str, Millis, f64)]) -> EventBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("terminal_id", DataType::Utf8, false),
+            Field::new("ts", crate::plan::timestamp_type(), false),
+            Field::new("battery_pct", DataType::Float64, true),
+        ]));
+        let data = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(
+                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .expect("batch");
+        EventBatch::new(
+            data,
+            Int64Array::from_iter_values(rows.iter().map(|r| r.1)),
+            1,
+        )
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_after_key_ttl_and_busy_ones_stay() {
+        let mut op = rule(
+            "severity = 'warning', key_ttl = '7 days'",
+            "WHERE battery_pct < 15",
+        );
+        op.process(&batch(&[("gone", 0, 50.0), ("busy", 0, 50.0)]))
+            .expect("rows");
+        assert_eq!(op.keys(), 2);
+        op.advance_watermark(6 * DAY);
+        op.process(&batch(&[("busy", 6 * DAY, 50.0)]))
+            .expect("rows");
+        let changes = op.advance_watermark(8 * DAY);
+        assert!(changes.is_empty(), "nothing was open: {changes:?}");
+        assert_eq!(op.keys(), 1, "the idle key went, the busy one stayed");
+        assert_eq!(op.take_evicted(), 1);
+        assert_eq!(op.take_evicted(), 0);
+    }
+
+    #[test]
+    fn a_silent_key_open_past_key_ttl_is_resolved_and_forgotten() {
+        let mut op = rule(
+            "severity = 'critical', absent_for = '5 minutes', key_ttl = '1 day'",
+            "",
+        );
+        op.process(&batch(&[("T1", 0, 50.0)])).expect("rows");
+        let opened = op.advance_watermark(10 * 60_000);
+        assert!(
+            matches!(
+                opened.as_slice(),
+                [Change {
+                    transition: Transition::Opened { .. },
+                    ..
+                }]
+            ),
+            "{opened:?}"
+        );
+        assert_eq!(op.open_alerts(), 1);
+        // a day of silence later the key is forgotten and its alert resolved
+        let changes = op.advance_watermark(2 * DAY);
+        assert_eq!(op.open_alerts(), 0);
+        assert_eq!(op.keys(), 0);
+        match changes.as_slice() {
+            [Change {
+                key,
+                transition: Transition::Resolved { row: None, .. },
+                ..
+            }] => assert_eq!(key, "T1"),
+            other => panic!("expected one resolution without a row: {other:?}"),
+        }
+        // reporting again starts afresh
+        op.process(&batch(&[("T1", 2 * DAY + 1, 50.0)]))
+            .expect("rows");
+        assert_eq!(op.keys(), 1);
+    }
+
+    #[test]
+    fn without_key_ttl_nothing_is_forgotten() {
+        let mut op = rule("severity = 'warning'", "WHERE battery_pct < 15");
+        op.process(&batch(&[("a", 0, 50.0)])).expect("rows");
+        op.advance_watermark(3650 * DAY);
+        assert_eq!(op.keys(), 1);
+    }
 }

@@ -420,7 +420,11 @@ impl Runner {
             let (root, upstream_view) =
                 locate(&a.name, &a.upstream, &streams, &pipeline.views, &views)?;
             alerts.push(AlertRuntime {
-                operator: RuleOperator::new(a.clone()),
+                operator: {
+                    let mut op = RuleOperator::new(a.clone());
+                    op.set_key_ttl(a.key_ttl.or(settings.key_ttl));
+                    op
+                },
                 root,
                 upstream_view,
                 metrics: metrics.alerts.get_or_add(&a.name),
@@ -1244,6 +1248,7 @@ impl Runner {
                 Some(rt) if rt.operator.plan().fingerprint == a.fingerprint => rt.operator,
                 _ => {
                     let mut op = RuleOperator::new(a.clone());
+                    op.set_key_ttl(a.key_ttl.or(self.settings.key_ttl));
                     adopt_open_alerts(&self.store, &mut op);
                     op
                 }
@@ -1534,6 +1539,10 @@ impl Runner {
             }
             if let Some(w) = watermark {
                 changes.extend(a.operator.advance_watermark(w));
+                let evicted = a.operator.take_evicted();
+                if evicted > 0 {
+                    a.metrics.keys_evicted.fetch_add(evicted, Ordering::Relaxed);
+                }
             }
             if !changes.is_empty() {
                 match sink::record_alert_changes(&self.store, &plan.name, plan.severity, &changes) {

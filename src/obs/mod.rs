@@ -76,6 +76,8 @@ pub struct AlertMetrics {
     pub resolved: AtomicU64,
     pub keys: AtomicU64,
     pub errors: AtomicU64,
+    /// Keys forgotten after `key_ttl` idle.
+    pub keys_evicted: AtomicU64,
 }
 
 /// Series sets by name that a pipeline reload adds to and removes from.
@@ -276,6 +278,13 @@ impl Metrics {
             "gauge",
             "Keys each rule tracks in memory.",
             per_rule(&|m| load(&m.keys)),
+        );
+        family(
+            out,
+            "weir_alert_keys_evicted_total",
+            "counter",
+            "Keys a rule forgot after key_ttl idle (an alert still open for one was resolved).",
+            per_rule(&|m| load(&m.keys_evicted)),
         );
         family(
             out,

@@ -62,6 +62,9 @@ pub struct AlertPlan {
     pub key_index: usize,
     /// DataFusion's logical plan, for `weir check`.
     pub logical_plan: String,
+    /// A key idle this long is forgotten (an alert still open for it
+    /// resolves); `None`: the global `limits.key_ttl`.
+    pub key_ttl: Option<Duration>,
     /// Everything that decides the rule's state, its upstream view's
     /// definition included; a change discards it.
     pub fingerprint: u64,
@@ -76,9 +79,10 @@ pub struct AlertOptions {
     pub timing: Timing,
     pub clear: Option<String>,
     pub key: Option<String>,
+    pub key_ttl: Option<Duration>,
 }
 
-pub const OPTIONS: &str = "severity, for, clear, absent_for, key, reopen_after";
+pub const OPTIONS: &str = "severity, for, clear, absent_for, key, reopen_after, key_ttl";
 
 /// Validates `(key, value)` pairs; every problem is reported, as the option
 /// it is about and what is wrong.
@@ -112,6 +116,10 @@ pub fn parse_options(pairs: &[(String, String)]) -> Result<AlertOptions, Vec<(St
             }
             "clear" => o.clear = Some(value.clone()),
             "key" => o.key = Some(value.to_ascii_lowercase()),
+            "key_ttl" => {
+                o.key_ttl =
+                    duration(key, value, &mut problems).map(|ms| Duration::from_millis(ms as u64))
+            }
             other => problems.push((
                 key.clone(),
                 format!("unknown option {other:?} (known: {OPTIONS})"),
@@ -208,10 +216,15 @@ pub fn compile(
     };
 
     let logical_plan = plan.display_indent().to_string();
+    // (key_ttl joins the fingerprint only when set, so rules without it keep theirs)
+    let ttl = options
+        .key_ttl
+        .map(|d| format!("{d:?}"))
+        .unwrap_or_default();
     let fingerprint = super::fingerprint(&[
         &super::without_comments(text),
         &logical_plan,
-        &format!("{:?}", options.timing),
+        &format!("{:?}{ttl}", options.timing),
         options.clear.as_deref().unwrap_or(""),
         &key_column,
     ]);
@@ -238,6 +251,7 @@ pub fn compile(
         key_column,
         key_index,
         logical_plan,
+        key_ttl: options.key_ttl,
         fingerprint,
         definition: fingerprint,
     })
