@@ -235,6 +235,9 @@ fn node_page(
                     ),
                 };
                 fact(&mut facts, "retention", &esc(&retention));
+                if let Some(note) = crate::plan::distinct_note(v) {
+                    fact(&mut facts, "counting", &esc(&note));
+                }
                 if let Some(s) = pipeline.root_stream(v) {
                     let root = &s.name;
                     {

@@ -1326,6 +1326,9 @@ pub fn describe(pipeline: &Pipeline) -> String {
         if !v.key_columns.is_empty() {
             out.push_str(&format!("  keys: {}\n", v.key_columns.join(", ")));
         }
+        if let Some(note) = distinct_note(v) {
+            out.push_str(&format!("  {note}\n"));
+        }
         out.push_str("  output:");
         for f in v.output_schema.fields() {
             out.push_str(&format!(" {} {},", f.name(), f.data_type()));
@@ -1367,6 +1370,21 @@ pub fn describe(pipeline: &Pipeline) -> String {
         }
     }
     out
+}
+
+/// How a view's `count(DISTINCT)` counts, when it has one: `weir check`
+/// and the docs say it, since past its bound the count is an estimate.
+pub fn distinct_note(v: &ViewPlan) -> Option<String> {
+    let has = v
+        .aggregate
+        .as_ref()
+        .is_some_and(|a| a.aggs.iter().any(|g| g.kind == AggKind::CountDistinct));
+    has.then(|| {
+        format!(
+            "count(DISTINCT): exact up to {} values per group, then a HyperLogLog++ estimate (standard error 1.6 %)",
+            crate::window::agg::EXACT_DISTINCT_MAX
+        )
+    })
 }
 
 pub fn describe_window(w: &WindowSpec) -> String {

@@ -203,6 +203,23 @@ impl Arg {
     }
 }
 
+/// `count(DISTINCT)` is exact up to this many values per group, then a
+/// HyperLogLog++ sketch of 4 096 registers (about 3 KB, standard error
+/// 1.6 %): a group's state stays bounded however many values it sees.
+pub const EXACT_DISTINCT_MAX: usize = 1024;
+
+/// The sketch a `count(DISTINCT)` becomes past [`EXACT_DISTINCT_MAX`]. Its
+/// hash (WyHash, seed 0) is stable, so checkpoints and merges agree.
+pub type DistinctSketch = cardinality_estimator::CardinalityEstimator<DistinctKey>;
+
+fn sketch_of<'a>(keys: impl IntoIterator<Item = &'a DistinctKey>) -> Box<DistinctSketch> {
+    let mut sketch = Box::new(DistinctSketch::new());
+    for k in keys {
+        sketch.insert(k);
+    }
+    sketch
+}
+
 /// State of one aggregate for one group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AggState {
@@ -229,6 +246,9 @@ pub enum AggState {
         value: Scalar,
     },
     Percentile(Percentile),
+    /// `count(DISTINCT)` past its exact bound (last: checkpoint variant
+    /// numbers of the others stay as they were).
+    CountDistinctApprox(Box<DistinctSketch>),
 }
 
 impl AggState {
@@ -267,6 +287,14 @@ impl AggState {
             AggState::CountDistinct(set) => {
                 if let Some(k) = arg.get(row).distinct_key() {
                     set.insert(k);
+                    if set.len() > EXACT_DISTINCT_MAX {
+                        *self = AggState::CountDistinctApprox(sketch_of(set.iter()));
+                    }
+                }
+            }
+            AggState::CountDistinctApprox(sketch) => {
+                if let Some(k) = arg.get(row).distinct_key() {
+                    sketch.insert(&k);
                 }
             }
             AggState::SumInt(sum) => {
@@ -329,7 +357,35 @@ impl AggState {
     pub fn merge(&mut self, other: AggState) {
         match (self, other) {
             (AggState::Count(a), AggState::Count(b)) => *a += b,
-            (AggState::CountDistinct(a), AggState::CountDistinct(b)) => a.extend(b),
+            (
+                this @ AggState::CountDistinct(_),
+                other @ (AggState::CountDistinct(_) | AggState::CountDistinctApprox(_)),
+            ) => {
+                let AggState::CountDistinct(a) = this else {
+                    return;
+                };
+                match other {
+                    AggState::CountDistinct(b) => {
+                        a.extend(b);
+                        if a.len() > EXACT_DISTINCT_MAX {
+                            *this = AggState::CountDistinctApprox(sketch_of(a.iter()));
+                        }
+                    }
+                    AggState::CountDistinctApprox(mut b) => {
+                        for k in a.iter() {
+                            b.insert(k);
+                        }
+                        *this = AggState::CountDistinctApprox(b);
+                    }
+                    _ => {}
+                }
+            }
+            (AggState::CountDistinctApprox(a), AggState::CountDistinct(b)) => {
+                for k in &b {
+                    a.insert(k);
+                }
+            }
+            (AggState::CountDistinctApprox(a), AggState::CountDistinctApprox(b)) => a.merge(&b),
             (AggState::SumInt(a), AggState::SumInt(Some(b))) => {
                 *a = Some(a.unwrap_or(0).wrapping_add(b))
             }
@@ -368,6 +424,7 @@ impl AggState {
         match self {
             AggState::Count(n) => Scalar::Int(*n),
             AggState::CountDistinct(set) => Scalar::Int(set.len() as i64),
+            AggState::CountDistinctApprox(sketch) => Scalar::Int(sketch.estimate() as i64),
             AggState::SumInt(s) => s.map_or(Scalar::Null, Scalar::Int),
             AggState::SumFloat(s) => s.map_or(Scalar::Null, Scalar::Float),
             AggState::Min(v) | AggState::Max(v) => v.clone(),
@@ -655,6 +712,56 @@ mod tests {
 
     fn floats(values: &[Option<f64>]) -> Arg {
         Arg::Float(Float64Array::from(values.to_vec()))
+    }
+
+    fn distinct_of(values: std::ops::Range<i64>) -> AggState {
+        let arg = Arg::Int(Int64Array::from_iter_values(values.clone()));
+        let mut s = AggState::new(AggKind::CountDistinct, false, 0.5);
+        for i in 0..values.count() {
+            s.update(&arg, i, 0);
+        }
+        s
+    }
+
+    fn count(s: &AggState) -> i64 {
+        match s.evaluate() {
+            Scalar::Int(n) => n,
+            other => panic!("not a count: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn count_distinct_is_exact_to_its_bound_then_a_bounded_sketch() {
+        let exact = distinct_of(0..EXACT_DISTINCT_MAX as i64);
+        assert!(matches!(exact, AggState::CountDistinct(_)));
+        assert_eq!(count(&exact), EXACT_DISTINCT_MAX as i64);
+        let big = distinct_of(0..100_000);
+        assert!(matches!(big, AggState::CountDistinctApprox(_)));
+        let n = count(&big);
+        assert!((n - 100_000).abs() < 5_000, "within 5 %: {n}");
+        // its checkpoint is small and round-trips
+        let bytes = postcard::to_stdvec(&big).expect("serialize");
+        assert!(bytes.len() < 8_192, "{} bytes", bytes.len());
+        let back: AggState = postcard::from_bytes(&bytes).expect("deserialize");
+        assert_eq!(count(&back), n);
+    }
+
+    #[test]
+    fn count_distinct_merges_across_the_bound() {
+        // two exact halves that overlap, and an exact one into a sketch
+        let mut a = distinct_of(0..800);
+        a.merge(distinct_of(400..1_000));
+        assert_eq!(count(&a), 1_000, "still exact");
+        let mut b = distinct_of(0..900);
+        b.merge(distinct_of(500..1_500));
+        assert!(matches!(b, AggState::CountDistinctApprox(_)));
+        assert!((count(&b) - 1_500).abs() < 75, "{}", count(&b));
+        let mut c = distinct_of(0..50_000);
+        c.merge(distinct_of(40_000..60_000));
+        assert!((count(&c) - 60_000).abs() < 3_000, "{}", count(&c));
+        let mut d = distinct_of(0..10);
+        d.merge(distinct_of(0..50_000));
+        assert!((count(&d) - 50_000).abs() < 2_500, "{}", count(&d));
     }
 
     fn fold(kind: AggKind, arg: &Arg, rows: usize, float: bool) -> Scalar {
