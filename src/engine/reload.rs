@@ -297,9 +297,16 @@ impl Reloader {
             }
         };
         let running = self.live.pipeline();
+        let mut deployed = deployed_of(&running);
+        deployed.log_from = self
+            .store
+            .first_log_seq()
+            .ok()
+            .flatten()
+            .map(|seq| (seq >> 16) as i64);
         let changes = crate::plan::changes::changes(
             &next,
-            &deployed_of(&running),
+            &deployed,
             crate::obs::now_ms(),
             self.config.storage.log_retention,
             self.config.storage.view_retention,

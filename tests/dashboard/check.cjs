@@ -94,7 +94,19 @@ function fail(why) {
   await page.click("#sql-run");
   await page.waitForFunction(() => document.querySelector("#sql-result tbody").textContent.includes("T1"), null, { timeout: 10000 })
     .catch(() => fail("the SQL console did not answer: " + JSON.stringify(errors)));
-  await page.screenshot({ path: shots + "/sql.png" });
+  // the pipelines' status and a preview beside the console
+  await page.waitForFunction(() => document.querySelector("#pipelines").textContent.includes("Last applied reload: start"), null, { timeout: 10000 })
+    .catch(() => fail("the pipelines' status is not shown"));
+  await page.fill("#preview-text", "CREATE VIEW per_terminal AS SELECT terminal_id, count(*) AS n FROM telemetry GROUP BY terminal_id");
+  await page.fill("#preview-from", "-1h");
+  await page.click("#preview-run");
+  await page.waitForFunction(() => document.querySelector("#preview-result tbody").textContent.includes("T1"), null, { timeout: 10000 })
+    .catch(() => fail("the preview did not answer: " + document.querySelector("#preview-status")));
+  await page.fill("#preview-text", "CREATE VIEW broken AS SELECT nope FROM telemetry");
+  await page.click("#preview-run");
+  await page.waitForFunction(() => document.querySelector("#preview-status").textContent.includes("line 1"), null, { timeout: 10000 })
+    .catch(() => fail("a broken preview does not say where"));
+  await page.screenshot({ path: shots + "/sql.png", fullPage: true });
 
   // Docs, fetched with the token, links kept inside the tab.
   await page.click('a[data-tab="docs"]');

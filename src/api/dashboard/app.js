@@ -69,7 +69,7 @@ function show() {
   for (const a of document.querySelectorAll("#tabs a[data-tab]")) a.classList.toggle("active", a.dataset.tab === tab || (tab === "terminal" && a.dataset.tab === "fleet"));
   while (timers.length) clearInterval(timers.pop());
   const run = { fleet: showFleet, terminal: () => showTerminal(decodeURIComponent(arg || "")), alerts: showAlerts, engine: showEngine,
-    docs: () => showDocs(arg || "index.html"), sql: () => {} }[tab];
+    docs: () => showDocs(arg || "index.html"), sql: showPipelines }[tab];
   if (run) run();
 }
 
@@ -308,6 +308,40 @@ async function showDocs(page) {
     $("#docs-page").innerHTML = body.innerHTML;
   } catch (e) { if (e.message !== "unauthorized") banner("Docs: " + e.message); }
 }
+
+// ---- pipelines and preview -------------------------------------------------------
+
+async function showPipelines() {
+  try {
+    const p = await api("/api/v1/pipelines");
+    $("#pipelines-status").textContent = p.status === "ok" ? "ok" : "not applied: the files have errors";
+    const r = p.last_reload;
+    const list = (name, items) => items && items.length ? `<tr><td>${name}</td><td>${items.map(esc).join(", ")}</td></tr>` : "";
+    $("#pipelines").innerHTML =
+      (p.errors.length ? `<table>${p.errors.map((e) => `<tr class="bad"><td><code>${esc(e.file)}:${esc(e.line)}</code></td><td>${esc(e.message)}</td></tr>`).join("")}</table>` : "") +
+      (r ? `<p class="muted">Last ${r.applied ? "applied" : "refused"} reload: ${esc(r.trigger)} at ${esc(r.at)}${r.applied ? `, ingestion paused ${r.paused_ms} ms` : ""}${r.refused ? " — " + esc(r.refused) : ""}</p>
+        <table>${list("new", r.new)}${list("changed", r.changed)}${list("rebuilt", r.rebuilt)}${list("removed", r.removed)}${list("kept", r.kept)}</table>` : "") +
+      `<p class="muted">${p.files.map((f) => `<code>${esc(f.file)}</code>`).join(" ")}</p>`;
+  } catch (e) { if (e.message !== "unauthorized") banner("Pipelines: " + e.message); }
+}
+
+$("#preview-run").addEventListener("click", async () => {
+  $("#preview-status").textContent = "running…";
+  $("#preview-result thead").innerHTML = "";
+  $("#preview-result tbody").innerHTML = "";
+  try {
+    const res = await fetch("/api/v1/pipelines/preview", { method: "POST", headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ sql: $("#preview-text").value, from: $("#preview-from").value }) });
+    const r = await res.json();
+    if (!res.ok) {
+      $("#preview-status").textContent = r.errors ? r.errors.map((e) => `line ${e.line}: ${e.message}`).join("; ") : (r.error ? r.error.message : res.statusText);
+      return;
+    }
+    $("#preview-result thead").innerHTML = "<tr>" + r.columns.map((c) => `<th>${esc(c)}</th>`).join("") + "</tr>";
+    $("#preview-result tbody").innerHTML = r.rows.map((row) => "<tr>" + r.columns.map((c) => `<td>${esc(row[c])}</td>`).join("") + "</tr>").join("");
+    $("#preview-status").textContent = `${r.rows.length} rows from ${r.events} events since ${r.from}${r.truncated ? " (truncated)" : ""}`;
+  } catch (e) { $("#preview-status").textContent = e.message; }
+});
 
 // ---- SQL console -------------------------------------------------------------
 
