@@ -143,6 +143,10 @@ async fn the_dashboard_shows_the_fleet_and_a_live_offline_alert_that_can_be_acke
     ])
     .await;
 
+    // and one message that is not JSON: a dead letter to browse
+    weir.publish(&[("terminals/T1/telemetry", "this is not JSON".to_string())])
+        .await;
+
     // T7 connects with a last will, as the shipped terminal_status stream expects.
     let mut options = MqttOptions::new("terminal-T7", "127.0.0.1", weir.broker_port);
     options.set_last_will(LastWill::new(

@@ -303,6 +303,25 @@ async fn preview_runs_a_view_over_recent_events_and_stores_nothing() {
     .await;
     weir.wait_rows("health_1m", 2).await;
 
+    // The same SQL as a running view gives that view's rows, in its order.
+    let health_sql = TELEMETRY
+        .split("CREATE VIEW health_1m AS")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("health_1m's SELECT");
+    let (status, p) = preview(
+        &weir,
+        &format!("CREATE VIEW health_again AS{health_sql}"),
+        "-1h",
+    )
+    .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        p["rows"].as_array().cloned().unwrap_or_default(),
+        weir.rows("health_1m").await,
+        "{p}"
+    );
+
     // A windowed view: the windows the watermark closes, exact.
     let windowed = "CREATE VIEW per_minute AS\nSELECT terminal_id, count(*) AS n, min(battery_pct) AS low\nFROM telemetry GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE)";
     let (status, p) = preview(&weir, windowed, "-1h").await;
@@ -429,4 +448,50 @@ async fn preview_runs_a_view_over_recent_events_and_stores_nothing() {
         "{text}"
     );
     assert!(text.contains(r#""terminal_id":"B","n":1"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_same_process() {
+    use common::process::{Spawn, WeirProcess};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    // not watched: only the signal reloads
+    let spec =
+        Spawn::embedded(dir.path(), port, &pipeline(20)).env("WEIR_PIPELINES__WATCH", "false");
+    let mut weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    let pid = weir.pid();
+    common::publish(
+        port,
+        &[
+            ("terminals/A/telemetry", event(T0 + 1_000, 10.0, None)),
+            ("terminals/A/telemetry", event(T0 + 2_000, 40.0, None)),
+        ],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    wait_for("low_battery to hold A's 10 %", || async {
+        (weir.rows("low_battery").await?.len() == 1).then_some(())
+    })
+    .await;
+    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
+    // SAFETY: kill(2) with our own child's pid and a signal number.
+    let sent = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0, "SIGHUP sent");
+    let status = wait_for("the signal's reload", || async {
+        let (_, p) = weir.try_get("/api/v1/pipelines").await?;
+        (p["last_reload"]["trigger"] == "signal").then_some(p)
+    })
+    .await;
+    assert_eq!(status["last_reload"]["applied"], true, "{status}");
+    assert_eq!(
+        names(&status["last_reload"]["changed"]),
+        vec!["low_battery"],
+        "{status}"
+    );
+    let rows = weir.rows("low_battery").await.expect("rows");
+    assert_eq!(rows.len(), 2, "rebuilt with the new threshold: {rows:?}");
+    assert!(weir.running(), "the same process goes on");
+    assert_eq!(weir.pid(), pid);
+    weir.terminate().await;
 }

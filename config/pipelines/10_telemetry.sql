@@ -42,6 +42,7 @@ SELECT terminal_id,
        last_value(battery_pct) IGNORE NULLS AS battery_pct,
        last_value(charging) IGNORE NULLS AS charging,
        last_value(network) IGNORE NULLS AS network,
+       last_value(app_latency_ms) IGNORE NULLS AS app_latency_ms,
        last_value(app_version) IGNORE NULLS AS app_version,
        max(ts) AS last_seen,
        count(*) AS reports

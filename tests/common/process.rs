@@ -110,6 +110,16 @@ impl WeirProcess {
     }
 
     /// The weir log so far (for failure messages).
+    /// The process id, to signal it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("weir.log")).unwrap_or_default()
     }

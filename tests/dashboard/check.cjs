@@ -49,6 +49,7 @@ function fail(why) {
   await row.waitFor({ timeout: 30000 }).catch(() => fail("terminal T1 is not in the fleet table"));
   const battery = await row.locator("td.battery").innerText();
   if (!battery.includes("12.5")) fail("T1's battery shows " + JSON.stringify(battery) + ", not 12.5");
+  if (!(await row.innerText()).includes("120 ms")) fail("T1's latency (120 ms) is not in its row: " + (await row.innerText()));
   await page.locator("#fleet-cards .card").first().waitFor();
   await page.screenshot({ path: shots + "/fleet.png" });
 
@@ -88,6 +89,9 @@ function fail(why) {
   await page.waitForSelector("#graph svg", { timeout: 10000 }).catch(() => fail("no pipeline graph on the Engine tab"));
   await page.waitForFunction(() => document.querySelector("#engine-cards").textContent.includes("events logged"), null, { timeout: 10000 })
     .catch(() => fail("no engine figures"));
+  await page.selectOption("#dead-reason", "malformed");
+  await page.waitForFunction(() => document.querySelector("#dead-letters tbody").textContent.includes("malformed"), null, { timeout: 10000 })
+    .catch(() => fail("the malformed message is not in the dead-letter browser"));
   await page.screenshot({ path: shots + "/engine.png" });
   await page.click('a[data-tab="sql"]');
   await page.fill("#sql-text", "SELECT terminal_id, battery_pct FROM terminal_latest ORDER BY terminal_id");

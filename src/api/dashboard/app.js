@@ -97,9 +97,9 @@ async function loadTerminals() {
     $("#terminals tbody").innerHTML = page.items.map((t) => `<tr data-terminal="${esc(t.terminal_id)}">
       <td><a href="#terminal/${encodeURIComponent(t.terminal_id)}">${esc(t.terminal_id)}</a></td><td>${esc(t.merchant_id)}</td>
       <td title="${esc(t.last_seen)}">${ago(t.last_seen)}</td><td class="num battery">${num(t.battery_pct)}${t.battery_pct == null ? "" : " %"}</td>
-      <td>${esc(t.network)}</td><td>${esc(t.app_version)}</td>
+      <td>${esc(t.network)}</td><td class="num">${t.app_latency_ms == null ? "" : num(t.app_latency_ms, 0) + " ms"}</td><td>${esc(t.app_version)}</td>
       <td>${(t.alerts || []).map((r) => `<span class="badge rule">${esc(r)}</span>`).join("")}</td></tr>`).join("") ||
-      `<tr><td colspan="7" class="muted">No terminals${state.search ? " match" : " yet"}.</td></tr>`;
+      `<tr><td colspan="8" class="muted">No terminals${state.search ? " match" : " yet"}.</td></tr>`;
     state.cursors[state.page + 1] = page.next_cursor;
     $("#next").disabled = !page.next_cursor;
     $("#prev").disabled = state.page === 0;
@@ -280,10 +280,18 @@ async function loadEngineOnce() {
     const svg = await api("/api/v1/lineage?format=svg");
     $("#graph").innerHTML = svg;
     for (const a of $("#graph").querySelectorAll("a")) a.setAttribute("href", "/docs/" + a.getAttribute("href"));
-    const dead = (await api("/api/v1/deadletter?limit=50")).items;
-    $("#dead-letters tbody").innerHTML = dead.map((d) => `<tr><td>${esc(d.received_at)}</td><td>${esc(d.stream)}</td><td>${esc(d.reason)}</td><td>${esc(d.detail)}</td><td><code>${esc(String(d.payload).slice(0, 200))}</code></td></tr>`).join("") || `<tr><td colspan="5" class="muted">None.</td></tr>`;
+    await loadDeadLetters();
   } catch (e) { if (e.message !== "unauthorized") banner("Engine: " + e.message); }
 }
+
+async function loadDeadLetters() {
+  try {
+    const reason = $("#dead-reason").value;
+    const dead = (await api("/api/v1/deadletter?limit=50" + (reason ? "&reason=" + encodeURIComponent(reason) : ""))).items;
+    $("#dead-letters tbody").innerHTML = dead.map((d) => `<tr><td>${esc(d.received_at)}</td><td>${esc(d.stream)}</td><td>${esc(d.reason)}</td><td>${esc(d.detail)}</td><td><code>${esc(String(d.payload).slice(0, 200))}</code></td></tr>`).join("") || `<tr><td colspan="5" class="muted">None.</td></tr>`;
+  } catch (e) { if (e.message !== "unauthorized") banner("Dead letters: " + e.message); }
+}
+$("#dead-reason").addEventListener("change", loadDeadLetters);
 
 function showEngine() {
   rateChart = null;
