@@ -656,16 +656,7 @@ pub(super) fn record_deployed(
     dir: &std::path::Path,
     pipeline: &Pipeline,
 ) -> Result<(), StoreError> {
-    let mut running = Deployed::default();
-    for v in &pipeline.views {
-        running.parts.insert(v.name.clone(), v.fingerprint);
-        running.definitions.insert(v.name.clone(), v.definition);
-    }
-    for a in &pipeline.alerts {
-        let part = crate::plan::changes::alert_part(&a.name);
-        running.parts.insert(part.clone(), a.fingerprint);
-        running.definitions.insert(part, a.definition);
-    }
+    let mut running = Deployed::of(pipeline);
     running.log_from = store.first_log_seq()?.map(|seq| (seq >> 16) as i64);
     let definitions = serde_json::to_vec(&running.definitions).unwrap_or_default();
     store.put_meta(DEFINITIONS_KEY, &definitions)?;

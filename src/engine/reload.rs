@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::lineage::Graph;
-use crate::plan::changes::{alert_part, Change, Changes, Deployed};
+use crate::plan::changes::{Change, Changes, Deployed};
 use crate::plan::{Pipeline, PlanError};
 
 /// What started a reload.
@@ -159,20 +159,6 @@ fn files(dir: &std::path::Path) -> Vec<FileStatus> {
     out
 }
 
-/// What the running pipelines were computed with, as `plan::changes` reads it.
-pub fn deployed_of(p: &Pipeline) -> Deployed {
-    let mut d = Deployed::default();
-    for v in &p.views {
-        d.parts.insert(v.name.clone(), v.fingerprint);
-        d.definitions.insert(v.name.clone(), v.definition);
-    }
-    for a in &p.alerts {
-        d.parts.insert(alert_part(&a.name), a.fingerprint);
-        d.definitions.insert(alert_part(&a.name), a.definition);
-    }
-    d
-}
-
 fn last_reload(
     trigger: Trigger,
     applied: bool,
@@ -297,7 +283,7 @@ impl Reloader {
             }
         };
         let running = self.live.pipeline();
-        let mut deployed = deployed_of(&running);
+        let mut deployed = Deployed::of(&running);
         deployed.log_from = self
             .store
             .first_log_seq()

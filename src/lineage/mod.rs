@@ -58,6 +58,28 @@ pub struct Node {
     pub columns: Vec<ColumnInfo>,
 }
 
+impl Node {
+    /// A node with nothing but its identity; the builders fill in the rest.
+    fn new(kind: NodeKind, id: String, name: String) -> Node {
+        Node {
+            id,
+            kind,
+            name,
+            file: None,
+            line: None,
+            doc: String::new(),
+            sql: None,
+            shape: None,
+            window: None,
+            keys: vec![],
+            target: None,
+            event_time: None,
+            rule: None,
+            columns: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeKind {
@@ -209,19 +231,6 @@ pub fn build(pipeline: &Pipeline, alerts: &AlertsConfig) -> Graph {
         let id = format!("stream:{}", s.name);
         let topic = topic_id(&s.topic.filter());
         g.nodes.push(Node {
-            id: topic.clone(),
-            kind: NodeKind::Topic,
-            name: s.topic.filter(),
-            file: None,
-            line: None,
-            doc: String::new(),
-            sql: None,
-            shape: None,
-            window: None,
-            keys: vec![],
-            target: None,
-            event_time: None,
-            rule: None,
             columns: s
                 .topic
                 .bindings()
@@ -231,6 +240,7 @@ pub fn build(pipeline: &Pipeline, alerts: &AlertsConfig) -> Graph {
                     doc: String::new(),
                 })
                 .collect(),
+            ..Node::new(NodeKind::Topic, topic.clone(), s.topic.filter())
         });
         g.edges.push(Edge {
             from: topic.clone(),
@@ -244,23 +254,17 @@ pub fn build(pipeline: &Pipeline, alerts: &AlertsConfig) -> Graph {
             });
         }
         g.nodes.push(Node {
-            id,
-            kind: NodeKind::Stream,
-            name: s.name.clone(),
             file: Some(s.file.clone()),
             line: Some(s.line),
             doc: s.doc.clone(),
             sql: Some(s.sql.clone()),
-            shape: None,
-            window: None,
-            keys: vec![],
             target: Some(s.topic.as_str().to_string()),
             event_time: Some(match &s.event_time.column {
                 Some(c) => format!("{c}, watermark {} behind", words(s.event_time.bound_ms)),
                 None => "arrival time".into(),
             }),
-            rule: None,
             columns: columns_of(&s.schema, &s.column_docs),
+            ..Node::new(NodeKind::Stream, id, s.name.clone())
         });
     }
     for v in &pipeline.views {
@@ -340,9 +344,6 @@ fn add_view(g: &mut Graph, pipeline: &Pipeline, v: &ViewPlan) {
         });
     }
     g.nodes.push(Node {
-        id,
-        kind: NodeKind::View,
-        name: v.name.clone(),
         file: Some(v.file.clone()),
         line: Some(v.line),
         doc: v.doc.clone(),
@@ -350,10 +351,8 @@ fn add_view(g: &mut Graph, pipeline: &Pipeline, v: &ViewPlan) {
         shape: Some(v.shape),
         window: v.window().map(|w| window_text(&w)),
         keys: v.key_columns.clone(),
-        target: None,
-        event_time: None,
-        rule: None,
         columns: columns_of(&v.output_schema, &v.column_docs),
+        ..Node::new(NodeKind::View, id, v.name.clone())
     });
 }
 
@@ -386,18 +385,11 @@ fn add_alert(g: &mut Graph, a: &AlertPlan) {
         });
     }
     g.nodes.push(Node {
-        id,
-        kind: NodeKind::Alert,
-        name: a.name.clone(),
         file: Some(a.file.clone()),
         line: Some(a.line),
         doc: a.doc.clone(),
         sql: Some(a.sql.clone()),
-        shape: None,
-        window: None,
         keys: vec![a.key_column.clone()],
-        target: None,
-        event_time: None,
         rule: Some(RuleInfo {
             severity: a.severity.as_str().to_string(),
             key: a.key_column.clone(),
@@ -406,6 +398,7 @@ fn add_alert(g: &mut Graph, a: &AlertPlan) {
             summary: rule_summary(a),
         }),
         columns: columns_of(&a.output_schema, &a.column_docs),
+        ..Node::new(NodeKind::Alert, id, a.name.clone())
     });
 }
 
@@ -423,20 +416,9 @@ fn safe_url(url: &str) -> String {
 
 fn add_sinks(g: &mut Graph, pipeline: &Pipeline, alerts: &AlertsConfig) {
     let sink = |name: &str, target: String, doc: &str| Node {
-        id: format!("sink:{name}"),
-        kind: NodeKind::Sink,
-        name: name.to_string(),
-        file: None,
-        line: None,
         doc: doc.to_string(),
-        sql: None,
-        shape: None,
-        window: None,
-        keys: vec![],
         target: Some(target),
-        event_time: None,
-        rule: None,
-        columns: vec![],
+        ..Node::new(NodeKind::Sink, format!("sink:{name}"), name.to_string())
     };
     if pipeline.alerts.is_empty() {
         return;

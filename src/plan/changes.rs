@@ -34,6 +34,22 @@ pub struct Deployed {
     pub log_from: Option<i64>,
 }
 
+impl Deployed {
+    /// What `pipeline` computes its state with (no checkpoint or log facts).
+    pub fn of(pipeline: &Pipeline) -> Deployed {
+        let mut d = Deployed::default();
+        for v in &pipeline.views {
+            d.parts.insert(v.name.clone(), v.fingerprint);
+            d.definitions.insert(v.name.clone(), v.definition);
+        }
+        for a in &pipeline.alerts {
+            d.parts.insert(alert_part(&a.name), a.fingerprint);
+            d.definitions.insert(alert_part(&a.name), a.definition);
+        }
+        d
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Change {
@@ -305,23 +321,10 @@ CREATE VIEW b AS SELECT k, count(*) AS n FROM a GROUP BY k, tumble(INTERVAL '1' 
 CREATE VIEW c AS SELECT k, max(v) AS m FROM t GROUP BY k;
 CREATE ALERT on_b AS SELECT k, n FROM b WHERE n > 10;";
 
-    fn deployed_from(p: &Pipeline) -> Deployed {
-        let mut d = Deployed::default();
-        for v in &p.views {
-            d.parts.insert(v.name.clone(), v.fingerprint);
-            d.definitions.insert(v.name.clone(), v.definition);
-        }
-        for a in &p.alerts {
-            d.parts.insert(alert_part(&a.name), a.fingerprint);
-            d.definitions.insert(alert_part(&a.name), a.definition);
-        }
-        d
-    }
-
     fn plan(before: &Pipeline, after: &Pipeline) -> Changes {
         changes(
             after,
-            &deployed_from(before),
+            &Deployed::of(before),
             0,
             Duration::from_secs(86_400),
             Duration::from_secs(86_400),
@@ -378,7 +381,7 @@ CREATE ALERT on_b AS SELECT k, n FROM b WHERE n > 10;";
         let after = pipeline(&BASE.replace("WHERE v > 1", "WHERE v > 2"));
         let c = changes(
             &after,
-            &deployed_from(&before),
+            &Deployed::of(&before),
             0,
             Duration::from_secs(3600),
             Duration::from_secs(86_400),
