@@ -53,19 +53,19 @@ use crate::window::Watermark;
 
 /// Where a view or rule reading `upstream` gets its input: the index of
 /// the stream at the root of its inputs, and of the view it reads, if any
-/// (among `planned`, whose runtimes are `views`).
+/// (among `planned`, whose root streams are `roots`).
 fn locate(
     name: &str,
     upstream: &Upstream,
     streams: &[StreamRuntime],
     planned: &[Arc<ViewPlan>],
-    views: &[ViewRuntime],
+    roots: &[usize],
 ) -> Result<(usize, Option<usize>), EngineError> {
     let (root, upstream_view) = match upstream {
         Upstream::Stream(s) => (streams.iter().position(|x| &x.def.name == s), None),
         Upstream::View(u) => {
             let up = planned.iter().position(|x| &x.name == u);
-            (up.map(|u| views[u].root), up)
+            (up.and_then(|u| roots.get(u).copied()), up)
         }
     };
     match root {
@@ -75,6 +75,10 @@ fn locate(
             message: "upstream not found".into(),
         }),
     }
+}
+
+fn roots(views: &[ViewRuntime]) -> Vec<usize> {
+    views.iter().map(|v| v.root).collect()
 }
 
 /// The checkpoint part of an alert rule (views and rules share one namespace).
@@ -406,8 +410,13 @@ impl Runner {
                 message: e.to_string(),
             })?;
             operator.set_key_ttl(v.key_ttl.or(settings.key_ttl));
-            let (root, upstream_view) =
-                locate(&v.name, &v.upstream, &streams, &pipeline.views[..i], &views)?;
+            let (root, upstream_view) = locate(
+                &v.name,
+                &v.upstream,
+                &streams,
+                &pipeline.views[..i],
+                &roots(&views),
+            )?;
             views.push(ViewRuntime {
                 operator,
                 root,
@@ -417,8 +426,13 @@ impl Runner {
         }
         let mut alerts = Vec::new();
         for a in &pipeline.alerts {
-            let (root, upstream_view) =
-                locate(&a.name, &a.upstream, &streams, &pipeline.views, &views)?;
+            let (root, upstream_view) = locate(
+                &a.name,
+                &a.upstream,
+                &streams,
+                &pipeline.views,
+                &roots(&views),
+            )?;
             alerts.push(AlertRuntime {
                 operator: {
                     let mut op = RuleOperator::new(a.clone());
@@ -1191,7 +1205,9 @@ impl Runner {
         {
             return Err("the streams differ: a restart is needed".into());
         }
-        // New operators first, so that a failure leaves everything as it was.
+        // Everything that can fail comes first, so that a failure leaves
+        // the running pipeline as it was: new operators, and where each
+        // view and rule sits (root stream, upstream view).
         let mut fresh_views = Vec::with_capacity(next.views.len());
         for v in &next.views {
             let kept = self.views.iter().any(|rt| {
@@ -1206,6 +1222,22 @@ impl Runner {
                 fresh_views.push(Some(operator));
             }
         }
+        let place = |name: &str, upstream: &Upstream, before: &[Arc<ViewPlan>], roots: &[usize]| {
+            locate(name, upstream, &self.streams, before, roots).map_err(|e| e.to_string())
+        };
+        let mut view_places: Vec<(usize, Option<usize>)> = Vec::with_capacity(next.views.len());
+        for (i, v) in next.views.iter().enumerate() {
+            let roots: Vec<usize> = view_places.iter().map(|p| p.0).collect();
+            view_places.push(place(&v.name, &v.upstream, &next.views[..i], &roots)?);
+        }
+        let roots: Vec<usize> = view_places.iter().map(|p| p.0).collect();
+        let alert_places = next
+            .alerts
+            .iter()
+            .map(|a| place(&a.name, &a.upstream, &next.views, &roots))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // The swap: nothing below fails.
         let mut old_views: std::collections::HashMap<String, ViewRuntime> = self
             .views
             .drain(..)
@@ -1213,23 +1245,22 @@ impl Runner {
             .collect();
         let mut views: Vec<ViewRuntime> = Vec::with_capacity(next.views.len());
         let mut fresh = Vec::with_capacity(next.views.len());
-        for (i, (v, new_operator)) in next.views.iter().zip(fresh_views).enumerate() {
-            fresh.push(new_operator.is_some());
-            let operator = match new_operator {
-                Some(op) => op,
-                None => match old_views.remove(&v.name) {
-                    Some(rt) => rt.operator,
-                    None => return Err(format!("view {}: its state went missing", v.name)),
-                },
+        for ((v, new_operator), (root, upstream_view)) in
+            next.views.iter().zip(fresh_views).zip(view_places)
+        {
+            let (operator, is_fresh) = match (new_operator, old_views.remove(&v.name)) {
+                (Some(op), _) => (op, true),
+                (None, Some(rt)) => (rt.operator, false),
+                // (not reached: a kept view was among the old ones, just
+                // drained; if it were, it would start empty and be filled)
+                (None, None) => {
+                    let mut op = ViewOperator::new(v.clone())
+                        .map_err(|e| format!("view {}: {e}", v.name))?;
+                    op.set_key_ttl(v.key_ttl.or(self.settings.key_ttl));
+                    (op, true)
+                }
             };
-            let (root, upstream_view) = locate(
-                &v.name,
-                &v.upstream,
-                &self.streams,
-                &next.views[..i],
-                &views,
-            )
-            .map_err(|e| e.to_string())?;
+            fresh.push(is_fresh);
             views.push(ViewRuntime {
                 operator,
                 root,
@@ -1243,7 +1274,7 @@ impl Runner {
             .map(|rt| (rt.operator.plan().name.clone(), rt))
             .collect();
         let mut alerts = Vec::with_capacity(next.alerts.len());
-        for a in &next.alerts {
+        for (a, (root, upstream_view)) in next.alerts.iter().zip(alert_places) {
             let operator = match old_alerts.remove(&a.name) {
                 Some(rt) if rt.operator.plan().fingerprint == a.fingerprint => rt.operator,
                 _ => {
@@ -1253,9 +1284,6 @@ impl Runner {
                     op
                 }
             };
-            let (root, upstream_view) =
-                locate(&a.name, &a.upstream, &self.streams, &next.views, &views)
-                    .map_err(|e| e.to_string())?;
             alerts.push(AlertRuntime {
                 operator,
                 root,
@@ -1271,10 +1299,17 @@ impl Runner {
         let rules: std::collections::BTreeSet<&str> =
             next.alerts.iter().map(|a| a.name.as_str()).collect();
         self.metrics.alerts.retain(&rules);
-        // The stored rows of rebuilt views go; the backfill writes them again.
-        super::reconcile_views(&self.store, next).map_err(|e| e.to_string())?;
-        self.backfill(fresh, self.last_seq)
-            .map_err(|e| format!("backfill: {e}"))?;
+        // The stored rows of rebuilt views go; the backfill writes them
+        // again. A store failure from here on is one a restart mends (the
+        // restart replays from the last checkpoint with the new files).
+        if let Err(e) = super::reconcile_views(&self.store, next)
+            .and_then(|()| self.backfill(fresh, self.last_seq))
+        {
+            self.row_write_failed(&e);
+            return Err(format!(
+                "the new pipelines are in place but not filled: {e}; restart weir"
+            ));
+        }
         for a in &self.alerts {
             a.publish_metrics();
         }
