@@ -209,21 +209,19 @@ pub fn run(
         let step = match record {
             Record::Batch(b) if b.stream == root => {
                 out.events += b.data.num_rows() as u64;
-                let max = b.event_time.values().iter().copied().max();
-                let batch = EventBatch::new(b.data, b.event_time, seq);
-                let r = feed(&mut operators, Some(batch), None, &mut out, max_rows);
-                if let Some(max) = max {
+                if let Some(max) = b.event_time.values().iter().copied().max() {
                     watermark.observe(max, (seq >> 16) as i64);
                 }
-                r.and_then(|()| {
-                    feed(
-                        &mut operators,
-                        None,
-                        watermark.current(),
-                        &mut out,
-                        max_rows,
-                    )
-                })
+                // each view takes the rows, then the watermark they moved,
+                // as the live pipeline feeds them
+                let batch = EventBatch::new(b.data, b.event_time, seq);
+                feed(
+                    &mut operators,
+                    Some(batch),
+                    watermark.current(),
+                    &mut out,
+                    max_rows,
+                )
             }
             Record::Watermark {
                 stream,

@@ -120,19 +120,13 @@ pub fn to_mermaid(graph: &Graph, columns: bool) -> String {
         let _ = writeln!(out, "  class {id} {}", n.kind.as_str());
     }
     if columns {
-        for c in &graph.columns {
-            let (Some(from), Some(to)) = (
-                column_ref(graph, &ids, &c.from),
-                column_ref(graph, &ids, &c.to),
-            ) else {
-                continue;
-            };
-            let arrow = if c.kind == EdgeKind::Filter {
+        for (from, to, kind) in column_edges(graph, &ids) {
+            let arrow = if kind == EdgeKind::Filter {
                 "-.->"
             } else {
                 "-->"
             };
-            let _ = writeln!(out, "  {from} {arrow}|{}| {to}", c.kind.as_str());
+            let _ = writeln!(out, "  {from} {arrow}|{}| {to}", kind.as_str());
         }
     } else {
         for e in &graph.edges {
@@ -145,6 +139,20 @@ pub fn to_mermaid(graph: &Graph, columns: bool) -> String {
         "  classDef topic fill:#eef,stroke:#669\n  classDef stream fill:#e8f4ff,stroke:#369\n  classDef view fill:#efe,stroke:#393\n  classDef alert fill:#fee,stroke:#c33\n  classDef sink fill:#f6f6f6,stroke:#666\n",
     );
     out
+}
+
+/// The column edges as (from, to, kind) in short ids, for the diagrams.
+fn column_edges<'g>(
+    graph: &'g Graph,
+    ids: &'g BTreeMap<&str, String>,
+) -> impl Iterator<Item = (String, String, EdgeKind)> + 'g {
+    graph.columns.iter().filter_map(move |c| {
+        Some((
+            column_ref(graph, ids, &c.from)?,
+            column_ref(graph, ids, &c.to)?,
+            c.kind,
+        ))
+    })
 }
 
 /// `n3_2` for `view:x.col` (the node's short id and the column's position),
@@ -197,14 +205,8 @@ pub fn to_dot(graph: &Graph, columns: bool) -> String {
         }
     }
     if columns {
-        for c in &graph.columns {
-            let (Some(from), Some(to)) = (
-                column_ref(graph, &ids, &c.from),
-                column_ref(graph, &ids, &c.to),
-            ) else {
-                continue;
-            };
-            let dashed = if c.kind == EdgeKind::Filter {
+        for (from, to, kind) in column_edges(graph, &ids) {
+            let dashed = if kind == EdgeKind::Filter {
                 ", style=dashed"
             } else {
                 ""
@@ -212,7 +214,7 @@ pub fn to_dot(graph: &Graph, columns: bool) -> String {
             let _ = writeln!(
                 out,
                 "  {from} -> {to} [label=\"{}\"{dashed}];",
-                c.kind.as_str()
+                kind.as_str()
             );
         }
     } else {
