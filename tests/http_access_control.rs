@@ -135,6 +135,66 @@ async fn tokens_and_scopes_guard_the_api_over_https() {
     let (status, body) = call(&weir, Method::GET, "/api/v1/views", Some(&reader), None).await;
     assert_eq!(status, 200, "{body}");
 
+    // Lineage, the docs, the fleet and the pipelines' status are data: `read`.
+    for path in [
+        "/api/v1/lineage",
+        "/docs/",
+        "/api/v1/fleet",
+        "/api/v1/pipelines",
+    ] {
+        let (status, _) = call(&weir, Method::GET, path, None, None).await;
+        assert_eq!(status, 401, "{path} without a token");
+        let (status, _) = call(&weir, Method::GET, path, Some(&reader), None).await;
+        assert_eq!(status, 200, "{path} with a read token");
+    }
+    // The dashboard's page holds no data: open.
+    let (status, _) = call(&weir, Method::GET, "/", None, None).await;
+    assert_eq!(status, 200);
+    // Reloading is `admin`; a preview is `query`.
+    let empty = Some(("application/json", "{}"));
+    for token in [&reader, &querier, &acker] {
+        let (status, body) = call(
+            &weir,
+            Method::POST,
+            "/api/v1/pipelines/reload",
+            Some(token),
+            empty,
+        )
+        .await;
+        assert_eq!((status, code(&body)), (403, "forbidden"), "{body}");
+    }
+    let (status, body) = call(
+        &weir,
+        Method::POST,
+        "/api/v1/pipelines/reload",
+        Some(&admin),
+        empty,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let preview = Some((
+        "application/json",
+        r#"{"sql": "CREATE VIEW p AS SELECT terminal_id FROM telemetry", "from": "-1m"}"#,
+    ));
+    let (status, body) = call(
+        &weir,
+        Method::POST,
+        "/api/v1/pipelines/preview",
+        Some(&reader),
+        preview,
+    )
+    .await;
+    assert_eq!((status, code(&body)), (403, "forbidden"), "{body}");
+    let (status, body) = call(
+        &weir,
+        Method::POST,
+        "/api/v1/pipelines/preview",
+        Some(&querier),
+        preview,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
     // Ad-hoc SQL needs `query`.
     let sql = Some((
         "application/json",
