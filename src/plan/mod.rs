@@ -274,6 +274,10 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                 line,
                 message,
             };
+            if let Err(message) = within_bounds(&stmt.text) {
+                errors.push(err(stmt.line, message));
+                continue;
+            }
             let words: Vec<String> = stmt
                 .text
                 .split_whitespace()
@@ -1240,6 +1244,60 @@ fn window_spec(name: &str, args: &[Expr]) -> Result<WindowSpec, String> {
     }
 }
 
+/// Longest statement a pipeline file (or a preview) may hold.
+pub const MAX_STATEMENT_BYTES: usize = 64 * 1024;
+/// Most operators one statement may hold. An expression's depth is at most
+/// its operator count (plus parentheses, which the parser limits), and ASTs
+/// and expression trees are cloned, dropped and evaluated recursively: a
+/// chain of thousands (`1+1+...`) overflowed the stack and aborted weir.
+pub const MAX_STATEMENT_OPERATORS: usize = 512;
+
+/// Refuses a statement too long or with too many operators, before it is
+/// parsed. Counts operator characters and `AND`/`OR` outside strings and
+/// comments (conservatively: `count(*)` counts one).
+pub fn within_bounds(text: &str) -> Result<(), String> {
+    if text.len() > MAX_STATEMENT_BYTES {
+        return Err(format!(
+            "the statement is {} bytes; at most {MAX_STATEMENT_BYTES} are accepted",
+            text.len()
+        ));
+    }
+    let code = without_comments(text);
+    let mut operators = 0usize;
+    let mut quote: Option<char> = None;
+    let mut word = String::new();
+    let count_word = |word: &mut String, operators: &mut usize| {
+        if word.eq_ignore_ascii_case("and") || word.eq_ignore_ascii_case("or") {
+            *operators += 1;
+        }
+        word.clear();
+    };
+    for c in code.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if c.is_ascii_alphanumeric() || c == '_' => word.push(c),
+            None => {
+                count_word(&mut word, &mut operators);
+                if matches!(
+                    c,
+                    '+' | '-' | '*' | '/' | '%' | '|' | '=' | '<' | '>' | '&' | '^'
+                ) {
+                    operators += 1;
+                }
+            }
+        }
+    }
+    count_word(&mut word, &mut operators);
+    if operators > MAX_STATEMENT_OPERATORS {
+        return Err(format!(
+            "the statement has {operators} operators; at most {MAX_STATEMENT_OPERATORS} are accepted (split it into views)"
+        ));
+    }
+    Ok(())
+}
+
 /// A statement without its `--` comments (each becomes one space): what its
 /// fingerprint is taken over, so that documenting a column does not rebuild
 /// the view. A statement without comments is its own text, so fingerprints
@@ -1410,7 +1468,29 @@ impl fmt::Display for ViewShape {
 
 #[cfg(test)]
 mod comment_tests {
-    use super::without_comments;
+    use super::{within_bounds, without_comments};
+
+    #[test]
+    fn statements_are_bounded_before_parsing() {
+        let chain = |n: usize| {
+            format!(
+                "CREATE VIEW v AS SELECT {} AS x FROM t",
+                vec!["1"; n + 1].join("+")
+            )
+        };
+        assert!(within_bounds(&chain(500)).is_ok());
+        assert!(within_bounds(&chain(600)).is_err_and(|e| e.contains("600 operators")));
+        let ands = format!("SELECT a FROM t WHERE {}", vec!["a = 1"; 300].join(" AND "));
+        assert!(within_bounds(&ands).is_err(), "AND counts");
+        // operators inside strings and comments do not count
+        let quoted = format!(
+            "SELECT '{}' AS s FROM t -- {}",
+            "+".repeat(2000),
+            "*".repeat(2000)
+        );
+        assert!(within_bounds(&quoted).is_ok());
+        assert!(within_bounds(&"x".repeat(70_000)).is_err_and(|e| e.contains("bytes")));
+    }
 
     #[test]
     fn comments_go_and_strings_stay() {
