@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::{esc, page_of};
-use crate::lineage::{Graph, NodeKind};
+use crate::lineage::Graph;
 
 const BOX_W: i64 = 210;
 const BOX_H: i64 = 44;
@@ -35,16 +35,6 @@ fn depths(graph: &Graph) -> BTreeMap<&str, i64> {
         }
     }
     depth
-}
-
-fn fill(kind: NodeKind) -> (&'static str, &'static str) {
-    match kind {
-        NodeKind::Topic => ("#eeeeff", "#6b6fa8"),
-        NodeKind::Stream => ("#e8f4ff", "#3a6ea5"),
-        NodeKind::View => ("#eeffee", "#3c8d52"),
-        NodeKind::Alert => ("#ffeeee", "#c0392b"),
-        NodeKind::Sink => ("#f6f6f6", "#777777"),
-    }
 }
 
 pub fn draw(graph: &Graph) -> String {
@@ -81,7 +71,7 @@ pub fn draw(graph: &Graph) -> String {
         let Some(&(x, y)) = at.get(n.id.as_str()) else {
             continue;
         };
-        let (bg, stroke) = fill(n.kind);
+        let (bg, stroke) = n.kind.colours();
         let mut name = n.name.clone();
         if name.chars().count() > 30 {
             name = name.chars().take(29).collect::<String>() + "…";

@@ -91,6 +91,17 @@ pub enum NodeKind {
 }
 
 impl NodeKind {
+    /// Fill and stroke colours of this kind in every drawing (SVG, DOT).
+    pub fn colours(self) -> (&'static str, &'static str) {
+        match self {
+            NodeKind::Topic => ("#eeeeff", "#6b6fa8"),
+            NodeKind::Stream => ("#e8f4ff", "#3a6ea5"),
+            NodeKind::View => ("#eeffee", "#3c8d52"),
+            NodeKind::Alert => ("#ffeeee", "#c0392b"),
+            NodeKind::Sink => ("#f6f6f6", "#777777"),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             NodeKind::Topic => "topic",

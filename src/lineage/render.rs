@@ -228,14 +228,16 @@ pub fn to_dot(graph: &Graph, columns: bool) -> String {
     out
 }
 
+/// Graphviz shape and fill of a kind (the fill is the SVG's too).
 fn style(k: NodeKind) -> (&'static str, &'static str) {
-    match k {
-        NodeKind::Topic => ("cds", "#eeeeff"),
-        NodeKind::Stream => ("cylinder", "#e8f4ff"),
-        NodeKind::View => ("box", "#eeffee"),
-        NodeKind::Alert => ("hexagon", "#ffeeee"),
-        NodeKind::Sink => ("parallelogram", "#f6f6f6"),
-    }
+    let shape = match k {
+        NodeKind::Topic => "cds",
+        NodeKind::Stream => "cylinder",
+        NodeKind::View => "box",
+        NodeKind::Alert => "hexagon",
+        NodeKind::Sink => "parallelogram",
+    };
+    (shape, k.colours().0)
 }
 
 pub const PRODUCER: &str = "https://github.com/weir-dev/weir";
