@@ -218,10 +218,26 @@ async fn kill_9_twice_and_sigterm_lose_and_double_nothing(broker: Broker) {
 
     // 1. SIGKILL mid-stream, after at least one checkpoint.
     wait_reports_at_least(&weir, total / 4).await;
-    wait_for("a checkpoint", || async {
-        (weir.metric("weir_checkpoints_total").await? >= 1.0).then_some(())
-    })
-    .await;
+    // ... and with records logged after it, so that the restart replays some
+    // (a kill right after a checkpoint would leave nothing to replay).
+    let mut seen: Option<(f64, f64)> = None;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let checkpoints = weir.metric("weir_checkpoints_total").await;
+        let logged = weir.metric("weir_log_records_total").await;
+        if let (Some(checkpoints), Some(logged)) = (checkpoints, logged) {
+            match seen {
+                Some((c, l)) if c == checkpoints && logged > l => break,
+                _ if checkpoints >= 1.0 => seen = Some((checkpoints, logged)),
+                _ => {}
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no records logged after a checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     weir.kill9();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
