@@ -27,6 +27,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod docs;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lineage;
 pub mod log;
 pub mod obs;

@@ -1,18 +1,19 @@
-//! A mutation fuzzer in the normal suite, for everything that parses input
-//! from outside: the JSON decoder with topic binding (what terminals send),
-//! the pipeline planner (`weir check` on arbitrary text) and the config
-//! parser. Seeds are the checked-in corpus under `fuzz/corpus/`; each
-//! iteration mutates one (bit flips, cut, duplicated and spliced ranges,
-//! hostile tokens) and feeds it in. Nothing may panic, and the decoder's
-//! limits must hold. Deterministic (a fixed seed per target); more
+//! A mutation fuzzer in the normal suite (the coverage-guided one is
+//! `fuzz/`, cargo-fuzz), for everything that parses input from outside:
+//! the JSON decoder with topic binding (what terminals send), the pipeline
+//! planner (`weir check` on arbitrary text) and the config parser. Seeds
+//! are the checked-in corpus under `fuzz/corpus/`; each iteration mutates
+//! one (bit flips, cut, duplicated and spliced ranges, hostile tokens) and
+//! feeds it to the checks in `weir::fuzzing`, which both fuzzers share.
+//! Nothing may panic, and the decoder's limits must hold. Deterministic (a
+//! fixed seed per target); more
 //! iterations with `WEIR_FUZZ_ITERATIONS=N` (`scripts/fuzz`). A crashing
 //! input is written to `target/fuzz-crashes/` to be added to the corpus.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use bytes::Bytes;
-use weir::source::decode::{Decoder, Limits, Message, PAYLOAD_LIMIT};
+use weir::fuzzing::{check_config, check_planner, DecoderCheck};
 
 /// xorshift64*: small, fast, reproducible.
 struct Rng(u64);
@@ -179,75 +180,19 @@ fn fuzz(target: &str, seed: u64, default: usize, mut check: impl FnMut(&[u8])) {
 
 #[test]
 fn the_decoder_survives_mutated_payloads_and_topics() {
-    let sql = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pipelines/10_telemetry.sql"),
-    )
-    .expect("shipped pipeline");
-    let pipeline =
-        weir::plan::plan_sources(&[("10_telemetry.sql".into(), sql)]).expect("shipped plan");
-    let stream = pipeline.streams[0].clone();
-    let limits = Limits {
-        max_message_bytes: 64 * 1024,
-        max_text_bytes: 64,
-        max_rows_per_message: 50,
-        max_future_ms: 3_600_000,
-    };
-    let decoder = Decoder::new(stream, limits);
-    let topics = [
-        "terminals/T1/telemetry",
-        "terminals//telemetry",
-        "terminals/T1",
-        "x/y/z",
-    ];
+    let check = DecoderCheck::new();
     let mut pick = Rng(7);
     fuzz("decoder", 0x5eed_0001, 20_000, |input| {
-        let topic = topics[pick_index(&mut pick, topics.len())].to_string();
-        let message = Message {
-            topic,
-            payload: Bytes::copy_from_slice(input),
-            received_at: 1_700_000_000_000,
-            ack: None,
-            dup: false,
-        };
-        let mut rejects = Vec::new();
-        let decoded = decoder.decode(&[message], &mut rejects);
-        let rows = decoded.batch.num_rows();
-        assert!(rows <= limits.max_rows_per_message);
-        assert_eq!(decoded.event_time.len(), rows);
-        assert!(rejects.len() <= 1, "one dead letter per message");
-        for r in &rejects {
-            assert!(r.payload.len() <= PAYLOAD_LIMIT + 64);
-        }
-        for t in decoded.event_time.values() {
-            assert!(*t >= 0 && *t <= 1_700_000_000_000 + limits.max_future_ms);
-        }
+        check.check(pick.next() as u8, input)
     });
-}
-
-fn pick_index(rng: &mut Rng, n: usize) -> usize {
-    rng.below(n)
 }
 
 #[test]
 fn the_planner_survives_mutated_pipelines() {
-    fuzz("planner", 0x5eed_0002, 1_000, |input| {
-        let text = String::from_utf8_lossy(input).into_owned();
-        if let Err(errors) = weir::plan::plan_sources(&[("f.sql".into(), text)]) {
-            assert!(!errors.is_empty());
-            for e in errors {
-                let shown = e.to_string();
-                assert!(shown.contains("f.sql"), "errors name the file: {shown}");
-            }
-        }
-    });
+    fuzz("planner", 0x5eed_0002, 1_000, check_planner);
 }
 
 #[test]
 fn the_config_parser_survives_mutated_files() {
-    let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().join("weir.toml");
-    fuzz("config", 0x5eed_0003, 3_000, |input| {
-        std::fs::write(&path, input).expect("write");
-        let _ = weir::config::Config::load(Some(&path), std::iter::empty());
-    });
+    fuzz("config", 0x5eed_0003, 3_000, check_config);
 }

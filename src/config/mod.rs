@@ -451,22 +451,39 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let (mut doc, origin) = match path {
+        match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                let doc = text
-                    .parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse {
-                        origin: path.display().to_string(),
-                        message: e.to_string(),
-                    })?;
-                (doc, path.display().to_string())
+                Config::from_text(&text, &path.display().to_string(), env)
             }
-            None => (toml::Table::new(), "defaults".to_string()),
-        };
+            None => Config::from_table(toml::Table::new(), "defaults".to_string(), env),
+        }
+    }
+
+    /// Parses a config file's text (`origin` names it in errors), then as
+    /// [`Config::load`].
+    pub fn from_text(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let doc = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        Config::from_table(doc, origin.to_string(), env)
+    }
+
+    fn from_table(
+        mut doc: toml::Table,
+        origin: String,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         apply_env_overrides(&mut doc, env)?;
         let config: Config = doc
             .try_into()

@@ -1,0 +1,6 @@
+//! The config parser on arbitrary text.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| weir::fuzzing::check_config(data));

@@ -1,0 +1,114 @@
+//! What every fuzzer checks, shared by the coverage-guided targets under
+//! `fuzz/` (cargo-fuzz, libFuzzer) and the mutation fuzzer in the normal
+//! test suite (`tests/fuzz_inputs.rs`). Each check feeds one input to a
+//! parser of outside input and panics when an invariant breaks; a parser
+//! that panics by itself is a finding too.
+
+use bytes::Bytes;
+
+use crate::source::decode::{Decoder, Limits, Message, PAYLOAD_LIMIT};
+
+/// The shipped telemetry pipeline: the decoder is fuzzed with its stream.
+const SHIPPED: &str = include_str!("../config/pipelines/10_telemetry.sql");
+
+/// The topics a decoder input is published on: a good one, an empty
+/// `{terminal_id}` level, and two that do not match.
+const TOPICS: [&str; 4] = [
+    "terminals/T1/telemetry",
+    "terminals//telemetry",
+    "terminals/T1",
+    "x/y/z",
+];
+
+/// When every decoded message arrives, epoch ms.
+const RECEIVED_AT: i64 = 1_700_000_000_000;
+
+/// The JSON decoder with topic binding, under small limits so that inputs
+/// reach them.
+pub struct DecoderCheck {
+    decoder: Decoder,
+    limits: Limits,
+}
+
+impl DecoderCheck {
+    pub fn new() -> DecoderCheck {
+        let pipeline = crate::plan::plan_sources(&[("10_telemetry.sql".into(), SHIPPED.into())])
+            .unwrap_or_else(|e| panic!("the shipped pipeline does not plan: {e:?}"));
+        let stream = pipeline.streams[0].clone();
+        let limits = Limits {
+            max_message_bytes: 64 * 1024,
+            max_text_bytes: 64,
+            max_rows_per_message: 50,
+            max_future_ms: 3_600_000,
+        };
+        DecoderCheck {
+            decoder: Decoder::new(stream, limits),
+            limits,
+        }
+    }
+
+    /// A raw fuzzer input: a first byte 1, 2 or 3 picks that topic for the
+    /// rest; any other input is a payload on the good topic (so that seeds
+    /// of plain JSON reach the decoder's row handling).
+    pub fn check_input(&self, data: &[u8]) {
+        match data.split_first() {
+            Some((&pick @ 1..=3, payload)) => self.check(pick, payload),
+            _ => self.check(0, data),
+        }
+    }
+
+    /// Decodes `payload` as one message on the topic `pick` selects: rows
+    /// and event times stay within the limits, and a message yields at most
+    /// one dead letter with its payload cut.
+    pub fn check(&self, pick: u8, payload: &[u8]) {
+        let message = Message {
+            topic: TOPICS[pick as usize % TOPICS.len()].to_string(),
+            payload: Bytes::copy_from_slice(payload),
+            received_at: RECEIVED_AT,
+            ack: None,
+            dup: false,
+        };
+        let mut rejects = Vec::new();
+        let decoded = self.decoder.decode(&[message], &mut rejects);
+        let rows = decoded.batch.num_rows();
+        assert!(rows <= self.limits.max_rows_per_message, "{rows} rows");
+        assert_eq!(decoded.event_time.len(), rows);
+        assert!(rejects.len() <= 1, "one dead letter per message");
+        for r in &rejects {
+            assert!(r.payload.len() <= PAYLOAD_LIMIT + 64, "dead letter not cut");
+        }
+        for t in decoded.event_time.values() {
+            assert!(
+                *t >= 0 && *t <= RECEIVED_AT + self.limits.max_future_ms,
+                "event time {t} out of bounds"
+            );
+        }
+    }
+}
+
+impl Default for DecoderCheck {
+    fn default() -> Self {
+        DecoderCheck::new()
+    }
+}
+
+/// `weir check` on arbitrary text: it plans or reports errors, each naming
+/// the file.
+pub fn check_planner(input: &[u8]) {
+    let text = String::from_utf8_lossy(input).into_owned();
+    if let Err(errors) = crate::plan::plan_sources(&[("f.sql".into(), text)]) {
+        assert!(!errors.is_empty(), "a failed plan reports an error");
+        for e in errors {
+            let shown = e.to_string();
+            assert!(shown.contains("f.sql"), "errors name the file: {shown}");
+        }
+    }
+}
+
+/// The config parser on arbitrary text: it loads or says why not.
+pub fn check_config(input: &[u8]) {
+    let text = String::from_utf8_lossy(input);
+    if let Err(e) = crate::config::Config::from_text(&text, "weir.toml", std::iter::empty()) {
+        assert!(!e.to_string().is_empty(), "a config error says why");
+    }
+}
