@@ -221,6 +221,65 @@ async fn a_flood_of_bad_messages_stays_within_the_dead_letter_quota() {
     weir.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_one_stream_keeps_the_other_streams_dead_letters() {
+    let payments = "
+CREATE TABLE payments (terminal_id TEXT NOT NULL, ts TIMESTAMP NOT NULL, amount DOUBLE,
+  WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/payments', format = 'json');
+";
+    let weir = Weir::start_tweaked(
+        &[("telemetry.sql", TELEMETRY), ("payments.sql", payments)],
+        None,
+        |c| {
+            c.storage.deadletter_max_bytes = 8 << 20;
+            c.storage.deadletter_max_bytes_per_stream = 1 << 20;
+        },
+    )
+    .await;
+    // A few bad payments first: the oldest dead letters in the store.
+    let bad_payments: Vec<(&str, String)> = (0..5)
+        .map(|i| ("terminals/T1/payments", format!("broken payment {i}")))
+        .collect();
+    weir.publish(&bad_payments).await;
+    wait_for("the payments' dead letters", || async {
+        let dead = weir.get_ok("/api/v1/deadletter?stream=payments").await;
+        (dead["items"].as_array()?.len() == 5).then_some(())
+    })
+    .await;
+    // Then 3 MiB of junk on telemetry: over its share, under the total.
+    let junk = "x".repeat(1500);
+    let flood: Vec<(&str, String)> = (0..2000)
+        .map(|i| ("terminals/T1/telemetry", format!("not json {i} {junk}")))
+        .collect();
+    weir.publish(&flood).await;
+    wait_metric(&weir, "weir_deadletters_trimmed_total", 1.0).await;
+    // The flood's oldest went; the payments' letters, older still, stayed.
+    let dead = weir.get_ok("/api/v1/deadletter?stream=payments").await;
+    assert_eq!(dead["items"].as_array().map(Vec::len), Some(5), "{dead}");
+    let telemetry = weir
+        .get_ok("/api/v1/deadletter?stream=telemetry&limit=10000")
+        .await;
+    let kept = telemetry["items"].as_array().map_or(0, Vec::len);
+    assert!(
+        kept > 0 && kept < 2000,
+        "{kept} telemetry dead letters kept"
+    );
+    assert!(
+        telemetry["items"][0]["payload"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("not json 1999 ")),
+        "the newest are kept"
+    );
+    let bytes = common::process::metric_value(&weir.metrics().await, "weir_deadletter_bytes")
+        .unwrap_or(f64::MAX);
+    assert!(
+        bytes <= (1 << 20) as f64 + 4096.0,
+        "{bytes} bytes of dead letters"
+    );
+    weir.stop().await;
+}
+
 fn reading_ref(ts: i64, battery: f64) -> (&'static str, String) {
     (
         "terminals/T1/telemetry",

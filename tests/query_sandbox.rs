@@ -135,3 +135,60 @@ async fn hostile_queries_get_errors_and_runaway_ones_are_cancelled() {
         .expect("weir stops while a runaway query runs");
     runaway.abort();
 }
+
+/// How many ad-hoc queries run, once it is `n`.
+async fn wait_running(weir: &Weir, n: f64) {
+    wait_for(&format!("{n} queries running"), || async {
+        let running = common::process::metric_value(&weir.metrics().await, "weir_queries_running")?;
+        (running == n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_at_its_timeout_cancels_its_query() {
+    // The request timeout is far shorter than the query's own.
+    let weir = Weir::start_tweaked(&[("telemetry.sql", TELEMETRY)], None, |c| {
+        c.http.request_timeout = std::time::Duration::from_secs(1);
+        c.http.query_timeout = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    fleet(&weir).await;
+    let (status, body) = weir.post("/api/v1/query", &query(RUNAWAY)).await;
+    assert_eq!((status, code(&body)), (503, "request_timeout"), "{body}");
+    // The query stopped with its request: its slot is free again.
+    wait_running(&weir, 0.0).await;
+    let (status, body) = weir.post("/api/v1/query", &query("SELECT 1 AS x")).await;
+    assert_eq!(status, 200, "{body}");
+    weir.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_query() {
+    let weir = Weir::start_tweaked(&[("telemetry.sql", TELEMETRY)], None, |c| {
+        c.http.request_timeout = std::time::Duration::from_secs(3600);
+        c.http.query_timeout = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    fleet(&weir).await;
+    // Two runaway queries take both slots; their clients give up.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .expect("client");
+    let url = format!("{}/api/v1/query", weir.base);
+    let send = || {
+        impatient
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(query(RUNAWAY))
+            .send()
+    };
+    let (a, b) = tokio::join!(send(), send());
+    assert!(a.is_err() && b.is_err(), "the runaway queries answered");
+    // Without cancellation they would hold both slots for an hour.
+    wait_running(&weir, 0.0).await;
+    let (status, body) = weir.post("/api/v1/query", &query("SELECT 1 AS x")).await;
+    assert_eq!(status, 200, "{body}");
+    weir.stop().await;
+}

@@ -87,25 +87,26 @@ pub async fn blocking<T: Send + 'static>(
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
 
-/// The longest a handler may take to answer (queries have their own, shorter, limit).
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Access control in front of every route (see [`crate::auth::http`]), and
 /// a time limit on every answer.
 async fn guard(
-    State((auth, metrics)): State<(Arc<HttpAuth>, Arc<Metrics>)>,
+    State((auth, metrics, timeout)): State<(Arc<HttpAuth>, Arc<Metrics>, std::time::Duration)>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     match auth.check(request.method(), request.uri().path(), request.headers()) {
-        // A handler that has not answered in REQUEST_TIMEOUT gets a 503
-        // (a stream's body, once started, is not limited).
-        Ok(_) => match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        // A handler that has not answered in http.request_timeout gets a
+        // 503 and is dropped (a query it ran is cancelled with it); a
+        // stream's body, once started, is not limited.
+        Ok(_) => match tokio::time::timeout(timeout, next.run(request)).await {
             Ok(response) => response,
             Err(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "request_timeout",
-                "the request took too long; try a smaller page",
+                format!(
+                    "the request took longer than http.request_timeout ({}); try a smaller page",
+                    crate::config::format_duration(timeout)
+                ),
             )
             .into_response(),
         },
@@ -131,6 +132,7 @@ async fn guard(
 
 pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
     let counters = state.metrics.clone();
+    let timeout = state.docs_config.http.request_timeout;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -159,7 +161,7 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
         .fallback(not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
-            (auth, counters),
+            (auth, counters, timeout),
             guard,
         ))
 }

@@ -9,6 +9,8 @@
 //! - at most `http.query_concurrency` at once (more: 429), each within
 //!   `http.query_timeout` (then 408, and the task is cancelled; its slot is
 //!   freed only when it has really stopped, so stuck queries cannot pile up);
+//!   a client that hangs up, or a request cut at `http.request_timeout`,
+//!   cancels its query as well;
 //! - within `http.query_memory` bytes: the views it loads and DataFusion's
 //!   operators (sorts, aggregates, joins) count against one pool (then 413);
 //! - after [`check`]: one `SELECT`, SQL text at most [`MAX_SQL_BYTES`], no
@@ -186,17 +188,20 @@ impl Sandbox {
         };
         // The slot is free only once the query has really stopped (done,
         // or cancelled at its next await).
-        let mut task = runtime.spawn(async move {
+        // If this future is dropped (the client hung up, or the request hit
+        // http.request_timeout) the query is cancelled too: a detached
+        // runaway would keep its slot until it finished by itself.
+        let mut task = AbortOnDrop(runtime.spawn(async move {
             let _slot = slot;
             work.await
-        });
+        }));
         tokio::select! {
-            done = &mut task => match done {
+            done = &mut task.0 => match done {
                 Ok(result) => result,
                 Err(e) => Err(ApiError::internal(format!("query task failed: {e}"))),
             },
             _ = tokio::time::sleep(self.timeout) => {
-                task.abort();
+                task.0.abort();
                 self.metrics
                     .queries_cancelled
                     .fetch_add(1, Ordering::Relaxed);
@@ -210,6 +215,15 @@ impl Sandbox {
                 ))
             }
         }
+    }
+}
+
+/// A query task that is cancelled when its handle goes.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

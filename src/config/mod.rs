@@ -93,6 +93,11 @@ pub struct HttpConfig {
     pub query_timeout: Duration,
     /// Bytes one ad-hoc query may use (views loaded, sorts, aggregates; more: 413). Default 256 MiB.
     pub query_memory: usize,
+    /// The longest any request may take to answer (then 503
+    /// `request_timeout`; a stream's body, once started, is not limited).
+    /// Default `30s`.
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -107,6 +112,7 @@ impl Default for HttpConfig {
             query_concurrency: 2,
             query_timeout: Duration::from_secs(10),
             query_memory: 256 << 20,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -262,6 +268,10 @@ pub struct StorageConfig {
     /// Bytes the dead letters may take; beyond, the oldest go (in chunks,
     /// checked every second). Default 1 GiB.
     pub deadletter_max_bytes: u64,
+    /// Bytes one stream's dead letters may take; beyond, that stream's
+    /// oldest go, so that a flood of bad input on one stream does not push
+    /// out the others' (checked every second). Default 256 MiB.
+    pub deadletter_max_bytes_per_stream: u64,
     /// How often retention runs (log, views by event time, alerts, dead letters). Default `1m`.
     #[serde(with = "duration_str")]
     pub housekeeping_interval: Duration,
@@ -294,6 +304,7 @@ impl Default for StorageConfig {
             deadletter_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_interval: Duration::from_secs(60),
             deadletter_max_bytes: 1 << 30,
+            deadletter_max_bytes_per_stream: 256 << 20,
             durability: Durability::Sync,
         }
     }
@@ -590,6 +601,9 @@ impl Config {
                 self.http.query_concurrency
             ));
         }
+        if self.http.request_timeout < Duration::from_millis(100) {
+            problems.push("http.request_timeout: at least 100ms".into());
+        }
         if self.http.query_timeout.is_zero() {
             problems.push("http.query_timeout: must be greater than 0".into());
         }
@@ -616,6 +630,15 @@ impl Config {
         }
         if self.storage.deadletter_max_bytes < 1 << 20 {
             problems.push("storage.deadletter_max_bytes: at least 1 MiB (1048576)".into());
+        }
+        if self.storage.deadletter_max_bytes_per_stream < 1 << 20
+            || self.storage.deadletter_max_bytes_per_stream > self.storage.deadletter_max_bytes
+        {
+            problems.push(
+                "storage.deadletter_max_bytes_per_stream: at least 1 MiB (1048576) and at most \
+                 storage.deadletter_max_bytes"
+                    .into(),
+            );
         }
         if self.storage.housekeeping_interval < Duration::from_millis(100) {
             problems.push("storage.housekeeping_interval: at least 100ms".into());

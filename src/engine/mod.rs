@@ -771,6 +771,47 @@ pub(super) fn reconcile_views(store: &Store, pipeline: &Pipeline) -> Result<(), 
     Ok(())
 }
 
+/// The dead-letter quotas: each stream's share first (its oldest go, the
+/// other streams' stay), then the total. Down to 90 % of a quota, so that
+/// trimming is not constant.
+fn enforce_dead_letter_quotas(
+    store: &Store,
+    metrics: &Metrics,
+    storage: &crate::config::StorageConfig,
+) {
+    let per_stream = storage.deadletter_max_bytes_per_stream;
+    let trimmed =
+        |what: &str, result: Result<usize, crate::store::StoreError>, max: u64| match result {
+            Ok(n) => {
+                metrics
+                    .deadletters_trimmed
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    deleted = n,
+                    max_bytes = max,
+                    of = what,
+                    "dead letters over their quota: the oldest were deleted"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, of = what, "dead-letter quota failed"),
+        };
+    for (stream, bytes) in store.dead_letter_bytes_by_stream() {
+        if bytes <= per_stream {
+            break; // largest first
+        }
+        let result = store.trim_stream_dead_letters(&stream, per_stream / 10 * 9);
+        trimmed(&format!("stream {stream}"), result, per_stream);
+    }
+    let max = storage.deadletter_max_bytes;
+    if store.dead_letter_bytes() > max {
+        let result = store.trim_dead_letters(max / 10 * 9);
+        trimmed("all streams", result, max);
+    }
+    metrics
+        .deadletter_bytes
+        .store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
+}
+
 async fn housekeeping(
     store: Store,
     live: Arc<reload::Live>,
@@ -788,24 +829,11 @@ async fn housekeeping(
             _ = shutdown.cancelled() => return,
             _ = interval.tick() => {}
             _ = quota.tick() => {
-                let max = config.storage.deadletter_max_bytes;
                 metrics.deadletter_bytes.store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
-                if store.dead_letter_bytes() > max {
-                    let store = store.clone();
-                    let metrics = metrics.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        // Down to 90 %, so that trimming is not constant.
-                        match store.trim_dead_letters(max / 10 * 9) {
-                            Ok(n) => {
-                                metrics.deadletters_trimmed.fetch_add(n as u64, Ordering::Relaxed);
-                                tracing::warn!(deleted = n, max_bytes = max, "dead letters over storage.deadletter_max_bytes: the oldest were deleted");
-                            }
-                            Err(e) => tracing::warn!(error = %e, "dead-letter quota failed"),
-                        }
-                        metrics.deadletter_bytes.store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
-                    })
-                    .await;
-                }
+                let store = store.clone();
+                let metrics = metrics.clone();
+                let storage = config.storage.clone();
+                let _ = tokio::task::spawn_blocking(move || enforce_dead_letter_quotas(&store, &metrics, &storage)).await;
                 continue;
             }
         }

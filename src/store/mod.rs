@@ -35,6 +35,7 @@
 //! for all keyspaces, so a write is never durable before the writes made
 //! ahead of it.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -120,9 +121,11 @@ pub struct Store {
     /// and the API (acks) both update alerts.
     alert_lock: std::sync::Arc<std::sync::Mutex<()>>,
     dead_letter_seq: std::sync::Arc<AtomicU64>,
-    /// Bytes of the dead letters (keys and values), kept up to date on
-    /// every write and delete; the quota is checked against it.
+    /// Bytes of the dead letters (keys and values), in all and per stream,
+    /// kept up to date on every write and delete; the quotas are checked
+    /// against them.
     dead_letter_bytes: std::sync::Arc<AtomicU64>,
+    dead_letter_stream_bytes: std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>,
     dir: std::sync::Arc<std::path::PathBuf>,
     /// The journal file `sync_journal` last synced, kept open.
     journal: std::sync::Arc<std::sync::Mutex<Option<(std::path::PathBuf, std::fs::File)>>>,
@@ -154,6 +157,18 @@ impl std::fmt::Debug for Store {
 
 fn io(what: &'static str) -> impl Fn(fjall::Error) -> StoreError {
     move |source| StoreError::Io { what, source }
+}
+
+/// The stream a stored dead letter belongs to (empty if unreadable).
+fn letter_stream(value: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Stream {
+        #[serde(default)]
+        stream: String,
+    }
+    serde_json::from_slice::<Stream>(value)
+        .map(|s| s.stream)
+        .unwrap_or_default()
 }
 
 fn dead_letter_json(r: &Rejected) -> Result<Vec<u8>, StoreError> {
@@ -212,12 +227,16 @@ impl Store {
             None => 0,
         };
         let mut letter_bytes = 0u64;
+        let mut stream_bytes: HashMap<String, u64> = HashMap::new();
         for guard in deadletter.iter() {
             let (k, v) = guard.into_inner().map_err(io("count dead letters"))?;
-            letter_bytes += (k.len() + v.len()) as u64;
+            let size = (k.len() + v.len()) as u64;
+            letter_bytes += size;
+            *stream_bytes.entry(letter_stream(&v)).or_default() += size;
         }
         Ok(Store {
             dead_letter_bytes: std::sync::Arc::new(AtomicU64::new(letter_bytes)),
+            dead_letter_stream_bytes: std::sync::Arc::new(std::sync::Mutex::new(stream_bytes)),
             db,
             rows,
             deadletter,
@@ -484,16 +503,16 @@ impl Store {
         batch: &mut fjall::OwnedWriteBatch,
         items: &[Rejected],
     ) -> Result<(), StoreError> {
-        let mut bytes = 0;
+        let mut sizes = Vec::with_capacity(items.len());
         for r in items {
             let seq = self.dead_letter_seq.fetch_add(1, Ordering::Relaxed);
             let mut key = time_key(r.received_at).to_vec();
             key.extend_from_slice(&seq.to_be_bytes());
             let value = dead_letter_json(r)?;
-            bytes += (key.len() + value.len()) as u64;
+            sizes.push((r.stream.as_str(), (key.len() + value.len()) as u64));
             batch.insert(&self.deadletter, key, value);
         }
-        self.dead_letter_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.count_dead_letter_bytes(sizes);
         Ok(())
     }
 
@@ -507,18 +526,18 @@ impl Store {
             return Ok(());
         }
         let mut batch = self.db.batch();
-        let mut bytes = 0;
+        let mut sizes = Vec::with_capacity(items.len());
         for (suffix, r) in items {
             let mut key = time_key(r.received_at).to_vec();
             key.extend_from_slice(suffix);
             let value = dead_letter_json(r)?;
             // (a rewrite of the same letter counts twice until trimmed: an
             // overestimate, on the safe side)
-            bytes += (key.len() + value.len()) as u64;
+            sizes.push((r.stream.as_str(), (key.len() + value.len()) as u64));
             batch.insert(&self.deadletter, key, value);
         }
         batch.commit().map_err(io("write dead letters"))?;
-        self.dead_letter_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.count_dead_letter_bytes(sizes);
         Ok(())
     }
 
@@ -621,16 +640,15 @@ impl Store {
     pub fn expire_dead_letters(&self, before: i64) -> Result<usize, StoreError> {
         let end = time_key(before).to_vec();
         let mut batch = self.db.batch();
-        let mut n = 0;
-        let mut bytes = 0u64;
+        let mut gone = Vec::new();
         for guard in self.deadletter.range(..end) {
             let (k, v) = guard.into_inner().map_err(io("expire dead letters"))?;
-            bytes += (k.len() + v.len()) as u64;
+            gone.push((letter_stream(&v), (k.len() + v.len()) as u64));
             batch.remove(&self.deadletter, k);
-            n += 1;
         }
         batch.commit().map_err(io("expire dead letters"))?;
-        self.forget_dead_letter_bytes(bytes);
+        let n = gone.len();
+        self.forget_dead_letter_bytes(gone);
         Ok(n)
     }
 
@@ -639,43 +657,149 @@ impl Store {
         self.dead_letter_bytes.load(Ordering::Relaxed)
     }
 
-    fn forget_dead_letter_bytes(&self, bytes: u64) {
+    /// Bytes the dead letters of each stream take, largest first.
+    pub fn dead_letter_bytes_by_stream(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self
+            .dead_letter_stream_bytes
+            .lock()
+            .map(|m| m.iter().map(|(s, b)| (s.clone(), *b)).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all
+    }
+
+    fn count_dead_letter_bytes<'a>(&self, sizes: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut total = 0;
+        if let Ok(mut streams) = self.dead_letter_stream_bytes.lock() {
+            for (stream, size) in sizes {
+                total += size;
+                match streams.get_mut(stream) {
+                    Some(b) => *b += size,
+                    None => {
+                        streams.insert(stream.to_string(), size);
+                    }
+                }
+            }
+        }
+        self.dead_letter_bytes.fetch_add(total, Ordering::Relaxed);
+    }
+
+    fn forget_dead_letter_bytes(&self, gone: impl IntoIterator<Item = (String, u64)>) {
+        let mut total = 0u64;
+        if let Ok(mut streams) = self.dead_letter_stream_bytes.lock() {
+            for (stream, size) in gone {
+                total += size;
+                if let Some(b) = streams.get_mut(&stream) {
+                    *b = b.saturating_sub(size);
+                    if *b == 0 {
+                        streams.remove(&stream);
+                    }
+                }
+            }
+        }
         let _ = self
             .dead_letter_bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(bytes))
+                Some(b.saturating_sub(total))
             });
     }
 
     /// Deletes the oldest dead letters, in chunks, until they take at most
     /// `target` bytes. Returns how many went.
     pub fn trim_dead_letters(&self, target: u64) -> Result<usize, StoreError> {
+        self.trim(None, target)
+    }
+
+    /// Deletes the oldest dead letters of `stream`, in chunks, until that
+    /// stream's take at most `target` bytes (the other streams' stay).
+    /// Returns how many went.
+    pub fn trim_stream_dead_letters(&self, stream: &str, target: u64) -> Result<usize, StoreError> {
+        self.trim(Some(stream), target)
+    }
+
+    fn stream_dead_letter_bytes(&self, stream: Option<&str>) -> u64 {
+        match stream {
+            None => self.dead_letter_bytes(),
+            Some(s) => self
+                .dead_letter_stream_bytes
+                .lock()
+                .ok()
+                .and_then(|m| m.get(s).copied())
+                .unwrap_or(0),
+        }
+    }
+
+    fn trim(&self, stream: Option<&str>, target: u64) -> Result<usize, StoreError> {
         const CHUNK: usize = 10_000;
         let mut n = 0;
-        while self.dead_letter_bytes() > target {
+        // Where the previous chunk stopped: each chunk goes on from there
+        // rather than scanning past the letters it kept again.
+        let mut from: Option<Vec<u8>> = None;
+        while self.stream_dead_letter_bytes(stream) > target {
             let mut batch = self.db.batch();
+            let mut gone = Vec::new();
             let mut bytes = 0u64;
-            let mut in_chunk = 0;
-            let over = self.dead_letter_bytes() - target;
-            for guard in self.deadletter.iter() {
+            let over = self.stream_dead_letter_bytes(stream) - target;
+            let iter = match &from {
+                Some(k) => self.deadletter.range(k.clone()..),
+                None => self.deadletter.iter(),
+            };
+            let mut exhausted = true;
+            for guard in iter {
                 let (k, v) = guard.into_inner().map_err(io("trim dead letters"))?;
-                bytes += (k.len() + v.len()) as u64;
-                batch.remove(&self.deadletter, k);
-                in_chunk += 1;
-                if in_chunk == CHUNK || bytes >= over {
+                let letter = letter_stream(&v);
+                if stream.is_some_and(|s| s != letter) {
+                    continue;
+                }
+                let size = (k.len() + v.len()) as u64;
+                bytes += size;
+                gone.push((letter, size));
+                batch.remove(&self.deadletter, k.clone());
+                if gone.len() == CHUNK || bytes >= over {
+                    from = Some(k.to_vec());
+                    exhausted = false;
                     break;
                 }
             }
-            if in_chunk == 0 {
+            if gone.is_empty() {
                 // The count overestimated (rewritten letters): none are left.
-                self.dead_letter_bytes.store(0, Ordering::Relaxed);
+                self.forget_all_dead_letter_bytes(stream);
                 break;
             }
             batch.commit().map_err(io("trim dead letters"))?;
-            self.forget_dead_letter_bytes(bytes);
-            n += in_chunk;
+            n += gone.len();
+            self.forget_dead_letter_bytes(gone);
+            if exhausted {
+                self.forget_all_dead_letter_bytes(stream);
+                break;
+            }
         }
         Ok(n)
+    }
+
+    /// After a scan found nothing more to delete: the count is zero.
+    fn forget_all_dead_letter_bytes(&self, stream: Option<&str>) {
+        match stream {
+            None => {
+                self.dead_letter_bytes.store(0, Ordering::Relaxed);
+                if let Ok(mut m) = self.dead_letter_stream_bytes.lock() {
+                    m.clear();
+                }
+            }
+            Some(s) => {
+                let left = self
+                    .dead_letter_stream_bytes
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.remove(s))
+                    .unwrap_or(0);
+                let _ = self.dead_letter_bytes.fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |b| Some(b.saturating_sub(left)),
+                );
+            }
+        }
     }
 
     /// Dead letters, newest first, that pass `keep`; `cursor` continues a previous page.
@@ -1037,6 +1161,52 @@ mod tests {
         assert_eq!(store.expire_rows("v", 60_000).unwrap(), 1);
         assert_eq!(store.clear_view("v").unwrap(), 2);
         assert_eq!(store.count_rows("v2").unwrap(), 1);
+    }
+
+    #[test]
+    fn a_streams_quota_trims_only_its_oldest_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let letter = |stream: &str, t: i64| Rejected {
+            stream: stream.into(),
+            topic: "t".into(),
+            reason: RejectReason::Malformed,
+            detail: String::new(),
+            payload: "x".repeat(100),
+            received_at: t,
+            rows: 1,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut all: Vec<Rejected> = (0..5).map(|t| letter("quiet", t)).collect();
+            all.extend((5..105).map(|t| letter("loud", t)));
+            store.write_dead_letters(&all).unwrap();
+        }
+        // The per-stream counts are rebuilt when the store opens.
+        let store = Store::open(dir.path()).unwrap();
+        let by_stream = store.dead_letter_bytes_by_stream();
+        assert_eq!(by_stream[0].0, "loud");
+        assert_eq!(by_stream[1].0, "quiet");
+        let loud = by_stream[0].1;
+        let n = store.trim_stream_dead_letters("loud", loud / 2).unwrap();
+        assert!((50..60).contains(&n), "{n} deleted");
+        let kept = store.dead_letters(None, 1000, |_| true).unwrap().items;
+        let quiet = kept.iter().filter(|d| d.stream == "quiet").count();
+        assert_eq!(quiet, 5, "the other stream's letters stay");
+        let oldest_loud = kept
+            .iter()
+            .filter(|d| d.stream == "loud")
+            .map(|d| d.received_at)
+            .min();
+        assert_eq!(oldest_loud, Some(5 + n as i64), "the oldest went first");
+        assert!(store.dead_letter_bytes_by_stream()[0].1 <= loud / 2);
+        assert_eq!(
+            store.dead_letter_bytes(),
+            store
+                .dead_letter_bytes_by_stream()
+                .iter()
+                .map(|s| s.1)
+                .sum::<u64>()
+        );
     }
 
     #[test]
