@@ -495,3 +495,161 @@ async fn sighup_reloads_the_same_process() {
     assert_eq!(weir.pid(), pid);
     weir.terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingestion_goes_on_while_a_reload_backfills() {
+    use common::process::{Spawn, WeirProcess};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let release = dir.path().join("release-backfill");
+    let port = free_port();
+    let spec = Spawn::embedded(dir.path(), port, &pipeline(20))
+        .env("WEIR_PIPELINES__WATCH", "false")
+        .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    common::publish(
+        port,
+        &[
+            ("terminals/A/telemetry", event(T0 + 1_000, 10.0, None)),
+            ("terminals/A/telemetry", event(T0 + 2_000, 40.0, None)),
+        ],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    wait_for("low_battery to hold A's 10 %", || async {
+        (weir.rows("low_battery").await?.len() == 1).then_some(())
+    })
+    .await;
+    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
+    // SAFETY: kill(2) with our own child's pid and a signal number.
+    let sent = unsafe { libc::kill(weir.pid() as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0, "SIGHUP sent");
+    wait_for("the backfill to start", || async {
+        weir.log()
+            .contains("backfilling new and changed views beside the running pipeline")
+            .then_some(())
+    })
+    .await;
+    // The backfill is held; events keep being counted by the kept view.
+    common::publish(
+        port,
+        &[("terminals/B/telemetry", event(T0 + 3_000, 30.0, None))],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    wait_for("latest to count B while the backfill runs", || async {
+        let rows = weir.rows("latest").await?;
+        rows.iter().any(|r| r["terminal_id"] == "B").then_some(())
+    })
+    .await;
+    let (_, status) = weir.try_get("/api/v1/pipelines").await.expect("status");
+    assert!(
+        status["last_reload"]["trigger"] != "signal",
+        "the reload is not done while its backfill is held: {status}"
+    );
+    std::fs::write(&release, "").expect("release");
+    let status = wait_for("the reload to finish", || async {
+        let (_, p) = weir.try_get("/api/v1/pipelines").await?;
+        (p["last_reload"]["trigger"] == "signal").then_some(p)
+    })
+    .await;
+    assert_eq!(status["last_reload"]["applied"], true, "{status}");
+    // Rebuilt with the new threshold, B included: the event that came
+    // during the backfill was caught up, once.
+    let mut low: Vec<(String, f64)> = weir
+        .rows("low_battery")
+        .await
+        .expect("rows")
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["terminal_id"].as_str()?.to_string(),
+                r["battery_pct"].as_f64()?,
+            ))
+        })
+        .collect();
+    low.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    assert_eq!(
+        low,
+        vec![("A".into(), 10.0), ("A".into(), 40.0), ("B".into(), 30.0)]
+    );
+    // A restart finds the same, nothing doubled.
+    weir.terminate().await;
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    let rows = weir.rows("low_battery").await.expect("rows");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let latest = weir.rows("latest").await.expect("rows");
+    assert_eq!(column_sum(&latest, "reports"), 3, "{latest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_reloads_backfill_rebuilds_at_the_next_start() {
+    use common::process::{Spawn, WeirProcess};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let release = dir.path().join("release-backfill");
+    let port = free_port();
+    let spec = Spawn::embedded(dir.path(), port, &pipeline(20))
+        .env("WEIR_PIPELINES__WATCH", "false")
+        .env("WEIR_STORAGE__CHECKPOINT_INTERVAL", "200ms")
+        .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    common::publish(
+        port,
+        &[
+            ("terminals/A/telemetry", event(T0 + 1_000, 10.0, None)),
+            ("terminals/A/telemetry", event(T0 + 2_000, 40.0, None)),
+        ],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    wait_for("low_battery to hold A's 10 %", || async {
+        (weir.rows("low_battery").await?.len() == 1).then_some(())
+    })
+    .await;
+    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
+    // SAFETY: kill(2) with our own child's pid and a signal number.
+    let sent = unsafe { libc::kill(weir.pid() as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0, "SIGHUP sent");
+    wait_for("the backfill to start", || async {
+        weir.log()
+            .contains("backfilling new and changed views beside the running pipeline")
+            .then_some(())
+    })
+    .await;
+    common::publish(
+        port,
+        &[("terminals/B/telemetry", event(T0 + 3_000, 30.0, None))],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    // Checkpoints go on while the backfill is held (without the view
+    // being filled); then weir dies before the backfill is done.
+    let taken = weir.metric("weir_checkpoints_total").await.unwrap_or(0.0);
+    wait_for("a checkpoint during the backfill", || async {
+        (weir.metric("weir_checkpoints_total").await? >= taken + 2.0).then_some(())
+    })
+    .await;
+    weir.kill9();
+    std::fs::write(&release, "").expect("release");
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    let rows = weir.rows("low_battery").await.expect("rows");
+    let mut low: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r["battery_pct"].as_f64())
+        .collect();
+    low.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    assert_eq!(
+        low,
+        vec![10.0, 30.0, 40.0],
+        "rebuilt at the start: {rows:?}"
+    );
+    assert!(
+        weir.log()
+            .contains("view is new or changed since the checkpoint: it is rebuilt from the log"),
+        "{}",
+        weir.log()
+    );
+}

@@ -219,7 +219,7 @@ async fn preview_pipeline(
     }
     // Previews read the log on the blocking pool: two at a time.
     static PREVIEWS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    let Ok(_slot) = PREVIEWS.try_acquire() else {
+    let Ok(slot) = PREVIEWS.try_acquire() else {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "busy",
@@ -232,6 +232,10 @@ async fn preview_pipeline(
     let timeout = state.docs_config.http.query_timeout;
     let st = state.clone();
     let outcome = tokio::task::spawn_blocking(move || {
+        // The slot goes with the work, not with the request: a client that
+        // hangs up cannot start previews beyond the two (each ends at its
+        // deadline).
+        let _slot = slot;
         let (pipeline, view) = preview::plan_preview(&running, &request.sql)?;
         let deadline = std::time::Instant::now() + timeout;
         preview::run(&st.store, &pipeline, &view, from, now, deadline, MAX_LIMIT)

@@ -122,6 +122,7 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 /// never collide with those fed on the data of the same log record.
 const WATERMARK_ROW_BASE: u32 = 1 << 31;
 
+#[derive(Clone)]
 pub(super) struct Settings {
     pub durability: Durability,
     pub checkpoint_interval: Duration,
@@ -382,6 +383,56 @@ pub(super) struct Runner {
     panic_on: Option<String>,
     /// Pipeline reloads to apply between two micro-batches.
     pub(super) reloads: Option<std::sync::mpsc::Receiver<super::reload::Request>>,
+    /// A reload whose new and changed views are being filled from the log
+    /// on a thread of their own, while the pipeline goes on.
+    filling: Option<Filling>,
+    /// Set to stop a backfill early (this runner fills views for a reload,
+    /// and weir is stopping).
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+/// A reload's backfill, running beside the pipeline: the views in `mask`
+/// sit in the pipeline as placeholders (not run, not checkpointed) until
+/// the thread hands over their operators, filled from the log up to `upto`.
+struct Filling {
+    mask: Vec<bool>,
+    upto: u64,
+    started: Instant,
+    /// How long ingestion waited when the reload began.
+    paused: Duration,
+    done: std::sync::mpsc::Receiver<Result<Filled, String>>,
+    reply: Option<tokio::sync::oneshot::Sender<Result<Duration, String>>>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Fault injection for the tests (`WEIR_TEST_HOLD_BACKFILL=PATH`): a
+/// reload's backfill waits until PATH exists, so that a test can show the
+/// pipeline going on meanwhile. Unset in production.
+fn hold_for_tests(cancel: &AtomicBool) {
+    let Some(path) = std::env::var_os("WEIR_TEST_HOLD_BACKFILL").filter(|p| !p.is_empty()) else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    while !path.exists() && !cancel.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Filling {
+    fn answer(&mut self, result: Result<Duration, String>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// What a backfill thread hands over: the filled operators (for the views
+/// in the mask) and each stream's watermark where the backfill stopped.
+struct Filled {
+    operators: Vec<Option<ViewOperator>>,
+    watermarks: Vec<Watermark>,
+    records: u64,
 }
 
 impl Runner {
@@ -466,6 +517,8 @@ impl Runner {
                 .ok()
                 .filter(|v| !v.is_empty()),
             reloads: None,
+            filling: None,
+            cancel: None,
         })
     }
 
@@ -660,6 +713,19 @@ impl Runner {
     /// view that reads an unchanged view is not backfilled (its input would
     /// have to be recomputed too) and starts empty.
     fn backfill(&mut self, fresh: Vec<bool>, upto: u64) -> Result<(), StoreError> {
+        let only = self.fill_mask(fresh);
+        if !only.contains(&true) {
+            return Ok(());
+        }
+        let start = self.fresh_watermarks();
+        let (records, _) = self.replay_only(only, 0, upto, start)?;
+        tracing::info!(records, "new and changed views backfilled from the log");
+        Ok(())
+    }
+
+    /// Which of the `fresh` views a backfill fills: not those that read an
+    /// unchanged view (they start empty).
+    fn fill_mask(&self, fresh: Vec<bool>) -> Vec<bool> {
         let mut only = fresh;
         for v in 0..self.views.len() {
             if let Some(u) = self.views[v].upstream_view {
@@ -669,25 +735,45 @@ impl Runner {
                 }
             }
         }
-        if !only.contains(&true) {
-            return Ok(());
-        }
+        only
+    }
+
+    /// Each stream's watermark as before its first event.
+    fn fresh_watermarks(&self) -> Vec<Watermark> {
+        self.streams
+            .iter()
+            .map(|s| {
+                Watermark::new(
+                    s.def.event_time.bound_ms,
+                    s.def.idle_timeout.as_millis() as i64,
+                )
+            })
+            .collect()
+    }
+
+    /// Runs the log records after `after` up to `upto` through the views in
+    /// `only`, with the streams' watermarks starting at `start` (the live
+    /// ones are put back after). Returns how many records it applied and
+    /// the watermarks where it stopped.
+    fn replay_only(
+        &mut self,
+        only: Vec<bool>,
+        after: u64,
+        upto: u64,
+        start: Vec<Watermark>,
+    ) -> Result<(u64, Vec<Watermark>), StoreError> {
         let saved: Vec<Watermark> = self
             .streams
             .iter_mut()
-            .map(|s| {
-                let fresh = Watermark::new(
-                    s.def.event_time.bound_ms,
-                    s.def.idle_timeout.as_millis() as i64,
-                );
-                std::mem::replace(&mut s.watermark, fresh)
-            })
+            .zip(start)
+            .map(|(s, w)| std::mem::replace(&mut s.watermark, w))
             .collect();
         self.only = Some(only);
         let store = self.store.clone();
+        let cancel = self.cancel.clone();
         let mut records = 0u64;
-        let scanned = store.scan_log(0, |seq, bytes| {
-            if seq > upto {
+        let scanned = store.scan_log(after, |seq, bytes| {
+            if seq > upto || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return false;
             }
             if let Ok(record) = log::decode(seq, bytes) {
@@ -697,14 +783,46 @@ impl Runner {
             true
         });
         self.only = None;
-        for (s, w) in self.streams.iter_mut().zip(saved) {
-            s.watermark = w;
-        }
+        let reached: Vec<Watermark> = self
+            .streams
+            .iter_mut()
+            .zip(saved)
+            .map(|(s, w)| std::mem::replace(&mut s.watermark, w))
+            .collect();
         for i in 0..self.streams.len() {
             self.publish_watermark(i);
         }
-        tracing::info!(records, "new and changed views backfilled from the log");
-        scanned
+        scanned.map(|()| (records, reached))
+    }
+
+    /// Fills the views in `mask` from the log up to `upto` (this runner is
+    /// a reload's, on a thread of its own) and hands over their operators.
+    fn fill(mut self, mask: Vec<bool>, upto: u64) -> Result<Filled, String> {
+        let start = self.fresh_watermarks();
+        let (records, watermarks) = self
+            .replay_only(mask.clone(), 0, upto, start)
+            .map_err(|e| format!("the backfill could not read the log: {e}"))?;
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err("weir is stopping; the backfill was cancelled".into());
+        }
+        if self.needs_restart.load(Ordering::Acquire) {
+            return Err("the backfill could not store the views' rows; restart weir".into());
+        }
+        let operators = self
+            .views
+            .into_iter()
+            .zip(&mask)
+            .map(|(v, &filled)| filled.then_some(v.operator))
+            .collect();
+        Ok(Filled {
+            operators,
+            watermarks,
+            records,
+        })
     }
 
     pub(super) fn run(
@@ -782,13 +900,14 @@ impl Runner {
                 Some(Some(prepared)) => self.step(prepared, &acks, &handle, &shutdown),
                 None => {}
             }
-            let requests: Vec<super::reload::Request> = match &self.reloads {
-                Some(rx) => rx.try_iter().collect(),
-                None => Vec::new(),
-            };
-            for request in requests {
-                let done = self.reload(&request.pipeline);
-                let _ = request.reply.send(done);
+            self.poll_filling();
+            // One reload at a time: the next waits until this one's
+            // backfill is in.
+            while self.filling.is_none() {
+                let Some(request) = self.reloads.as_ref().and_then(|rx| rx.try_recv().ok()) else {
+                    break;
+                };
+                self.reload(request);
             }
             let now = now_ms();
             if now - last_tick >= TICK.as_millis() as i64 {
@@ -801,6 +920,19 @@ impl Runner {
         }
         if let Some(t) = prepare_thread {
             let _ = t.join();
+        }
+        if let Some(filling) = &mut self.filling {
+            // The views being filled stay out of the last checkpoint: the
+            // next start rebuilds them from the log.
+            filling.cancel.store(true, Ordering::Relaxed);
+            if let Some(t) = filling.thread.take() {
+                let _ = t.join();
+            }
+            if let Some(reply) = filling.reply.take() {
+                let _ = reply.send(Err(
+                    "weir stopped before the backfill was done; the next start completes it".into(),
+                ));
+            }
         }
         if !self.broken {
             self.checkpoint(now_ms(), true);
@@ -1191,8 +1323,163 @@ impl Runner {
     /// record applied (as at start-up), removed ones stop. Streams are the
     /// same (the reloader refused otherwise). Returns how long ingestion
     /// waited.
-    pub(super) fn reload(&mut self, next: &Pipeline) -> Result<Duration, String> {
+    fn reload(&mut self, request: super::reload::Request) {
         let started = Instant::now();
+        match self.swap(&request.pipeline) {
+            Err(e) => {
+                let _ = request.reply.send(Err(e));
+            }
+            Ok(None) => {
+                // nothing to fill: done
+                self.checkpoint(now_ms(), true);
+                let _ = request.reply.send(Ok(started.elapsed()));
+            }
+            Ok(Some(mask)) => self.start_filling(&request.pipeline, mask, started, request.reply),
+        }
+    }
+
+    /// Fills the views in `mask` on a thread of its own from the log up to
+    /// the last record applied; the pipeline goes on meanwhile, and
+    /// [`Runner::poll_filling`] takes the filled views in.
+    fn start_filling(
+        &mut self,
+        next: &Pipeline,
+        mask: Vec<bool>,
+        started: Instant,
+        reply: tokio::sync::oneshot::Sender<Result<Duration, String>>,
+    ) {
+        let upto = self.last_seq;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let sub = Runner::new(
+            next,
+            self.store.clone(),
+            self.metrics.clone(),
+            self.health.clone(),
+            self.settings.clone(),
+            Arc::new(AtomicU64::new(0)),
+            None,
+        );
+        let mut sub = match sub {
+            Ok(sub) => sub,
+            Err(e) => {
+                let _ = reply.send(Err(format!("the backfill could not start: {e}")));
+                return;
+            }
+        };
+        // Its watermarks are the backfill's own, not the live ones.
+        for s in &mut sub.streams {
+            s.metrics = Arc::default();
+        }
+        sub.cancel = Some(cancel.clone());
+        let (tx, done) = std::sync::mpsc::channel();
+        let cancel_thread = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("weir-backfill".into())
+            .spawn({
+                let mask = mask.clone();
+                move || {
+                    hold_for_tests(&cancel_thread);
+                    let _ = tx.send(sub.fill(mask, upto));
+                }
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = reply.send(Err(format!("cannot start the backfill thread: {e}")));
+                return;
+            }
+        };
+        tracing::info!(
+            upto,
+            views = mask.iter().filter(|m| **m).count(),
+            "backfilling new and changed views beside the running pipeline"
+        );
+        self.filling = Some(Filling {
+            mask,
+            upto,
+            started,
+            paused: started.elapsed(),
+            done,
+            reply: Some(reply),
+            cancel,
+            thread: Some(thread),
+        });
+    }
+
+    /// Takes a finished backfill in: its operators replace the
+    /// placeholders, catch up on what the log got meanwhile (ingestion
+    /// waits for this part only), and go live.
+    fn poll_filling(&mut self) {
+        let result = match &self.filling {
+            None => return,
+            Some(f) => match f.done.try_recv() {
+                Ok(result) => result,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Err("the backfill thread stopped without an answer (it panicked)".into())
+                }
+            },
+        };
+        let Some(mut filling) = self.filling.take() else {
+            return;
+        };
+        if let Some(t) = filling.thread.take() {
+            let _ = t.join();
+        }
+        let filled = match result {
+            Ok(filled) => filled,
+            Err(e) => {
+                // The placeholders stay out of checkpoints, so a restart
+                // rebuilds them.
+                self.needs_restart.store(true, Ordering::Release);
+                self.health
+                    .fail(format!("a reload's backfill failed: {e}; restart weir"));
+                tracing::error!(error = %e, "a reload's backfill failed; restart weir");
+                filling.answer(Err(format!(
+                    "the new pipelines are in place but not filled: {e}; restart weir"
+                )));
+                return;
+            }
+        };
+        let catch_up = Instant::now();
+        for (v, operator) in filled.operators.into_iter().enumerate() {
+            if let (Some(op), Some(view)) = (operator, self.views.get_mut(v)) {
+                view.operator = op;
+            }
+        }
+        let behind = self.last_seq.saturating_sub(filling.upto);
+        let caught_up = self.replay_only(
+            filling.mask.clone(),
+            filling.upto,
+            self.last_seq,
+            filled.watermarks,
+        );
+        if let Err(e) = caught_up {
+            self.row_write_failed(&e);
+            filling.answer(Err(format!(
+                "the new pipelines are in place but not filled: {e}; restart weir"
+            )));
+            return;
+        }
+        for a in &self.alerts {
+            a.publish_metrics();
+        }
+        // The next start must find this state, not the old one.
+        self.checkpoint(now_ms(), true);
+        let paused = filling.paused + catch_up.elapsed();
+        tracing::info!(
+            records = filled.records,
+            caught_up = behind,
+            took_ms = filling.started.elapsed().as_millis() as u64,
+            paused_ms = paused.as_millis() as u64,
+            "new and changed views backfilled from the log beside the pipeline"
+        );
+        filling.answer(Ok(paused));
+    }
+
+    /// The swap of a reload (see [`Runner::reload`]): in `next`'s views and
+    /// rules; returns the views that need filling from the log, if any.
+    fn swap(&mut self, next: &Pipeline) -> Result<Option<Vec<bool>>, String> {
         if self.broken || self.needs_restart.load(Ordering::Acquire) {
             return Err("the pipeline has failed and waits for a restart".into());
         }
@@ -1302,9 +1589,7 @@ impl Runner {
         // The stored rows of rebuilt views go; the backfill writes them
         // again. A store failure from here on is one a restart mends (the
         // restart replays from the last checkpoint with the new files).
-        if let Err(e) = super::reconcile_views(&self.store, next)
-            .and_then(|()| self.backfill(fresh, self.last_seq))
-        {
+        if let Err(e) = super::reconcile_views(&self.store, next) {
             self.row_write_failed(&e);
             return Err(format!(
                 "the new pipelines are in place but not filled: {e}; restart weir"
@@ -1313,9 +1598,8 @@ impl Runner {
         for a in &self.alerts {
             a.publish_metrics();
         }
-        // The next start must find this state, not the old one.
-        self.checkpoint(now_ms(), true);
-        Ok(started.elapsed())
+        let mask = self.fill_mask(fresh);
+        Ok(mask.contains(&true).then_some(mask))
     }
 
     /// Takes a checkpoint when one is due (or `force`d at shutdown) and the
@@ -1341,7 +1625,10 @@ impl Runner {
         self.last_checkpoint = now;
         let started = Instant::now();
         let mut snapshots = Vec::with_capacity(self.views.len());
-        for v in &self.views {
+        for (i, v) in self.views.iter().enumerate() {
+            if self.filling.as_ref().is_some_and(|f| f.mask[i]) {
+                continue; // being filled: a restart rebuilds it
+            }
             let plan = v.operator.plan();
             match v.operator.snapshot() {
                 Ok(bytes) => snapshots.push((plan.name.clone(), plan.fingerprint, bytes)),
@@ -1428,6 +1715,10 @@ impl Runner {
         let mut failed: Option<StoreError> = None;
         for v in 0..self.views.len() {
             if self.views[v].root != root || self.only.as_ref().is_some_and(|only| !only[v]) {
+                continue;
+            }
+            // A placeholder while its backfill runs beside the pipeline.
+            if self.only.is_none() && self.filling.as_ref().is_some_and(|f| f.mask[v]) {
                 continue;
             }
             let inputs: Vec<EventBatch> = match self.views[v].upstream_view {
