@@ -396,7 +396,8 @@ pub(super) struct Runner {
 /// the thread hands over their operators, filled from the log up to `upto`.
 struct Filling {
     mask: Vec<bool>,
-    upto: u64,
+    /// The last record the pipeline applied, for the backfill's rounds.
+    head: Arc<AtomicU64>,
     started: Instant,
     /// How long ingestion waited when the reload began.
     paused: Duration,
@@ -433,6 +434,8 @@ struct Filled {
     operators: Vec<Option<ViewOperator>>,
     watermarks: Vec<Watermark>,
     records: u64,
+    /// The last log record it read.
+    upto: u64,
 }
 
 impl Runner {
@@ -797,11 +800,30 @@ impl Runner {
 
     /// Fills the views in `mask` from the log up to `upto` (this runner is
     /// a reload's, on a thread of its own) and hands over their operators.
-    fn fill(mut self, mask: Vec<bool>, upto: u64) -> Result<Filled, String> {
-        let start = self.fresh_watermarks();
-        let (records, watermarks) = self
-            .replay_only(mask.clone(), 0, upto, start)
-            .map_err(|e| format!("the backfill could not read the log: {e}"))?;
+    ///
+    /// It reads the log up to `upto`, then, in rounds, what the pipeline
+    /// appended meanwhile (`head`), until one round is short: what is left
+    /// for the pipeline to catch up on in its pause is a round's worth.
+    fn fill(mut self, mask: Vec<bool>, upto: u64, head: &AtomicU64) -> Result<Filled, String> {
+        /// A round this short ends the backfill.
+        const SHORT_ROUND: u64 = 2_000;
+        const MAX_ROUNDS: usize = 8;
+        let mut watermarks = self.fresh_watermarks();
+        let mut records = 0;
+        let mut after = 0;
+        let mut upto = upto;
+        for _ in 0..MAX_ROUNDS {
+            let (n, reached) = self
+                .replay_only(mask.clone(), after, upto, watermarks)
+                .map_err(|e| format!("the backfill could not read the log: {e}"))?;
+            records += n;
+            watermarks = reached;
+            after = upto;
+            upto = head.load(Ordering::Acquire).max(after);
+            if upto - after < SHORT_ROUND {
+                break;
+            }
+        }
         if self
             .cancel
             .as_ref()
@@ -822,6 +844,7 @@ impl Runner {
             operators,
             watermarks,
             records,
+            upto: after,
         })
     }
 
@@ -899,6 +922,9 @@ impl Runner {
                 Some(None) => break,
                 Some(Some(prepared)) => self.step(prepared, &acks, &handle, &shutdown),
                 None => {}
+            }
+            if let Some(f) = &self.filling {
+                f.head.store(self.last_seq, Ordering::Release);
             }
             self.poll_filling();
             // One reload at a time: the next waits until this one's
@@ -1373,13 +1399,15 @@ impl Runner {
         sub.cancel = Some(cancel.clone());
         let (tx, done) = std::sync::mpsc::channel();
         let cancel_thread = cancel.clone();
+        let head = Arc::new(AtomicU64::new(upto));
+        let head_thread = head.clone();
         let thread = std::thread::Builder::new()
             .name("weir-backfill".into())
             .spawn({
                 let mask = mask.clone();
                 move || {
                     hold_for_tests(&cancel_thread);
-                    let _ = tx.send(sub.fill(mask, upto));
+                    let _ = tx.send(sub.fill(mask, upto, &head_thread));
                 }
             });
         let thread = match thread {
@@ -1396,7 +1424,7 @@ impl Runner {
         );
         self.filling = Some(Filling {
             mask,
-            upto,
+            head,
             started,
             paused: started.elapsed(),
             done,
@@ -1447,10 +1475,10 @@ impl Runner {
                 view.operator = op;
             }
         }
-        let behind = self.last_seq.saturating_sub(filling.upto);
+        let behind = self.last_seq.saturating_sub(filled.upto);
         let caught_up = self.replay_only(
             filling.mask.clone(),
-            filling.upto,
+            filled.upto,
             self.last_seq,
             filled.watermarks,
         );
