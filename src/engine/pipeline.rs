@@ -805,8 +805,8 @@ impl Runner {
     /// appended meanwhile (`head`), until one round is short: what is left
     /// for the pipeline to catch up on in its pause is a round's worth.
     fn fill(mut self, mask: Vec<bool>, upto: u64, head: &AtomicU64) -> Result<Filled, String> {
-        /// A round this short ends the backfill.
-        const SHORT_ROUND: u64 = 2_000;
+        /// A round of fewer records ends the backfill.
+        const SHORT_ROUND: u64 = 500;
         const MAX_ROUNDS: usize = 8;
         let mut watermarks = self.fresh_watermarks();
         let mut records = 0;
@@ -819,10 +819,12 @@ impl Runner {
             records += n;
             watermarks = reached;
             after = upto;
-            upto = head.load(Ordering::Acquire).max(after);
-            if upto - after < SHORT_ROUND {
+            // (log sequence numbers are not dense: rounds are measured in
+            // records read)
+            if n < SHORT_ROUND {
                 break;
             }
+            upto = head.load(Ordering::Acquire).max(after);
         }
         if self
             .cancel
@@ -1356,8 +1358,8 @@ impl Runner {
                 let _ = request.reply.send(Err(e));
             }
             Ok(None) => {
-                // nothing to fill: done
-                self.checkpoint(now_ms(), true);
+                // nothing to fill: done (the next checkpoint takes the new
+                // state; a restart before it applies the same change again)
                 let _ = request.reply.send(Ok(started.elapsed()));
             }
             Ok(Some(mask)) => self.start_filling(&request.pipeline, mask, started, request.reply),
@@ -1475,30 +1477,35 @@ impl Runner {
                 view.operator = op;
             }
         }
-        let behind = self.last_seq.saturating_sub(filled.upto);
         let caught_up = self.replay_only(
             filling.mask.clone(),
             filled.upto,
             self.last_seq,
             filled.watermarks,
         );
-        if let Err(e) = caught_up {
-            self.row_write_failed(&e);
-            filling.answer(Err(format!(
-                "the new pipelines are in place but not filled: {e}; restart weir"
-            )));
-            return;
-        }
+        let behind = match caught_up {
+            Ok((n, _)) => n,
+            Err(e) => {
+                self.row_write_failed(&e);
+                filling.answer(Err(format!(
+                    "the new pipelines are in place but not filled: {e}; restart weir"
+                )));
+                return;
+            }
+        };
         for a in &self.alerts {
             a.publish_metrics();
         }
-        // The next start must find this state, not the old one.
-        self.checkpoint(now_ms(), true);
+        // (no checkpoint forced here: it would stop ingestion for as long
+        // as the whole state takes to copy; until the next one, a restart
+        // rebuilds these views from the log, as any start does)
         let paused = filling.paused + catch_up.elapsed();
         tracing::info!(
             records = filled.records,
             caught_up = behind,
             took_ms = filling.started.elapsed().as_millis() as u64,
+            swap_ms = filling.paused.as_millis() as u64,
+            catch_up_ms = catch_up.elapsed().as_millis() as u64,
             paused_ms = paused.as_millis() as u64,
             "new and changed views backfilled from the log beside the pipeline"
         );
