@@ -181,7 +181,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     log_changes(&changes);
     note_removed(&store, &pipeline, &changes)?;
     let start_changes = changes;
-    reconcile_views(&store, &pipeline)?;
+    reconcile_views(&store, &pipeline, |_| true)?;
     record_deployed(&store, &config.storage.dir, &pipeline)?;
     for (i, hook) in config.alerts.webhook.iter().enumerate() {
         if let Some(unknown) = hook.rules.iter().find(|r| pipeline.alert(r).is_none()) {
@@ -753,9 +753,17 @@ fn log_changes(changes: &crate::plan::changes::Changes) {
 }
 
 /// Clears the stored rows of every view whose plan changed since the last
-/// run, and only those: an unchanged view keeps its rows.
-pub(super) fn reconcile_views(store: &Store, pipeline: &Pipeline) -> Result<(), StoreError> {
-    for view in &pipeline.views {
+/// run, among those `which` selects (by index), and only those: an
+/// unchanged view keeps its rows.
+pub(super) fn reconcile_views(
+    store: &Store,
+    pipeline: &Pipeline,
+    which: impl Fn(usize) -> bool,
+) -> Result<(), StoreError> {
+    for (i, view) in pipeline.views.iter().enumerate() {
+        if !which(i) {
+            continue;
+        }
         let key = format!("view/{}/fingerprint", view.name);
         let current = view.fingerprint.to_be_bytes();
         match store.get_meta(&key)? {

@@ -804,7 +804,15 @@ impl Runner {
     /// It reads the log up to `upto`, then, in rounds, what the pipeline
     /// appended meanwhile (`head`), until one round is short: what is left
     /// for the pipeline to catch up on in its pause is a round's worth.
-    fn fill(mut self, mask: Vec<bool>, upto: u64, head: &AtomicU64) -> Result<Filled, String> {
+    fn fill(
+        mut self,
+        next: &Pipeline,
+        mask: Vec<bool>,
+        upto: u64,
+        head: &AtomicU64,
+    ) -> Result<Filled, String> {
+        super::reconcile_views(&self.store, next, |v| mask[v])
+            .map_err(|e| format!("the rebuilt views' old rows could not be removed: {e}"))?;
         /// A round of fewer records ends the backfill.
         const SHORT_ROUND: u64 = 500;
         const MAX_ROUNDS: usize = 8;
@@ -1407,9 +1415,10 @@ impl Runner {
             .name("weir-backfill".into())
             .spawn({
                 let mask = mask.clone();
+                let next = next.clone();
                 move || {
                     hold_for_tests(&cancel_thread);
-                    let _ = tx.send(sub.fill(mask, upto, &head_thread));
+                    let _ = tx.send(sub.fill(&next, mask, upto, &head_thread));
                 }
             });
         let thread = match thread {
@@ -1622,9 +1631,13 @@ impl Runner {
             next.alerts.iter().map(|a| a.name.as_str()).collect();
         self.metrics.alerts.retain(&rules);
         // The stored rows of rebuilt views go; the backfill writes them
-        // again. A store failure from here on is one a restart mends (the
-        // restart replays from the last checkpoint with the new files).
-        if let Err(e) = super::reconcile_views(&self.store, next) {
+        // again. Those of the views it fills go on its thread (nothing
+        // writes them meanwhile: they are placeholders); the others' here,
+        // before they run. A store failure from here on is one a restart
+        // mends (the restart replays from the last checkpoint with the new
+        // files, and clears what is left).
+        let mask = self.fill_mask(fresh);
+        if let Err(e) = super::reconcile_views(&self.store, next, |v| !mask[v]) {
             self.row_write_failed(&e);
             return Err(format!(
                 "the new pipelines are in place but not filled: {e}; restart weir"
@@ -1633,7 +1646,6 @@ impl Runner {
         for a in &self.alerts {
             a.publish_metrics();
         }
-        let mask = self.fill_mask(fresh);
         Ok(mask.contains(&true).then_some(mask))
     }
 
