@@ -1576,11 +1576,15 @@ impl Runner {
             .collect();
         let mut views: Vec<ViewRuntime> = Vec::with_capacity(next.views.len());
         let mut fresh = Vec::with_capacity(next.views.len());
+        let mut retired_views = Vec::new();
         for ((v, new_operator), (root, upstream_view)) in
             next.views.iter().zip(fresh_views).zip(view_places)
         {
             let (operator, is_fresh) = match (new_operator, old_views.remove(&v.name)) {
-                (Some(op), _) => (op, true),
+                (Some(op), old) => {
+                    retired_views.extend(old);
+                    (op, true)
+                }
                 (None, Some(rt)) => (rt.operator, false),
                 // (not reached: a kept view was among the old ones, just
                 // drained; if it were, it would start empty and be filled)
@@ -1605,10 +1609,12 @@ impl Runner {
             .map(|rt| (rt.operator.plan().name.clone(), rt))
             .collect();
         let mut alerts = Vec::with_capacity(next.alerts.len());
+        let mut retired = Vec::new();
         for (a, (root, upstream_view)) in next.alerts.iter().zip(alert_places) {
             let operator = match old_alerts.remove(&a.name) {
                 Some(rt) if rt.operator.plan().fingerprint == a.fingerprint => rt.operator,
-                _ => {
+                other => {
+                    retired.extend(other);
                     let mut op = RuleOperator::new(a.clone());
                     op.set_key_ttl(a.key_ttl.or(self.settings.key_ttl));
                     adopt_open_alerts(&self.store, &mut op);
@@ -1624,6 +1630,12 @@ impl Runner {
         }
         self.views = views;
         self.alerts = alerts;
+        // The replaced operators' state (a whole fleet's, for a changed
+        // view) is freed on a thread of its own: at 100 000 terminals
+        // freeing it here stopped ingestion for ~0.2 s.
+        let _ = std::thread::Builder::new()
+            .name("weir-retire".into())
+            .spawn(move || drop((old_views, retired_views, old_alerts, retired)));
         let names: std::collections::BTreeSet<&str> =
             next.views.iter().map(|v| v.name.as_str()).collect();
         self.metrics.views.retain(&names);
