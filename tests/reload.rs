@@ -653,3 +653,57 @@ async fn a_crash_during_a_reloads_backfill_rebuilds_at_the_next_start() {
         weir.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_client_hung_up_is_applied_and_recorded() {
+    use common::process::{Spawn, WeirProcess};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let release = dir.path().join("release-backfill");
+    let port = free_port();
+    let spec = Spawn::embedded(dir.path(), port, &pipeline(20))
+        .env("WEIR_PIPELINES__WATCH", "false")
+        .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
+    let weir = WeirProcess::spawn(&spec);
+    weir.wait_ready().await;
+    common::publish(
+        port,
+        &[("terminals/A/telemetry", event(T0 + 1_000, 30.0, None))],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    wait_for("latest to count A", || async {
+        (weir.rows("latest").await?.len() == 1).then_some(())
+    })
+    .await;
+    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
+    // The client gives up while the backfill is held.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let answer = impatient
+        .post(format!("{}/api/v1/pipelines/reload", weir.base))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await;
+    assert!(
+        answer.is_err(),
+        "the reload answered before its backfill: {answer:?}"
+    );
+    std::fs::write(&release, "").expect("release");
+    // Applied, and weir knows it: status, lineage and the rebuilt rows.
+    let status = wait_for("the API's reload to be recorded", || async {
+        let (_, p) = weir.try_get("/api/v1/pipelines").await?;
+        (p["last_reload"]["trigger"] == "api").then_some(p)
+    })
+    .await;
+    assert_eq!(status["last_reload"]["applied"], true, "{status}");
+    assert_eq!(
+        names(&status["last_reload"]["changed"]),
+        vec!["low_battery"],
+        "{status}"
+    );
+    let rows = weir.rows("low_battery").await.expect("rows");
+    assert_eq!(rows.len(), 1, "rebuilt with the new threshold: {rows:?}");
+}

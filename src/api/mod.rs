@@ -98,6 +98,8 @@ async fn guard(
         // A handler that has not answered in http.request_timeout gets a
         // 503 and is dropped (a query it ran is cancelled with it); a
         // stream's body, once started, is not limited.
+        // A reload answers once its backfill is done, however long.
+        Ok(_) if request.uri().path() == "/api/v1/pipelines/reload" => next.run(request).await,
         Ok(_) => match tokio::time::timeout(timeout, next.run(request)).await {
             Ok(response) => response,
             Err(_) => ApiError::new(
@@ -176,11 +178,21 @@ async fn pipelines(State(state): State<Arc<AppState>>) -> ApiResult {
 /// `POST /api/v1/pipelines/reload`: plans the files again and applies them;
 /// answers what `GET /api/v1/pipelines` then shows (`last_reload.applied`
 /// false, and `errors`, when nothing changed because of them).
+///
+/// The reload runs in a task of its own: a client that hangs up must not
+/// cut it between the pipeline applying it and weir recording it. It
+/// answers once the backfill is done, however long that takes (this route
+/// is not held to `http.request_timeout`).
 async fn reload_pipelines(State(state): State<Arc<AppState>>) -> ApiResult {
-    state
-        .reloader
-        .reload(crate::engine::reload::Trigger::Api)
-        .await;
+    let reloading = state.clone();
+    tokio::spawn(async move {
+        reloading
+            .reloader
+            .reload(crate::engine::reload::Trigger::Api)
+            .await;
+    })
+    .await
+    .map_err(ApiError::internal)?;
     pipelines(State(state)).await
 }
 
