@@ -547,6 +547,12 @@ async fn ingestion_goes_on_while_a_reload_backfills() {
         status["last_reload"]["trigger"] != "signal",
         "the reload is not done while its backfill is held: {status}"
     );
+    assert_eq!(status["reloading"]["trigger"], "signal", "{status}");
+    assert_eq!(
+        names(&status["reloading"]["rebuilding"]),
+        vec!["low_battery", "low_per_minute"],
+        "{status}"
+    );
     std::fs::write(&release, "").expect("release");
     let status = wait_for("the reload to finish", || async {
         let (_, p) = weir.try_get("/api/v1/pipelines").await?;
@@ -554,6 +560,7 @@ async fn ingestion_goes_on_while_a_reload_backfills() {
     })
     .await;
     assert_eq!(status["last_reload"]["applied"], true, "{status}");
+    assert!(status.get("reloading").is_none(), "{status}");
     // Rebuilt with the new threshold, B included: the event that came
     // during the backfill was caught up, once.
     let mut low: Vec<(String, f64)> = weir

@@ -42,7 +42,8 @@ pub struct LastReload {
     pub rebuilt: Vec<String>,
     pub removed: Vec<String>,
     pub kept: Vec<String>,
-    /// How long ingestion waited for the swap (and the backfill).
+    /// How long ingestion waited: the swap, and the filled views catching
+    /// up on the last records (the backfill runs beside the pipeline).
     pub paused_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
@@ -70,6 +71,19 @@ pub struct Status {
     pub errors: Vec<ErrorStatus>,
     pub files: Vec<FileStatus>,
     pub last_reload: Option<LastReload>,
+    /// A reload under way: its views are being filled from the log beside
+    /// the running pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reloading: Option<Reloading>,
+}
+
+/// A reload under way, as `GET /api/v1/pipelines` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reloading {
+    pub since: String,
+    pub trigger: Trigger,
+    /// The views being built (new, changed and downstream).
+    pub rebuilding: Vec<String>,
 }
 
 /// The running pipelines, their lineage, and the reload status; shared by
@@ -97,6 +111,7 @@ impl Live {
                 errors: vec![],
                 files: files(&config.pipelines.dir),
                 last_reload: None,
+                reloading: None,
             }),
             reloading: tokio::sync::Mutex::new(()),
         }
@@ -324,6 +339,18 @@ impl Reloader {
         }
         let mut paused = Duration::ZERO;
         if changes.any() {
+            let rebuilding = last_reload(trigger, true, &changes, 0, None);
+            let mut views: Vec<String> = rebuilding.new.clone();
+            views.extend(rebuilding.rebuilt.iter().cloned());
+            views.sort();
+            views.dedup();
+            self.live.set_status(|s| {
+                s.reloading = Some(Reloading {
+                    since: crate::obs::format_time(crate::obs::now_ms()),
+                    trigger,
+                    rebuilding: views,
+                })
+            });
             let (reply, answer) = tokio::sync::oneshot::channel();
             let sent = self.runner.send(Request {
                 pipeline: next.clone(),
@@ -335,6 +362,7 @@ impl Reloader {
                     .unwrap_or_else(|_| Err("the pipeline thread has stopped".into())),
                 Err(_) => Err("the pipeline thread has stopped".into()),
             };
+            self.live.set_status(|s| s.reloading = None);
             match applied {
                 Ok(d) => paused = d,
                 Err(why) => return refuse(why),
