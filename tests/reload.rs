@@ -496,15 +496,29 @@ async fn sighup_reloads_the_same_process() {
     weir.terminate().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingestion_goes_on_while_a_reload_backfills() {
+/// A weir (child process) whose reload backfills wait for `release` to
+/// exist (`WEIR_TEST_HOLD_BACKFILL`), after A's readings at 10 % and 40 %
+/// (low_battery holds the first), with the file edited to a threshold of 50
+/// and not yet reloaded.
+struct Held {
+    weir: common::process::WeirProcess,
+    spec: common::process::Spawn,
+    release: std::path::PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+async fn held(env: &[(&str, &str)]) -> Held {
     use common::process::{Spawn, WeirProcess};
     let dir = tempfile::tempdir().expect("temp dir");
     let release = dir.path().join("release-backfill");
     let port = free_port();
-    let spec = Spawn::embedded(dir.path(), port, &pipeline(20))
+    let mut spec = Spawn::embedded(dir.path(), port, &pipeline(20))
         .env("WEIR_PIPELINES__WATCH", "false")
         .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
+    for (k, v) in env {
+        spec = spec.env(k, v);
+    }
     let weir = WeirProcess::spawn(&spec);
     weir.wait_ready().await;
     common::publish(
@@ -521,22 +535,51 @@ async fn ingestion_goes_on_while_a_reload_backfills() {
     })
     .await;
     std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
-    // SAFETY: kill(2) with our own child's pid and a signal number.
-    let sent = unsafe { libc::kill(weir.pid() as i32, libc::SIGHUP) };
-    assert_eq!(sent, 0, "SIGHUP sent");
-    wait_for("the backfill to start", || async {
-        weir.log()
-            .contains("backfilling new and changed views beside the running pipeline")
-            .then_some(())
-    })
-    .await;
-    // The backfill is held; events keep being counted by the kept view.
-    common::publish(
+    Held {
+        weir,
+        spec,
+        release,
         port,
-        &[("terminals/B/telemetry", event(T0 + 3_000, 30.0, None))],
-        QoS::AtLeastOnce,
-    )
-    .await;
+        _dir: dir,
+    }
+}
+
+impl Held {
+    /// SIGHUP, then until the held backfill has started; then B publishes
+    /// a reading at 30 %.
+    async fn reload_and_publish_b(&self) {
+        // SAFETY: kill(2) with our own child's pid and a signal number.
+        let sent = unsafe { libc::kill(self.weir.pid() as i32, libc::SIGHUP) };
+        assert_eq!(sent, 0, "SIGHUP sent");
+        wait_for("the backfill to start", || async {
+            self.weir
+                .log()
+                .contains("backfilling new and changed views beside the running pipeline")
+                .then_some(())
+        })
+        .await;
+        common::publish(
+            self.port,
+            &[("terminals/B/telemetry", event(T0 + 3_000, 30.0, None))],
+            QoS::AtLeastOnce,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingestion_goes_on_while_a_reload_backfills() {
+    use common::process::WeirProcess;
+    let held = held(&[]).await;
+    held.reload_and_publish_b().await;
+    let Held {
+        weir,
+        spec,
+        release,
+        _dir,
+        ..
+    } = held;
+    // The backfill is held; events keep being counted by the kept view.
     wait_for("latest to count B while the backfill runs", || async {
         let rows = weir.rows("latest").await?;
         rows.iter().any(|r| r["terminal_id"] == "B").then_some(())
@@ -592,45 +635,16 @@ async fn ingestion_goes_on_while_a_reload_backfills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_during_a_reloads_backfill_rebuilds_at_the_next_start() {
-    use common::process::{Spawn, WeirProcess};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let release = dir.path().join("release-backfill");
-    let port = free_port();
-    let spec = Spawn::embedded(dir.path(), port, &pipeline(20))
-        .env("WEIR_PIPELINES__WATCH", "false")
-        .env("WEIR_STORAGE__CHECKPOINT_INTERVAL", "200ms")
-        .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
-    let weir = WeirProcess::spawn(&spec);
-    weir.wait_ready().await;
-    common::publish(
-        port,
-        &[
-            ("terminals/A/telemetry", event(T0 + 1_000, 10.0, None)),
-            ("terminals/A/telemetry", event(T0 + 2_000, 40.0, None)),
-        ],
-        QoS::AtLeastOnce,
-    )
-    .await;
-    wait_for("low_battery to hold A's 10 %", || async {
-        (weir.rows("low_battery").await?.len() == 1).then_some(())
-    })
-    .await;
-    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
-    // SAFETY: kill(2) with our own child's pid and a signal number.
-    let sent = unsafe { libc::kill(weir.pid() as i32, libc::SIGHUP) };
-    assert_eq!(sent, 0, "SIGHUP sent");
-    wait_for("the backfill to start", || async {
-        weir.log()
-            .contains("backfilling new and changed views beside the running pipeline")
-            .then_some(())
-    })
-    .await;
-    common::publish(
-        port,
-        &[("terminals/B/telemetry", event(T0 + 3_000, 30.0, None))],
-        QoS::AtLeastOnce,
-    )
-    .await;
+    use common::process::WeirProcess;
+    let held = held(&[("WEIR_STORAGE__CHECKPOINT_INTERVAL", "200ms")]).await;
+    held.reload_and_publish_b().await;
+    let Held {
+        weir,
+        spec,
+        release,
+        _dir,
+        ..
+    } = held;
     // Checkpoints go on while the backfill is held (without the view
     // being filled); then weir dies before the backfill is done.
     let taken = weir.metric("weir_checkpoints_total").await.unwrap_or(0.0);
@@ -663,26 +677,12 @@ async fn a_crash_during_a_reloads_backfill_rebuilds_at_the_next_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_whose_client_hung_up_is_applied_and_recorded() {
-    use common::process::{Spawn, WeirProcess};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let release = dir.path().join("release-backfill");
-    let port = free_port();
-    let spec = Spawn::embedded(dir.path(), port, &pipeline(20))
-        .env("WEIR_PIPELINES__WATCH", "false")
-        .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
-    let weir = WeirProcess::spawn(&spec);
-    weir.wait_ready().await;
-    common::publish(
-        port,
-        &[("terminals/A/telemetry", event(T0 + 1_000, 30.0, None))],
-        QoS::AtLeastOnce,
-    )
-    .await;
-    wait_for("latest to count A", || async {
-        (weir.rows("latest").await?.len() == 1).then_some(())
-    })
-    .await;
-    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
+    let Held {
+        weir,
+        release,
+        _dir,
+        ..
+    } = held(&[]).await;
     // The client gives up while the backfill is held.
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
@@ -712,5 +712,5 @@ async fn a_reload_whose_client_hung_up_is_applied_and_recorded() {
         "{status}"
     );
     let rows = weir.rows("low_battery").await.expect("rows");
-    assert_eq!(rows.len(), 1, "rebuilt with the new threshold: {rows:?}");
+    assert_eq!(rows.len(), 2, "rebuilt with the new threshold: {rows:?}");
 }
