@@ -325,7 +325,9 @@ async function showPipelines() {
     $("#pipelines-status").textContent = p.status === "ok" ? "ok" : "not applied: the files have errors";
     const r = p.last_reload;
     const list = (name, items) => items && items.length ? `<tr><td>${name}</td><td>${items.map(esc).join(", ")}</td></tr>` : "";
+    const busy = p.reloading;
     $("#pipelines").innerHTML =
+      (busy ? `<p><b>Reloading</b> (${esc(busy.trigger)}, since ${esc(busy.since)}): rebuilding ${busy.rebuilding.map(esc).join(", ")} from the log beside the running pipeline</p>` : "") +
       (p.errors.length ? `<table>${p.errors.map((e) => `<tr class="bad"><td><code>${esc(e.file)}:${esc(e.line)}</code></td><td>${esc(e.message)}</td></tr>`).join("")}</table>` : "") +
       (r ? `<p class="muted">Last ${r.applied ? "applied" : "refused"} reload: ${esc(r.trigger)} at ${esc(r.at)}${r.applied ? `, ingestion paused ${r.paused_ms} ms` : ""}${r.refused ? " — " + esc(r.refused) : ""}</p>
         <table>${list("new", r.new)}${list("changed", r.changed)}${list("rebuilt", r.rebuilt)}${list("removed", r.removed)}${list("kept", r.kept)}</table>` : "") +
