@@ -1465,6 +1465,11 @@ impl Runner {
         if let Some(t) = filling.thread.take() {
             let _ = t.join();
         }
+        let result = if self.broken {
+            Err("the pipeline failed while the backfill ran".to_string())
+        } else {
+            result
+        };
         let filled = match result {
             Ok(filled) => filled,
             Err(e) => {
