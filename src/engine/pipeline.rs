@@ -393,7 +393,8 @@ pub(super) struct Runner {
 
 /// A reload's backfill, running beside the pipeline: the views in `mask`
 /// sit in the pipeline as placeholders (not run, not checkpointed) until
-/// the thread hands over their operators, filled from the log up to `upto`.
+/// the thread hands over their operators, filled from the log up to (nearly)
+/// where the pipeline is.
 struct Filling {
     mask: Vec<bool>,
     /// The last record the pipeline applied, for the backfill's rounds.
@@ -815,6 +816,8 @@ impl Runner {
             .map_err(|e| format!("the rebuilt views' old rows could not be removed: {e}"))?;
         /// A round of fewer records ends the backfill.
         const SHORT_ROUND: u64 = 500;
+        /// Rounds at most: if ingestion outruns the backfill, the pipeline
+        /// catches up on the rest in its pause rather than never.
         const MAX_ROUNDS: usize = 8;
         let mut watermarks = self.fresh_watermarks();
         let mut records = 0;
