@@ -400,11 +400,6 @@ fn key_text(column: &dyn Array, i: usize) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{
-        Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
-    };
-    use datafusion::arrow::datatypes::{Field, Schema};
-    use datafusion::arrow::record_batch::RecordBatch;
 
     const DAY: Millis = 86_400_000;
 
@@ -423,28 +418,9 @@ mod tests {
     }
 
     fn batch(rows: &[(&str, Millis, f64)]) -> EventBatch {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("terminal_id", DataType::Utf8, false),
-            Field::new("ts", crate::plan::timestamp_type(), false),
-            Field::new("battery_pct", DataType::Float64, true),
-        ]));
-        let data = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(
-                    TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1))
-                        .with_timezone("UTC"),
-                ),
-                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
-            ],
-        )
-        .expect("batch");
-        EventBatch::new(
-            data,
-            Int64Array::from_iter_values(rows.iter().map(|r| r.1)),
-            1,
-        )
+        let rows: Vec<(&str, Millis, Option<f64>)> =
+            rows.iter().map(|&(t, ts, b)| (t, ts, Some(b))).collect();
+        crate::window::operator::test_support::batch(&rows, 1)
     }
 
     #[test]

@@ -976,23 +976,22 @@ pub fn run_steps(steps: &[Step], mut batch: EventBatch) -> Result<EventBatch, Da
     Ok(batch)
 }
 
+/// Batches of the test stream `telemetry(terminal_id, ts, battery_pct)`,
+/// shared by the operators' and the rules' unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::plan::plan_sources;
-    use datafusion::arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
-    use datafusion::arrow::util::display::array_value_to_string;
+pub(crate) mod test_support {
+    use std::sync::Arc;
 
-    const STREAM: &str = "CREATE TABLE telemetry (terminal_id TEXT NOT NULL, ts TIMESTAMP NOT NULL, battery_pct DOUBLE,
-        WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
-        WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json');";
+    use datafusion::arrow::array::{
+        Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    };
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
 
-    fn operator(view_sql: &str) -> ViewOperator {
-        let pipeline = plan_sources(&[("t.sql".into(), format!("{STREAM}\n{view_sql}"))]).unwrap();
-        ViewOperator::new(pipeline.views[0].clone()).unwrap()
-    }
+    use super::EventBatch;
+    use crate::window::Millis;
 
-    fn batch(rows: &[(&str, Millis, Option<f64>)], seq: u64) -> EventBatch {
+    /// `(terminal_id, ts, battery_pct)` rows at log position `seq`.
+    pub(crate) fn batch(rows: &[(&str, Millis, Option<f64>)], seq: u64) -> EventBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("terminal_id", DataType::Utf8, false),
             Field::new("ts", crate::plan::timestamp_type(), false),
@@ -1009,12 +1008,29 @@ mod tests {
                 Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
             ],
         )
-        .unwrap();
+        .expect("the test schema fits the test rows");
         EventBatch::new(
             data,
             Int64Array::from_iter_values(rows.iter().map(|r| r.1)),
             seq,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::batch;
+    use super::*;
+    use crate::plan::plan_sources;
+    use datafusion::arrow::util::display::array_value_to_string;
+
+    const STREAM: &str = "CREATE TABLE telemetry (terminal_id TEXT NOT NULL, ts TIMESTAMP NOT NULL, battery_pct DOUBLE,
+        WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+        WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json');";
+
+    fn operator(view_sql: &str) -> ViewOperator {
+        let pipeline = plan_sources(&[("t.sql".into(), format!("{STREAM}\n{view_sql}"))]).unwrap();
+        ViewOperator::new(pipeline.views[0].clone()).unwrap()
     }
 
     /// Rows as "col=value" strings, for readable assertions.
