@@ -452,35 +452,24 @@ async fn preview_runs_a_view_over_recent_events_and_stores_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_same_process() {
-    use common::process::{Spawn, WeirProcess};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    // not watched: only the signal reloads
-    let spec =
-        Spawn::embedded(dir.path(), port, &pipeline(20)).env("WEIR_PIPELINES__WATCH", "false");
-    let mut weir = WeirProcess::spawn(&spec);
-    weir.wait_ready().await;
-    let pid = weir.pid();
-    common::publish(
-        port,
-        &[
-            ("terminals/A/telemetry", event(T0 + 1_000, 10.0, None)),
-            ("terminals/A/telemetry", event(T0 + 2_000, 40.0, None)),
-        ],
-        QoS::AtLeastOnce,
-    )
-    .await;
-    wait_for("low_battery to hold A's 10 %", || async {
-        (weir.rows("low_battery").await?.len() == 1).then_some(())
-    })
-    .await;
-    std::fs::write(dir.path().join("pipelines/p.sql"), pipeline(50)).expect("edit");
-    // SAFETY: kill(2) with our own child's pid and a signal number.
-    let sent = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-    assert_eq!(sent, 0, "SIGHUP sent");
-    let status = wait_for("the signal's reload", || async {
+    let edited = edited_weir(false, &[]).await;
+    let pid = edited.weir.pid();
+    edited.sighup();
+    let Held { mut weir, _dir, .. } = edited;
+    applied_reload(&weir, "signal").await;
+    let rows = weir.rows("low_battery").await.expect("rows");
+    assert_eq!(rows.len(), 2, "rebuilt with the new threshold: {rows:?}");
+    assert!(weir.running(), "the same process goes on");
+    assert_eq!(weir.pid(), pid);
+    weir.terminate().await;
+}
+
+/// Waits for a reload by `trigger` to be recorded, and checks that it
+/// applied the edit of [`edited_weir`] (low_battery changed); its status.
+async fn applied_reload(weir: &common::process::WeirProcess, trigger: &str) -> Value {
+    let status = wait_for(&format!("the {trigger} reload to be recorded"), || async {
         let (_, p) = weir.try_get("/api/v1/pipelines").await?;
-        (p["last_reload"]["trigger"] == "signal").then_some(p)
+        (p["last_reload"]["trigger"] == trigger).then_some(p)
     })
     .await;
     assert_eq!(status["last_reload"]["applied"], true, "{status}");
@@ -489,17 +478,14 @@ async fn sighup_reloads_the_same_process() {
         vec!["low_battery"],
         "{status}"
     );
-    let rows = weir.rows("low_battery").await.expect("rows");
-    assert_eq!(rows.len(), 2, "rebuilt with the new threshold: {rows:?}");
-    assert!(weir.running(), "the same process goes on");
-    assert_eq!(weir.pid(), pid);
-    weir.terminate().await;
+    status
 }
 
-/// A weir (child process) whose reload backfills wait for `release` to
-/// exist (`WEIR_TEST_HOLD_BACKFILL`), after A's readings at 10 % and 40 %
-/// (low_battery holds the first), with the file edited to a threshold of 50
-/// and not yet reloaded.
+/// A weir (child process, the folder not watched: only a signal or the API
+/// reloads) after A's readings at 10 % and 40 % (low_battery holds the
+/// first), with the file edited to a threshold of 50 and not yet reloaded.
+/// Held (`held`), its reload backfills wait for `release` to exist
+/// (`WEIR_TEST_HOLD_BACKFILL`).
 struct Held {
     weir: common::process::WeirProcess,
     spec: common::process::Spawn,
@@ -509,13 +495,19 @@ struct Held {
 }
 
 async fn held(env: &[(&str, &str)]) -> Held {
+    edited_weir(true, env).await
+}
+
+async fn edited_weir(hold: bool, env: &[(&str, &str)]) -> Held {
     use common::process::{Spawn, WeirProcess};
     let dir = tempfile::tempdir().expect("temp dir");
     let release = dir.path().join("release-backfill");
     let port = free_port();
-    let mut spec = Spawn::embedded(dir.path(), port, &pipeline(20))
-        .env("WEIR_PIPELINES__WATCH", "false")
-        .env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
+    let mut spec =
+        Spawn::embedded(dir.path(), port, &pipeline(20)).env("WEIR_PIPELINES__WATCH", "false");
+    if hold {
+        spec = spec.env("WEIR_TEST_HOLD_BACKFILL", &release.display().to_string());
+    }
     for (k, v) in env {
         spec = spec.env(k, v);
     }
@@ -545,12 +537,16 @@ async fn held(env: &[(&str, &str)]) -> Held {
 }
 
 impl Held {
-    /// SIGHUP, then until the held backfill has started; then B publishes
-    /// a reading at 30 %.
-    async fn reload_and_publish_b(&self) {
+    fn sighup(&self) {
         // SAFETY: kill(2) with our own child's pid and a signal number.
         let sent = unsafe { libc::kill(self.weir.pid() as i32, libc::SIGHUP) };
         assert_eq!(sent, 0, "SIGHUP sent");
+    }
+
+    /// SIGHUP, then until the held backfill has started; then B publishes
+    /// a reading at 30 %.
+    async fn reload_and_publish_b(&self) {
+        self.sighup();
         wait_for("the backfill to start", || async {
             self.weir
                 .log()
@@ -597,12 +593,7 @@ async fn ingestion_goes_on_while_a_reload_backfills() {
         "{status}"
     );
     std::fs::write(&release, "").expect("release");
-    let status = wait_for("the reload to finish", || async {
-        let (_, p) = weir.try_get("/api/v1/pipelines").await?;
-        (p["last_reload"]["trigger"] == "signal").then_some(p)
-    })
-    .await;
-    assert_eq!(status["last_reload"]["applied"], true, "{status}");
+    let status = applied_reload(&weir, "signal").await;
     assert!(status.get("reloading").is_none(), "{status}");
     // Rebuilt with the new threshold, B included: the event that came
     // during the backfill was caught up, once.
@@ -700,17 +691,7 @@ async fn a_reload_whose_client_hung_up_is_applied_and_recorded() {
     );
     std::fs::write(&release, "").expect("release");
     // Applied, and weir knows it: status, lineage and the rebuilt rows.
-    let status = wait_for("the API's reload to be recorded", || async {
-        let (_, p) = weir.try_get("/api/v1/pipelines").await?;
-        (p["last_reload"]["trigger"] == "api").then_some(p)
-    })
-    .await;
-    assert_eq!(status["last_reload"]["applied"], true, "{status}");
-    assert_eq!(
-        names(&status["last_reload"]["changed"]),
-        vec!["low_battery"],
-        "{status}"
-    );
+    applied_reload(&weir, "api").await;
     let rows = weir.rows("low_battery").await.expect("rows");
     assert_eq!(rows.len(), 2, "rebuilt with the new threshold: {rows:?}");
 }
