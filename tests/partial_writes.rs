@@ -1,14 +1,16 @@
 //! A torn write found at start-up is discarded with a log line, not a crash:
-//! a half-written record at the end of the ingest log, and a torn newest
-//! checkpoint. weir starts, falls back to the older checkpoint, replays the
-//! log from there, and its counts carry on from the right place.
+//! a half-written record at the end of the ingest log, a torn newest
+//! checkpoint, and a newest checkpoint whose writing stopped midway (it is
+//! written part by part, manifest last). weir starts, falls back to the
+//! older checkpoint, replays the log from there, and its counts carry on
+//! from the right place.
 
 mod common;
 
 use common::process::metric_value;
 use common::*;
 use weir::checkpoint::Checkpoint;
-use weir::store::{LogAppend, Store};
+use weir::store::{LogAppend, Store, StoredCheckpoint};
 
 async fn reports(weir: &Weir, terminal: &str) -> Option<u64> {
     weir.rows("latest")
@@ -49,31 +51,75 @@ async fn publish_and_count(weir: &Weir, from: usize, to: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn torn_log_tail_and_torn_checkpoint_are_discarded() {
-    // Two runs, each ending with a checkpoint (SIGTERM-like shutdown): slot 0, then slot 1.
+/// Two runs, each ending with a checkpoint (SIGTERM-like shutdown): slot 0,
+/// then slot 1; T1 has 5 reports.
+async fn two_checkpoints() -> tempfile::TempDir {
     let weir = Weir::start(&[("telemetry.sql", TELEMETRY)]).await;
     publish_and_count(&weir, 0, 3).await;
     let dir = weir.stop().await;
     let weir = Weir::start_in(dir, None).await;
     publish_and_count(&weir, 3, 5).await;
-    let dir = weir.stop().await;
+    weir.stop().await
+}
+
+/// The slot of the newest checkpoint, as written.
+fn newest_checkpoint(store: &Store) -> (u8, StoredCheckpoint) {
+    let newest = (0..2u8)
+        .filter_map(|slot| {
+            let stored = store.read_checkpoint(slot).expect("read")?;
+            Some((
+                Checkpoint::decode(stored.clone()).ok()?.manifest.seq,
+                slot,
+                stored,
+            ))
+        })
+        .max_by_key(|(seq, _, _)| *seq);
+    let (_, slot, stored) = newest.expect("two checkpoints were written");
+    (slot, stored)
+}
+
+/// It starts, its state is whole (older checkpoint + replay), and it counts on.
+async fn restarts_whole(dir: tempfile::TempDir) -> tempfile::TempDir {
+    let weir = Weir::start_in(dir, None).await;
+    assert_eq!(reports(&weir, "T1").await, Some(5));
+    let metrics = weir.metrics().await;
+    let replayed = metric_value(&metrics, "weir_replayed_records_total").unwrap_or(0.0);
+    assert!(
+        replayed >= 1.0,
+        "the older checkpoint needs a replay: {metrics}"
+    );
+    publish_and_count(&weir, 5, 6).await;
+    weir.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_writing_stopped_midway_is_not_used() {
+    let dir = two_checkpoints().await;
+    {
+        // What a crash leaves after the slot was cleared and one part of
+        // the next checkpoint written, before its manifest.
+        let store = Store::open(&dir.path().join("data")).expect("open store");
+        let (slot, stored) = newest_checkpoint(&store);
+        store.clear_checkpoint(slot).expect("clear");
+        let (name, bytes) = &stored.parts[0];
+        store
+            .put_checkpoint_part(slot, name, &bytes[..bytes.len() / 2])
+            .expect("part");
+        store.sync().expect("sync");
+        assert!(store.read_checkpoint(slot).expect("read").is_none());
+    }
+    restarts_whole(dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_log_tail_and_torn_checkpoint_are_discarded() {
+    let dir = two_checkpoints().await;
 
     // Tear the newest checkpoint and append half a record to the log.
     let partial_seq;
     {
         let store = Store::open(&dir.path().join("data")).expect("open store");
-        let newest = (0..2u8)
-            .filter_map(|slot| {
-                let stored = store.read_checkpoint(slot).expect("read")?;
-                Some((
-                    Checkpoint::decode(stored.clone()).ok()?.manifest.seq,
-                    slot,
-                    stored,
-                ))
-            })
-            .max_by_key(|(seq, _, _)| *seq);
-        let (_, slot, mut stored) = newest.expect("two checkpoints were written");
+        let (slot, mut stored) = newest_checkpoint(&store);
         stored.manifest.truncate(stored.manifest.len() / 2);
         store
             .write_checkpoint(slot, &stored)
@@ -90,17 +136,7 @@ async fn torn_log_tail_and_torn_checkpoint_are_discarded() {
         store.sync().expect("sync");
     }
 
-    // It starts, and its state is whole: older checkpoint + replay.
-    let weir = Weir::start_in(dir, None).await;
-    assert_eq!(reports(&weir, "T1").await, Some(5));
-    let metrics = weir.metrics().await;
-    let replayed = metric_value(&metrics, "weir_replayed_records_total").unwrap_or(0.0);
-    assert!(
-        replayed >= 1.0,
-        "the older checkpoint needs a replay: {metrics}"
-    );
-    publish_and_count(&weir, 5, 6).await;
-    let dir = weir.stop().await;
+    let dir = restarts_whole(dir).await;
 
     let store = Store::open(&dir.path().join("data")).expect("open store");
     let mut seqs = Vec::new();

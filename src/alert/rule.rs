@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray};
@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use super::{KeyState, Timing, Transition, Verdict};
 use crate::plan::AlertPlan;
+use crate::window::cow::{CowMap, CowVec};
 use crate::window::operator::{run_steps, EventBatch};
 use crate::window::Millis;
 
@@ -35,7 +36,7 @@ pub struct Change {
     pub transition: Transition,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Entry {
     state: KeyState,
     /// Due time of this key's timer in the heap, if it has one.
@@ -44,8 +45,9 @@ struct Entry {
 
 pub struct RuleOperator {
     plan: Arc<AlertPlan>,
-    keys: HashMap<String, Entry, ahash::RandomState>,
-    timers: BinaryHeap<Reverse<(Millis, String)>>,
+    /// Per key: its state; a checkpoint shares it (`CowMap::snapshot`).
+    keys: CowMap<Arc<str>, Entry>,
+    timers: BinaryHeap<Reverse<(Millis, Arc<str>)>>,
     watermark: Option<Millis>,
     open: usize,
     /// A key idle this long (event time, behind the watermark) is forgotten.
@@ -60,7 +62,7 @@ pub struct RuleOperator {
 /// heap, the count of open alerts and the changes to report (borrowed
 /// apart from the keys, so a key's entry is looked up once).
 struct Counts<'a> {
-    timers: &'a mut BinaryHeap<Reverse<(Millis, String)>>,
+    timers: &'a mut BinaryHeap<Reverse<(Millis, Arc<str>)>>,
     open: &'a mut usize,
     changes: &'a mut Vec<Change>,
 }
@@ -71,7 +73,7 @@ impl Counts<'_> {
         &mut self,
         entry: &mut Entry,
         timing: &Timing,
-        key: &str,
+        key: &Arc<str>,
         opened_before: Option<Millis>,
         transition: Option<Transition>,
     ) {
@@ -80,7 +82,7 @@ impl Counts<'_> {
         if let Some(due) = entry.state.due(timing) {
             if entry.timer.is_none_or(|t| due < t) {
                 entry.timer = Some(due);
-                self.timers.push(Reverse((due, key.to_string())));
+                self.timers.push(Reverse((due, key.clone())));
             }
         }
         let Some(transition) = transition else {
@@ -105,17 +107,43 @@ impl Counts<'_> {
 }
 
 /// What a checkpoint holds of a rule.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Snapshot {
     watermark: Option<Millis>,
     keys: Vec<(String, KeyState)>,
+}
+
+/// `Snapshot` borrowed from a [`RuleSnapshot`]: the same bytes.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    watermark: Option<Millis>,
+    keys: Vec<(&'a str, &'a KeyState)>,
+}
+
+/// A rule's state at one log position (`RuleOperator::snapshot_state`).
+pub struct RuleSnapshot {
+    watermark: Option<Millis>,
+    keys: CowVec<(Arc<str>, Entry)>,
+}
+
+impl RuleSnapshot {
+    /// Postcard, keys in order (deterministic bytes).
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut keys: Vec<(&str, &KeyState)> =
+            self.keys.iter().map(|(k, e)| (&**k, &e.state)).collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        postcard::to_stdvec(&SnapshotRef {
+            watermark: self.watermark,
+            keys,
+        })
+    }
 }
 
 impl RuleOperator {
     pub fn new(plan: Arc<AlertPlan>) -> Self {
         Self {
             plan,
-            keys: HashMap::default(),
+            keys: CowMap::default(),
             timers: BinaryHeap::new(),
             watermark: None,
             open: 0,
@@ -152,24 +180,19 @@ impl RuleOperator {
         }
         self.last_sweep = Some(w);
         let before = w.saturating_sub(ttl);
-        let idle: Vec<String> = self
+        let idle = self
             .keys
-            .iter()
-            .filter(|(_, e)| e.state.last_activity().is_none_or(|t| t < before))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in idle {
-            if let Some(entry) = self.keys.remove(&key) {
-                if let Some(opened_at) = entry.state.opened_at {
-                    self.open = self.open.saturating_sub(1);
-                    changes.push(Change {
-                        key,
-                        opened_at,
-                        transition: Transition::Resolved { at: w, row: None },
-                    });
-                }
-                self.evicted += 1;
+            .retain(|_, e| e.state.last_activity().is_some_and(|t| t >= before));
+        for (key, entry) in idle {
+            if let Some(opened_at) = entry.state.opened_at {
+                self.open = self.open.saturating_sub(1);
+                changes.push(Change {
+                    key: key.to_string(),
+                    opened_at,
+                    transition: Transition::Resolved { at: w, row: None },
+                });
             }
+            self.evicted += 1;
         }
     }
 
@@ -229,23 +252,20 @@ impl RuleOperator {
             while end < n && key_text(key_column.as_ref(), end).as_deref() == Some(key.as_ref()) {
                 end += 1;
             }
-            let mut entry: Option<&mut Entry> = None;
+            let mut entry: Option<(&Arc<str>, &mut Entry)> = None;
             for r in i..end {
                 let verdict = verdict(r);
                 if timing.absent_for_ms.is_some() && verdict != Verdict::Fires {
                     continue; // only rows that pass WHERE count as reporting
                 }
-                let e = match entry.take() {
-                    Some(e) => e,
-                    None => {
-                        if !self.keys.contains_key(key.as_ref()) {
-                            self.keys.insert(key.to_string(), Entry::default());
-                        }
-                        match self.keys.get_mut(key.as_ref()) {
-                            Some(e) => e,
-                            None => break,
-                        }
-                    }
+                let (key, e) = match entry.take() {
+                    Some(found) => found,
+                    None => match self.keys.get_or_insert_with(key.as_ref(), || {
+                        (key.as_ref().into(), Entry::default())
+                    }) {
+                        Some(found) => found,
+                        None => break,
+                    },
                 };
                 let t = input.event_time.value(r);
                 let opened_at = e.state.opened_at;
@@ -259,8 +279,8 @@ impl RuleOperator {
                     open: &mut self.open,
                     changes: &mut changes,
                 };
-                counts.after_change(e, &timing, &key, opened_at, transition);
-                entry = Some(e);
+                counts.after_change(e, &timing, key, opened_at, transition);
+                entry = Some((key, e));
             }
             i = end;
         }
@@ -282,7 +302,7 @@ impl RuleOperator {
             let Some(Reverse((due, key))) = self.timers.pop() else {
                 break;
             };
-            let Some(entry) = self.keys.get_mut(&key) else {
+            let Some(entry) = self.keys.get_mut(&*key) else {
                 continue;
             };
             if entry.timer != Some(due) {
@@ -318,11 +338,11 @@ impl RuleOperator {
     /// Takes over alerts found open in the store for a rule whose own state
     /// was not restored (new definition): they stay open until they clear.
     pub fn adopt_open(&mut self, key: String, opened_at: Millis) {
-        if self.keys.contains_key(&key) {
+        if self.keys.contains_key(key.as_str()) {
             return;
         }
         self.keys.insert(
-            key,
+            key.into(),
             Entry {
                 state: KeyState::adopt_open(opened_at),
                 timer: None,
@@ -331,17 +351,18 @@ impl RuleOperator {
         self.open += 1;
     }
 
-    pub fn snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
-        let mut keys: Vec<(String, KeyState)> = self
-            .keys
-            .iter()
-            .map(|(k, e)| (k.clone(), e.state.clone()))
-            .collect();
-        keys.sort_by(|a, b| a.0.cmp(&b.0));
-        postcard::to_stdvec(&Snapshot {
+    /// The rule's state as of now, for a checkpoint: shares the live
+    /// entries until they change (`CowMap::snapshot`), and is encoded off
+    /// the pipeline thread.
+    pub fn snapshot_state(&self) -> RuleSnapshot {
+        RuleSnapshot {
             watermark: self.watermark,
-            keys,
-        })
+            keys: self.keys.snapshot(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Result<Vec<u8>, postcard::Error> {
+        self.snapshot_state().encode()
     }
 
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), postcard::Error> {
@@ -353,6 +374,7 @@ impl RuleOperator {
         let timing = self.plan.timing;
         for (key, state) in snapshot.keys {
             let timer = state.due(&timing);
+            let key: Arc<str> = key.into();
             if let Some(due) = timer {
                 self.timers.push(Reverse((due, key.clone())));
             }
@@ -477,6 +499,44 @@ mod tests {
         op.process(&batch(&[("T1", 2 * DAY + 1, 50.0)]))
             .expect("rows");
         assert_eq!(op.keys(), 1);
+    }
+
+    /// A snapshot encoded after the rule ran on (keys changed, added,
+    /// forgotten) still restores the state it was taken at: a restored rule
+    /// then makes exactly the changes the live one made.
+    #[test]
+    fn a_snapshot_holds_the_state_it_was_taken_at() {
+        let make = || {
+            rule(
+                "severity = 'warning', for = '1 minute', key_ttl = '1 day'",
+                "WHERE battery_pct < 15",
+            )
+        };
+        let mut op = make();
+        op.process(&batch(&[("a", 0, 10.0), ("b", 0, 50.0), ("c", 0, 10.0)]))
+            .expect("rows");
+        let shared = op.snapshot_state();
+        let after = |op: &mut RuleOperator| {
+            let mut changes = op
+                .process(&batch(&[
+                    ("a", 30_000, 10.0),
+                    ("c", 30_000, 50.0),
+                    ("d", 30_000, 5.0),
+                ]))
+                .expect("rows");
+            changes.extend(op.advance_watermark(2 * 60_000));
+            changes.extend(op.advance_watermark(3 * DAY));
+            changes
+        };
+        let live = after(&mut op);
+        assert!(!live.is_empty());
+        assert_eq!(op.keys(), 0, "every key was forgotten");
+        let mut restored = make();
+        restored
+            .restore(&shared.encode().expect("encode"))
+            .expect("restore");
+        assert_eq!(restored.keys(), 3);
+        assert_eq!(after(&mut restored), live);
     }
 
     #[test]

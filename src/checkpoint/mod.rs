@@ -4,9 +4,16 @@
 //! A checkpoint is a manifest — the sequence number of the last log record
 //! whose effects it holds, every stream's watermark, and each view's plan
 //! fingerprint with the length and CRC-32 of its part — plus one part per
-//! view: the operator's snapshot (`ViewOperator::snapshot`). The store
-//! writes a checkpoint with one fjall batch, so it is all there or not at
-//! all.
+//! view or rule: the operator's snapshot (`ViewOperator::snapshot_state`).
+//!
+//! Taking one stops the pipeline only for the snapshot, which shares the
+//! operators' state copy-on-write (`crate::window::cow`), not for encoding
+//! or writing it: the checkpoint thread encodes the parts one at a time and
+//! writes each as it is encoded ([`Pending`]), so no buffer of the whole
+//! state is held. It clears the slot first and writes the manifest last, so
+//! a crash midway leaves a slot with no manifest, or one whose parts do not
+//! match it, and start-up takes the other slot: a checkpoint is all there
+//! or not at all.
 //!
 //! Two checkpoints are kept, in alternating slots. Start-up takes the newest
 //! one that checks out; if it does not (a torn or damaged write), it says so
@@ -55,6 +62,56 @@ pub struct Checkpoint {
     pub views: BTreeMap<String, Vec<u8>>,
 }
 
+/// One part of a checkpoint not encoded yet: an operator's snapshot.
+pub trait Part: Send {
+    fn encode(&self) -> Result<Vec<u8>, String>;
+}
+
+/// A checkpoint as the pipeline takes it: what the manifest will say, and
+/// the parts still to encode (on the checkpoint thread).
+pub struct Pending {
+    pub seq: u64,
+    pub taken_at: i64,
+    pub streams: BTreeMap<String, Watermark>,
+    /// `(name, plan fingerprint, snapshot)`.
+    pub parts: Vec<(String, u64, Box<dyn Part>)>,
+}
+
+impl Pending {
+    /// Encodes each part and hands it to `put` (name, bytes) one at a
+    /// time, then returns the manifest that describes them, encoded
+    /// ([`Checkpoint::encode_manifest`]), and the parts' total size.
+    pub fn write_parts(
+        self,
+        mut put: impl FnMut(&str, &[u8]) -> Result<(), String>,
+    ) -> Result<(Vec<u8>, usize), String> {
+        let mut views = BTreeMap::new();
+        let mut total = 0;
+        for (name, fingerprint, part) in self.parts {
+            let bytes = part.encode().map_err(|e| format!("{name}: {e}"))?;
+            drop(part); // the snapshot's shared chunks go back to the pipeline
+            put(&name, &bytes)?;
+            total += bytes.len();
+            views.insert(
+                name,
+                PartInfo {
+                    fingerprint,
+                    len: bytes.len(),
+                    crc: crc32fast::hash(&bytes),
+                },
+            );
+        }
+        let manifest = Manifest {
+            seq: self.seq,
+            taken_at: self.taken_at,
+            streams: self.streams,
+            views,
+        };
+        let bytes = Checkpoint::encode_manifest(&manifest).map_err(|e| e.to_string())?;
+        Ok((bytes, total))
+    }
+}
+
 impl Checkpoint {
     /// Builds a checkpoint from view snapshots `(name, fingerprint, bytes)`.
     pub fn new(
@@ -94,14 +151,19 @@ impl Checkpoint {
     /// The checkpoint as the store keeps it; the parts move, not copy (at
     /// 100 000 terminals they are tens of megabytes).
     pub fn encode(self) -> Result<StoredCheckpoint, CheckpointError> {
-        let mut manifest = serde_json::to_vec(&self.manifest)
-            .map_err(|e| CheckpointError::Manifest(e.to_string()))?;
-        let crc = crc32fast::hash(&manifest);
-        manifest.extend_from_slice(&crc.to_le_bytes());
         Ok(StoredCheckpoint {
-            manifest,
+            manifest: Self::encode_manifest(&self.manifest)?,
             parts: self.views.into_iter().collect(),
         })
+    }
+
+    /// The manifest as stored: JSON and its CRC-32.
+    pub fn encode_manifest(manifest: &Manifest) -> Result<Vec<u8>, CheckpointError> {
+        let mut bytes =
+            serde_json::to_vec(manifest).map_err(|e| CheckpointError::Manifest(e.to_string()))?;
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        Ok(bytes)
     }
 
     /// Only the manifest: what the checkpoint holds, without reading the
@@ -172,6 +234,38 @@ mod tests {
             Checkpoint::decode(cp.clone().encode().unwrap()).unwrap(),
             cp
         );
+    }
+
+    struct Bytes(Vec<u8>);
+
+    impl Part for Bytes {
+        fn encode(&self) -> Result<Vec<u8>, String> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn a_pending_checkpoint_written_part_by_part_reads_back_as_the_same_checkpoint() {
+        let cp = sample();
+        let pending = Pending {
+            seq: cp.manifest.seq,
+            taken_at: cp.manifest.taken_at,
+            streams: cp.manifest.streams.clone(),
+            parts: vec![
+                ("a".into(), 1, Box::new(Bytes(b"state of a".to_vec()))),
+                ("b".into(), 2, Box::new(Bytes(vec![0; 1000]))),
+            ],
+        };
+        let mut parts = Vec::new();
+        let (manifest, total) = pending
+            .write_parts(|name, bytes| {
+                parts.push((name.to_string(), bytes.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(total, 1010);
+        let stored = StoredCheckpoint { manifest, parts };
+        assert_eq!(Checkpoint::decode(stored).unwrap(), cp);
     }
 
     #[test]

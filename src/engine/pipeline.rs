@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::prepare::{Prepared, Preparer};
 use super::EngineError;
 use crate::alert::{AlertState, ChangeKind, RuleOperator};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Part, Pending};
 use crate::config::Durability;
 use crate::log::{self, Dedup, LogError, MessageMeta, Record};
 use crate::obs::{now_ms, AlertMetrics, Health, Metrics, StreamMetrics, ViewMetrics};
@@ -229,6 +229,18 @@ fn spawn_syncer(
     Ok((tx, handle))
 }
 
+impl Part for crate::window::operator::ViewSnapshot {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        crate::window::operator::ViewSnapshot::encode(self).map_err(|e| e.to_string())
+    }
+}
+
+impl Part for crate::alert::rule::RuleSnapshot {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        crate::alert::rule::RuleSnapshot::encode(self).map_err(|e| e.to_string())
+    }
+}
+
 /// The two checkpoint slots and what they imply for the log.
 struct CheckpointSlots {
     /// Sequence number held by each slot.
@@ -247,21 +259,41 @@ impl CheckpointSlots {
         }
     }
 
-    /// Encodes, writes and syncs `cp` into the next slot.
-    fn write(&mut self, store: &Store, metrics: &Metrics, cp: Checkpoint, started: Instant) {
+    /// Encodes `cp`'s parts one by one into the next slot, then its
+    /// manifest, and syncs (see `crate::checkpoint` for why a crash midway
+    /// is safe).
+    fn write(&mut self, store: &Store, metrics: &Metrics, cp: Pending, started: Instant) {
         let slot = self.next_slot;
-        let (seq, bytes) = (cp.manifest.seq, cp.size_bytes());
-        let written = cp.encode().map_err(|e| e.to_string()).and_then(|stored| {
-            store
-                .write_checkpoint(slot, &stored)
-                .and_then(|()| store.sync_journal())
-                .map_err(|e| e.to_string())
-        });
-        if let Err(e) = written {
-            metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
-            return;
-        }
+        let seq = cp.seq;
+        // The slot is emptied first, so the log must reach back to the
+        // other slot alone until this one is written.
+        self.slots[slot as usize] = None;
+        self.publish_floor();
+        let written = store
+            .clear_checkpoint(slot)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                cp.write_parts(|name, bytes| {
+                    store
+                        .put_checkpoint_part(slot, name, bytes)
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .and_then(|(manifest, bytes)| {
+                store
+                    .put_checkpoint_manifest(slot, &manifest)
+                    .and_then(|()| store.sync_journal())
+                    .map_err(|e| e.to_string())
+                    .map(|()| bytes)
+            });
+        let bytes = match written {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
+                return;
+            }
+        };
         self.slots[slot as usize] = Some(seq);
         self.next_slot = slot ^ 1;
         self.publish_floor();
@@ -297,7 +329,7 @@ enum Checkpoints {
     Inline(CheckpointSlots),
     /// Handed to the writer thread; `busy` while it writes one.
     Thread {
-        tx: std::sync::mpsc::SyncSender<(Checkpoint, Instant)>,
+        tx: std::sync::mpsc::SyncSender<(Pending, Instant)>,
         busy: Arc<AtomicBool>,
         handle: std::thread::JoinHandle<()>,
     },
@@ -312,7 +344,7 @@ impl Checkpoints {
         let Checkpoints::Inline(mut slots) = std::mem::replace(self, Checkpoints::Stopped) else {
             return;
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Checkpoint, Instant)>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Pending, Instant)>(1);
         let busy = Arc::new(AtomicBool::new(false));
         let flag = busy.clone();
         let floor = slots.log_floor.clone();
@@ -1691,39 +1723,45 @@ impl Runner {
         }
         self.last_checkpoint = now;
         let started = Instant::now();
-        let mut snapshots = Vec::with_capacity(self.views.len());
+        let mut parts: Vec<(String, u64, Box<dyn Part>)> =
+            Vec::with_capacity(self.views.len() + self.alerts.len());
         for (i, v) in self.views.iter().enumerate() {
             if self.filling.as_ref().is_some_and(|f| f.mask[i]) {
                 continue; // being filled: a restart rebuilds it
             }
             let plan = v.operator.plan();
-            match v.operator.snapshot() {
-                Ok(bytes) => snapshots.push((plan.name.clone(), plan.fingerprint, bytes)),
-                Err(e) => {
-                    tracing::error!(view = %plan.name, error = %e, "checkpoint skipped");
-                    return;
-                }
-            }
+            parts.push((
+                plan.name.clone(),
+                plan.fingerprint,
+                Box::new(v.operator.snapshot_state()),
+            ));
         }
         for a in &self.alerts {
             let plan = a.operator.plan();
-            match a.operator.snapshot() {
-                Ok(bytes) => snapshots.push((alert_part(&plan.name), plan.fingerprint, bytes)),
-                Err(e) => {
-                    tracing::error!(rule = %plan.name, error = %e, "checkpoint skipped");
-                    return;
-                }
-            }
+            parts.push((
+                alert_part(&plan.name),
+                plan.fingerprint,
+                Box::new(a.operator.snapshot_state()),
+            ));
         }
         let streams = self
             .streams
             .iter()
             .map(|s| (s.def.name.clone(), s.watermark.clone()))
             .collect();
-        let cp = Checkpoint::new(self.last_seq, now, streams, snapshots);
+        let cp = Pending {
+            seq: self.last_seq,
+            taken_at: now,
+            streams,
+            parts,
+        };
+        let pause = started.elapsed().as_micros() as u64;
         self.metrics
-            .checkpoint_last_pause_ms
-            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .checkpoint_last_pause_us
+            .store(pause, Ordering::Relaxed);
+        self.metrics
+            .checkpoint_max_pause_us
+            .fetch_max(pause, Ordering::Relaxed);
         match &mut self.checkpoints {
             Checkpoints::Inline(slots) => slots.write(&self.store, &self.metrics, cp, started),
             Checkpoints::Thread { tx, busy, .. } => {

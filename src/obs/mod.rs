@@ -175,8 +175,10 @@ pub struct Metrics {
     pub log_truncated_records: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_last_ms: AtomicU64,
-    /// Milliseconds the pipeline stood still for the last checkpoint's snapshot.
-    pub checkpoint_last_pause_ms: AtomicU64,
+    /// Microseconds the pipeline stood still for the last checkpoint's snapshot.
+    pub checkpoint_last_pause_us: AtomicU64,
+    /// The longest such pause since start, microseconds.
+    pub checkpoint_max_pause_us: AtomicU64,
     pub checkpoint_last_bytes: AtomicU64,
     pub replayed_records: AtomicU64,
     pub replayed_events: AtomicU64,
@@ -464,7 +466,7 @@ impl Metrics {
             per_view(&|m| load(&m.open_groups)),
         );
         let seconds = |c: &AtomicU64| format!("{:.3}", load(c) as f64 / 1e9);
-        let more: [(&str, &str, &str, String); 16] = [
+        let more: [(&str, &str, &str, String); 17] = [
             (
                 "weir_store_healthy",
                 "gauge",
@@ -535,10 +537,13 @@ impl Metrics {
                 "weir_checkpoint_last_pause_seconds",
                 "gauge",
                 "How long the pipeline stood still for the last checkpoint's snapshot.",
-                format!(
-                    "{:.3}",
-                    load(&self.checkpoint_last_pause_ms) as f64 / 1000.0
-                ),
+                format!("{:.6}", load(&self.checkpoint_last_pause_us) as f64 / 1e6),
+            ),
+            (
+                "weir_checkpoint_max_pause_seconds",
+                "gauge",
+                "The longest the pipeline stood still for a checkpoint's snapshot since start.",
+                format!("{:.6}", load(&self.checkpoint_max_pause_us) as f64 / 1e6),
             ),
             (
                 "weir_checkpoint_last_bytes",

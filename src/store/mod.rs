@@ -448,6 +448,41 @@ impl Store {
         batch.commit().map_err(io("write checkpoint"))
     }
 
+    /// Starts writing a checkpoint into `slot` part by part: removes the
+    /// slot's manifest and parts (one batch), so until
+    /// `put_checkpoint_manifest` the slot holds no checkpoint.
+    pub fn clear_checkpoint(&self, slot: u8) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        batch.remove(&self.checkpoint, format!("{slot}/manifest"));
+        for guard in self.checkpoint.prefix(format!("{slot}/part/")) {
+            batch.remove(
+                &self.checkpoint,
+                guard.key().map_err(io("write checkpoint"))?,
+            );
+        }
+        batch.commit().map_err(io("write checkpoint"))
+    }
+
+    /// One part of the checkpoint being written into `slot`.
+    pub fn put_checkpoint_part(
+        &self,
+        slot: u8,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.checkpoint
+            .insert(format!("{slot}/part/{name}"), bytes)
+            .map_err(io("write checkpoint"))
+    }
+
+    /// The manifest, last: from here on the slot holds the checkpoint
+    /// (once the journal is synced).
+    pub fn put_checkpoint_manifest(&self, slot: u8, manifest: &[u8]) -> Result<(), StoreError> {
+        self.checkpoint
+            .insert(format!("{slot}/manifest"), manifest)
+            .map_err(io("write checkpoint"))
+    }
+
     /// The checkpoint in `slot`, as written.
     pub fn read_checkpoint(&self, slot: u8) -> Result<Option<StoredCheckpoint>, StoreError> {
         let Some(manifest) = self

@@ -7,6 +7,7 @@
 //! is tested without a runtime.
 
 pub mod agg;
+pub mod cow;
 pub mod operator;
 
 use serde::{Deserialize, Serialize};
