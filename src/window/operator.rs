@@ -177,6 +177,8 @@ enum State {
     Sessions {
         sessions: CowMap<Arc<[u8]>, SessionList>,
         next_close: Millis,
+        /// Sessions open, over all keys (metrics read it per batch).
+        open: usize,
     },
 }
 
@@ -245,6 +247,7 @@ impl ViewOperator {
                     Some(WindowSpec::Session { .. }) => State::Sessions {
                         sessions: CowMap::default(),
                         next_close: Millis::MAX,
+                        open: 0,
                     },
                     Some(_) => State::Fixed {
                         windows: BTreeMap::new(),
@@ -352,7 +355,7 @@ impl ViewOperator {
             State::Filter => 0,
             State::Updating { groups, .. } => groups.len(),
             State::Fixed { windows } => windows.values().map(Groups::len).sum(),
-            State::Sessions { sessions, .. } => sessions.iter().map(|(_, l)| l.len()).sum(),
+            State::Sessions { open, .. } => *open,
         }
     }
 
@@ -510,6 +513,7 @@ impl ViewOperator {
             State::Sessions {
                 sessions,
                 next_close,
+                open,
             } => {
                 let gap = agg.window.map_or(1, |w| w.size_ms());
                 for i in 0..n {
@@ -528,6 +532,7 @@ impl ViewOperator {
                     while k < list.len() {
                         if list[k].start < end && start < list[k].end {
                             let s = list.swap_remove(k);
+                            *open -= 1;
                             start = start.min(s.start);
                             end = end.max(s.end);
                             match &mut merged {
@@ -552,6 +557,7 @@ impl ViewOperator {
                     let mut states = merged.unwrap_or_else(|| self.fresh.clone());
                     fold(&mut states, i, t);
                     list.push(Session { start, end, states });
+                    *open += 1;
                     *next_close = (*next_close).min(end);
                 }
             }
@@ -595,6 +601,7 @@ impl ViewOperator {
             State::Sessions {
                 sessions,
                 next_close,
+                open,
             } => {
                 if watermark < *next_close {
                     return Ok(None);
@@ -629,6 +636,7 @@ impl ViewOperator {
                     .min()
                     .unwrap_or(Millis::MAX);
                 *next_close = next;
+                *open -= closed_sessions.len();
                 // deterministic output order: by window, then key
                 closed_sessions
                     .sort_by(|a, b| (a.1.start, a.1.end, &a.0).cmp(&(b.1.start, b.1.end, &b.0)));
@@ -877,13 +885,16 @@ impl ViewOperator {
             State::Sessions {
                 sessions,
                 next_close,
+                open,
             } => {
                 sessions.clear();
                 *next_close = Millis::MAX;
+                *open = 0;
                 for (key, list) in snap.sessions {
                     for s in &list {
                         *next_close = (*next_close).min(s.end);
                     }
+                    *open += list.len();
                     sessions.insert(key.into(), Arc::new(list));
                 }
             }
@@ -1210,10 +1221,16 @@ mod tests {
             1,
         ))
         .unwrap();
+        op.process(&batch(&[("b", 1_000, None)], 2)).unwrap();
+        assert_eq!(op.open_groups(), 3, "a has two sessions, b one");
         // sessions [0s,15s) and [22s,32s); 14 s reaches both and bridges them into one
         op.process(&batch(&[("a", 14_000, None)], 2)).unwrap();
+        assert_eq!(op.open_groups(), 2);
+        op.advance_watermark(11_000).unwrap();
+        assert_eq!(op.open_groups(), 1, "b's session closed");
         assert!(op.advance_watermark(31_999).unwrap().is_none());
         let out = op.advance_watermark(32_000).unwrap().unwrap();
+        assert_eq!(op.open_groups(), 0);
         assert_eq!(
             show(&out),
             vec!["window_start=1970-01-01T00:00:00Z window_end=1970-01-01T00:00:32Z terminal_id=a n=4"]
