@@ -1762,6 +1762,7 @@ impl Runner {
         self.metrics
             .checkpoint_max_pause_us
             .fetch_max(pause, Ordering::Relaxed);
+        tracing::debug!(seq = cp.seq, pause_us = pause, "checkpoint snapshot taken");
         match &mut self.checkpoints {
             Checkpoints::Inline(slots) => slots.write(&self.store, &self.metrics, cp, started),
             Checkpoints::Thread { tx, busy, .. } => {
