@@ -9,7 +9,8 @@
 //! pass. The engine calls `process` before `advance_watermark` for every
 //! batch, so that data always precedes the watermark that follows it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -161,7 +162,20 @@ struct Session {
 }
 
 /// A key's open sessions, shared with a snapshot until they change.
-type SessionList = Arc<Vec<Session>>;
+type SessionList = Arc<KeySessions>;
+
+#[derive(Debug, Clone, Default)]
+struct KeySessions {
+    sessions: Vec<Session>,
+    /// Due time of this key's entry in the timer heap, if it has one.
+    timer: Option<Millis>,
+}
+
+impl KeySessions {
+    fn first_end(&self) -> Option<Millis> {
+        self.sessions.iter().map(|s| s.end).min()
+    }
+}
 
 #[derive(Debug)]
 enum State {
@@ -176,7 +190,12 @@ enum State {
     },
     Sessions {
         sessions: CowMap<Arc<[u8]>, SessionList>,
-        next_close: Millis,
+        /// (end of a key's first session, key), earliest first, with lazy
+        /// deletion as in the alert rules: a session that grows leaves its
+        /// timer early, and a timer popped before its key's sessions end is
+        /// pushed again at the right time. Closing costs what closes, not a
+        /// pass over every key.
+        timers: BinaryHeap<Reverse<(Millis, Arc<[u8]>)>>,
         /// Sessions open, over all keys (metrics read it per batch).
         open: usize,
     },
@@ -246,7 +265,7 @@ impl ViewOperator {
                     },
                     Some(WindowSpec::Session { .. }) => State::Sessions {
                         sessions: CowMap::default(),
-                        next_close: Millis::MAX,
+                        timers: BinaryHeap::new(),
                         open: 0,
                     },
                     Some(_) => State::Fixed {
@@ -512,19 +531,20 @@ impl ViewOperator {
             }
             State::Sessions {
                 sessions,
-                next_close,
+                timers,
                 open,
             } => {
                 let gap = agg.window.map_or(1, |w| w.size_ms());
                 for i in 0..n {
                     let t = batch.event_time.value(i);
                     let key = key_of(i);
-                    let Some((_, list)) =
+                    let Some((key_arc, entry)) =
                         sessions.get_or_insert_with(key, || (key.into(), Arc::default()))
                     else {
                         continue;
                     };
-                    let list = Arc::make_mut(list);
+                    let entry = Arc::make_mut(entry);
+                    let list = &mut entry.sessions;
                     // sessions that [t, t + gap) touches merge into one
                     let (mut start, mut end) = (t, t + gap);
                     let mut merged: Option<Vec<AggState>> = None;
@@ -558,7 +578,10 @@ impl ViewOperator {
                     fold(&mut states, i, t);
                     list.push(Session { start, end, states });
                     *open += 1;
-                    *next_close = (*next_close).min(end);
+                    if entry.timer.is_none_or(|due| end < due) {
+                        entry.timer = Some(end);
+                        timers.push(Reverse((end, key_arc.clone())));
+                    }
                 }
             }
         }
@@ -600,43 +623,41 @@ impl ViewOperator {
             }
             State::Sessions {
                 sessions,
-                next_close,
+                timers,
                 open,
             } => {
-                if watermark < *next_close {
-                    return Ok(None);
-                }
-                // Keys with a session that closes: found by reading, so that
-                // keys with nothing to close copy nothing a snapshot holds.
-                let closing: Vec<Arc<[u8]>> = sessions
-                    .iter()
-                    .filter(|(_, list)| list.iter().any(|s| is_closed(s.end, Some(watermark))))
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in closing {
-                    let Some(list) = sessions.get_mut(&key) else {
+                while let Some(Reverse((due, _))) = timers.peek() {
+                    if !is_closed(*due, Some(watermark)) {
+                        break;
+                    }
+                    let Some(Reverse((due, key))) = timers.pop() else {
+                        break;
+                    };
+                    // (read first: a stale timer copies nothing a snapshot holds)
+                    if sessions.get(&key).is_none_or(|e| e.timer != Some(due)) {
+                        continue; // the key is gone, or has a later timer
+                    }
+                    let Some(entry) = sessions.get_mut(&key) else {
                         continue;
                     };
-                    let list = Arc::make_mut(list);
+                    let entry = Arc::make_mut(entry);
                     let mut k = 0;
-                    while k < list.len() {
-                        if is_closed(list[k].end, Some(watermark)) {
-                            closed_sessions.push((key.clone(), list.swap_remove(k)));
+                    while k < entry.sessions.len() {
+                        if is_closed(entry.sessions[k].end, Some(watermark)) {
+                            closed_sessions.push((key.clone(), entry.sessions.swap_remove(k)));
+                            *open -= 1;
                         } else {
                             k += 1;
                         }
                     }
-                    if list.is_empty() {
-                        sessions.remove(&key);
+                    entry.timer = entry.first_end();
+                    match entry.timer {
+                        Some(next) => timers.push(Reverse((next, key))),
+                        None => {
+                            sessions.remove(&key);
+                        }
                     }
                 }
-                let next = sessions
-                    .iter()
-                    .flat_map(|(_, list)| list.iter().map(|s| s.end))
-                    .min()
-                    .unwrap_or(Millis::MAX);
-                *next_close = next;
-                *open -= closed_sessions.len();
                 // deterministic output order: by window, then key
                 closed_sessions
                     .sort_by(|a, b| (a.1.start, a.1.end, &a.0).cmp(&(b.1.start, b.1.end, &b.0)));
@@ -884,18 +905,24 @@ impl ViewOperator {
             }
             State::Sessions {
                 sessions,
-                next_close,
+                timers,
                 open,
             } => {
                 sessions.clear();
-                *next_close = Millis::MAX;
+                timers.clear();
                 *open = 0;
                 for (key, list) in snap.sessions {
-                    for s in &list {
-                        *next_close = (*next_close).min(s.end);
+                    let key: Arc<[u8]> = key.into();
+                    let mut entry = KeySessions {
+                        sessions: list,
+                        timer: None,
+                    };
+                    entry.timer = entry.first_end();
+                    if let Some(due) = entry.timer {
+                        timers.push(Reverse((due, key.clone())));
                     }
-                    *open += list.len();
-                    sessions.insert(key.into(), Arc::new(list));
+                    *open += entry.sessions.len();
+                    sessions.insert(key, Arc::new(entry));
                 }
             }
         }
@@ -969,7 +996,7 @@ impl ViewSnapshot {
             SnapshotState::Sessions(sessions) => {
                 let mut list: Vec<(&[u8], &[Session])> = sessions
                     .iter()
-                    .map(|(k, v)| (k.as_ref(), v.as_slice()))
+                    .map(|(k, v)| (k.as_ref(), v.sessions.as_slice()))
                     .collect();
                 list.sort_by(|a, b| a.0.cmp(b.0));
                 SnapshotRef {
