@@ -16,8 +16,8 @@
 //! - `logids`: the identities of each log record's QoS 1 messages, same key;
 //!   small, so the dedup window is rebuilt at start-up without reading rows.
 //! - `checkpoint`: two checkpoint slots (`crate::checkpoint`), each a
-//!   `<slot>/manifest` and one `<slot>/part/<view>` per operator, replaced
-//!   together in one atomic batch.
+//!   `<slot>/manifest` and one `<slot>/part/<view>` per operator; a slot is
+//!   cleared, then written part by part, manifest last.
 //!
 //! - `alerts`: alerts (`crate::alert::Alert`) as JSON, key = the alert's
 //!   16-byte id, whose first 8 bytes are its opening time: a reverse scan
@@ -417,35 +417,6 @@ impl Store {
             batch.commit().map_err(io("truncate the ingest log"))?;
             n += in_batch;
         }
-    }
-
-    /// Replaces the checkpoint in `slot` (0 or 1): new manifest and parts,
-    /// the slot's old parts removed, in one atomic batch.
-    pub fn write_checkpoint(
-        &self,
-        slot: u8,
-        checkpoint: &StoredCheckpoint,
-    ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
-        for guard in self.checkpoint.prefix(format!("{slot}/part/")) {
-            batch.remove(
-                &self.checkpoint,
-                guard.key().map_err(io("write checkpoint"))?,
-            );
-        }
-        for (name, bytes) in &checkpoint.parts {
-            batch.insert(
-                &self.checkpoint,
-                format!("{slot}/part/{name}"),
-                bytes.as_slice(),
-            );
-        }
-        batch.insert(
-            &self.checkpoint,
-            format!("{slot}/manifest"),
-            checkpoint.manifest.as_slice(),
-        );
-        batch.commit().map_err(io("write checkpoint"))
     }
 
     /// Starts writing a checkpoint into `slot` part by part: removes the

@@ -140,7 +140,7 @@ impl Groups {
         g
     }
 
-    /// Folds row `i` at event time `t` into group `g`.
+    /// Folds an event at time `t` into group `g` (`fold` updates the states).
     fn fold(&mut self, g: usize, t: Millis, fold: impl FnOnce(&mut [AggState])) {
         if let Some(group) = self.rows.get_mut(g) {
             fold(group.states_mut());
