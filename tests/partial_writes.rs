@@ -68,7 +68,7 @@ fn newest_checkpoint(store: &Store) -> (u8, StoredCheckpoint) {
         .filter_map(|slot| {
             let stored = store.read_checkpoint(slot).expect("read")?;
             Some((
-                Checkpoint::decode(stored.clone()).ok()?.manifest.seq,
+                Checkpoint::decode_manifest(&stored.manifest).ok()?.seq,
                 slot,
                 stored,
             ))
@@ -96,8 +96,9 @@ async fn restarts_whole(dir: tempfile::TempDir) -> tempfile::TempDir {
 async fn a_checkpoint_whose_writing_stopped_midway_is_not_used() {
     let dir = two_checkpoints().await;
     {
-        // What a crash leaves after the slot was cleared and one part of
-        // the next checkpoint written, before its manifest.
+        // What a crash leaves after the slot was cleared and part of the
+        // next checkpoint written (half a header, a chunk of its state),
+        // before its manifest.
         let store = Store::open(&dir.path().join("data")).expect("open store");
         let (slot, stored) = newest_checkpoint(&store);
         store.clear_checkpoint(slot).expect("clear");
@@ -105,10 +106,29 @@ async fn a_checkpoint_whose_writing_stopped_midway_is_not_used() {
         store
             .put_checkpoint_part(slot, name, &bytes[..bytes.len() / 2])
             .expect("part");
+        store
+            .put_checkpoint_chunk(&orphan_chunk(name), b"half a chunk")
+            .expect("chunk");
         store.sync().expect("sync");
         assert!(store.read_checkpoint(slot).expect("read").is_none());
     }
-    restarts_whole(dir).await;
+    let dir = restarts_whole(dir).await;
+    // the checkpoints written since dropped the chunk no manifest names
+    let store = Store::open(&dir.path().join("data")).expect("open store");
+    let (_, stored) = newest_checkpoint(&store);
+    let name = &stored.parts[0].0;
+    assert_eq!(
+        store
+            .read_checkpoint_chunk(&orphan_chunk(name))
+            .expect("read"),
+        None
+    );
+}
+
+/// A chunk of a checkpoint that was never finished (a generation no
+/// manifest has).
+fn orphan_chunk(part: &str) -> Vec<u8> {
+    weir::checkpoint::chunk_key(part, 0, 0, u64::MAX)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

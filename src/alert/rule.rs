@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::{KeyState, Timing, Transition, Verdict};
 use crate::plan::AlertPlan;
-use crate::window::cow::{CowMap, CowVec};
+use crate::window::cow::{Chunks, CowMap};
 use crate::window::operator::{run_steps, EventBatch};
 use crate::window::Millis;
 
@@ -123,7 +123,28 @@ struct SnapshotRef<'a> {
 /// A rule's state at one log position (`RuleOperator::snapshot_state`).
 pub struct RuleSnapshot {
     watermark: Option<Millis>,
-    keys: CowVec<(Arc<str>, Entry)>,
+    keys: Chunks<(Arc<str>, Entry)>,
+}
+
+/// A rule's checkpoint part: the watermark in the header, the keys' states
+/// in chunks (one segment).
+impl crate::checkpoint::Part for RuleSnapshot {
+    fn header(&self) -> Result<Vec<u8>, String> {
+        postcard::to_stdvec(&self.watermark).map_err(|e| e.to_string())
+    }
+
+    fn segments(&self) -> Vec<crate::checkpoint::Segment> {
+        vec![self.keys.segment(0)]
+    }
+
+    fn encode_chunk(&self, _: usize, chunk: usize) -> Result<Vec<u8>, String> {
+        let chunk = self.keys.chunk(chunk).ok_or("chunk released")?;
+        crate::checkpoint::encode_seq(chunk.iter().map(|(key, e)| (&**key, &e.state)))
+    }
+
+    fn release_chunk(&mut self, _: usize, chunk: usize) {
+        self.keys.release(chunk);
+    }
 }
 
 impl RuleSnapshot {
@@ -366,7 +387,31 @@ impl RuleOperator {
     }
 
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), postcard::Error> {
-        let snapshot: Snapshot = postcard::from_bytes(bytes)?;
+        self.restore_snapshot(postcard::from_bytes(bytes)?);
+        Ok(())
+    }
+
+    /// Replaces the state with a checkpoint's chunked part (what a
+    /// [`RuleSnapshot`] wrote as a [`crate::checkpoint::Part`]).
+    pub fn restore_chunked(
+        &mut self,
+        header: &[u8],
+        segments: &crate::checkpoint::Segments,
+    ) -> Result<(), postcard::Error> {
+        let mut snapshot = Snapshot {
+            watermark: postcard::from_bytes(header)?,
+            keys: Vec::new(),
+        };
+        for chunk in segments.iter().flat_map(|(_, chunks)| chunks) {
+            snapshot
+                .keys
+                .extend(postcard::from_bytes::<Vec<(String, KeyState)>>(chunk)?);
+        }
+        self.restore_snapshot(snapshot);
+        Ok(())
+    }
+
+    fn restore_snapshot(&mut self, snapshot: Snapshot) {
         self.keys.clear();
         self.timers.clear();
         self.open = 0;
@@ -383,7 +428,6 @@ impl RuleOperator {
             }
             self.keys.insert(key, Entry { state, timer });
         }
-        Ok(())
     }
 }
 
@@ -536,7 +580,14 @@ mod tests {
             .restore(&shared.encode().expect("encode"))
             .expect("restore");
         assert_eq!(restored.keys(), 3);
+        let mut from_chunks = make();
+        let (header, segments) = crate::checkpoint::round_trip(Box::new(shared));
+        from_chunks
+            .restore_chunked(&header, &segments)
+            .expect("restore from chunks");
+        assert_eq!(from_chunks.keys(), 3);
         assert_eq!(after(&mut restored), live);
+        assert_eq!(after(&mut from_chunks), live);
     }
 
     #[test]

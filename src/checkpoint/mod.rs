@@ -15,13 +15,26 @@
 //! match it, and start-up takes the other slot: a checkpoint is all there
 //! or not at all.
 //!
+//! **Incremental.** A part is a small header (the watermark) and its state
+//! in chunks of 512 keys or windows, each stored under a key of its own
+//! that names the checkpoint generation that wrote it ([`chunk_key`]). A
+//! chunk the pipeline has not written since the last checkpoint (its epoch
+//! stamp, `crate::window::cow`) is not encoded or written again: the new
+//! manifest refers to the chunk the older checkpoint wrote. So a
+//! checkpoint's cost follows what changed, not the state's size. Chunks
+//! are never overwritten; once a manifest is down, chunks that neither
+//! slot's manifest refers to are deleted ([`live_chunks`]). Restore reads
+//! each chunk a manifest names and checks its length and CRC-32, as for
+//! any part. There is no chain to replay or compact: every manifest names
+//! all of its chunks, whichever generation wrote them.
+//!
 //! Two checkpoints are kept, in alternating slots. Start-up takes the newest
 //! one that checks out; if it does not (a torn or damaged write), it says so
 //! and takes the older one, and the log still reaches back that far because
 //! retention never truncates below the older checkpoint. A view whose
 //! fingerprint differs from the checkpoint's (its SQL changed) starts empty.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -46,25 +59,133 @@ pub struct Manifest {
     pub taken_at: i64,
     pub streams: BTreeMap<String, Watermark>,
     pub views: BTreeMap<String, PartInfo>,
+    /// Counts the checkpoints written; names the chunks this one wrote.
+    /// (0 in checkpoints from before chunks.)
+    #[serde(default)]
+    pub generation: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartInfo {
     pub fingerprint: u64,
+    /// Length and CRC of the part: the whole state, or with `chunked` its
+    /// header.
     pub len: usize,
     pub crc: u32,
+    /// The state is in chunks (`segments`), not in the part.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chunked: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentRef>,
 }
+
+/// One chunked sequence of a part: a view's groups, or one window's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub id: i64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// A stored chunk: the generation that wrote it, its length and CRC-32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef(pub u64, pub u32, pub u32);
 
 /// A checkpoint in memory: manifest and each view's snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
     pub manifest: Manifest,
+    /// Per part: the whole state, or with chunks its header.
     pub views: BTreeMap<String, Vec<u8>>,
+    /// Per chunked part: each segment's id and its chunks' bytes, in order.
+    pub chunks: BTreeMap<String, Segments>,
+}
+
+/// A chunked part's state as read back: per segment, its id and its
+/// chunks' bytes in order.
+pub type Segments = Vec<(i64, Vec<Vec<u8>>)>;
+
+/// One chunked sequence of an operator's snapshot, as the writer sees it.
+pub struct Segment {
+    pub id: i64,
+    /// The vector it was taken from, and the epoch its snapshot closed
+    /// (`crate::window::cow::Chunks`).
+    pub source: u64,
+    pub epoch: u64,
+    /// Per chunk, the epoch of its last write.
+    pub stamps: Vec<u64>,
 }
 
 /// One part of a checkpoint not encoded yet: an operator's snapshot.
 pub trait Part: Send {
-    fn encode(&self) -> Result<Vec<u8>, String>;
+    /// What is not in chunks (the watermark), encoded.
+    fn header(&self) -> Result<Vec<u8>, String>;
+    fn segments(&self) -> Vec<Segment>;
+    /// Chunk `chunk` of segment `segment`, encoded.
+    fn encode_chunk(&self, segment: usize, chunk: usize) -> Result<Vec<u8>, String>;
+    /// Done with that chunk: the snapshot lets go of it.
+    fn release_chunk(&mut self, segment: usize, chunk: usize);
+}
+
+/// A chunk's elements encoded (postcard) as a sequence, which the reader
+/// decodes as a `Vec` of their owned form.
+pub fn encode_seq<R: Serialize>(
+    items: impl ExactSizeIterator<Item = R>,
+) -> Result<Vec<u8>, String> {
+    struct Seq<I>(std::cell::Cell<Option<I>>);
+    impl<R: Serialize, I: ExactSizeIterator<Item = R>> Serialize for Seq<I> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            match self.0.take() {
+                Some(items) => serializer.collect_seq(items),
+                None => serializer.collect_seq(std::iter::empty::<R>()),
+            }
+        }
+    }
+    postcard::to_stdvec(&Seq(std::cell::Cell::new(Some(items)))).map_err(|e| e.to_string())
+}
+
+/// The store key of a chunk: part, segment, position, generation.
+pub fn chunk_key(part: &str, segment: i64, index: usize, generation: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(part.len() + 23);
+    key.extend_from_slice(CHUNK_PREFIX);
+    key.extend_from_slice(part.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&crate::window::operator::time_key(segment));
+    key.extend_from_slice(&(index as u32).to_be_bytes());
+    key.extend_from_slice(&generation.to_be_bytes());
+    key
+}
+
+/// Every chunk key starts with this.
+pub const CHUNK_PREFIX: &[u8] = b"c/";
+
+/// The chunk keys a manifest refers to.
+pub fn live_chunks(manifest: &Manifest, into: &mut HashSet<Vec<u8>>) {
+    for (name, info) in &manifest.views {
+        for seg in &info.segments {
+            for (i, c) in seg.chunks.iter().enumerate() {
+                into.insert(chunk_key(name, seg.id, i, c.0));
+            }
+        }
+    }
+}
+
+/// What the last checkpoint written wrote, per (part, segment): the source
+/// vector, the epoch, and the chunks. The next checkpoint reuses a chunk
+/// from it when the same vector's chunk has not been written since.
+#[derive(Debug, Default)]
+pub struct Written {
+    segments: HashMap<(String, i64), (u64, u64, Vec<ChunkRef>)>,
+}
+
+/// What writing a checkpoint did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Bytes encoded and written (headers and new chunks).
+    pub written: usize,
+    /// Bytes of the state the checkpoint describes (with reused chunks).
+    pub state: usize,
+    pub chunks_written: usize,
+    pub chunks_reused: usize,
 }
 
 /// A checkpoint as the pipeline takes it: what the manifest will say, and
@@ -78,26 +199,73 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Encodes each part and hands it to `put` (name, bytes) one at a
-    /// time, then returns the manifest that describes them, encoded
-    /// ([`Checkpoint::encode_manifest`]), and the parts' total size.
+    /// Writes the parts as generation `generation`: each header through
+    /// `put_part` (name, bytes), each chunk not in `previous` through
+    /// `put_chunk` ([`chunk_key`], bytes), encoding one at a time. Returns
+    /// the manifest that describes them, encoded
+    /// ([`Checkpoint::encode_manifest`]) — it is the checkpoint once stored
+    /// — what to reuse from next time, and the figures.
     pub fn write_parts(
         self,
-        mut put: impl FnMut(&str, &[u8]) -> Result<(), String>,
-    ) -> Result<(Vec<u8>, usize), String> {
+        generation: u64,
+        previous: &Written,
+        mut put_part: impl FnMut(&str, &[u8]) -> Result<(), String>,
+        mut put_chunk: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+    ) -> Result<(Manifest, Written, WriteStats), String> {
         let mut views = BTreeMap::new();
-        let mut total = 0;
-        for (name, fingerprint, part) in self.parts {
-            let bytes = part.encode().map_err(|e| format!("{name}: {e}"))?;
-            drop(part); // the snapshot's shared chunks go back to the pipeline
-            put(&name, &bytes)?;
-            total += bytes.len();
+        let mut written = Written::default();
+        let mut stats = WriteStats::default();
+        for (name, fingerprint, mut part) in self.parts {
+            let header = part.header().map_err(|e| format!("{name}: {e}"))?;
+            put_part(&name, &header)?;
+            stats.written += header.len();
+            stats.state += header.len();
+            let mut segments = Vec::new();
+            for (s, seg) in part.segments().into_iter().enumerate() {
+                let before = previous
+                    .segments
+                    .get(&(name.clone(), seg.id))
+                    .filter(|(source, ..)| *source == seg.source);
+                let mut chunks = Vec::with_capacity(seg.stamps.len());
+                for (c, &stamp) in seg.stamps.iter().enumerate() {
+                    let reuse = before
+                        .filter(|(_, epoch, _)| stamp <= *epoch)
+                        .and_then(|(.., refs)| refs.get(c));
+                    let chunk = match reuse {
+                        Some(&chunk) => {
+                            stats.chunks_reused += 1;
+                            chunk
+                        }
+                        None => {
+                            let bytes = part
+                                .encode_chunk(s, c)
+                                .map_err(|e| format!("{name}: {e}"))?;
+                            put_chunk(&chunk_key(&name, seg.id, c, generation), &bytes)?;
+                            stats.chunks_written += 1;
+                            stats.written += bytes.len();
+                            ChunkRef(generation, bytes.len() as u32, crc32fast::hash(&bytes))
+                        }
+                    };
+                    // the pipeline's next write there need not copy it
+                    part.release_chunk(s, c);
+                    stats.state += chunk.1 as usize;
+                    chunks.push(chunk);
+                }
+                written.segments.insert(
+                    (name.clone(), seg.id),
+                    (seg.source, seg.epoch, chunks.clone()),
+                );
+                segments.push(SegmentRef { id: seg.id, chunks });
+            }
+            drop(part);
             views.insert(
                 name,
                 PartInfo {
                     fingerprint,
-                    len: bytes.len(),
-                    crc: crc32fast::hash(&bytes),
+                    len: header.len(),
+                    crc: crc32fast::hash(&header),
+                    chunked: true,
+                    segments,
                 },
             );
         }
@@ -106,9 +274,9 @@ impl Pending {
             taken_at: self.taken_at,
             streams: self.streams,
             views,
+            generation,
         };
-        let bytes = Checkpoint::encode_manifest(&manifest).map_err(|e| e.to_string())?;
-        Ok((bytes, total))
+        Ok((manifest, written, stats))
     }
 }
 
@@ -129,6 +297,8 @@ impl Checkpoint {
                     fingerprint,
                     len: bytes.len(),
                     crc: crc32fast::hash(&bytes),
+                    chunked: false,
+                    segments: Vec::new(),
                 },
             );
             views.insert(name, bytes);
@@ -139,13 +309,20 @@ impl Checkpoint {
                 taken_at,
                 streams,
                 views: infos,
+                generation: 0,
             },
             views,
+            chunks: BTreeMap::new(),
         }
     }
 
     pub fn size_bytes(&self) -> usize {
-        self.views.values().map(Vec::len).sum()
+        let chunks: usize = self
+            .chunks
+            .values()
+            .flat_map(|segments| segments.iter().flat_map(|(_, c)| c.iter().map(Vec::len)))
+            .sum();
+        self.views.values().map(Vec::len).sum::<usize>() + chunks
     }
 
     /// The checkpoint as the store keeps it; the parts move, not copy (at
@@ -185,14 +362,25 @@ impl Checkpoint {
         Ok(manifest)
     }
 
-    /// Checks the manifest's checksum and every part against the manifest.
+    /// Checks the manifest's checksum and every part against the manifest
+    /// (a checkpoint without chunks: see [`Checkpoint::decode_with`]).
     pub fn decode(stored: StoredCheckpoint) -> Result<Self, CheckpointError> {
+        Self::decode_with(stored, |_| Ok(None))
+    }
+
+    /// Checks the manifest's checksum and every part and chunk against the
+    /// manifest; `chunk` reads a chunk by its key ([`chunk_key`]).
+    pub fn decode_with(
+        stored: StoredCheckpoint,
+        mut chunk: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, String>,
+    ) -> Result<Self, CheckpointError> {
         let partial = |what: &str| CheckpointError::Partial {
             what: what.to_string(),
         };
         let manifest = Self::decode_manifest(&stored.manifest)?;
         let mut parts: BTreeMap<String, Vec<u8>> = stored.parts.into_iter().collect();
         let mut views = BTreeMap::new();
+        let mut chunks = BTreeMap::new();
         for (name, info) in &manifest.views {
             let part = parts
                 .remove(name)
@@ -201,9 +389,68 @@ impl Checkpoint {
                 return Err(partial(&format!("part {name}")));
             }
             views.insert(name.clone(), part);
+            if !info.chunked {
+                continue;
+            }
+            let mut segments = Vec::with_capacity(info.segments.len());
+            for seg in &info.segments {
+                let mut list = Vec::with_capacity(seg.chunks.len());
+                for (i, c) in seg.chunks.iter().enumerate() {
+                    let what = || format!("part {name} chunk {i} of segment {}", seg.id);
+                    let bytes = chunk(&chunk_key(name, seg.id, i, c.0))
+                        .map_err(|e| CheckpointError::Manifest(format!("{}: {e}", what())))?
+                        .ok_or_else(|| partial(&format!("{} (missing)", what())))?;
+                    if bytes.len() != c.1 as usize || crc32fast::hash(&bytes) != c.2 {
+                        return Err(partial(&what()));
+                    }
+                    list.push(bytes);
+                }
+                segments.push((seg.id, list));
+            }
+            chunks.insert(name.clone(), segments);
         }
-        Ok(Self { manifest, views })
+        Ok(Self {
+            manifest,
+            views,
+            chunks,
+        })
     }
+}
+
+/// Writes `part` as the only part of a checkpoint and reads it back:
+/// its header and segments, as restore gets them.
+#[cfg(test)]
+pub(crate) fn round_trip(part: Box<dyn Part>) -> (Vec<u8>, Segments) {
+    let pending = Pending {
+        seq: 1,
+        taken_at: 0,
+        streams: BTreeMap::new(),
+        parts: vec![("p".into(), 1, part)],
+    };
+    let mut parts = Vec::new();
+    let mut chunks = HashMap::new();
+    let (manifest, ..) = pending
+        .write_parts(
+            1,
+            &Written::default(),
+            |name, bytes| {
+                parts.push((name.to_string(), bytes.to_vec()));
+                Ok(())
+            },
+            |key, bytes| {
+                chunks.insert(key.to_vec(), bytes.to_vec());
+                Ok(())
+            },
+        )
+        .expect("written");
+    let stored = StoredCheckpoint {
+        manifest: Checkpoint::encode_manifest(&manifest).expect("manifest"),
+        parts,
+    };
+    let mut cp =
+        Checkpoint::decode_with(stored, |key| Ok(chunks.get(key).cloned())).expect("read back");
+    let header = cp.views.remove("p").expect("header");
+    (header, cp.chunks.remove("p").unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -236,36 +483,152 @@ mod tests {
         );
     }
 
-    struct Bytes(Vec<u8>);
+    use crate::window::cow::{Chunks, CowVec};
 
-    impl Part for Bytes {
-        fn encode(&self) -> Result<Vec<u8>, String> {
-            Ok(self.0.clone())
+    /// A part over one vector of numbers, chunked as operators are.
+    struct Numbers(Chunks<u32>);
+
+    impl Part for Numbers {
+        fn header(&self) -> Result<Vec<u8>, String> {
+            Ok(b"header".to_vec())
+        }
+        fn segments(&self) -> Vec<Segment> {
+            vec![Segment {
+                id: 3,
+                source: self.0.source,
+                epoch: self.0.epoch,
+                stamps: self.0.stamps().to_vec(),
+            }]
+        }
+        fn encode_chunk(&self, _: usize, chunk: usize) -> Result<Vec<u8>, String> {
+            let c = self.0.chunk(chunk).ok_or("released")?;
+            Ok(c.iter().flat_map(|n| n.to_le_bytes()).collect())
+        }
+        fn release_chunk(&mut self, _: usize, chunk: usize) {
+            self.0.release(chunk);
+        }
+    }
+
+    /// A store in memory: parts, chunks and the manifest.
+    #[derive(Default)]
+    struct Kept {
+        parts: Vec<(String, Vec<u8>)>,
+        chunks: HashMap<Vec<u8>, Vec<u8>>,
+        previous: Written,
+        generation: u64,
+    }
+
+    impl Kept {
+        fn write(&mut self, numbers: &CowVec<u32>) -> (Manifest, WriteStats) {
+            self.generation += 1;
+            let pending = Pending {
+                seq: self.generation,
+                taken_at: 7,
+                streams: BTreeMap::new(),
+                parts: vec![("n".into(), 1, Box::new(Numbers(numbers.snapshot())))],
+            };
+            self.parts.clear();
+            let (manifest, written, stats) = pending
+                .write_parts(
+                    self.generation,
+                    &self.previous,
+                    |name, bytes| {
+                        self.parts.push((name.to_string(), bytes.to_vec()));
+                        Ok(())
+                    },
+                    |key, bytes| {
+                        assert!(self.chunks.insert(key.to_vec(), bytes.to_vec()).is_none());
+                        Ok(())
+                    },
+                )
+                .unwrap();
+            self.previous = written;
+            (manifest, stats)
+        }
+
+        fn read(&self, manifest: &Manifest) -> Result<Vec<u32>, CheckpointError> {
+            let stored = StoredCheckpoint {
+                manifest: Checkpoint::encode_manifest(manifest)?,
+                parts: self.parts.clone(),
+            };
+            let cp = Checkpoint::decode_with(stored, |key| Ok(self.chunks.get(key).cloned()))?;
+            assert_eq!(cp.views["n"], b"header");
+            let segments = &cp.chunks["n"];
+            assert_eq!(segments.len(), 1);
+            assert_eq!(segments[0].0, 3);
+            Ok(segments[0]
+                .1
+                .iter()
+                .flat_map(|c| c.chunks(4))
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect())
         }
     }
 
     #[test]
-    fn a_pending_checkpoint_written_part_by_part_reads_back_as_the_same_checkpoint() {
-        let cp = sample();
-        let pending = Pending {
-            seq: cp.manifest.seq,
-            taken_at: cp.manifest.taken_at,
-            streams: cp.manifest.streams.clone(),
-            parts: vec![
-                ("a".into(), 1, Box::new(Bytes(b"state of a".to_vec()))),
-                ("b".into(), 2, Box::new(Bytes(vec![0; 1000]))),
-            ],
-        };
-        let mut parts = Vec::new();
-        let (manifest, total) = pending
-            .write_parts(|name, bytes| {
-                parts.push((name.to_string(), bytes.to_vec()));
-                Ok(())
-            })
-            .unwrap();
-        assert_eq!(total, 1010);
-        let stored = StoredCheckpoint { manifest, parts };
-        assert_eq!(Checkpoint::decode(stored).unwrap(), cp);
+    fn a_checkpoint_written_chunk_by_chunk_reads_back_whole() {
+        let numbers: CowVec<u32> = (0..2000).collect();
+        let mut kept = Kept::default();
+        let (manifest, stats) = kept.write(&numbers);
+        assert_eq!(stats.chunks_written, 4);
+        assert_eq!(stats.chunks_reused, 0);
+        assert_eq!(stats.written, 6 + 2000 * 4);
+        assert_eq!(kept.read(&manifest).unwrap(), (0..2000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_next_checkpoint_writes_only_the_chunks_that_changed() {
+        let mut numbers: CowVec<u32> = (0..2000).collect();
+        let mut kept = Kept::default();
+        let (first, _) = kept.write(&numbers);
+        *numbers.get_mut(700).unwrap() = 1;
+        let (second, stats) = kept.write(&numbers);
+        assert_eq!((stats.chunks_written, stats.chunks_reused), (1, 3));
+        assert_eq!(stats.written, 6 + 512 * 4);
+        assert_eq!(stats.state, 6 + 2000 * 4);
+        let mut expect: Vec<u32> = (0..2000).collect();
+        expect[700] = 1;
+        assert_eq!(kept.read(&second).unwrap(), expect);
+        // the first checkpoint still reads as it was: its chunks stay
+        assert_eq!(kept.read(&first).unwrap(), (0..2000).collect::<Vec<_>>());
+        // nothing changed: nothing but the header is written
+        let (third, stats) = kept.write(&numbers);
+        assert_eq!((stats.chunks_written, stats.chunks_reused), (0, 4));
+        assert_eq!(kept.read(&third).unwrap(), expect);
+        // the chunks the two newest manifests need, and no others
+        let mut live = HashSet::new();
+        live_chunks(&second, &mut live);
+        live_chunks(&third, &mut live);
+        assert_eq!(live.len(), 4);
+        assert_eq!(kept.chunks.len(), 5);
+        let mut only_first = HashSet::new();
+        live_chunks(&first, &mut only_first);
+        assert_eq!(only_first.difference(&live).count(), 1);
+    }
+
+    #[test]
+    fn a_new_vector_in_the_same_place_is_written_whole() {
+        let mut kept = Kept::default();
+        kept.write(&(0..2000).collect());
+        // a rebuilt operator: same part and segment, another vector
+        let (manifest, stats) = kept.write(&(0..2000).map(|n| n + 1).collect());
+        assert_eq!((stats.chunks_written, stats.chunks_reused), (4, 0));
+        assert_eq!(kept.read(&manifest).unwrap(), (1..2001).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_missing_or_damaged_chunk_fails_the_checkpoint() {
+        let numbers: CowVec<u32> = (0..2000).collect();
+        let mut kept = Kept::default();
+        let (manifest, _) = kept.write(&numbers);
+        let key = chunk_key("n", 3, 1, 1);
+        let chunk = kept.chunks.get_mut(&key).unwrap();
+        chunk[5] ^= 1;
+        let err = kept.read(&manifest).unwrap_err().to_string();
+        assert!(err.contains("part n chunk 1"), "{err}");
+        kept.chunks.remove(&key);
+        let err = kept.read(&manifest).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
     }
 
     #[test]

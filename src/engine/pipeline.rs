@@ -28,7 +28,7 @@
 //! state, the watermarks and the last applied sequence number are written as
 //! one checkpoint (`crate::checkpoint`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,23 +229,18 @@ fn spawn_syncer(
     Ok((tx, handle))
 }
 
-impl Part for crate::window::operator::ViewSnapshot {
-    fn encode(&self) -> Result<Vec<u8>, String> {
-        crate::window::operator::ViewSnapshot::encode(self).map_err(|e| e.to_string())
-    }
-}
-
-impl Part for crate::alert::rule::RuleSnapshot {
-    fn encode(&self) -> Result<Vec<u8>, String> {
-        crate::alert::rule::RuleSnapshot::encode(self).map_err(|e| e.to_string())
-    }
-}
-
 /// The two checkpoint slots and what they imply for the log.
 struct CheckpointSlots {
     /// Sequence number held by each slot.
     slots: [Option<u64>; 2],
+    /// The chunks each slot's manifest refers to (the rest may go).
+    live: [HashSet<Vec<u8>>; 2],
     next_slot: u8,
+    /// The generation of the next checkpoint (names its chunks).
+    next_generation: u64,
+    /// What the last checkpoint written wrote: the next one reuses its
+    /// chunks that did not change.
+    previous: crate::checkpoint::Written,
     /// Log records below this are no longer needed by any checkpoint.
     log_floor: Arc<AtomicU64>,
 }
@@ -254,40 +249,70 @@ impl CheckpointSlots {
     fn new(log_floor: Arc<AtomicU64>) -> Self {
         Self {
             slots: [None, None],
+            live: Default::default(),
             next_slot: 0,
+            next_generation: 1,
+            previous: Default::default(),
             log_floor,
         }
     }
 
-    /// Encodes `cp`'s parts one by one into the next slot, then its
-    /// manifest, and syncs (see `crate::checkpoint` for why a crash midway
-    /// is safe).
+    /// A checkpoint found in `slot` at start-up.
+    fn found(&mut self, slot: u8, manifest: &crate::checkpoint::Manifest) {
+        self.slots[slot as usize] = Some(manifest.seq);
+        let mut live = HashSet::new();
+        crate::checkpoint::live_chunks(manifest, &mut live);
+        self.live[slot as usize] = live;
+        self.next_generation = self.next_generation.max(manifest.generation + 1);
+    }
+
+    /// Encodes `cp`'s parts one by one into the next slot (the chunks that
+    /// changed since the last checkpoint), then its manifest, and syncs
+    /// (see `crate::checkpoint` for why a crash midway is safe); then drops
+    /// the chunks neither slot refers to any more.
     fn write(&mut self, store: &Store, metrics: &Metrics, cp: Pending, started: Instant) {
         let slot = self.next_slot;
         let seq = cp.seq;
+        let generation = self.next_generation;
+        // Generations are never reused, even when this one fails midway.
+        self.next_generation += 1;
         // The slot is emptied first, so the log must reach back to the
         // other slot alone until this one is written.
         self.slots[slot as usize] = None;
+        self.live[slot as usize].clear();
         self.publish_floor();
         let written = store
             .clear_checkpoint(slot)
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                cp.write_parts(|name, bytes| {
-                    store
-                        .put_checkpoint_part(slot, name, bytes)
-                        .map_err(|e| e.to_string())
-                })
+                cp.write_parts(
+                    generation,
+                    &self.previous,
+                    |name, bytes| {
+                        store
+                            .put_checkpoint_part(slot, name, bytes)
+                            .map_err(|e| e.to_string())
+                    },
+                    |key, bytes| {
+                        store
+                            .put_checkpoint_chunk(key, bytes)
+                            .map_err(|e| e.to_string())
+                    },
+                )
             })
-            .and_then(|(manifest, bytes)| {
-                store
-                    .put_checkpoint_manifest(slot, &manifest)
-                    .and_then(|()| store.sync_journal())
+            .and_then(|(manifest, written, stats)| {
+                Checkpoint::encode_manifest(&manifest)
                     .map_err(|e| e.to_string())
-                    .map(|()| bytes)
+                    .and_then(|bytes| {
+                        store
+                            .put_checkpoint_manifest(slot, &bytes)
+                            .and_then(|()| store.sync_journal())
+                            .map_err(|e| e.to_string())
+                    })
+                    .map(|()| (manifest, written, stats))
             });
-        let bytes = match written {
-            Ok(bytes) => bytes,
+        let (manifest, written, stats) = match written {
+            Ok(done) => done,
             Err(e) => {
                 metrics.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "checkpoint failed; the log is kept until one succeeds");
@@ -295,8 +320,19 @@ impl CheckpointSlots {
             }
         };
         self.slots[slot as usize] = Some(seq);
+        crate::checkpoint::live_chunks(&manifest, &mut self.live[slot as usize]);
+        self.previous = written;
         self.next_slot = slot ^ 1;
         self.publish_floor();
+        let live: HashSet<Vec<u8>> = self.live[0].union(&self.live[1]).cloned().collect();
+        let removed = match store.remove_checkpoint_chunks_except(&live) {
+            Ok(n) => n,
+            Err(e) => {
+                // they are only space; the next checkpoint tries again
+                tracing::warn!(error = %e, "old checkpoint chunks not removed");
+                0
+            }
+        };
         let took = started.elapsed();
         metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
         metrics
@@ -304,10 +340,24 @@ impl CheckpointSlots {
             .store(took.as_millis() as u64, Ordering::Relaxed);
         metrics
             .checkpoint_last_bytes
-            .store(bytes as u64, Ordering::Relaxed);
+            .store(stats.state as u64, Ordering::Relaxed);
+        metrics
+            .checkpoint_last_written_bytes
+            .store(stats.written as u64, Ordering::Relaxed);
+        metrics
+            .checkpoint_chunks_written
+            .fetch_add(stats.chunks_written as u64, Ordering::Relaxed);
+        metrics
+            .checkpoint_chunks_reused
+            .fetch_add(stats.chunks_reused as u64, Ordering::Relaxed);
         tracing::debug!(
             seq,
-            bytes,
+            generation,
+            state_bytes = stats.state,
+            written_bytes = stats.written,
+            chunks_written = stats.chunks_written,
+            chunks_reused = stats.chunks_reused,
+            chunks_removed = removed,
             took_ms = took.as_millis() as u64,
             "checkpoint written"
         );
@@ -566,10 +616,14 @@ impl Runner {
             let Some(stored) = self.store.read_checkpoint(slot)? else {
                 continue;
             };
-            match Checkpoint::decode(stored) {
+            let store = &self.store;
+            let read = Checkpoint::decode_with(stored, |key| {
+                store.read_checkpoint_chunk(key).map_err(|e| e.to_string())
+            });
+            match read {
                 Ok(cp) => {
                     if let Checkpoints::Inline(c) = &mut self.checkpoints {
-                        c.slots[slot as usize] = Some(cp.manifest.seq);
+                        c.found(slot, &cp.manifest);
                     }
                     // Newest by log position, then by time: a restart
                     // with nothing new in the log writes the same position
@@ -702,7 +756,11 @@ impl Runner {
             let plan = v.operator.plan().clone();
             match (cp.manifest.views.get(&plan.name), cp.views.get(&plan.name)) {
                 (Some(info), Some(bytes)) if info.fingerprint == plan.fingerprint => {
-                    match v.operator.restore(bytes) {
+                    let restored = match cp.chunks.get(&plan.name) {
+                        Some(segments) => v.operator.restore_chunked(bytes, segments),
+                        None => v.operator.restore(bytes),
+                    };
+                    match restored {
                         Ok(()) => fresh.push(false),
                         Err(e) => {
                             tracing::error!(view = %plan.name, error = %e, "view state not restored; it starts empty");
@@ -724,7 +782,11 @@ impl Runner {
             let part = alert_part(&plan.name);
             let restored = match (cp.manifest.views.get(&part), cp.views.get(&part)) {
                 (Some(info), Some(bytes)) if info.fingerprint == plan.fingerprint => {
-                    match a.operator.restore(bytes) {
+                    let restored = match cp.chunks.get(&part) {
+                        Some(segments) => a.operator.restore_chunked(bytes, segments),
+                        None => a.operator.restore(bytes),
+                    };
+                    match restored {
                         Ok(()) => true,
                         Err(e) => {
                             tracing::error!(rule = %plan.name, error = %e, "alert rule state not restored");

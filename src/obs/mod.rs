@@ -180,6 +180,10 @@ pub struct Metrics {
     /// The longest such pause since start, microseconds.
     pub checkpoint_max_pause_us: AtomicU64,
     pub checkpoint_last_bytes: AtomicU64,
+    /// What the last checkpoint wrote (the rest it reused).
+    pub checkpoint_last_written_bytes: AtomicU64,
+    pub checkpoint_chunks_written: AtomicU64,
+    pub checkpoint_chunks_reused: AtomicU64,
     pub replayed_records: AtomicU64,
     pub replayed_events: AtomicU64,
     pub recovery_ms: AtomicU64,
@@ -466,7 +470,7 @@ impl Metrics {
             per_view(&|m| load(&m.open_groups)),
         );
         let seconds = |c: &AtomicU64| format!("{:.3}", load(c) as f64 / 1e9);
-        let more: [(&str, &str, &str, String); 17] = [
+        let more: [(&str, &str, &str, String); 20] = [
             (
                 "weir_store_healthy",
                 "gauge",
@@ -550,6 +554,24 @@ impl Metrics {
                 "gauge",
                 "Size of the last checkpoint's operator state.",
                 load(&self.checkpoint_last_bytes).to_string(),
+            ),
+            (
+                "weir_checkpoint_last_written_bytes",
+                "gauge",
+                "What the last checkpoint wrote: the chunks of state that changed since the one before, and headers.",
+                load(&self.checkpoint_last_written_bytes).to_string(),
+            ),
+            (
+                "weir_checkpoint_chunks_written_total",
+                "counter",
+                "Chunks of operator state written by checkpoints.",
+                load(&self.checkpoint_chunks_written).to_string(),
+            ),
+            (
+                "weir_checkpoint_chunks_reused_total",
+                "counter",
+                "Chunks of operator state a checkpoint took from the one before, unchanged.",
+                load(&self.checkpoint_chunks_reused).to_string(),
             ),
             (
                 "weir_replayed_records_total",

@@ -12,37 +12,61 @@
 //!
 //! This is the copy-on-write snapshot of Flink's heap state backend
 //! (`CopyOnWriteStateMap`), at chunk granularity.
+//!
+//! Every chunk also carries the epoch of its last write, and a snapshot
+//! ([`CowVec::snapshot`]) starts a new epoch. A checkpoint that wrote a
+//! chunk as of epoch `e` can reuse what it wrote while the chunk's stamp is
+//! still at most `e`: that makes checkpoints incremental
+//! (`crate::checkpoint`), at the same chunk granularity.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Elements per chunk: a snapshot of 200 000 groups is 391 pointers, and a
 /// chunk copied on write is a few kilobytes.
 const CHUNK: usize = 512;
 
+/// Identities of vectors: a checkpoint reuses a chunk only from the same
+/// vector, never from another that happens to sit at the same place.
+static SOURCES: AtomicU64 = AtomicU64::new(1);
+
 #[derive(Debug)]
 pub struct CowVec<T> {
     chunks: Vec<Arc<Vec<T>>>,
+    /// Per chunk: the epoch of its last write.
+    stamps: Vec<u64>,
     len: usize,
+    /// This vector's identity (unique in the process).
+    source: u64,
+    /// Snapshots taken so far; writes are stamped with it.
+    epoch: AtomicU64,
 }
 
 impl<T> Default for CowVec<T> {
     fn default() -> Self {
         Self {
             chunks: Vec::new(),
+            stamps: Vec::new(),
             len: 0,
+            source: SOURCES.fetch_add(1, Ordering::Relaxed),
+            epoch: AtomicU64::new(0),
         }
     }
 }
 
 impl<T> Clone for CowVec<T> {
-    /// A snapshot: shares every chunk.
+    /// Another vector with the same elements, sharing every chunk until
+    /// either side writes to it. It is a vector of its own (a new source):
+    /// a checkpoint's snapshot is [`CowVec::snapshot`].
     fn clone(&self) -> Self {
         Self {
             chunks: self.chunks.clone(),
+            stamps: self.stamps.clone(),
             len: self.len,
+            ..Self::default()
         }
     }
 }
@@ -56,6 +80,13 @@ impl<T: Clone> CowVec<T> {
         self.len == 0
     }
 
+    fn stamp(&mut self, chunk: usize) {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        if let Some(s) = self.stamps.get_mut(chunk) {
+            *s = epoch;
+        }
+    }
+
     pub fn push(&mut self, value: T) {
         match self.chunks.last_mut() {
             Some(last) if last.len() < CHUNK => Arc::make_mut(last).push(value),
@@ -63,8 +94,10 @@ impl<T: Clone> CowVec<T> {
                 let mut chunk = Vec::with_capacity(CHUNK);
                 chunk.push(value);
                 self.chunks.push(Arc::new(chunk));
+                self.stamps.push(0);
             }
         }
+        self.stamp(self.chunks.len() - 1);
         self.len += 1;
     }
 
@@ -74,10 +107,11 @@ impl<T: Clone> CowVec<T> {
 
     /// The element at `i`, its chunk copied first if a snapshot shares it.
     pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
-        let chunk = self.chunks.get_mut(i / CHUNK)?;
-        if i % CHUNK >= chunk.len() {
+        if i >= self.len {
             return None;
         }
+        self.stamp(i / CHUNK);
+        let chunk = self.chunks.get_mut(i / CHUNK)?;
         Arc::make_mut(chunk).get_mut(i % CHUNK)
     }
 
@@ -87,10 +121,13 @@ impl<T: Clone> CowVec<T> {
         if i >= self.len {
             return None;
         }
+        let at = self.chunks.len() - 1;
+        self.stamp(at);
         let last_chunk = self.chunks.last_mut()?;
         let last = Arc::make_mut(last_chunk).pop()?;
         if last_chunk.is_empty() {
             self.chunks.pop();
+            self.stamps.pop();
         }
         self.len -= 1;
         if i == self.len {
@@ -105,6 +142,75 @@ impl<T: Clone> CowVec<T> {
             inner: self.chunks.iter().flat_map(|c| c.iter()),
             left: self.len,
         }
+    }
+
+    /// The elements as they are now, for a checkpoint to read while this
+    /// vector changes on: one pointer per chunk, and a new epoch begins.
+    pub fn snapshot(&self) -> Chunks<T> {
+        Chunks {
+            source: self.source,
+            epoch: self.epoch.fetch_add(1, Ordering::Relaxed),
+            stamps: self.stamps.clone(),
+            chunks: self.chunks.iter().cloned().map(Some).collect(),
+            len: self.len,
+        }
+    }
+}
+
+/// A [`CowVec`] as of one snapshot. The checkpoint releases each chunk as
+/// soon as it has encoded (or reused) it, so that the pipeline's next write
+/// there need not copy it.
+#[derive(Debug)]
+pub struct Chunks<T> {
+    /// The vector it was taken from.
+    pub source: u64,
+    /// The epoch it closed: every chunk stamped at most this is as it was
+    /// when this snapshot was taken.
+    pub epoch: u64,
+    stamps: Vec<u64>,
+    chunks: Vec<Option<Arc<Vec<T>>>>,
+    len: usize,
+}
+
+impl<T> Chunks<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Per chunk, the epoch of its last write.
+    pub fn stamps(&self) -> &[u64] {
+        &self.stamps
+    }
+
+    /// Chunk `i`, unless released.
+    pub fn chunk(&self, i: usize) -> Option<&[T]> {
+        self.chunks.get(i)?.as_deref().map(Vec::as_slice)
+    }
+
+    /// Lets go of chunk `i`.
+    pub fn release(&mut self, i: usize) {
+        if let Some(c) = self.chunks.get_mut(i) {
+            *c = None;
+        }
+    }
+
+    /// This snapshot as a checkpoint segment (`crate::checkpoint`).
+    pub fn segment(&self, id: i64) -> crate::checkpoint::Segment {
+        crate::checkpoint::Segment {
+            id,
+            source: self.source,
+            epoch: self.epoch,
+            stamps: self.stamps.clone(),
+        }
+    }
+
+    /// Every element of the chunks not released.
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        self.chunks.iter().flatten().flat_map(|c| c.iter())
     }
 }
 
@@ -271,8 +377,8 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
 
     /// The entries as they are now, for a checkpoint to read while the map
     /// changes on.
-    pub fn snapshot(&self) -> CowVec<(K, V)> {
-        self.entries.clone()
+    pub fn snapshot(&self) -> Chunks<(K, V)> {
+        self.entries.snapshot()
     }
 }
 
@@ -283,7 +389,7 @@ mod tests {
     #[test]
     fn a_snapshot_keeps_what_it_saw_while_the_original_changes() {
         let mut v: CowVec<u32> = (0..2000).collect();
-        let snapshot = v.clone();
+        let snapshot = v.snapshot();
         *v.get_mut(3).unwrap() = 7_000;
         *v.get_mut(1500).unwrap() = 9_000;
         v.push(2000);
@@ -300,15 +406,45 @@ mod tests {
     #[test]
     fn only_the_chunks_written_after_a_snapshot_are_copied() {
         let mut v: CowVec<u32> = (0..(3 * CHUNK as u32)).collect();
-        let snapshot = v.clone();
+        let mut snapshot = v.snapshot();
         *v.get_mut(CHUNK + 1).unwrap() = 1;
-        let shared = v
-            .chunks
-            .iter()
-            .zip(&snapshot.chunks)
-            .filter(|(a, b)| Arc::ptr_eq(a, b))
-            .count();
-        assert_eq!(shared, 2);
+        let shared = |v: &CowVec<u32>, snapshot: &Chunks<u32>| {
+            v.chunks
+                .iter()
+                .zip(&snapshot.chunks)
+                .filter(|(a, b)| b.as_ref().is_some_and(|b| Arc::ptr_eq(a, b)))
+                .count()
+        };
+        assert_eq!(shared(&v, &snapshot), 2);
+        // a chunk the snapshot let go of is written in place
+        snapshot.release(2);
+        *v.get_mut(2 * CHUNK).unwrap() = 1;
+        assert_eq!(shared(&v, &snapshot), 1);
+        assert_eq!(snapshot.iter().count(), 2 * CHUNK);
+    }
+
+    #[test]
+    fn stamps_say_which_chunks_changed_since_a_snapshot() {
+        let mut v: CowVec<u32> = (0..(4 * CHUNK as u32)).collect();
+        let first = v.snapshot();
+        assert!(first.stamps().iter().all(|&s| s <= first.epoch));
+        *v.get_mut(1).unwrap() = 7; // chunk 0
+        v.swap_remove(CHUNK + 2); // chunk 1, and the last chunk (3)
+        let second = v.snapshot();
+        assert!(second.epoch > first.epoch);
+        let changed: Vec<usize> = (0..4)
+            .filter(|&i| second.stamps()[i] > first.epoch)
+            .collect();
+        assert_eq!(changed, vec![0, 1, 3]);
+        v.push(9); // the last chunk again
+        let third = v.snapshot();
+        let changed: Vec<usize> = (0..4)
+            .filter(|&i| third.stamps()[i] > second.epoch)
+            .collect();
+        assert_eq!(changed, vec![3]);
+        // a clone is a vector of its own: nothing of it can be reused from
+        // the original's checkpoints
+        assert_ne!(v.clone().snapshot().source, third.source);
     }
 
     #[test]

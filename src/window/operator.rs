@@ -25,7 +25,7 @@ use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};
 
 use super::agg::{scalars_to_array, AggState, Arg, Scalar};
-use super::cow::{CowMap, CowVec};
+use super::cow::{Chunks, CowMap, CowVec};
 use super::{is_closed, Millis, WindowSpec};
 use crate::plan::{Step, ViewPlan, ViewShape};
 
@@ -838,10 +838,13 @@ impl ViewOperator {
     pub fn snapshot_state(&self) -> ViewSnapshot {
         let state = match &self.state {
             State::Filter => SnapshotState::Empty,
-            State::Updating { groups, .. } => SnapshotState::Groups(groups.rows.clone()),
-            State::Fixed { windows } => {
-                SnapshotState::Windows(windows.iter().map(|(s, g)| (*s, g.rows.clone())).collect())
-            }
+            State::Updating { groups, .. } => SnapshotState::Groups(groups.rows.snapshot()),
+            State::Fixed { windows } => SnapshotState::Windows(
+                windows
+                    .iter()
+                    .map(|(s, g)| (*s, g.rows.snapshot()))
+                    .collect(),
+            ),
             State::Sessions { sessions, .. } => SnapshotState::Sessions(sessions.snapshot()),
         };
         ViewSnapshot {
@@ -858,11 +861,53 @@ impl ViewOperator {
 
     /// Replaces the operator's state with a snapshot taken by `snapshot`.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), OperatorError> {
-        let view = self.plan.name.clone();
-        let snap: Snapshot = postcard::from_bytes(bytes).map_err(|e| OperatorError::Restore {
-            view: view.clone(),
+        let snap: Snapshot = postcard::from_bytes(bytes).map_err(|e| self.restore_error(e))?;
+        self.restore_snapshot(snap)
+    }
+
+    fn restore_error(&self, e: impl std::fmt::Display) -> OperatorError {
+        OperatorError::Restore {
+            view: self.plan.name.clone(),
             message: e.to_string(),
-        })?;
+        }
+    }
+
+    /// Replaces the operator's state with a checkpoint's chunked part: the
+    /// header and the segments a [`ViewSnapshot`] wrote as a
+    /// [`crate::checkpoint::Part`].
+    pub fn restore_chunked(
+        &mut self,
+        header: &[u8],
+        segments: &crate::checkpoint::Segments,
+    ) -> Result<(), OperatorError> {
+        let mut snap = Snapshot {
+            watermark: postcard::from_bytes(header).map_err(|e| self.restore_error(e))?,
+            ..Snapshot::default()
+        };
+        for (id, chunks) in segments {
+            let mut groups = Vec::new();
+            for chunk in chunks {
+                match &self.state {
+                    State::Sessions { .. } => snap.sessions.extend(
+                        postcard::from_bytes::<Vec<(Vec<u8>, Vec<Session>)>>(chunk)
+                            .map_err(|e| self.restore_error(e))?,
+                    ),
+                    _ => groups.extend(
+                        postcard::from_bytes::<Vec<GroupSnapshot>>(chunk)
+                            .map_err(|e| self.restore_error(e))?,
+                    ),
+                }
+            }
+            match &self.state {
+                State::Fixed { .. } => snap.windows.push((*id, groups)),
+                _ => snap.groups.extend(groups),
+            }
+        }
+        self.restore_snapshot(snap)
+    }
+
+    fn restore_snapshot(&mut self, snap: Snapshot) -> Result<(), OperatorError> {
+        let view = self.plan.name.clone();
         let n_aggs = self.fresh.len();
         let check = |g: &GroupSnapshot| -> Result<(), OperatorError> {
             if g.states.len() == n_aggs {
@@ -963,9 +1008,68 @@ pub struct ViewSnapshot {
 
 enum SnapshotState {
     Empty,
-    Groups(CowVec<Group>),
-    Windows(Vec<(Millis, CowVec<Group>)>),
-    Sessions(CowVec<(Arc<[u8]>, SessionList)>),
+    Groups(Chunks<Group>),
+    Windows(Vec<(Millis, Chunks<Group>)>),
+    Sessions(Chunks<(Arc<[u8]>, SessionList)>),
+}
+
+/// A view's checkpoint part: the watermark in the header; the groups (one
+/// segment), each window's groups (a segment per window, its start the id)
+/// or the sessions (one segment) in chunks.
+impl crate::checkpoint::Part for ViewSnapshot {
+    fn header(&self) -> Result<Vec<u8>, String> {
+        postcard::to_stdvec(&self.watermark).map_err(|e| e.to_string())
+    }
+
+    fn segments(&self) -> Vec<crate::checkpoint::Segment> {
+        match &self.state {
+            SnapshotState::Empty => Vec::new(),
+            SnapshotState::Groups(groups) => vec![groups.segment(0)],
+            SnapshotState::Windows(windows) => windows
+                .iter()
+                .map(|(start, groups)| groups.segment(*start))
+                .collect(),
+            SnapshotState::Sessions(sessions) => vec![sessions.segment(0)],
+        }
+    }
+
+    fn encode_chunk(&self, segment: usize, chunk: usize) -> Result<Vec<u8>, String> {
+        let groups = |chunks: &Chunks<Group>| {
+            let chunk = chunks.chunk(chunk).ok_or("chunk released")?;
+            crate::checkpoint::encode_seq(chunk.iter().map(|g| GroupSnapshotRef {
+                key: &g.key,
+                event_time: g.event_time,
+                states: &g.states,
+            }))
+        };
+        match &self.state {
+            SnapshotState::Empty => Err("no chunks".into()),
+            SnapshotState::Groups(chunks) => groups(chunks),
+            SnapshotState::Windows(windows) => {
+                groups(&windows.get(segment).ok_or("no such window")?.1)
+            }
+            SnapshotState::Sessions(sessions) => crate::checkpoint::encode_seq(
+                sessions
+                    .chunk(chunk)
+                    .ok_or("chunk released")?
+                    .iter()
+                    .map(|(key, list)| (key.as_ref(), list.sessions.as_slice())),
+            ),
+        }
+    }
+
+    fn release_chunk(&mut self, segment: usize, chunk: usize) {
+        match &mut self.state {
+            SnapshotState::Empty => {}
+            SnapshotState::Groups(chunks) => chunks.release(chunk),
+            SnapshotState::Windows(windows) => {
+                if let Some((_, chunks)) = windows.get_mut(segment) {
+                    chunks.release(chunk);
+                }
+            }
+            SnapshotState::Sessions(sessions) => sessions.release(chunk),
+        }
+    }
 }
 
 impl ViewSnapshot {
@@ -1031,14 +1135,14 @@ struct GroupSnapshotRef<'a> {
 }
 
 /// The groups as a sequence of [`GroupSnapshotRef`], written one by one.
-struct GroupsRef<'a>(Option<&'a CowVec<Group>>);
+struct GroupsRef<'a>(Option<&'a Chunks<Group>>);
 
 impl Serialize for GroupsRef<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        let len = self.0.map_or(0, CowVec::len);
+        let len = self.0.map_or(0, Chunks::len);
         let mut seq = serializer.serialize_seq(Some(len))?;
-        for g in self.0.into_iter().flat_map(CowVec::iter) {
+        for g in self.0.into_iter().flat_map(Chunks::iter) {
             seq.serialize_element(&GroupSnapshotRef {
                 key: &g.key,
                 event_time: g.event_time,
@@ -1402,7 +1506,9 @@ mod tests {
             2,
         );
         for sql in views {
-            let run = |restart: bool| -> Vec<String> {
+            // restart: 0 none, 1 from the one-piece encoding, 2 from a
+            // checkpoint's chunks
+            let run = |restart: u8| -> Vec<String> {
                 let mut op = operator(sql);
                 let mut rows = Vec::new();
                 let mut step = |op: &mut ViewOperator, b: &EventBatch, w: Millis| {
@@ -1414,20 +1520,27 @@ mod tests {
                     }
                 };
                 step(&mut op, &first, 45_000);
-                if restart {
+                if restart > 0 {
                     let shared = op.snapshot_state();
                     op.process(&second).unwrap();
                     op.advance_watermark(200_000).unwrap();
-                    let snap = shared.encode().unwrap();
-                    op = operator(sql);
-                    op.restore(&snap).unwrap();
+                    if restart == 1 {
+                        let snap = shared.encode().unwrap();
+                        op = operator(sql);
+                        op.restore(&snap).unwrap();
+                    } else {
+                        let (header, segments) = crate::checkpoint::round_trip(Box::new(shared));
+                        op = operator(sql);
+                        op.restore_chunked(&header, &segments).unwrap();
+                    }
                 }
                 step(&mut op, &second, 200_000);
                 rows
             };
-            let straight = run(false);
+            let straight = run(0);
             assert!(!straight.is_empty(), "{sql}");
-            assert_eq!(straight, run(true), "{sql}");
+            assert_eq!(straight, run(1), "{sql}");
+            assert_eq!(straight, run(2), "{sql}: from chunks");
         }
     }
 
