@@ -338,18 +338,18 @@ impl CheckpointSlots {
         metrics
             .checkpoint_last_ms
             .store(took.as_millis() as u64, Ordering::Relaxed);
-        metrics
-            .checkpoint_last_bytes
-            .store(stats.state as u64, Ordering::Relaxed);
-        metrics
-            .checkpoint_last_written_bytes
-            .store(stats.written as u64, Ordering::Relaxed);
-        metrics
-            .checkpoint_chunks_written
-            .fetch_add(stats.chunks_written as u64, Ordering::Relaxed);
-        metrics
-            .checkpoint_chunks_reused
-            .fetch_add(stats.chunks_reused as u64, Ordering::Relaxed);
+        for (gauge, value) in [
+            (&metrics.checkpoint_last_bytes, stats.state),
+            (&metrics.checkpoint_last_written_bytes, stats.written),
+        ] {
+            gauge.store(value as u64, Ordering::Relaxed);
+        }
+        for (counter, value) in [
+            (&metrics.checkpoint_chunks_written, stats.chunks_written),
+            (&metrics.checkpoint_chunks_reused, stats.chunks_reused),
+        ] {
+            counter.fetch_add(value as u64, Ordering::Relaxed);
+        }
         tracing::debug!(
             seq,
             generation,
