@@ -202,9 +202,9 @@ impl Pending {
     /// Writes the parts as generation `generation`: each header through
     /// `put_part` (name, bytes), each chunk not in `previous` through
     /// `put_chunk` ([`chunk_key`], bytes), encoding one at a time. Returns
-    /// the manifest that describes them, encoded
-    /// ([`Checkpoint::encode_manifest`]) — it is the checkpoint once stored
-    /// — what to reuse from next time, and the figures.
+    /// the manifest that describes them — it is the checkpoint once stored
+    /// ([`Checkpoint::encode_manifest`]) — what to reuse from next time,
+    /// and the figures.
     pub fn write_parts(
         self,
         generation: u64,
@@ -417,38 +417,65 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint store in memory, for tests: headers, chunks (never
+/// overwritten) and what the next checkpoint may reuse.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct MemoryStore {
+    parts: Vec<(String, Vec<u8>)>,
+    chunks: HashMap<Vec<u8>, Vec<u8>>,
+    previous: Written,
+    generation: u64,
+}
+
+#[cfg(test)]
+impl MemoryStore {
+    /// Writes `part` as the only part of the next checkpoint.
+    pub(crate) fn write(&mut self, name: &str, part: Box<dyn Part>) -> (Manifest, WriteStats) {
+        self.generation += 1;
+        let pending = Pending {
+            seq: self.generation,
+            taken_at: 7,
+            streams: BTreeMap::new(),
+            parts: vec![(name.to_string(), 1, part)],
+        };
+        self.parts.clear();
+        let (manifest, written, stats) = pending
+            .write_parts(
+                self.generation,
+                &self.previous,
+                |name, bytes| {
+                    self.parts.push((name.to_string(), bytes.to_vec()));
+                    Ok(())
+                },
+                |key, bytes| {
+                    let earlier = self.chunks.insert(key.to_vec(), bytes.to_vec());
+                    assert!(earlier.is_none(), "a chunk was overwritten");
+                    Ok(())
+                },
+            )
+            .expect("written");
+        self.previous = written;
+        (manifest, stats)
+    }
+
+    /// The checkpoint `manifest` describes, read back as start-up does.
+    pub(crate) fn read(&self, manifest: &Manifest) -> Result<Checkpoint, CheckpointError> {
+        let stored = StoredCheckpoint {
+            manifest: Checkpoint::encode_manifest(manifest)?,
+            parts: self.parts.clone(),
+        };
+        Checkpoint::decode_with(stored, |key| Ok(self.chunks.get(key).cloned()))
+    }
+}
+
 /// Writes `part` as the only part of a checkpoint and reads it back:
 /// its header and segments, as restore gets them.
 #[cfg(test)]
 pub(crate) fn round_trip(part: Box<dyn Part>) -> (Vec<u8>, Segments) {
-    let pending = Pending {
-        seq: 1,
-        taken_at: 0,
-        streams: BTreeMap::new(),
-        parts: vec![("p".into(), 1, part)],
-    };
-    let mut parts = Vec::new();
-    let mut chunks = HashMap::new();
-    let (manifest, ..) = pending
-        .write_parts(
-            1,
-            &Written::default(),
-            |name, bytes| {
-                parts.push((name.to_string(), bytes.to_vec()));
-                Ok(())
-            },
-            |key, bytes| {
-                chunks.insert(key.to_vec(), bytes.to_vec());
-                Ok(())
-            },
-        )
-        .expect("written");
-    let stored = StoredCheckpoint {
-        manifest: Checkpoint::encode_manifest(&manifest).expect("manifest"),
-        parts,
-    };
-    let mut cp =
-        Checkpoint::decode_with(stored, |key| Ok(chunks.get(key).cloned())).expect("read back");
+    let mut store = MemoryStore::default();
+    let (manifest, _) = store.write("p", part);
+    let mut cp = store.read(&manifest).expect("read back");
     let header = cp.views.remove("p").expect("header");
     (header, cp.chunks.remove("p").unwrap_or_default())
 }
@@ -509,49 +536,17 @@ mod tests {
         }
     }
 
-    /// A store in memory: parts, chunks and the manifest.
+    /// A store in memory holding checkpoints of one vector of numbers.
     #[derive(Default)]
-    struct Kept {
-        parts: Vec<(String, Vec<u8>)>,
-        chunks: HashMap<Vec<u8>, Vec<u8>>,
-        previous: Written,
-        generation: u64,
-    }
+    struct Kept(MemoryStore);
 
     impl Kept {
         fn write(&mut self, numbers: &CowVec<u32>) -> (Manifest, WriteStats) {
-            self.generation += 1;
-            let pending = Pending {
-                seq: self.generation,
-                taken_at: 7,
-                streams: BTreeMap::new(),
-                parts: vec![("n".into(), 1, Box::new(Numbers(numbers.snapshot())))],
-            };
-            self.parts.clear();
-            let (manifest, written, stats) = pending
-                .write_parts(
-                    self.generation,
-                    &self.previous,
-                    |name, bytes| {
-                        self.parts.push((name.to_string(), bytes.to_vec()));
-                        Ok(())
-                    },
-                    |key, bytes| {
-                        assert!(self.chunks.insert(key.to_vec(), bytes.to_vec()).is_none());
-                        Ok(())
-                    },
-                )
-                .unwrap();
-            self.previous = written;
-            (manifest, stats)
+            self.0.write("n", Box::new(Numbers(numbers.snapshot())))
         }
 
         fn read(&self, manifest: &Manifest) -> Result<Vec<u32>, CheckpointError> {
-            let stored = StoredCheckpoint {
-                manifest: Checkpoint::encode_manifest(manifest)?,
-                parts: self.parts.clone(),
-            };
-            let cp = Checkpoint::decode_with(stored, |key| Ok(self.chunks.get(key).cloned()))?;
+            let cp = self.0.read(manifest)?;
             assert_eq!(cp.views["n"], b"header");
             let segments = &cp.chunks["n"];
             assert_eq!(segments.len(), 1);
@@ -600,7 +595,7 @@ mod tests {
         live_chunks(&second, &mut live);
         live_chunks(&third, &mut live);
         assert_eq!(live.len(), 4);
-        assert_eq!(kept.chunks.len(), 5);
+        assert_eq!(kept.0.chunks.len(), 5);
         let mut only_first = HashSet::new();
         live_chunks(&first, &mut only_first);
         assert_eq!(only_first.difference(&live).count(), 1);
@@ -622,11 +617,11 @@ mod tests {
         let mut kept = Kept::default();
         let (manifest, _) = kept.write(&numbers);
         let key = chunk_key("n", 3, 1, 1);
-        let chunk = kept.chunks.get_mut(&key).unwrap();
+        let chunk = kept.0.chunks.get_mut(&key).unwrap();
         chunk[5] ^= 1;
         let err = kept.read(&manifest).unwrap_err().to_string();
         assert!(err.contains("part n chunk 1"), "{err}");
-        kept.chunks.remove(&key);
+        kept.0.chunks.remove(&key);
         let err = kept.read(&manifest).unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
     }

@@ -324,15 +324,16 @@ impl CheckpointSlots {
         self.previous = written;
         self.next_slot = slot ^ 1;
         self.publish_floor();
-        let live: HashSet<Vec<u8>> = self.live[0].union(&self.live[1]).cloned().collect();
-        let removed = match store.remove_checkpoint_chunks_except(&live) {
-            Ok(n) => n,
-            Err(e) => {
-                // they are only space; the next checkpoint tries again
-                tracing::warn!(error = %e, "old checkpoint chunks not removed");
-                0
-            }
-        };
+        let [a, b] = &self.live;
+        let removed =
+            match store.remove_checkpoint_chunks_except(|k| a.contains(k) || b.contains(k)) {
+                Ok(n) => n,
+                Err(e) => {
+                    // they are only space; the next checkpoint tries again
+                    tracing::warn!(error = %e, "old checkpoint chunks not removed");
+                    0
+                }
+            };
         let took = started.elapsed();
         metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
         metrics
