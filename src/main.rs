@@ -588,7 +588,14 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let dir = pipelines.unwrap_or_else(|| config.pipelines.dir.clone());
-            match plan::plan_dir(&dir) {
+            match plan::plan_dir(&dir).and_then(|p| {
+                let unknown = weir::engine::unknown_connections(&p, &config);
+                if unknown.is_empty() {
+                    Ok(p)
+                } else {
+                    Err(unknown)
+                }
+            }) {
                 Ok(pipeline) => {
                     print!("{}", plan::describe(&pipeline));
                     // what a start would rebuild, when the stored state can be read
@@ -605,8 +612,9 @@ fn main() -> ExitCode {
                         }
                     }
                     println!(
-                        "\nok: {} streams, {} views, {} alerts in {}",
+                        "\nok: {} streams, {} tables, {} views, {} alerts in {}",
                         pipeline.streams.len(),
+                        pipeline.tables.len(),
                         pipeline.views.len(),
                         pipeline.alerts.len(),
                         dir.display()

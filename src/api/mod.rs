@@ -390,7 +390,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     } else if !state.ready.load(Ordering::SeqCst) {
         not_ready("sources are not subscribed yet")
     } else {
-        axum::Json(json!({"status": "ready"})).into_response()
+        let degraded = state.health.degraded();
+        if degraded.is_empty() {
+            axum::Json(json!({"status": "ready"})).into_response()
+        } else {
+            axum::Json(json!({"status": "ready", "degraded": degraded})).into_response()
+        }
     }
 }
 

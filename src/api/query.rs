@@ -122,11 +122,20 @@ pub async fn run_limited(
     let mut views = Vec::new();
     for r in references {
         let name = r.table().to_ascii_lowercase();
+        if let Some(t) = pipeline.table(&name) {
+            // A reference table: its rows as the pipeline holds them now.
+            let rows = t.rows.get();
+            let table = MemTable::try_new(rows.batch.schema(), vec![vec![rows.batch.clone()]])
+                .map_err(ApiError::internal)?;
+            ctx.register_table(name.as_str(), Arc::new(table))
+                .map_err(ApiError::internal)?;
+            continue;
+        }
         match pipeline.view(&name) {
             Some(v) => views.push(v.clone()),
             None => {
                 return Err(ApiError::bad_request(format!(
-                    "no view named {name:?}: queries read stored views"
+                    "no view or reference table named {name:?}: queries read stored views and reference tables"
                 )))
             }
         }

@@ -36,6 +36,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoredCheckpoint;
@@ -196,6 +198,10 @@ pub struct Pending {
     pub streams: BTreeMap<String, Watermark>,
     /// `(name, plan fingerprint, snapshot)`.
     pub parts: Vec<(String, u64, Box<dyn Part>)>,
+    /// Positions in systems outside weir that this checkpoint includes (a
+    /// reference table's Postgres LSN), each with where to publish it once
+    /// both slots include it.
+    pub positions: Vec<(Arc<std::sync::atomic::AtomicI64>, i64)>,
 }
 
 impl Pending {
@@ -434,6 +440,7 @@ impl MemoryStore {
     pub(crate) fn write(&mut self, name: &str, part: Box<dyn Part>) -> (Manifest, WriteStats) {
         self.generation += 1;
         let pending = Pending {
+            positions: Vec::new(),
             seq: self.generation,
             taken_at: 7,
             streams: BTreeMap::new(),

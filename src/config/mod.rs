@@ -36,6 +36,92 @@ pub struct Config {
     pub pipelines: PipelinesConfig,
     pub alerts: AlertsConfig,
     pub limits: LimitsConfig,
+    /// Outside systems named once (`[[connections]]`): Postgres reference
+    /// tables and sinks refer to them by name.
+    pub connections: Vec<ConnectionConfig>,
+}
+
+/// A named connection to Postgres (DESIGN §3 "Connections"). The password is
+/// never in this file: `password_env` names an environment variable,
+/// `password_file` a file (its first line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    pub name: String,
+    /// Only `postgres` today.
+    pub kind: String,
+    /// `postgres://user@host:port/database`, without a password.
+    pub url: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `disable`, `prefer` (default) or `require`; TLS is rustls.
+    #[serde(default)]
+    pub tls: PgTls,
+    /// CA certificates (PEM) to trust instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgTls {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+impl ConnectionConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.name.trim().is_empty() {
+            return Err("name: must not be empty".into());
+        }
+        if self.kind != "postgres" {
+            return Err(format!(
+                "kind: {:?} is not known (known: postgres)",
+                self.kind
+            ));
+        }
+        let url: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| format!("url: not a Postgres connection URL: {e}"))?;
+        if url.get_password().is_some() {
+            return Err(
+                "url: holds a password; give it with password_env or password_file, never in the config file"
+                    .into(),
+            );
+        }
+        if self.password_env.is_some() && self.password_file.is_some() {
+            return Err("password_env and password_file: give one".into());
+        }
+        Ok(())
+    }
+
+    /// The password, from the environment or the file; `None` when neither is set.
+    pub fn password(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map(Some).map_err(|_| {
+                format!(
+                    "connection {}: environment variable {var} is not set",
+                    self.name
+                )
+            });
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "connection {}: cannot read password_file {}: {e}",
+                    self.name,
+                    path.display()
+                )
+            })?;
+            return Ok(Some(text.lines().next().unwrap_or("").to_string()));
+        }
+        Ok(None)
+    }
 }
 
 /// What one message may hold (DESIGN §2 "Limits"); beyond, it is dead-lettered.
@@ -593,6 +679,18 @@ impl Config {
         for (i, token) in self.http.tokens.iter().enumerate() {
             if let Err(e) = token.check() {
                 problems.push(format!("http.tokens[{i}]: {e}"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.connections.iter().enumerate() {
+            if let Err(e) = c.check() {
+                problems.push(format!("connections[{i}] ({}): {e}", c.name));
+            }
+            if !names.insert(c.name.as_str()) {
+                problems.push(format!(
+                    "connections[{i}]: the name {:?} is used twice",
+                    c.name
+                ));
             }
         }
         if !(1..=64).contains(&self.http.query_concurrency) {

@@ -29,10 +29,10 @@ pub fn esc(s: &str) -> String {
 /// sinks have no page of their own.
 pub fn page_of(n: &Node) -> Option<String> {
     match n.kind {
-        NodeKind::Stream | NodeKind::View | NodeKind::Alert => {
+        NodeKind::Stream | NodeKind::View | NodeKind::Alert | NodeKind::Table => {
             Some(format!("{}-{}.html", n.kind.as_str(), n.name))
         }
-        NodeKind::Topic | NodeKind::Sink => None,
+        NodeKind::Topic | NodeKind::Sink | NodeKind::Postgres => None,
     }
 }
 
@@ -258,6 +258,37 @@ fn node_page(
                 }
             }
         }
+        NodeKind::Table => {
+            if let Some(t) = pipeline.table(&n.name) {
+                fact(
+                    &mut facts,
+                    "follows",
+                    &format!("<code>{}</code>", esc(&t.source_node())),
+                );
+                fact(
+                    &mut facts,
+                    "primary key",
+                    &format!("<code>{}</code>", esc(&t.key)),
+                );
+                let how = match &t.mode {
+                    crate::plan::TableMode::Cdc { .. } => format!(
+                        "changes through logical decoding (slot <code>{}</code>, publication <code>{}</code>)",
+                        esc(&t.slot_name()),
+                        esc(&t.publication_name())
+                    ),
+                    crate::plan::TableMode::Snapshot { refresh } => format!(
+                        "the whole table read again every {}",
+                        esc(&crate::config::format_duration_words(*refresh))
+                    ),
+                };
+                fact(&mut facts, "kept in step by", &how);
+                fact(
+                    &mut facts,
+                    "joined",
+                    "by lookup on its primary key: each event meets the row as it is when the event is processed",
+                );
+            }
+        }
         NodeKind::Alert => {
             if let Some(r) = &n.rule {
                 fact(&mut facts, "severity", &esc(&r.severity));
@@ -365,6 +396,10 @@ fn node_page(
             n.name
         ),
         NodeKind::Stream => format!("curl '{base}/api/v1/streams'\ncurl '{base}/api/v1/deadletter?stream={}'", n.name),
+        NodeKind::Table => format!(
+            "curl -X POST -H 'Content-Type: application/json' \\\n  -d '{{\"sql\": \"SELECT * FROM {} LIMIT 10\"}}' {base}/api/v1/query",
+            n.name
+        ),
         NodeKind::Alert => format!("curl '{base}/api/v1/alerts?rule={}&state=firing'\ncurl -N '{base}/api/v1/alerts/stream'", n.name),
         _ => String::new(),
     };

@@ -190,6 +190,9 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
             )));
         }
     }
+    if let Some(e) = unknown_connections(&pipeline, &config).first() {
+        return Err(EngineError::Config(e.to_string()));
+    }
     let metrics = Arc::new(
         Metrics::new(
             pipeline.streams.iter().map(|s| s.name.as_str()),
@@ -401,6 +404,8 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     )?;
     runner.fatal = fatal.clone();
     runner.reloads = Some(reload_rx);
+    let (table_tx, table_rx) = mpsc::channel::<crate::postgres::TableChange>(16);
+    runner.table_changes = Some(table_rx);
     let health_slot = health.clone();
     let token = shutdown.clone();
     let (recovered_tx, recovered_rx) = tokio::sync::oneshot::channel::<()>();
@@ -524,6 +529,33 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         }
     }
 
+    // Reference tables: each follows its Postgres table once replay is done
+    // (the rows replay left are where the change feed resumes).
+    for t in &pipeline.tables {
+        let Some(connection) = config.connections.iter().find(|c| c.name == t.connection) else {
+            continue;
+        };
+        let source = crate::postgres::TableSource {
+            def: t.clone(),
+            connection: connection.clone(),
+            tx: table_tx.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let recovered = recovered.clone();
+        let token = shutdown.clone();
+        tasks.push(guard.spawn(async move {
+            while !recovered.load(Ordering::SeqCst) {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+            source.run().await;
+        }));
+    }
+    drop(table_tx);
+
     // HTTP API.
     let open_api = http_auth.open();
     let router = api::router(state.clone(), Arc::new(http_auth));
@@ -608,6 +640,23 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
 /// What the stored state was computed with: the newest checkpoint's
 /// fingerprints, the definitions remembered from the last start, and how far
 /// back the log reaches (`weir plan` and the start-up log).
+/// Reference tables and sinks whose `connection` the config does not name.
+pub fn unknown_connections(pipeline: &Pipeline, config: &Config) -> Vec<crate::plan::PlanError> {
+    pipeline
+        .tables
+        .iter()
+        .filter(|t| !config.connections.iter().any(|c| c.name == t.connection))
+        .map(|t| crate::plan::PlanError {
+            file: t.file.clone(),
+            line: t.line,
+            message: format!(
+                "table {}: connection {:?} is not in the config's [[connections]]",
+                t.name, t.connection
+            ),
+        })
+        .collect()
+}
+
 pub fn deployed(store: &Store) -> Result<Deployed, StoreError> {
     let mut newest: Option<crate::checkpoint::Manifest> = None;
     for slot in 0..2u8 {
@@ -633,6 +682,8 @@ pub fn deployed(store: &Store) -> Result<Deployed, StoreError> {
             .map(|m| {
                 m.views
                     .iter()
+                    // (reference tables' rows are parts too; not views or rules)
+                    .filter(|(k, _)| !k.starts_with("table:"))
                     .map(|(k, v)| (k.clone(), v.fingerprint))
                     .collect()
             })

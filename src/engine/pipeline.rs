@@ -44,7 +44,7 @@ use crate::checkpoint::{Checkpoint, Part, Pending};
 use crate::config::Durability;
 use crate::log::{self, Dedup, LogError, MessageMeta, Record};
 use crate::obs::{now_ms, AlertMetrics, Health, Metrics, StreamMetrics, ViewMetrics};
-use crate::plan::{Pipeline, StreamDef, Upstream, ViewPlan};
+use crate::plan::{Pipeline, StreamDef, TableDef, Upstream, ViewPlan};
 use crate::sink::{self, notify::Notifier};
 use crate::source::decode::{AckToken, Message, RejectReason, Rejected};
 use crate::store::{LogAppend, Store, StoreError};
@@ -82,6 +82,16 @@ fn roots(views: &[ViewRuntime]) -> Vec<usize> {
 }
 
 /// The checkpoint part of an alert rule (views and rules share one namespace).
+/// A reference table's checkpoint part.
+fn table_part(table: &str) -> String {
+    format!("table:{table}")
+}
+
+/// What decides a table's rows: its declaration.
+fn table_fingerprint(t: &TableDef) -> u64 {
+    crate::plan::fingerprint(&[&crate::plan::without_comments(&t.sql)])
+}
+
 fn alert_part(rule: &str) -> String {
     format!("alert:{rule}")
 }
@@ -243,11 +253,14 @@ struct CheckpointSlots {
     previous: crate::checkpoint::Written,
     /// Log records below this are no longer needed by any checkpoint.
     log_floor: Arc<AtomicU64>,
+    /// Outside positions (Postgres LSNs) each slot includes.
+    positions: [Vec<(Arc<std::sync::atomic::AtomicI64>, i64)>; 2],
 }
 
 impl CheckpointSlots {
     fn new(log_floor: Arc<AtomicU64>) -> Self {
         Self {
+            positions: Default::default(),
             slots: [None, None],
             live: Default::default(),
             next_slot: 0,
@@ -270,8 +283,10 @@ impl CheckpointSlots {
     /// changed since the last checkpoint), then its manifest, and syncs
     /// (see `crate::checkpoint` for why a crash midway is safe); then drops
     /// the chunks neither slot refers to any more.
-    fn write(&mut self, store: &Store, metrics: &Metrics, cp: Pending, started: Instant) {
+    fn write(&mut self, store: &Store, metrics: &Metrics, mut cp: Pending, started: Instant) {
         let slot = self.next_slot;
+        let positions = std::mem::take(&mut cp.positions);
+        self.positions[slot as usize].clear();
         let seq = cp.seq;
         let generation = self.next_generation;
         // Generations are never reused, even when this one fails midway.
@@ -320,6 +335,18 @@ impl CheckpointSlots {
             }
         };
         self.slots[slot as usize] = Some(seq);
+        // An outside position is durable once both slots include it: a
+        // damaged newer checkpoint falls back to the older one.
+        for (at, lsn) in &positions {
+            let other = self.positions[(slot ^ 1) as usize]
+                .iter()
+                .find(|(a, _)| Arc::ptr_eq(a, at))
+                .map(|(_, l)| *l);
+            if let Some(other) = other {
+                at.store((*lsn).min(other), Ordering::Release);
+            }
+        }
+        self.positions[slot as usize] = positions;
         crate::checkpoint::live_chunks(&manifest, &mut self.live[slot as usize]);
         self.previous = written;
         self.next_slot = slot ^ 1;
@@ -432,6 +459,10 @@ impl Checkpoints {
 /// The pipeline: decoders, watermarks, operators and the log, on one thread.
 pub(super) struct Runner {
     streams: Vec<StreamRuntime>,
+    /// Reference tables: their change batches are logged and applied here.
+    tables: Vec<Arc<TableDef>>,
+    /// Change batches from the Postgres sources, to log and apply.
+    pub(super) table_changes: Option<mpsc::Receiver<crate::postgres::TableChange>>,
     views: Vec<ViewRuntime>,
     alerts: Vec<AlertRuntime>,
     /// Where alert changes go once stored (none in benches).
@@ -584,6 +615,8 @@ impl Runner {
         }
         Ok(Self {
             streams,
+            tables: pipeline.tables.clone(),
+            table_changes: None,
             views,
             alerts,
             notifier,
@@ -752,6 +785,26 @@ impl Runner {
         }
         for i in 0..self.streams.len() {
             self.publish_watermark(i);
+        }
+        for t in &self.tables {
+            let part = table_part(&t.name);
+            match (cp.manifest.views.get(&part), cp.views.get(&part)) {
+                (Some(info), Some(bytes)) if info.fingerprint == table_fingerprint(t) => {
+                    let empty = t.rows.get();
+                    match crate::table::Rows::decode(bytes, empty.batch.schema(), t.key_index()) {
+                        Ok(rows) => {
+                            tracing::info!(table = %t.name, rows = rows.len(), "reference table restored");
+                            t.rows.set(Arc::new(rows));
+                        }
+                        Err(e) => {
+                            tracing::error!(table = %t.name, error = %e, "reference table not restored; it is read from Postgres again")
+                        }
+                    }
+                }
+                _ => {
+                    tracing::info!(table = %t.name, "reference table is new or changed: it is read from Postgres")
+                }
+            }
         }
         for v in &mut self.views {
             let plan = v.operator.plan().clone();
@@ -1031,6 +1084,14 @@ impl Runner {
                 Some(Some(prepared)) => self.step(prepared, &acks, &handle, &shutdown),
                 None => {}
             }
+            while let Some(change) = self
+                .table_changes
+                .as_mut()
+                .and_then(|rx| rx.try_recv().ok())
+            {
+                let prepared = self.prepare_table_change(change);
+                self.step(prepared, &acks, &handle, &shutdown);
+            }
             if let Some(f) = &self.filling {
                 f.head.store(self.last_seq, Ordering::Release);
             }
@@ -1201,6 +1262,60 @@ impl Runner {
         shutdown.cancel();
     }
 
+    /// A reference table's change batch as a log record, like a stream's.
+    fn prepare_table_change(&self, change: crate::postgres::TableChange) -> Prepared {
+        let now = now_ms();
+        let n = change.batch.num_rows();
+        let messages = vec![MessageMeta {
+            topic: change.origin,
+            received_at: now,
+            id: None,
+        }];
+        let record = Record::Batch(Box::new(log::LoggedBatch {
+            stream: change.table,
+            appended_at: now,
+            messages,
+            data: change.batch,
+            event_time: datafusion::arrow::array::Int64Array::from(vec![now; n]),
+            message_index: UInt32Array::from(vec![0u32; n]),
+        }));
+        let encoded = if self.settings.durability == Durability::None {
+            None
+        } else {
+            match log::encode(&record) {
+                Ok(bytes) => Some((bytes, Vec::new())),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a reference table's changes; they are applied, not logged");
+                    None
+                }
+            }
+        };
+        Prepared {
+            records: vec![record],
+            encoded: vec![encoded],
+            rejects: Vec::new(),
+            acks: Vec::new(),
+        }
+    }
+
+    /// Applies a reference table's logged change batch.
+    fn apply_table(&mut self, table: usize, changes: &datafusion::arrow::array::RecordBatch) {
+        // (a reload's backfill runner leaves the shared rows to the pipeline)
+        if self.cancel.is_some() {
+            return;
+        }
+        let t = &self.tables[table];
+        match t.rows.get().apply(changes) {
+            Ok(rows) => {
+                tracing::debug!(table = %t.name, rows = rows.len(), lsn = rows.lsn, "reference table changed");
+                t.rows.set(Arc::new(rows));
+            }
+            Err(e) => {
+                tracing::error!(table = %t.name, error = %e, "a reference table's changes cannot be applied; they are skipped")
+            }
+        }
+    }
+
     fn next_seq(&mut self, now: i64) -> u64 {
         self.last_seq = log::next_seq(self.last_seq, now);
         self.last_seq
@@ -1254,6 +1369,10 @@ impl Runner {
                     if hit {
                         panic!("WEIR_TEST_PANIC_ON matched {value:?}");
                     }
+                }
+                if let Some(t) = self.tables.iter().position(|t| t.name == b.stream) {
+                    self.apply_table(t, &b.data);
+                    return;
                 }
                 let Some(i) = self.stream_index(&b.stream) else {
                     tracing::warn!(stream = %b.stream, "log record of a stream that no longer exists: skipped");
@@ -1639,6 +1758,14 @@ impl Runner {
         {
             return Err("the streams differ: a restart is needed".into());
         }
+        let tables = |p: &[Arc<TableDef>]| -> Vec<(String, u64)> {
+            p.iter()
+                .map(|t| (t.name.clone(), table_fingerprint(t)))
+                .collect()
+        };
+        if tables(&next.tables) != tables(&self.tables) {
+            return Err("the reference tables differ: a restart is needed".into());
+        }
         // Everything that can fail comes first, so that a failure leaves
         // the running pipeline as it was: new operators, and where each
         // view and rule sits (root stream, upstream view).
@@ -1807,6 +1934,16 @@ impl Runner {
                 Box::new(a.operator.snapshot_state()),
             ));
         }
+        let mut positions = Vec::with_capacity(self.tables.len());
+        for t in &self.tables {
+            let rows = t.rows.get();
+            positions.push((t.rows.durable_slot(), rows.lsn));
+            parts.push((
+                table_part(&t.name),
+                table_fingerprint(t),
+                Box::new(crate::table::TablePart(rows)),
+            ));
+        }
         let streams = self
             .streams
             .iter()
@@ -1817,6 +1954,7 @@ impl Runner {
             taken_at: now,
             streams,
             parts,
+            positions,
         };
         let pause = started.elapsed().as_micros() as u64;
         self.metrics

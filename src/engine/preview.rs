@@ -60,6 +60,10 @@ pub fn plan_preview(
         context.push_str(&s.sql);
         context.push_str(";\n");
     }
+    for t in &running.tables {
+        context.push_str(&t.sql);
+        context.push_str(";\n");
+    }
     let own: Vec<String> = crate::plan::split::split_statements(sql)
         .iter()
         .filter_map(|s| {
@@ -79,10 +83,13 @@ pub fn plan_preview(
             context.push_str(";\n");
         }
     }
-    let planned = crate::plan::plan_sources(&[
-        ("running".to_string(), context),
-        (PREVIEW_FILE.to_string(), sql.to_string()),
-    ]);
+    let planned = crate::plan::plan_sources_sharing(
+        &[
+            ("running".to_string(), context),
+            (PREVIEW_FILE.to_string(), sql.to_string()),
+        ],
+        &running.tables,
+    );
     let pipeline = match planned {
         Ok(p) => p,
         Err(errors) => {

@@ -258,15 +258,17 @@ impl Reloader {
         let _one_at_a_time = self.live.reloading.lock().await;
         let dir = self.config.pipelines.dir.clone();
         // (planning is CPU work: off the async workers)
-        let planned = tokio::task::spawn_blocking(move || crate::plan::plan_dir(&dir))
-            .await
-            .unwrap_or_else(|e| {
-                Err(vec![PlanError {
-                    file: String::new(),
-                    line: 0,
-                    message: format!("planning failed: {e}"),
-                }])
-            });
+        let running = self.live.pipeline().tables.clone();
+        let planned =
+            tokio::task::spawn_blocking(move || crate::plan::plan_dir_sharing(&dir, &running))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(vec![PlanError {
+                        file: String::new(),
+                        line: 0,
+                        message: format!("planning failed: {e}"),
+                    }])
+                });
         let files = files(&self.config.pipelines.dir);
         let next = match planned {
             Ok(p) => Arc::new(p),

@@ -84,7 +84,11 @@ impl Node {
 #[serde(rename_all = "snake_case")]
 pub enum NodeKind {
     Topic,
+    /// A Postgres table a reference table follows (`postgres:<connection>/<table>`).
+    Postgres,
     Stream,
+    /// A reference table (`table:<name>`).
+    Table,
     View,
     Alert,
     Sink,
@@ -95,6 +99,8 @@ impl NodeKind {
     pub fn colours(self) -> (&'static str, &'static str) {
         match self {
             NodeKind::Topic => ("#eeeeff", "#6b6fa8"),
+            NodeKind::Postgres => ("#f2ecff", "#6a4fa3"),
+            NodeKind::Table => ("#fff6e0", "#a57a1f"),
             NodeKind::Stream => ("#e8f4ff", "#3a6ea5"),
             NodeKind::View => ("#eeffee", "#3c8d52"),
             NodeKind::Alert => ("#ffeeee", "#c0392b"),
@@ -105,6 +111,8 @@ impl NodeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             NodeKind::Topic => "topic",
+            NodeKind::Postgres => "postgres",
+            NodeKind::Table => "table",
             NodeKind::Stream => "stream",
             NodeKind::View => "view",
             NodeKind::Alert => "alert",
@@ -278,6 +286,40 @@ pub fn build(pipeline: &Pipeline, alerts: &AlertsConfig) -> Graph {
             ..Node::new(NodeKind::Stream, id, s.name.clone())
         });
     }
+    for t in &pipeline.tables {
+        let source = t.source_node();
+        let id = format!("table:{}", t.name);
+        g.nodes.push(Node {
+            target: Some(t.pg_table.clone()),
+            columns: columns_of(&t.schema, &BTreeMap::new()),
+            ..Node::new(
+                NodeKind::Postgres,
+                source.clone(),
+                format!("{}/{}", t.connection, t.pg_table),
+            )
+        });
+        g.edges.push(Edge {
+            from: source.clone(),
+            to: id.clone(),
+        });
+        for f in t.schema.fields() {
+            g.columns.push(ColumnEdge {
+                from: format!("{source}.{}", f.name()),
+                to: format!("{id}.{}", f.name()),
+                kind: EdgeKind::Direct,
+            });
+        }
+        g.nodes.push(Node {
+            file: Some(t.file.clone()),
+            line: Some(t.line),
+            doc: t.doc.clone(),
+            sql: Some(t.sql.clone()),
+            keys: vec![t.key.clone()],
+            target: Some(t.source_node()),
+            columns: columns_of(&t.schema, &t.column_docs),
+            ..Node::new(NodeKind::Table, id, t.name.clone())
+        });
+    }
     for v in &pipeline.views {
         add_view(&mut g, pipeline, v);
     }
@@ -309,18 +351,28 @@ fn lineage_edges(
         let to = format!("{to_node}.{name}");
         for (source, kind) in &column.sources {
             g.columns.push(ColumnEdge {
-                from: format!("{from_node}.{source}"),
+                from: column_ref(from_node, source),
                 to: to.clone(),
                 kind: *kind,
             });
         }
         for source in &column.filters {
             g.columns.push(ColumnEdge {
-                from: format!("{from_node}.{source}"),
+                from: column_ref(from_node, source),
                 to: to.clone(),
                 kind: EdgeKind::Filter,
             });
         }
+    }
+}
+
+/// A traced source column as a column ref: a joined table's columns are
+/// traced as `table:<name>.<column>` already; the rest are `from_node`'s.
+fn column_ref(from_node: &str, source: &str) -> String {
+    if source.starts_with("table:") {
+        source.to_string()
+    } else {
+        format!("{from_node}.{source}")
     }
 }
 
@@ -331,6 +383,20 @@ fn add_view(g: &mut Graph, pipeline: &Pipeline, v: &ViewPlan) {
         from: from.clone(),
         to: id.clone(),
     });
+    for t in &v.lookups {
+        g.edges.push(Edge {
+            from: format!("table:{t}"),
+            to: id.clone(),
+        });
+    }
+    // what a lookup join matches on decides which rows meet which
+    for key in &v.join_keys {
+        g.columns.push(ColumnEdge {
+            from: column_ref(&from, key),
+            to: id.clone(),
+            kind: EdgeKind::Key,
+        });
+    }
     let names: Vec<String> = v
         .output_schema
         .fields()
@@ -349,7 +415,7 @@ fn add_view(g: &mut Graph, pipeline: &Pipeline, v: &ViewPlan) {
     }
     for source in &v.row_filters {
         g.columns.push(ColumnEdge {
-            from: format!("{from}.{source}"),
+            from: column_ref(&from, source),
             to: id.clone(),
             kind: EdgeKind::Filter,
         });

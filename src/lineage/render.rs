@@ -110,6 +110,8 @@ pub fn to_mermaid(graph: &Graph, columns: bool) -> String {
         } else {
             let shape = match n.kind {
                 NodeKind::Topic => format!("{id}>\"{text}\"]"),
+                NodeKind::Postgres => format!("{id}[(\"{text}\")]"),
+                NodeKind::Table => format!("{id}[[\"{text}\"]]"),
                 NodeKind::Stream => format!("{id}[(\"{text}\")]"),
                 NodeKind::View => format!("{id}[\"{text}\"]"),
                 NodeKind::Alert => format!("{id}{{{{\"{text}\"}}}}"),
@@ -136,7 +138,7 @@ pub fn to_mermaid(graph: &Graph, columns: bool) -> String {
         }
     }
     out.push_str(
-        "  classDef topic fill:#eef,stroke:#669\n  classDef stream fill:#e8f4ff,stroke:#369\n  classDef view fill:#efe,stroke:#393\n  classDef alert fill:#fee,stroke:#c33\n  classDef sink fill:#f6f6f6,stroke:#666\n",
+        "  classDef topic fill:#eef,stroke:#669\n  classDef stream fill:#e8f4ff,stroke:#369\n  classDef view fill:#efe,stroke:#393\n  classDef alert fill:#fee,stroke:#c33\n  classDef sink fill:#f6f6f6,stroke:#666\n  classDef postgres fill:#f2ecff,stroke:#6a4fa3\n  classDef table fill:#fff6e0,stroke:#a57a1f\n",
     );
     out
 }
@@ -232,6 +234,8 @@ pub fn to_dot(graph: &Graph, columns: bool) -> String {
 fn style(k: NodeKind) -> (&'static str, &'static str) {
     let shape = match k {
         NodeKind::Topic => "cds",
+        NodeKind::Postgres => "cylinder",
+        NodeKind::Table => "box3d",
         NodeKind::Stream => "cylinder",
         NodeKind::View => "box",
         NodeKind::Alert => "hexagon",

@@ -797,9 +797,37 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, series: Vec<(Str
 #[derive(Debug, Default)]
 pub struct Health {
     problem: std::sync::Mutex<Option<String>>,
+    /// Working, without something outside weir: what is missing -> why
+    /// (`postgres:backoffice` -> the error). `/readyz` stays 200 and says so.
+    degraded: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Health {
+    /// Marks `what` degraded; true when it was not already.
+    pub fn degrade(&self, what: &str, why: String) -> bool {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(what.to_string(), why)
+            .is_none()
+    }
+
+    /// `what` works again; true when it was degraded.
+    pub fn recover(&self, what: &str) -> bool {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(what)
+            .is_some()
+    }
+
+    pub fn degraded(&self) -> std::collections::BTreeMap<String, String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn fail(&self, why: String) {
         *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }

@@ -1,11 +1,13 @@
-//! `CREATE TABLE ... WITH (connector = 'mqtt', ...)`: a source stream.
+//! `CREATE TABLE ... WITH (connector = 'mqtt', ...)`: a source stream;
+//! `CREATE TABLE ... PRIMARY KEY ... WITH (connector = 'postgres', ...)`: a
+//! reference table (DESIGN §2).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::sql::sqlparser::ast::{
-    ColumnOption, CreateTable, CreateTableOptions, Expr, SqlOption, Value,
+    ColumnOption, CreateTable, CreateTableOptions, Expr, SqlOption, TableConstraint, Value,
 };
 
 use crate::source::topic::TopicPattern;
@@ -188,6 +190,224 @@ pub struct TableParts {
     pub fields: Vec<Field>,
     pub options: Vec<(String, String)>,
     pub event_time: EventTime,
+    /// Columns of `PRIMARY KEY`, on a column or for the table.
+    pub primary_key: Vec<String>,
+}
+
+impl TableParts {
+    /// The `connector` option, lowercase (`mqtt` when absent is an error later).
+    pub fn connector(&self) -> Option<String> {
+        self.options
+            .iter()
+            .find(|(k, _)| k == "connector")
+            .map(|(_, v)| v.to_ascii_lowercase())
+    }
+}
+
+/// How a reference table follows its Postgres table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum TableMode {
+    /// Logical decoding: a replication slot and a publication (weir's, or the DBA's).
+    Cdc { publication: Option<String> },
+    /// The whole table read again every `refresh`.
+    Snapshot {
+        #[serde(with = "crate::plan::ddl::millis")]
+        refresh: Duration,
+    },
+}
+
+pub(crate) mod millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+/// A reference table from Postgres (DESIGN §2), as declared.
+#[derive(Debug, Clone)]
+pub struct TableDef {
+    pub name: String,
+    /// Declared columns, in order.
+    pub schema: SchemaRef,
+    /// The primary key column (one column: lookups are on it).
+    pub key: String,
+    /// `[[connections]]` name.
+    pub connection: String,
+    /// The Postgres table, `schema.table` (`public.` when not given).
+    pub pg_table: String,
+    pub mode: TableMode,
+    pub doc: String,
+    pub column_docs: std::collections::BTreeMap<String, String>,
+    pub sql: String,
+    pub file: String,
+    pub line: usize,
+    /// The rows it holds now: shared by the views that join it, ad-hoc
+    /// queries, and the pipeline thread that applies its changes.
+    pub rows: crate::table::TableHandle,
+}
+
+impl TableDef {
+    pub fn key_index(&self) -> usize {
+        self.schema.index_of(&self.key).unwrap_or(0)
+    }
+
+    /// The lineage node of the Postgres table it follows.
+    pub fn source_node(&self) -> String {
+        format!("postgres:{}/{}", self.connection, self.pg_table)
+    }
+
+    /// Replication slot and publication weir creates for it.
+    pub fn slot_name(&self) -> String {
+        format!("weir_{}", self.name)
+    }
+
+    pub fn publication_name(&self) -> String {
+        match &self.mode {
+            TableMode::Cdc {
+                publication: Some(p),
+            } => p.clone(),
+            _ => format!("weir_{}", self.name),
+        }
+    }
+}
+
+/// Validates a `connector = 'postgres'` table and builds its definition.
+pub fn build_table(parts: TableParts) -> Result<TableDef, Vec<String>> {
+    let TableParts {
+        name,
+        fields,
+        options,
+        event_time,
+        primary_key,
+    } = parts;
+    let mut problems = Vec::new();
+    if event_time.column.is_some() {
+        problems.push(
+            "a reference table has no event time: remove the WATERMARK clause (rows are met as they are when an event is processed)"
+                .to_string(),
+        );
+    }
+    let key = match primary_key.as_slice() {
+        [one] => match fields.iter().find(|f| f.name() == one) {
+            Some(f) if matches!(f.data_type(), DataType::Utf8 | DataType::Int64) => {
+                Some(one.clone())
+            }
+            Some(_) => {
+                problems.push(format!(
+                    "PRIMARY KEY {one}: must be a TEXT or BIGINT column"
+                ));
+                None
+            }
+            None => {
+                problems.push(format!("PRIMARY KEY {one}: no such column"));
+                None
+            }
+        },
+        [] => {
+            problems.push(
+                "a postgres table needs a PRIMARY KEY (one column): lookups join on it".into(),
+            );
+            None
+        }
+        _ => {
+            problems.push(format!(
+                "PRIMARY KEY ({}): one column only (lookups join on it)",
+                primary_key.join(", ")
+            ));
+            None
+        }
+    };
+    let mut connection = None;
+    let mut pg_table = None;
+    let mut mode = "cdc".to_string();
+    let mut refresh = None;
+    let mut publication = None;
+    for (k, value) in options {
+        match k.as_str() {
+            "connector" => {}
+            "connection" => connection = Some(value),
+            "table" => pg_table = Some(value),
+            "mode" => mode = value.to_ascii_lowercase(),
+            "refresh" => match crate::config::parse_duration(&value) {
+                Ok(d) if d >= Duration::from_secs(1) => refresh = Some(d),
+                Ok(_) => problems.push("refresh: at least 1s".into()),
+                Err(e) => problems.push(format!("refresh: {e}")),
+            },
+            "publication" => publication = Some(value),
+            other => problems.push(format!(
+                "unknown option {other:?} (known: connector, connection, table, mode, refresh, publication)"
+            )),
+        }
+    }
+    let mode = match mode.as_str() {
+        "cdc" => {
+            if refresh.is_some() {
+                problems.push("refresh: only with mode = 'snapshot'".into());
+            }
+            TableMode::Cdc { publication }
+        }
+        "snapshot" => {
+            if publication.is_some() {
+                problems.push("publication: only with mode = 'cdc'".into());
+            }
+            TableMode::Snapshot {
+                refresh: refresh.unwrap_or(Duration::from_secs(300)),
+            }
+        }
+        other => {
+            problems.push(format!("mode = '{other}': 'cdc' or 'snapshot'"));
+            TableMode::Cdc { publication: None }
+        }
+    };
+    if connection.is_none() {
+        problems.push("missing option connection = '...' (a [[connections]] name)".into());
+    }
+    let pg_table = match pg_table {
+        Some(t) if t.split('.').count() <= 2 && !t.trim().is_empty() => {
+            if t.contains('.') {
+                t
+            } else {
+                format!("public.{t}")
+            }
+        }
+        Some(t) => {
+            problems.push(format!("table = '{t}': expected 'schema.table' or 'table'"));
+            String::new()
+        }
+        None => {
+            problems.push("missing option table = 'schema.table'".into());
+            String::new()
+        }
+    };
+    match (key, connection) {
+        (Some(key), Some(connection)) if problems.is_empty() => Ok(TableDef {
+            // (held nullable: Postgres may hold a NULL weir's declaration does not expect)
+            rows: crate::table::TableHandle::new(
+                Arc::new(Schema::new(
+                    fields
+                        .iter()
+                        .map(|f| f.clone().with_nullable(true))
+                        .collect::<Vec<_>>(),
+                )),
+                fields.iter().position(|f| f.name() == &key).unwrap_or(0),
+            ),
+            name,
+            schema: Arc::new(Schema::new(fields)),
+            key,
+            connection,
+            pg_table,
+            mode,
+            doc: String::new(),
+            column_docs: Default::default(),
+            sql: String::new(),
+            file: String::new(),
+            line: 0,
+        }),
+        _ => Err(problems),
+    }
 }
 
 /// Turns a parsed `CREATE TABLE` into a stream definition. Collects every problem.
@@ -198,12 +418,31 @@ pub fn stream_from_create_table(
     let mut problems = Vec::new();
     let name = ct.name.to_string().to_ascii_lowercase();
     let mut fields = Vec::new();
+    let mut primary_key = Vec::new();
+    for constraint in &ct.constraints {
+        if let TableConstraint::PrimaryKey(pk) = constraint {
+            primary_key.extend(
+                pk.columns
+                    .iter()
+                    .map(|c| c.column.expr.to_string().to_ascii_lowercase()),
+            );
+        }
+    }
     for col in &ct.columns {
         let col_name = col.name.value.to_ascii_lowercase();
-        let not_null = col
+        let is_key = col
             .options
             .iter()
-            .any(|o| matches!(o.option, ColumnOption::NotNull));
+            .any(|o| matches!(o.option, ColumnOption::PrimaryKey(_)));
+        if is_key {
+            primary_key.push(col_name.clone());
+        }
+        // (a primary key is never NULL)
+        let not_null = is_key
+            || col
+                .options
+                .iter()
+                .any(|o| matches!(o.option, ColumnOption::NotNull));
         match sql_type_to_arrow(&col.data_type.to_string()) {
             Some(dt) => fields.push(Field::new(col_name, dt, !not_null)),
             None => problems.push(format!(
@@ -253,6 +492,7 @@ pub fn stream_from_create_table(
             fields,
             options,
             event_time,
+            primary_key,
         })
     } else {
         Err(problems)
@@ -289,8 +529,14 @@ pub fn build_stream(parts: TableParts) -> Result<StreamDef, Vec<String>> {
         fields,
         options,
         event_time,
+        primary_key,
     } = parts;
     let mut problems = Vec::new();
+    if !primary_key.is_empty() {
+        problems.push(
+            "PRIMARY KEY: a stream has none (events are appended); a reference table has one (connector = 'postgres')".into(),
+        );
+    }
     let mut topic = None;
     let mut qos = 1u8;
     let mut idle_timeout = Duration::from_secs(5);

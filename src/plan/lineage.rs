@@ -66,6 +66,9 @@ pub struct PlanLineage {
     pub columns: Vec<ColumnLineage>,
     /// Scanned columns read by a `WHERE` or `HAVING`.
     pub row_filters: BTreeSet<String>,
+    /// Columns a lookup join matches on: the scanned relation's, and the
+    /// table's as `table:<name>.<column>`.
+    pub join_keys: BTreeSet<String>,
 }
 
 /// Traces the output columns of `plan` back to the relation it scans.
@@ -84,8 +87,49 @@ pub fn trace(plan: &LogicalPlan) -> Result<PlanLineage, String> {
                 })
                 .collect(),
             row_filters: BTreeSet::new(),
+            join_keys: BTreeSet::new(),
         }),
         LogicalPlan::SubqueryAlias(alias) => trace(&alias.input),
+        // A lookup join (the planner checked its shape): the stream's
+        // columns keep their lineage, the table's columns come from the
+        // `table:` node, and both sides of `ON` are join keys.
+        LogicalPlan::Join(join) => {
+            let left = trace(&join.left)?;
+            let table = match join.right.as_ref() {
+                LogicalPlan::SubqueryAlias(a) => a.input.as_ref(),
+                other => other,
+            };
+            let name = match table {
+                LogicalPlan::TableScan(t) => t.table_name.table().to_ascii_lowercase(),
+                _ => return Err("lineage: a join reads a reference table".into()),
+            };
+            let mut out = left.clone();
+            for f in join.right.schema().fields() {
+                out.columns.push(ColumnLineage {
+                    sources: BTreeMap::from([(
+                        format!("table:{name}.{}", f.name()),
+                        EdgeKind::Direct,
+                    )]),
+                    filters: BTreeSet::new(),
+                });
+            }
+            let mut on: Vec<&Expr> = join.on.iter().flat_map(|(a, b)| [a, b]).collect();
+            if let Some(f) = &join.filter {
+                on.push(f);
+            }
+            for e in on {
+                for c in e.column_refs() {
+                    if join.right.schema().has_column(c) {
+                        out.join_keys.insert(format!("table:{name}.{}", c.name));
+                    } else if let Ok(i) = join.left.schema().index_of_column(c) {
+                        if let Some(from) = left.columns.get(i) {
+                            out.join_keys.extend(from.sources.keys().cloned());
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        }
         LogicalPlan::Filter(filter) => {
             let mut input = trace(&filter.input)?;
             let read = read_by(&filter.predicate, filter.input.as_ref(), &input)?;
@@ -108,6 +152,7 @@ pub fn trace(plan: &LogicalPlan) -> Result<PlanLineage, String> {
             Ok(PlanLineage {
                 columns,
                 row_filters: input.row_filters,
+                join_keys: input.join_keys,
             })
         }
         LogicalPlan::Aggregate(aggregate) => {
@@ -142,6 +187,7 @@ pub fn trace(plan: &LogicalPlan) -> Result<PlanLineage, String> {
             Ok(PlanLineage {
                 columns,
                 row_filters: input.row_filters,
+                join_keys: input.join_keys,
             })
         }
         other => Err(format!(

@@ -44,7 +44,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use serde::Serialize;
 
 pub use alert::AlertPlan;
-pub use ddl::{timestamp_type, EventTime, PayloadFormat, StreamDef};
+pub use ddl::{timestamp_type, EventTime, PayloadFormat, StreamDef, TableDef, TableMode};
 
 use crate::window::agg::AggKind;
 use crate::window::WindowSpec;
@@ -78,6 +78,22 @@ pub enum Step {
         exprs: Vec<Arc<dyn PhysicalExpr>>,
         schema: SchemaRef,
     },
+    /// A lookup join with a reference table (DESIGN §2).
+    Lookup(Arc<Lookup>),
+}
+
+/// A lookup join of the rows with a reference table, on the table's primary key.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub table: String,
+    /// The join column of the rows (the stream's side of `ON`).
+    pub key: Arc<dyn PhysicalExpr>,
+    /// `JOIN`: rows without a match are dropped; `LEFT JOIN`: kept, with NULLs.
+    pub inner: bool,
+    /// The rows after the join: theirs, then the table's columns.
+    pub schema: SchemaRef,
+    /// The table's current rows.
+    pub rows: crate::table::TableHandle,
 }
 
 /// One aggregate of a view.
@@ -151,6 +167,10 @@ pub struct ViewPlan {
     pub column_lineage: Vec<lineage::ColumnLineage>,
     /// Upstream columns read by `WHERE` or `HAVING`.
     pub row_filters: std::collections::BTreeSet<String>,
+    /// Reference tables joined (lookup joins), in plan order.
+    pub lookups: Vec<String>,
+    /// Columns a join matches on (`column` upstream, `table:<name>.<column>`).
+    pub join_keys: std::collections::BTreeSet<String>,
     /// Output column -> the `--` comment above its item in the `SELECT` list.
     pub column_docs: std::collections::BTreeMap<String, String>,
     /// DataFusion's logical plan, for `weir check` and the API.
@@ -174,6 +194,8 @@ impl ViewPlan {
 #[derive(Debug, Clone, Default)]
 pub struct Pipeline {
     pub streams: Vec<Arc<StreamDef>>,
+    /// Reference tables from Postgres.
+    pub tables: Vec<Arc<TableDef>>,
     pub views: Vec<Arc<ViewPlan>>,
     pub alerts: Vec<Arc<AlertPlan>>,
 }
@@ -185,6 +207,10 @@ impl Pipeline {
 
     pub fn view(&self, name: &str) -> Option<&Arc<ViewPlan>> {
         self.views.iter().find(|v| v.name == name)
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Arc<TableDef>> {
+        self.tables.iter().find(|t| t.name == name)
     }
 
     pub fn alert(&self, name: &str) -> Option<&Arc<AlertPlan>> {
@@ -208,6 +234,11 @@ pub const WINDOW_FUNCTIONS: [&str; 3] = ["tumble", "hop", "session"];
 
 /// Reads every `*.sql` file of `dir` (sorted by name) and plans it.
 pub fn plan_dir(dir: &Path) -> Result<Pipeline, Vec<PlanError>> {
+    plan_dir_sharing(dir, &[])
+}
+
+/// [`plan_dir`], sharing reference tables' rows as [`plan_sources_sharing`].
+pub fn plan_dir_sharing(dir: &Path, running: &[Arc<TableDef>]) -> Result<Pipeline, Vec<PlanError>> {
     let mut files = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| {
         vec![PlanError {
@@ -232,7 +263,7 @@ pub fn plan_dir(dir: &Path) -> Result<Pipeline, Vec<PlanError>> {
             }),
         }
     }
-    match plan_sources(&files) {
+    match plan_sources_sharing(&files, running) {
         Ok(p) if errors.is_empty() => Ok(p),
         Ok(_) => Err(errors),
         Err(mut e) => {
@@ -260,8 +291,19 @@ struct PendingView {
 
 /// Plans pipeline sources given as (file name, text). Collects every error.
 pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanError>> {
+    plan_sources_sharing(files, &[])
+}
+
+/// Plans like [`plan_sources`]; a reference table declared as one of
+/// `running` is (same name, columns and key) shares its rows with it, so a
+/// reload or a preview meets the rows the pipeline holds.
+pub fn plan_sources_sharing(
+    files: &[(String, String)],
+    running: &[Arc<TableDef>],
+) -> Result<Pipeline, Vec<PlanError>> {
     let mut errors = Vec::new();
     let mut streams: Vec<Arc<StreamDef>> = Vec::new();
+    let mut tables: Vec<Arc<TableDef>> = Vec::new();
     let mut pending: Vec<PendingView> = Vec::new();
     let mut pending_alerts: Vec<(PendingView, alert::AlertOptions)> = Vec::new();
     let mut names: HashMap<String, (String, usize)> = HashMap::new();
@@ -329,8 +371,46 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                         }
                         None => None,
                     };
-                    let built =
-                        ddl::stream_from_create_table(&ct, watermark).and_then(ddl::build_stream);
+                    let parts = ddl::stream_from_create_table(&ct, watermark);
+                    let is_table =
+                        matches!(&parts, Ok(p) if p.connector().as_deref() == Some("postgres"));
+                    {
+                        if is_table {
+                            let name = ct.name.to_string().to_ascii_lowercase();
+                            let built = parts.and_then(ddl::build_table);
+                            match built {
+                                Ok(mut t) => {
+                                    if let Some((f, l)) = names.get(&t.name) {
+                                        errors.push(err(
+                                            stmt.line,
+                                            format!("{} is already defined at {f}:{l}", t.name),
+                                        ));
+                                        continue;
+                                    }
+                                    names.insert(t.name.clone(), (file.clone(), stmt.line));
+                                    t.doc = stmt.doc.clone();
+                                    t.column_docs =
+                                        lineage::table_column_docs(&stmt.text, &ct.columns);
+                                    t.sql = stmt.text.clone();
+                                    t.file = file.clone();
+                                    t.line = stmt.line;
+                                    if let Some(same) = running.iter().find(|r| {
+                                        r.name == t.name && r.key == t.key && r.schema == t.schema
+                                    }) {
+                                        t.rows = same.rows.clone();
+                                    }
+                                    tables.push(Arc::new(t));
+                                }
+                                Err(problems) => errors.extend(
+                                    problems
+                                        .into_iter()
+                                        .map(|p| err(stmt.line, format!("table {name}: {p}"))),
+                                ),
+                            }
+                            continue;
+                        }
+                    }
+                    let built = parts.and_then(ddl::build_stream);
                     match built {
                         Ok(mut s) => {
                             if let Some((f, l)) = names.get(&s.name) {
@@ -472,7 +552,12 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
     for s in &streams {
         register(&ctx, &s.name, s.schema.clone());
     }
+    for t in &tables {
+        register(&ctx, &t.name, t.schema.clone());
+    }
     let stream_names: HashSet<&str> = streams.iter().map(|s| s.name.as_str()).collect();
+    let table_defs: HashMap<String, Arc<TableDef>> =
+        tables.iter().map(|t| (t.name.clone(), t.clone())).collect();
 
     // Plan views in dependency order; a view whose upstream failed is reported once.
     let mut views: Vec<Arc<ViewPlan>> = Vec::new();
@@ -491,11 +576,11 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                     *r != &p.name && pending_names.contains(*r) && !planned.contains_key(*r)
                 })
                 .collect();
-            if let Some(unknown) = p
-                .references
-                .iter()
-                .find(|r| !stream_names.contains(r.as_str()) && !pending_names.contains(*r))
-            {
+            if let Some(unknown) = p.references.iter().find(|r| {
+                !stream_names.contains(r.as_str())
+                    && !pending_names.contains(*r)
+                    && !table_defs.contains_key(*r)
+            }) {
                 errors.push(PlanError {
                     file: p.file.clone(),
                     line: p.line,
@@ -520,7 +605,7 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
                 next.push(p);
                 continue;
             }
-            match plan_view(&ctx, &p, &stream_names, &planned) {
+            match plan_view(&ctx, &p, &stream_names, &table_defs, &planned) {
                 Ok(view) => {
                     let view = Arc::new(view);
                     register(&ctx, &view.name, view.output_schema.clone());
@@ -565,6 +650,11 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
         };
         let upstream = if stream_names.contains(source.as_str()) {
             Upstream::Stream(source.clone())
+        } else if table_defs.contains_key(source) {
+            errors.push(at(format!(
+                "reads {source}, a reference table: an alert reads a stream or a view (join the table in a view, and alert on the view)"
+            )));
+            continue;
         } else if planned.contains_key(source) {
             Upstream::View(source.clone())
         } else if failed.contains(source) {
@@ -613,6 +703,7 @@ pub fn plan_sources(files: &[(String, String)]) -> Result<Pipeline, Vec<PlanErro
     if errors.is_empty() {
         Ok(Pipeline {
             streams,
+            tables,
             views,
             alerts,
         })
@@ -794,6 +885,7 @@ fn plan_view(
     ctx: &SessionContext,
     p: &PendingView,
     streams: &HashSet<&str>,
+    tables: &HashMap<String, Arc<TableDef>>,
     planned: &HashMap<String, Arc<ViewPlan>>,
 ) -> Result<ViewPlan, PlanError> {
     let state = ctx.state();
@@ -805,7 +897,7 @@ fn plan_view(
         line: p.line,
         message: format!("view {}: {message}", p.name),
     };
-    let mut view = compile(&state, p, &plan, streams, planned).map_err(fail)?;
+    let mut view = compile(&state, p, &plan, streams, tables, planned).map_err(fail)?;
     view.fingerprint = with_upstream(view.definition, &view.upstream, planned);
     Ok(view)
 }
@@ -833,6 +925,7 @@ fn compile(
     p: &PendingView,
     plan: &LogicalPlan,
     streams: &HashSet<&str>,
+    tables: &HashMap<String, Arc<TableDef>>,
     planned: &HashMap<String, Arc<ViewPlan>>,
 ) -> Result<ViewPlan, String> {
     // Walk down from the top, collecting nodes above the aggregate.
@@ -853,41 +946,17 @@ fn compile(
                 node = &x.input;
             }
             LogicalPlan::Aggregate(a) => break Some(a),
-            LogicalPlan::TableScan(_) => break None,
+            LogicalPlan::TableScan(_) | LogicalPlan::Join(_) => break None,
             other => return Err(unsupported_node(other)),
         }
     };
     // Below the aggregate (or the whole plan for a filter view).
     let mut below: Vec<&LogicalPlan> = Vec::new();
     let scan = if let Some(a) = aggregate {
-        let mut node: &LogicalPlan = &a.input;
-        loop {
-            match node {
-                LogicalPlan::Projection(x) => {
-                    below.push(node);
-                    node = &x.input;
-                }
-                LogicalPlan::Filter(x) => {
-                    below.push(node);
-                    node = &x.input;
-                }
-                LogicalPlan::SubqueryAlias(x) => {
-                    below.push(node);
-                    node = &x.input;
-                }
-                LogicalPlan::TableScan(t) => break t,
-                LogicalPlan::Aggregate(_) => {
-                    return Err("an aggregate over an aggregate is not supported: define the inner one as its own view and read from it".into())
-                }
-                other => return Err(unsupported_node(other)),
-            }
-        }
+        descend(&a.input, &mut below, tables)?
     } else {
         below = std::mem::take(&mut above);
-        match node {
-            LogicalPlan::TableScan(t) => t,
-            _ => return Err("a view must read FROM a stream or a view".into()),
-        }
+        descend(node, &mut below, tables)?
     };
 
     let source = scan.table_name.table().to_ascii_lowercase();
@@ -913,8 +982,15 @@ fn compile(
     // Steps are listed top-down; they run bottom-up.
     below.reverse();
     above.reverse();
-    let pre = compile_steps(state, &below)?;
-    let post = compile_steps(state, &above)?;
+    let pre = compile_steps(state, &below, tables)?;
+    let post = compile_steps(state, &above, tables)?;
+    let lookups: Vec<String> = pre
+        .iter()
+        .filter_map(|s| match s {
+            Step::Lookup(l) => Some(l.table.clone()),
+            _ => None,
+        })
+        .collect();
 
     let (shape, aggregate_plan) = match aggregate {
         None => (ViewShape::Filter, None),
@@ -977,10 +1053,16 @@ fn compile(
     }
     // (key_ttl joins the fingerprint only when set, so that views without it keep theirs)
     let ttl = p.key_ttl.map(|d| format!("{d:?}")).unwrap_or_default();
+    // (a joined table's definition decides the rows too; views without joins keep theirs)
+    let joined: String = lookups
+        .iter()
+        .filter_map(|t| tables.get(t))
+        .map(|t| without_comments(&t.sql))
+        .collect();
     let fingerprint = fingerprint(&[
         &without_comments(&p.text),
         &logical_plan,
-        &format!("{:?}{ttl}", p.retention),
+        &format!("{:?}{ttl}{joined}", p.retention),
     ]);
     Ok(ViewPlan {
         name: p.name.clone(),
@@ -1000,6 +1082,8 @@ fn compile(
         key_columns,
         column_lineage,
         row_filters: traced.row_filters,
+        lookups,
+        join_keys: traced.join_keys,
         column_docs: p.column_docs.clone(),
         logical_plan,
         fingerprint,
@@ -1012,7 +1096,7 @@ fn unsupported_node(node: &LogicalPlan) -> String {
         LogicalPlan::Sort(_) => "ORDER BY has no meaning in a continuous view: sort when you query its rows".into(),
         LogicalPlan::Limit(_) => "LIMIT is not supported in a view".into(),
         LogicalPlan::Distinct(_) => "SELECT DISTINCT is not supported in a view: use GROUP BY".into(),
-        LogicalPlan::Join(_) => "joins are not supported yet: a view reads one stream or view".into(),
+        LogicalPlan::Join(_) => "a join must be below the aggregate: FROM stream s LEFT JOIN table t ON s.col = t.key".into(),
         LogicalPlan::Window(_) => {
             "window functions (OVER) are not supported: use tumble(), hop() or session() in GROUP BY".into()
         }
@@ -1058,10 +1142,176 @@ fn physical(
         .map_err(|err| clean_message(&err))
 }
 
-fn compile_steps(state: &SessionState, nodes: &[&LogicalPlan]) -> Result<Vec<Step>, String> {
+/// Walks down from `node` to the scan a view reads, collecting the nodes on
+/// the way (filters, projections, lookup joins) in `steps`, top-down.
+fn descend<'a>(
+    mut node: &'a LogicalPlan,
+    steps: &mut Vec<&'a LogicalPlan>,
+    tables: &HashMap<String, Arc<TableDef>>,
+) -> Result<&'a datafusion::logical_expr::TableScan, String> {
+    loop {
+        match node {
+            LogicalPlan::Projection(x) => {
+                steps.push(node);
+                node = &x.input;
+            }
+            LogicalPlan::Filter(x) => {
+                steps.push(node);
+                node = &x.input;
+            }
+            LogicalPlan::SubqueryAlias(x) => {
+                steps.push(node);
+                node = &x.input;
+            }
+            LogicalPlan::TableScan(t) => {
+                let name = t.table_name.table().to_ascii_lowercase();
+                if tables.contains_key(&name) {
+                    return Err(format!(
+                        "{name} is a reference table: a view reads a stream or a view, and joins the table (FROM stream s LEFT JOIN {name} t ON s.<column> = t.<key>)"
+                    ));
+                }
+                return Ok(t);
+            }
+            LogicalPlan::Join(j) => {
+                lookup_join(j, tables)?;
+                steps.push(node);
+                node = &j.left;
+            }
+            LogicalPlan::Aggregate(_) => {
+                return Err("an aggregate over an aggregate is not supported: define the inner one as its own view and read from it".into())
+            }
+            other => return Err(unsupported_node(other)),
+        }
+    }
+}
+
+/// The relation a join side reads, through aliases; `None` for anything else.
+fn side_name(mut node: &LogicalPlan) -> Option<String> {
+    loop {
+        match node {
+            LogicalPlan::SubqueryAlias(x) => node = &x.input,
+            LogicalPlan::TableScan(t) => return Some(t.table_name.table().to_ascii_lowercase()),
+            _ => return None,
+        }
+    }
+}
+
+/// The pairs `left = right` a join matches on, from `ON` or `USING`.
+fn join_pairs(j: &datafusion::logical_expr::Join) -> Result<Vec<(Expr, Expr)>, String> {
+    let mut pairs: Vec<(Expr, Expr)> = j.on.clone();
+    if let Some(f) = &j.filter {
+        for conjunct in datafusion::logical_expr::utils::split_conjunction(f) {
+            match conjunct {
+                Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+                    pairs.push((b.left.as_ref().clone(), b.right.as_ref().clone()))
+                }
+                other => {
+                    return Err(format!(
+                        "a join matches on equality of columns only; move {other} to WHERE"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(pairs)
+}
+
+/// Checks that a join is a lookup join of a stream or view (left) with a
+/// reference table (right) on the table's primary key; returns the left
+/// side's key expression and the table.
+fn lookup_join(
+    j: &datafusion::logical_expr::Join,
+    tables: &HashMap<String, Arc<TableDef>>,
+) -> Result<(Expr, Arc<TableDef>), String> {
+    use datafusion::logical_expr::JoinType;
+    let left = side_name(&j.left);
+    let right = side_name(&j.right);
+    let table = match (&left, &right) {
+        (_, Some(r)) if tables.contains_key(r) => tables[r].clone(),
+        (Some(l), Some(r)) if tables.contains_key(l) => {
+            return Err(format!(
+                "put the stream first: FROM {r} ... JOIN {l} ... (a lookup join reads a stream and meets each event with the table's row)"
+            ))
+        }
+        (Some(l), Some(r)) => {
+            return Err(format!(
+                "{l} and {r} are both streams or views: a join without a window is not supported. Join a reference table on its primary key (FROM stream s LEFT JOIN table t ON s.col = t.key), or two windowed views of the same window on their keys and window_start"
+            ))
+        }
+        _ => {
+            return Err(
+                "a join reads a stream or view (FROM) and a reference table (JOIN), not a subquery"
+                    .into(),
+            )
+        }
+    };
+    match j.join_type {
+        JoinType::Inner | JoinType::Left => {}
+        other => {
+            return Err(format!(
+                "{} JOIN is not supported with a reference table: use JOIN (drops events without a row) or LEFT JOIN (keeps them, with NULLs)",
+                other.to_string().to_uppercase()
+            ))
+        }
+    }
+    let pairs = join_pairs(j)?;
+    let right_schema = j.right.schema();
+    let mut found = None;
+    for (a, b) in &pairs {
+        let (l, r) = match (a, b) {
+            (a, Expr::Column(c)) if right_schema.has_column(c) => (a, c),
+            (Expr::Column(c), b) if right_schema.has_column(c) => (b, c),
+            _ => {
+                return Err(format!(
+                    "a lookup join matches a column of the stream with the key of {}: {a} = {b} does not",
+                    table.name
+                ))
+            }
+        };
+        if r.name != table.key {
+            return Err(format!(
+                "{}.{} is not the primary key of {} ({}): a lookup join is on the table's primary key; filter on other columns in WHERE",
+                table.name, r.name, table.name, table.key
+            ));
+        }
+        if found.is_some() {
+            return Err(format!("{} is matched twice in the join", table.key));
+        }
+        if l.column_refs().iter().any(|c| right_schema.has_column(c)) {
+            return Err(format!(
+                "the stream's side of the join ({l}) reads a column of {}",
+                table.name
+            ));
+        }
+        found = Some(l.clone());
+    }
+    match found {
+        Some(l) => Ok((l, table)),
+        None => Err(format!(
+            "a lookup join needs ON <stream column> = {}.{}",
+            table.name, table.key
+        )),
+    }
+}
+
+fn compile_steps(
+    state: &SessionState,
+    nodes: &[&LogicalPlan],
+    tables: &HashMap<String, Arc<TableDef>>,
+) -> Result<Vec<Step>, String> {
     let mut steps = Vec::new();
     for node in nodes {
         match node {
+            LogicalPlan::Join(j) => {
+                let (key, table) = lookup_join(j, tables)?;
+                steps.push(Step::Lookup(Arc::new(Lookup {
+                    table: table.name.clone(),
+                    key: physical(state, &key, j.left.schema())?,
+                    inner: j.join_type == datafusion::logical_expr::JoinType::Inner,
+                    schema: Arc::new(j.schema.as_arrow().clone()),
+                    rows: table.rows.clone(),
+                })));
+            }
             LogicalPlan::Filter(f) => steps.push(Step::Filter(physical(
                 state,
                 &f.predicate,
@@ -1371,6 +1621,33 @@ pub fn describe(pipeline: &Pipeline) -> String {
             ));
         }
     }
+    for t in &pipeline.tables {
+        out.push_str(&format!("\ntable {} ({}:{})\n", t.name, t.file, t.line));
+        let mode = match &t.mode {
+            TableMode::Cdc { .. } => format!(
+                "cdc (slot {}, publication {})",
+                t.slot_name(),
+                t.publication_name()
+            ),
+            TableMode::Snapshot { refresh } => format!(
+                "snapshot every {}",
+                crate::config::format_duration(*refresh)
+            ),
+        };
+        out.push_str(&format!(
+            "  follows: {}  mode: {mode}\n  primary key: {}\n",
+            t.source_node(),
+            t.key
+        ));
+        for f in t.schema.fields() {
+            out.push_str(&format!(
+                "  {} {}{}\n",
+                f.name(),
+                f.data_type(),
+                if f.is_nullable() { "" } else { " NOT NULL" }
+            ));
+        }
+    }
     for v in &pipeline.views {
         out.push_str(&format!("\nview {} ({}:{})\n", v.name, v.file, v.line));
         let shape = match v.window() {
@@ -1381,6 +1658,16 @@ pub fn describe(pipeline: &Pipeline) -> String {
             "  shape: {shape}\n  reads: {}\n",
             v.upstream.name()
         ));
+        for step in &v.pre {
+            if let Step::Lookup(l) = step {
+                out.push_str(&format!(
+                    "  lookup join: {} {} on {}\n",
+                    if l.inner { "JOIN" } else { "LEFT JOIN" },
+                    l.table,
+                    l.key
+                ));
+            }
+        }
         if !v.key_columns.is_empty() {
             out.push_str(&format!("  keys: {}\n", v.key_columns.join(", ")));
         }

@@ -1201,6 +1201,27 @@ pub fn run_steps(steps: &[Step], mut batch: EventBatch) -> Result<EventBatch, Da
                     &RecordBatchOptions::new().with_row_count(Some(n)),
                 )?;
             }
+            Step::Lookup(lookup) => {
+                let keys = lookup.key.evaluate(&batch.data)?.into_array(n)?;
+                let rows = lookup.rows.get();
+                let mut at = rows.lookup(&keys)?;
+                if lookup.inner && at.null_count() > 0 {
+                    let found = datafusion::arrow::compute::is_not_null(&at)?;
+                    batch.data = filter_record_batch(&batch.data, &found)?;
+                    batch.event_time = filter(&batch.event_time, &found)?.as_primitive().clone();
+                    batch.row_ids = filter(&batch.row_ids, &found)?.as_primitive().clone();
+                    at = filter(&at, &found)?.as_primitive().clone();
+                }
+                let mut columns = batch.data.columns().to_vec();
+                for column in rows.batch.columns() {
+                    columns.push(datafusion::arrow::compute::take(column, &at, None)?);
+                }
+                batch.data = RecordBatch::try_new_with_options(
+                    nullable(&lookup.schema),
+                    columns,
+                    &RecordBatchOptions::new().with_row_count(Some(at.len())),
+                )?;
+            }
         }
     }
     Ok(batch)

@@ -1,0 +1,41 @@
+-- Telemetry reported by every terminal.
+CREATE TABLE telemetry (
+  terminal_id TEXT NOT NULL,
+  ts TIMESTAMP NOT NULL,
+  battery_pct DOUBLE,
+  WATERMARK FOR ts AS ts - INTERVAL '5' SECOND
+) WITH (connector = 'mqtt', topic = 'terminals/{terminal_id}/telemetry', format = 'json');
+
+-- Terminals as the back office knows them.
+CREATE TABLE terminals (
+  terminal_id TEXT NOT NULL PRIMARY KEY,
+  -- Where the terminal stands.
+  region TEXT,
+  model TEXT
+) WITH (connector = 'postgres', connection = 'backoffice', table = 'public.terminals');
+
+-- Merchants, re-read every minute.
+CREATE TABLE merchants (
+  merchant_id BIGINT,
+  name TEXT,
+  PRIMARY KEY (merchant_id)
+) WITH (connector = 'postgres', connection = 'backoffice', table = 'merchants',
+        mode = 'snapshot', refresh = '1 minute');
+
+-- Every event with its terminal's region (NULL when unknown).
+CREATE VIEW enriched AS
+SELECT e.terminal_id, t.region, e.battery_pct
+FROM telemetry e LEFT JOIN terminals t ON e.terminal_id = t.terminal_id;
+
+-- Low battery per region and minute, known terminals only.
+CREATE VIEW low_battery_by_region AS
+SELECT t.region, count(*) AS low, min(e.battery_pct) AS min_battery
+FROM telemetry e JOIN terminals t ON t.terminal_id = e.terminal_id
+WHERE e.battery_pct < 20
+GROUP BY t.region, tumble(INTERVAL '1' MINUTE);
+
+-- Joined through USING.
+CREATE VIEW latest_model AS
+SELECT terminal_id, last_value(model) AS model
+FROM telemetry LEFT JOIN terminals USING (terminal_id)
+GROUP BY terminal_id;
