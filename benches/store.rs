@@ -44,7 +44,9 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(rows as u64));
     group.sample_size(20);
     group.bench_function("write_window_rows", |b| {
-        b.iter(|| black_box(sink::write_view_output(&store, &view.name, &output).expect("write")))
+        b.iter(|| {
+            black_box(sink::write_view_output(&store, &view.name, &output, None).expect("write"))
+        })
     });
     group.throughput(Throughput::Elements(1000));
     group.bench_function("scan_1000_rows", |b| {

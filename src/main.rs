@@ -590,10 +590,21 @@ fn main() -> ExitCode {
             let dir = pipelines.unwrap_or_else(|| config.pipelines.dir.clone());
             match plan::plan_dir(&dir).and_then(|p| {
                 let unknown = weir::engine::unknown_connections(&p, &config);
-                if unknown.is_empty() {
-                    Ok(p)
-                } else {
-                    Err(unknown)
+                if !unknown.is_empty() {
+                    return Err(unknown);
+                }
+                // sink tables that exist must fit their views (where Postgres answers)
+                let unfit = match p.sinks.is_empty() {
+                    true => Vec::new(),
+                    false => tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map(|rt| rt.block_on(weir::engine::check_sink_tables(&p, &config, false)))
+                        .unwrap_or_default(),
+                };
+                match unfit.is_empty() {
+                    true => Ok(p),
+                    false => Err(unfit),
                 }
             }) {
                 Ok(pipeline) => {
@@ -612,11 +623,12 @@ fn main() -> ExitCode {
                         }
                     }
                     println!(
-                        "\nok: {} streams, {} tables, {} views, {} alerts in {}",
+                        "\nok: {} streams, {} tables, {} views, {} alerts, {} sinks in {}",
                         pipeline.streams.len(),
                         pipeline.tables.len(),
                         pipeline.views.len(),
                         pipeline.alerts.len(),
+                        pipeline.sinks.len(),
                         dir.display()
                     );
                     ExitCode::SUCCESS

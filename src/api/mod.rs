@@ -146,6 +146,7 @@ pub fn router(state: Arc<AppState>, auth: Arc<HttpAuth>) -> Router {
         .route("/api/v1/query", post(query::query))
         .route("/api/v1/deadletter", get(dead_letters))
         .route("/api/v1/lineage", get(lineage::lineage))
+        .route("/api/v1/sinks", get(sinks))
         .route("/api/v1/pipelines", get(pipelines))
         .route("/api/v1/pipelines/reload", post(reload_pipelines))
         .route("/api/v1/pipelines/preview", post(preview_pipeline))
@@ -372,6 +373,20 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
         }
         .into_response(),
     }
+}
+
+/// `GET /api/v1/sinks`: each sink's target, rows written, lag and last error.
+async fn sinks(State(state): State<Arc<AppState>>) -> ApiResult {
+    let sinks: Vec<_> = state
+        .metrics
+        .sinks
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|s| s.report())
+        .collect();
+    Ok(axum::Json(json!({ "sinks": sinks })))
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -193,6 +193,9 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     if let Some(e) = unknown_connections(&pipeline, &config).first() {
         return Err(EngineError::Config(e.to_string()));
     }
+    if let Some(e) = check_sink_tables(&pipeline, &config, true).await.first() {
+        return Err(EngineError::Config(e.to_string()));
+    }
     let metrics = Arc::new(
         Metrics::new(
             pipeline.streams.iter().map(|s| s.name.as_str()),
@@ -556,6 +559,40 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     }
     drop(table_tx);
 
+    // Sinks: each delivers its view's outbox to Postgres, on its own.
+    let mut statuses = Vec::new();
+    for s in &pipeline.sinks {
+        let (Some(view), Some(connection)) = (
+            pipeline.view(&s.from),
+            config.connections.iter().find(|c| c.name == s.connection),
+        ) else {
+            continue;
+        };
+        let status = Arc::new(crate::postgres::sink::SinkStatus {
+            name: s.name.clone(),
+            from: s.from.clone(),
+            target: s.target(),
+            ..Default::default()
+        });
+        statuses.push(status.clone());
+        let task = crate::postgres::sink::SinkTask {
+            def: s.clone(),
+            view: view.clone(),
+            connection: connection.clone(),
+            store: store.clone(),
+            status,
+            siblings: pipeline
+                .sinks
+                .iter()
+                .filter(|o| o.from == s.from)
+                .map(|o| o.name.clone())
+                .collect(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.push(guard.spawn(task.run()));
+    }
+    let _ = metrics.sinks.set(statuses);
+
     // HTTP API.
     let open_api = http_auth.open();
     let router = api::router(state.clone(), Arc::new(http_auth));
@@ -642,19 +679,70 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
 /// back the log reaches (`weir plan` and the start-up log).
 /// Reference tables and sinks whose `connection` the config does not name.
 pub fn unknown_connections(pipeline: &Pipeline, config: &Config) -> Vec<crate::plan::PlanError> {
-    pipeline
+    let known = |name: &str| config.connections.iter().any(|c| c.name == name);
+    let tables = pipeline
         .tables
         .iter()
-        .filter(|t| !config.connections.iter().any(|c| c.name == t.connection))
-        .map(|t| crate::plan::PlanError {
-            file: t.file.clone(),
-            line: t.line,
-            message: format!(
-                "table {}: connection {:?} is not in the config's [[connections]]",
-                t.name, t.connection
-            ),
+        .map(|t| (&t.file, t.line, format!("table {}", t.name), &t.connection));
+    let sinks = pipeline
+        .sinks
+        .iter()
+        .map(|s| (&s.file, s.line, format!("sink {}", s.name), &s.connection));
+    tables
+        .chain(sinks)
+        .filter(|(_, _, _, c)| !known(c))
+        .map(|(file, line, what, c)| crate::plan::PlanError {
+            file: file.clone(),
+            line,
+            message: format!("{what}: connection {c:?} is not in the config's [[connections]]"),
         })
         .collect()
+}
+
+/// Checks each sink's table where Postgres can be reached (a table that
+/// does not fit the view is an error naming the column); one that cannot
+/// be reached is left to the sink, which retries. `create`: make missing
+/// tables (start-up) or only report them (`weir check`).
+pub async fn check_sink_tables(
+    pipeline: &Pipeline,
+    config: &Config,
+    create: bool,
+) -> Vec<crate::plan::PlanError> {
+    let mut problems = Vec::new();
+    for s in &pipeline.sinks {
+        let (Some(view), Some(conn)) = (
+            pipeline.view(&s.from),
+            config.connections.iter().find(|c| c.name == s.connection),
+        ) else {
+            continue;
+        };
+        let client = match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            crate::postgres::connect(conn),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(sink = %s.name, error = %e, "sink table not checked: Postgres unreachable; the sink retries");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(sink = %s.name, "sink table not checked: Postgres did not answer in 5 s; the sink retries");
+                continue;
+            }
+        };
+        if let Err(e) =
+            crate::postgres::sink::ensure_table(&client, s, &view.output_schema, create).await
+        {
+            problems.push(crate::plan::PlanError {
+                file: s.file.clone(),
+                line: s.line,
+                message: format!("sink {}: {e}", s.name),
+            });
+        }
+    }
+    problems
 }
 
 pub fn deployed(store: &Store) -> Result<Deployed, StoreError> {

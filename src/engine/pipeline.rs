@@ -461,6 +461,10 @@ pub(super) struct Runner {
     streams: Vec<StreamRuntime>,
     /// Reference tables: their change batches are logged and applied here.
     tables: Vec<Arc<TableDef>>,
+    /// Views with sinks: their rows also go to the outbox.
+    sinked: HashSet<String>,
+    /// The log record whose rows are being written, and the next outbox index in it.
+    outbox_at: (u64, u32),
     /// Change batches from the Postgres sources, to log and apply.
     pub(super) table_changes: Option<mpsc::Receiver<crate::postgres::TableChange>>,
     views: Vec<ViewRuntime>,
@@ -616,6 +620,8 @@ impl Runner {
         Ok(Self {
             streams,
             tables: pipeline.tables.clone(),
+            sinked: pipeline.sinks.iter().map(|s| s.from.clone()).collect(),
+            outbox_at: (0, 0),
             table_changes: None,
             views,
             alerts,
@@ -1766,6 +1772,10 @@ impl Runner {
         if tables(&next.tables) != tables(&self.tables) {
             return Err("the reference tables differ: a restart is needed".into());
         }
+        let sinked: HashSet<String> = next.sinks.iter().map(|s| s.from.clone()).collect();
+        if sinked != self.sinked {
+            return Err("the sinks differ: a restart is needed".into());
+        }
         // Everything that can fail comes first, so that a failure leaves
         // the running pipeline as it was: new operators, and where each
         // view and rule sits (root stream, upstream view).
@@ -2106,7 +2116,15 @@ impl Runner {
                 }
             }
             for out in &produced {
-                match sink::write_view_output(&self.store, &name, out) {
+                let outbox = if self.sinked.contains(&name) {
+                    if self.outbox_at.0 != seq {
+                        self.outbox_at = (seq, 0);
+                    }
+                    Some((seq, &mut self.outbox_at.1))
+                } else {
+                    None
+                };
+                match sink::write_view_output(&self.store, &name, out, outbox) {
                     Ok(n) => {
                         view.metrics
                             .rows_written

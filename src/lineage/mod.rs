@@ -327,6 +327,7 @@ pub fn build(pipeline: &Pipeline, alerts: &AlertsConfig) -> Graph {
         add_alert(&mut g, a);
     }
     add_sinks(&mut g, pipeline, alerts);
+    add_postgres_sinks(&mut g, pipeline);
     g.sort();
     g
 }
@@ -488,6 +489,39 @@ fn safe_url(url: &str) -> String {
         rest.to_string()
     } else {
         format!("{scheme}://{rest}")
+    }
+}
+
+/// Postgres sinks: `view -> sink:<name>`, every column delivered as is.
+fn add_postgres_sinks(g: &mut Graph, pipeline: &Pipeline) {
+    for s in &pipeline.sinks {
+        let id = format!("sink:{}", s.name);
+        let from = format!("view:{}", s.from);
+        g.edges.push(Edge {
+            from: from.clone(),
+            to: id.clone(),
+        });
+        let columns = pipeline
+            .view(&s.from)
+            .map(|v| columns_of(&v.output_schema, &v.column_docs))
+            .unwrap_or_default();
+        for c in &columns {
+            g.columns.push(ColumnEdge {
+                from: format!("{from}.{}", c.name),
+                to: format!("{id}.{}", c.name),
+                kind: EdgeKind::Direct,
+            });
+        }
+        g.nodes.push(Node {
+            file: Some(s.file.clone()),
+            line: Some(s.line),
+            doc: s.doc.clone(),
+            sql: Some(s.sql.clone()),
+            keys: s.key_columns.clone(),
+            target: Some(s.target()),
+            columns,
+            ..Node::new(NodeKind::Sink, id, s.name.clone())
+        });
     }
 }
 

@@ -135,6 +135,8 @@ pub struct Metrics {
     pub alerts: Registry<AlertMetrics>,
     /// The notification channels (SSE, MQTT, webhooks), once started.
     pub notifications: std::sync::OnceLock<Vec<Arc<crate::sink::notify::ChannelMetrics>>>,
+    /// Postgres sinks, once started.
+    pub sinks: std::sync::OnceLock<Vec<Arc<crate::postgres::sink::SinkStatus>>>,
     pub alert_acks: AtomicU64,
     /// Messages with a topic no stream matches.
     pub unmatched_messages: AtomicU64,
@@ -347,6 +349,41 @@ impl Metrics {
             "gauge",
             "Notifications waiting for delivery, per channel.",
             per_channel(&|c| load(&c.queued)),
+        );
+        let sinks = self.sinks.get().map(Vec::as_slice).unwrap_or(&[]);
+        let per_sink = |value: &dyn Fn(&crate::postgres::sink::SinkStatus) -> String| {
+            sinks
+                .iter()
+                .map(|s| (format!("sink=\"{}\"", s.name), value(s)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            out,
+            "weir_sink_rows_written_total",
+            "counter",
+            "Rows upserted into the sink's table (after folding a batch's rows of one key).",
+            per_sink(&|s| load(&s.rows_written).to_string()),
+        );
+        family(
+            out,
+            "weir_sink_lag_rows",
+            "gauge",
+            "View rows written and not yet delivered to the sink.",
+            per_sink(&|s| load(&s.lag_rows).to_string()),
+        );
+        family(
+            out,
+            "weir_sink_lag_seconds",
+            "gauge",
+            "Age of the oldest view row not yet delivered to the sink.",
+            per_sink(&|s| format!("{:.3}", s.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0)),
+        );
+        family(
+            out,
+            "weir_sink_errors_total",
+            "counter",
+            "Failed delivery attempts (each retried with backoff).",
+            per_sink(&|s| load(&s.errors).to_string()),
         );
     }
 

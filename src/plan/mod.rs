@@ -20,6 +20,7 @@ pub mod alert;
 pub mod changes;
 pub mod ddl;
 pub mod lineage;
+pub mod sink;
 pub mod split;
 
 use std::collections::{HashMap, HashSet};
@@ -196,6 +197,8 @@ pub struct Pipeline {
     pub streams: Vec<Arc<StreamDef>>,
     /// Reference tables from Postgres.
     pub tables: Vec<Arc<TableDef>>,
+    /// Where views' rows are delivered (Postgres).
+    pub sinks: Vec<Arc<sink::SinkDef>>,
     pub views: Vec<Arc<ViewPlan>>,
     pub alerts: Vec<Arc<AlertPlan>>,
 }
@@ -304,6 +307,7 @@ pub fn plan_sources_sharing(
     let mut errors = Vec::new();
     let mut streams: Vec<Arc<StreamDef>> = Vec::new();
     let mut tables: Vec<Arc<TableDef>> = Vec::new();
+    let mut sinks: Vec<sink::SinkDef> = Vec::new();
     let mut pending: Vec<PendingView> = Vec::new();
     let mut pending_alerts: Vec<(PendingView, alert::AlertOptions)> = Vec::new();
     let mut names: HashMap<String, (String, usize)> = HashMap::new();
@@ -331,12 +335,34 @@ pub fn plan_sources_sharing(
                 [c, v, ..] if c == "CREATE" && v == "VIEW" => "view",
                 [c, o, r, ..] if c == "CREATE" && o == "OR" && r == "REPLACE" => "view",
                 [c, a, ..] if c == "CREATE" && a == "ALERT" => "alert",
+                [c, s, ..] if c == "CREATE" && s == "SINK" => {
+                    match sink::parse(&stmt.text) {
+                        Ok(mut sink) => {
+                            if let Some((f, l)) = names.get(&sink.name) {
+                                errors.push(err(
+                                    stmt.line,
+                                    format!("{} is already defined at {f}:{l}", sink.name),
+                                ));
+                                continue;
+                            }
+                            names.insert(sink.name.clone(), (file.clone(), stmt.line));
+                            sink.doc = stmt.doc.clone();
+                            sink.file = file.clone();
+                            sink.line = stmt.line;
+                            sinks.push(sink);
+                        }
+                        Err(problems) => {
+                            errors.extend(problems.into_iter().map(|p| err(stmt.line, p)))
+                        }
+                    }
+                    continue;
+                }
                 _ => {
                     let start: Vec<&str> = stmt.text.split_whitespace().take(3).collect();
                     errors.push(err(
                         stmt.line,
                         format!(
-                            "unsupported statement {:?}: a pipeline file holds CREATE TABLE, CREATE VIEW and CREATE ALERT statements",
+                            "unsupported statement {:?}: a pipeline file holds CREATE TABLE, CREATE VIEW, CREATE ALERT and CREATE SINK statements",
                             start.join(" ")
                         ),
                     ));
@@ -700,10 +726,73 @@ pub fn plan_sources_sharing(
         }
     }
 
+    let mut planned_sinks = Vec::new();
+    for mut sink in sinks {
+        let at = |message: String| PlanError {
+            file: sink.file.clone(),
+            line: sink.line,
+            message: format!("sink {}: {message}", sink.name),
+        };
+        let Some(view) = planned.get(&sink.from) else {
+            let message = if pipeline_has(&pending_alerts, &sink.from) {
+                format!(
+                    "reads alert rule {}: sinks of alert records are not supported yet; sink a view",
+                    sink.from
+                )
+            } else if failed.contains(&sink.from) {
+                format!("reads view {}, which has errors", sink.from)
+            } else {
+                format!("reads {}, which is not a view", sink.from)
+            };
+            errors.push(at(message));
+            continue;
+        };
+        let columns: Vec<&str> = view
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        sink.key_columns = match view.shape {
+            ViewShape::Windowed => {
+                let mut k = view.key_columns.clone();
+                k.push("window_start".into());
+                k
+            }
+            ViewShape::Updating => view.key_columns.clone(),
+            ViewShape::Filter => sink.key.clone(),
+        };
+        if view.shape != ViewShape::Filter && !sink.key.is_empty() {
+            errors.push(at(format!(
+                "key: only for a filter view; {}'s rows are keyed by {}",
+                view.name,
+                sink.key_columns.join(", ")
+            )));
+            continue;
+        }
+        if sink.key_columns.is_empty() {
+            errors.push(at(format!(
+                "{} is a filter view: say which columns make a row unique, key = 'col1, col2'",
+                view.name
+            )));
+            continue;
+        }
+        if let Some(missing) = sink
+            .key_columns
+            .iter()
+            .find(|k| !columns.contains(&k.as_str()))
+        {
+            errors.push(at(format!("key: {} has no column {missing}", view.name)));
+            continue;
+        }
+        planned_sinks.push(Arc::new(sink));
+    }
+
     if errors.is_empty() {
         Ok(Pipeline {
             streams,
             tables,
+            sinks: planned_sinks,
             views,
             alerts,
         })
@@ -1684,6 +1773,17 @@ pub fn describe(pipeline: &Pipeline) -> String {
             out.push_str(&format!("    {line}\n"));
         }
     }
+    for s in &pipeline.sinks {
+        out.push_str(&format!(
+            "\nsink {} ({}:{})\n  from: {}  to: {}\n  keyed on: {}\n",
+            s.name,
+            s.file,
+            s.line,
+            s.from,
+            s.target(),
+            s.key_columns.join(", ")
+        ));
+    }
     for a in &pipeline.alerts {
         let ms = |ms: i64| crate::config::format_duration(Duration::from_millis(ms as u64));
         out.push_str(&format!("\nalert {} ({}:{})\n", a.name, a.file, a.line));
@@ -1751,6 +1851,10 @@ impl fmt::Display for ViewShape {
             ViewShape::Filter => "filter",
         })
     }
+}
+
+fn pipeline_has(alerts: &[(PendingView, alert::AlertOptions)], name: &str) -> bool {
+    alerts.iter().any(|(p, _)| p.name == name)
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@
 //! [`TableHandle::durable`]: crate::table::TableHandle
 
 pub mod pgoutput;
+pub mod sink;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -244,10 +244,13 @@ fn write_time(out: &mut String, ms: i64) {
 }
 
 /// Upserts a view's output rows. Returns the number of rows written.
+/// With `outbox` (the view has sinks): the log record's seq and the next
+/// outbox index of that record, advanced past these rows.
 pub fn write_view_output(
     store: &Store,
     view: &str,
     output: &ViewOutput,
+    outbox: Option<(u64, &mut u32)>,
 ) -> Result<usize, StoreError> {
     let rows = batch_to_json_text(&output.rows);
     let pairs = output
@@ -256,7 +259,14 @@ pub fn write_view_output(
         .cloned()
         .zip(rows)
         .map(|(key, row)| (key, row.into_bytes()));
-    store.write_rows(view, pairs)
+    match outbox {
+        Some((seq, index)) => {
+            let n = store.write_rows_to_sinks(view, pairs, Some((seq, *index)))?;
+            *index = index.wrapping_add(n as u32);
+            Ok(n)
+        }
+        None => store.write_rows(view, pairs),
+    }
 }
 
 /// Dead letters for single input rows (late for a window, or not

@@ -27,6 +27,8 @@ pub struct Spawn {
     pub env: Vec<(String, String)>,
     /// Largest file the process may write (RLIMIT_FSIZE), to make writes fail.
     pub max_file_bytes: Option<u64>,
+    /// A config file (`weir run --config`), for what has no WEIR_* variable.
+    pub config: Option<PathBuf>,
 }
 
 impl Spawn {
@@ -37,6 +39,7 @@ impl Spawn {
             client_id: client_id.to_string(),
             env: Vec::new(),
             max_file_bytes: None,
+            config: None,
         }
     }
 
@@ -65,8 +68,11 @@ impl WeirProcess {
             .open(spec.dir.join("weir.log"))
             .expect("weir.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
-        cmd.arg("run")
-            .current_dir(&spec.dir)
+        cmd.arg("run");
+        if let Some(config) = &spec.config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.current_dir(&spec.dir)
             .env("WEIR_HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env(
                 "WEIR_MQTT__BROKER",

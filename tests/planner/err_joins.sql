@@ -53,3 +53,13 @@ SELECT e.terminal_id FROM telemetry e JOIN terminals t ON e.terminal_id = t.term
 -- an alert on the table
 CREATE ALERT table_alert WITH (severity = 'warning', key = 'terminal_id') AS
 SELECT terminal_id FROM terminals WHERE region = 'x';
+
+CREATE VIEW ok_filter AS SELECT terminal_id, battery_pct FROM telemetry;
+
+CREATE SINK no_key FROM ok_filter WITH (connector = 'postgres', connection = 'w', table = 't');
+
+CREATE SINK bad_key FROM ok_filter WITH (connector = 'postgres', connection = 'w', table = 't', key = 'nope');
+
+CREATE SINK of_alert FROM table_alert WITH (connector = 'postgres', connection = 'w', table = 't');
+
+CREATE SINK of_nothing FROM nowhere WITH (connector = 'kafka', connection = 'w', table = 't', colour = 'red');

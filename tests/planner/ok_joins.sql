@@ -39,3 +39,11 @@ CREATE VIEW latest_model AS
 SELECT terminal_id, last_value(model) AS model
 FROM telemetry LEFT JOIN terminals USING (terminal_id)
 GROUP BY terminal_id;
+
+-- Per region and minute, for the BI team's warehouse.
+CREATE SINK low_battery_pg FROM low_battery_by_region
+WITH (connector = 'postgres', connection = 'warehouse', table = 'analytics.low_battery_by_region');
+
+-- Enriched events, keyed by terminal and battery reading.
+CREATE SINK enriched_pg FROM enriched
+WITH (connector = 'postgres', connection = 'warehouse', table = 'enriched', key = 'terminal_id, battery_pct');

@@ -1,0 +1,519 @@
+//! Postgres sinks (DESIGN §3 "Sinks: Postgres"): a view's rows, upserted
+//! into a warehouse table.
+//!
+//! The pipeline never waits for Postgres. Each row a sinked view writes is
+//! also put in the store's *outbox*, in the same atomic batch as the row
+//! itself, under the log record's sequence number and an index
+//! (`Store::write_rows_to_sinks`). A sink task reads the outbox in order,
+//! upserts a batch in one transaction, then records its position (the last
+//! outbox key it delivered, in the store's meta) and trims what every sink
+//! of that view has delivered. So:
+//!
+//! - a crash, a restart or Postgres down for an hour loses nothing: the
+//!   outbox holds what was not delivered, and a replay after a crash writes
+//!   the same outbox keys again;
+//! - nothing is doubled: rows are upserted on the table's key (the view's
+//!   keys, plus `window_start` for a windowed view, or the sink's `key`), so
+//!   delivering a row again after a crash between the commit and the
+//!   position write leaves the table as it was.
+//!
+//! Upserts are multi-row `INSERT ... ON CONFLICT ... DO UPDATE` with text
+//! parameters cast to each column's type; rows with the same key in one
+//! batch are folded to the last (an updating view writes each key often).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::{DataType, Schema};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{connect, quote_ident};
+use crate::config::ConnectionConfig;
+use crate::plan::sink::SinkDef;
+use crate::plan::ViewPlan;
+use crate::store::Store;
+
+/// Most outbox rows delivered in one transaction.
+const BATCH_ROWS: usize = 5_000;
+/// Postgres takes at most 65 535 parameters a statement.
+const MAX_PARAMS: usize = 65_535;
+const IDLE: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What `GET /api/v1/sinks` and `/metrics` show of a sink.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    pub name: String,
+    pub from: String,
+    pub target: String,
+    pub rows_written: AtomicU64,
+    pub errors: AtomicU64,
+    /// Outbox rows not delivered yet (counted up to [`LAG_CAP`]).
+    pub lag_rows: AtomicU64,
+    /// Age of the oldest row not delivered, ms (0 when caught up).
+    pub lag_ms: AtomicI64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// The lag is counted up to this many rows.
+pub const LAG_CAP: usize = 10_000_000;
+
+#[derive(Serialize)]
+pub struct SinkReport {
+    pub name: String,
+    pub from: String,
+    pub target: String,
+    pub rows_written: u64,
+    pub lag_rows: u64,
+    pub lag_seconds: f64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+impl SinkStatus {
+    pub fn report(&self) -> SinkReport {
+        SinkReport {
+            name: self.name.clone(),
+            from: self.from.clone(),
+            target: self.target.clone(),
+            rows_written: self.rows_written.load(Ordering::Relaxed),
+            lag_rows: self.lag_rows.load(Ordering::Relaxed),
+            lag_seconds: self.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            errors: self.errors.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+    }
+}
+
+/// The Postgres type a view column is created with.
+pub fn pg_type(t: &DataType) -> &'static str {
+    match t {
+        DataType::Int64 | DataType::Int32 | DataType::Int16 | DataType::Int8 => "bigint",
+        DataType::UInt64 | DataType::UInt32 | DataType::UInt16 | DataType::UInt8 => "bigint",
+        DataType::Float64 | DataType::Float32 => "double precision",
+        DataType::Boolean => "boolean",
+        DataType::Timestamp(..) => "timestamptz",
+        _ => "text",
+    }
+}
+
+/// Postgres types (information_schema's `data_type`) that hold a view type without loss.
+fn fits(view: &DataType, pg: &str) -> bool {
+    match pg_type(view) {
+        "bigint" => matches!(pg, "bigint" | "numeric"),
+        "double precision" => pg == "double precision",
+        "boolean" => pg == "boolean",
+        "timestamptz" => matches!(
+            pg,
+            "timestamp with time zone" | "timestamp without time zone"
+        ),
+        _ => matches!(pg, "text" | "character varying"),
+    }
+}
+
+/// Creates the sink's table when it is missing (with `create`), or checks
+/// that it fits the view; an error names the column that does not. An
+/// existing table is never altered.
+pub async fn ensure_table(
+    client: &tokio_postgres::Client,
+    sink: &SinkDef,
+    schema: &Schema,
+    create: bool,
+) -> Result<(), String> {
+    let (pg_schema, table) = sink
+        .table
+        .split_once('.')
+        .unwrap_or(("public", &sink.table));
+    let present = client
+        .query(
+            "SELECT column_name::text, data_type::text, is_nullable = 'YES', column_default IS NOT NULL
+             FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+            &[&pg_schema, &table],
+        )
+        .await
+        .map_err(super::pg)?;
+    let key_nullable = sink.key_columns.iter().any(|k| {
+        schema
+            .field_with_name(k)
+            .map(|f| f.is_nullable())
+            .unwrap_or(true)
+    });
+    if present.is_empty() && !create {
+        return Ok(());
+    }
+    if present.is_empty() {
+        let mut columns: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                let not_null = if sink.key_columns.contains(f.name()) && !f.is_nullable() {
+                    " NOT NULL"
+                } else {
+                    ""
+                };
+                format!(
+                    "{} {}{not_null}",
+                    quote_ident(f.name()),
+                    pg_type(f.data_type())
+                )
+            })
+            .collect();
+        let keys = sink
+            .key_columns
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        columns.push(if key_nullable {
+            format!("UNIQUE NULLS NOT DISTINCT ({keys})")
+        } else {
+            format!("PRIMARY KEY ({keys})")
+        });
+        let ddl = format!(
+            "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} ({})",
+            quote_ident(pg_schema),
+            quote_ident(&sink.table),
+            columns.join(", ")
+        );
+        client
+            .batch_execute(&ddl)
+            .await
+            .map_err(|e| format!("cannot create table {}: {}", sink.table, super::pg(e)))?;
+        tracing::info!(sink = %sink.name, table = %sink.table, "sink table created");
+        return Ok(());
+    }
+    let mut by_name: HashMap<String, (String, bool, bool)> = HashMap::new();
+    for r in &present {
+        by_name.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+    }
+    for f in schema.fields() {
+        match by_name.get(f.name()) {
+            None => {
+                return Err(format!(
+                    "table {} has no column {} (the view's {}); add it, or sink into a new table",
+                    sink.table,
+                    f.name(),
+                    f.data_type()
+                ))
+            }
+            Some((pg, _, _)) if !fits(f.data_type(), pg) => {
+                return Err(format!(
+                "table {} column {} is {pg}, which cannot hold the view's {} without loss (use {})",
+                sink.table,
+                f.name(),
+                f.data_type(),
+                pg_type(f.data_type())
+            ))
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, (_, nullable, default)) in &by_name {
+        if schema.field_with_name(name).is_err() && !nullable && !default {
+            return Err(format!(
+                "table {} column {name} is NOT NULL without a default, and the view has no such column",
+                sink.table
+            ));
+        }
+    }
+    let unique = client
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname::text)
+             FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = $1::text::regclass AND i.indisunique
+             GROUP BY i.indexrelid",
+            &[&quote_ident(&sink.table)],
+        )
+        .await
+        .map_err(super::pg)?;
+    let mut want = sink.key_columns.clone();
+    want.sort();
+    if !unique.iter().any(|r| r.get::<_, Vec<String>>(0) == want) {
+        return Err(format!(
+            "table {} has no primary key or unique constraint on ({}), which the upserts need",
+            sink.table,
+            sink.key_columns.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// A sink's delivery loop.
+pub struct SinkTask {
+    pub def: Arc<SinkDef>,
+    pub view: Arc<ViewPlan>,
+    pub connection: ConnectionConfig,
+    pub store: Store,
+    pub status: Arc<SinkStatus>,
+    /// Every sink of the same view (the outbox is trimmed to the slowest).
+    pub siblings: Vec<String>,
+    pub shutdown: CancellationToken,
+}
+
+fn position_key(sink: &str) -> String {
+    format!("sink/{sink}/position")
+}
+
+/// An outbox key's wall time (its log seq's upper bits), epoch ms.
+fn written_at(key: &[u8]) -> Option<i64> {
+    let seq = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    Some((seq >> 16) as i64)
+}
+
+impl SinkTask {
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(500);
+        let mut logged = false;
+        loop {
+            let ran = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = self.deliver(&mut backoff, &mut logged) => r,
+            };
+            let Err(e) = ran else { return };
+            self.status.errors.fetch_add(1, Ordering::Relaxed);
+            self.status.set_error(Some(e.clone()));
+            if !logged {
+                tracing::warn!(sink = %self.def.name, error = %e, "sink cannot deliver; its rows wait in the outbox, retrying with backoff");
+                logged = true;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn deliver(&self, backoff: &mut Duration, logged: &mut bool) -> Result<(), String> {
+        let mut client = connect(&self.connection).await?;
+        ensure_table(&client, &self.def, &self.view.output_schema, true).await?;
+        let name = self.def.name.clone();
+        let mut position: Option<Vec<u8>> = self
+            .blocking(move |s| s.get_meta(&position_key(&name)))
+            .await?;
+        let mut healthy = false;
+        loop {
+            let (view, after) = (self.def.from.clone(), position.clone());
+            let (rows, lag) = self
+                .blocking(move |s| {
+                    let rows = s.outbox(&view, after.as_deref(), BATCH_ROWS)?;
+                    let lag = if rows.len() < BATCH_ROWS {
+                        rows.len()
+                    } else {
+                        s.outbox_len(&view, after.as_deref(), LAG_CAP)?
+                    };
+                    Ok((rows, lag))
+                })
+                .await?;
+            self.status.lag_rows.store(lag as u64, Ordering::Relaxed);
+            let age = rows
+                .first()
+                .and_then(|(k, _)| written_at(k))
+                .map_or(0, |t| (crate::obs::now_ms() - t).max(0));
+            self.status.lag_ms.store(age, Ordering::Relaxed);
+            if !healthy {
+                healthy = true;
+                if self
+                    .status
+                    .last_error
+                    .lock()
+                    .map(|e| e.is_some())
+                    .unwrap_or(false)
+                    || *logged
+                {
+                    tracing::info!(sink = %self.def.name, "sink delivering again");
+                }
+                self.status.set_error(None);
+                *logged = false;
+                *backoff = Duration::from_millis(500);
+            }
+            let Some((last, _)) = rows.last() else {
+                tokio::time::sleep(IDLE).await;
+                continue;
+            };
+            let last = last.clone();
+            let n = self.upsert(&mut client, &rows).await?;
+            let (name, at) = (self.def.name.clone(), last.clone());
+            self.blocking(move |s| s.put_meta(&position_key(&name), &at))
+                .await?;
+            position = Some(last);
+            self.status
+                .rows_written
+                .fetch_add(n as u64, Ordering::Relaxed);
+            self.trim().await?;
+        }
+    }
+
+    /// Trims the outbox to what every sink of the view has delivered.
+    async fn trim(&self) -> Result<(), String> {
+        let (view, siblings) = (self.def.from.clone(), self.siblings.clone());
+        self.blocking(move |s| {
+            let mut upto: Option<Vec<u8>> = None;
+            for sink in &siblings {
+                match s.get_meta(&position_key(sink))? {
+                    Some(p) => {
+                        if upto.as_ref().is_none_or(|u| p < *u) {
+                            upto = Some(p);
+                        }
+                    }
+                    None => return Ok(0),
+                }
+            }
+            match upto {
+                Some(u) => s.trim_outbox(&view, &u),
+                None => Ok(0),
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Upserts the rows (JSON objects) in one transaction; returns how many
+    /// distinct keys were written.
+    async fn upsert(
+        &self,
+        client: &mut tokio_postgres::Client,
+        rows: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<usize, String> {
+        let schema = &self.view.output_schema;
+        let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        // the last row of each key wins
+        let mut latest: HashMap<String, usize> = HashMap::new();
+        let mut parsed: Vec<serde_json::Map<String, Value>> = Vec::with_capacity(rows.len());
+        for (_, json) in rows {
+            let row: serde_json::Map<String, Value> = serde_json::from_slice(json)
+                .map_err(|e| format!("outbox row is not a JSON object: {e}"))?;
+            let key: String = self
+                .def
+                .key_columns
+                .iter()
+                .map(|k| row.get(k).map_or("null".into(), |v| v.to_string()))
+                .collect::<Vec<_>>()
+                .join("\u{1}");
+            latest.insert(key, parsed.len());
+            parsed.push(row);
+        }
+        let mut keep: Vec<usize> = latest.into_values().collect();
+        keep.sort_unstable();
+        let per_statement = (MAX_PARAMS / columns.len().max(1)).clamp(1, 1000);
+        let casts: Vec<&str> = schema
+            .fields()
+            .iter()
+            .map(|f| pg_type(f.data_type()))
+            .collect();
+        let updates: Vec<String> = columns
+            .iter()
+            .filter(|c| !self.def.key_columns.iter().any(|k| k == *c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect();
+        let conflict = format!(
+            "ON CONFLICT ({}) {}",
+            self.def
+                .key_columns
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if updates.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            }
+        );
+        let head = format!(
+            "INSERT INTO {} ({}) VALUES ",
+            quote_ident(&self.def.table),
+            columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let tx = client.transaction().await.map_err(super::pg)?;
+        for chunk in keep.chunks(per_statement) {
+            let mut sql = head.clone();
+            let mut params: Vec<Option<String>> = Vec::with_capacity(chunk.len() * columns.len());
+            for (r, &i) in chunk.iter().enumerate() {
+                if r > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for (c, column) in columns.iter().enumerate() {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    params.push(match parsed[i].get(*column) {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(other) => Some(other.to_string()),
+                    });
+                    sql.push_str(&format!("${}::{}", params.len(), casts[c]));
+                }
+                sql.push(')');
+            }
+            sql.push(' ');
+            sql.push_str(&conflict);
+            let types = vec![tokio_postgres::types::Type::TEXT; params.len()];
+            let statement = tx.prepare_typed(&sql, &types).await.map_err(super::pg)?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            tx.execute(&statement, &refs).await.map_err(super::pg)?;
+        }
+        tx.commit().await.map_err(super::pg)?;
+        Ok(keep.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_types_map_to_postgres_and_back() {
+        assert_eq!(pg_type(&DataType::Int64), "bigint");
+        assert!(fits(&DataType::Int64, "numeric"));
+        assert!(!fits(&DataType::Int64, "integer"));
+        assert!(fits(&DataType::Float64, "double precision"));
+        assert!(!fits(&DataType::Float64, "real"));
+        assert!(fits(
+            &crate::plan::timestamp_type(),
+            "timestamp without time zone"
+        ));
+        assert!(fits(&DataType::Utf8, "character varying"));
+        assert!(!fits(&DataType::Utf8, "integer"));
+    }
+
+    #[test]
+    fn outbox_keys_tell_their_time() {
+        let seq = crate::log::seq_at(1_700_000_000_123) + 5;
+        let mut key = seq.to_be_bytes().to_vec();
+        key.extend_from_slice(&7u32.to_be_bytes());
+        assert_eq!(written_at(&key), Some(1_700_000_000_123));
+        assert_eq!(written_at(b"short"), None);
+    }
+}
