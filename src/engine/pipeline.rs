@@ -2054,6 +2054,28 @@ impl Runner {
                         .collect()
                 }
             };
+            // A windowed join meets the other view's rows of the windows closing now.
+            for step in &self.views[v].operator.plan().pre {
+                let crate::plan::Step::Lookup(l) = step else {
+                    continue;
+                };
+                let Some((other, key)) = &l.window_join else {
+                    continue;
+                };
+                let batches: Vec<datafusion::arrow::array::RecordBatch> = self
+                    .views
+                    .iter()
+                    .position(|rt| &rt.operator.plan().name == other)
+                    .map(|r| outputs[r].iter().map(|o| o.rows.clone()).collect())
+                    .unwrap_or_default();
+                let schema = l.rows.get().batch.schema();
+                match crate::table::Rows::keyed(schema, &batches, key.as_ref()) {
+                    Ok(rows) => l.rows.set(Arc::new(rows)),
+                    Err(e) => {
+                        tracing::error!(view = %self.views[v].operator.plan().name, error = %e, "windowed join: the other side's rows cannot be keyed")
+                    }
+                }
+            }
             let view = &mut self.views[v];
             let name = view.operator.plan().name.clone();
             let mut produced = Vec::new();

@@ -370,7 +370,7 @@ fn lineage_edges(
 /// A traced source column as a column ref: a joined table's columns are
 /// traced as `table:<name>.<column>` already; the rest are `from_node`'s.
 fn column_ref(from_node: &str, source: &str) -> String {
-    if source.starts_with("table:") {
+    if source.starts_with("table:") || source.starts_with("view:") {
         source.to_string()
     } else {
         format!("{from_node}.{source}")
@@ -385,8 +385,13 @@ fn add_view(g: &mut Graph, pipeline: &Pipeline, v: &ViewPlan) {
         to: id.clone(),
     });
     for t in &v.lookups {
+        let kind = if pipeline.table(t).is_some() {
+            "table"
+        } else {
+            "view"
+        };
         g.edges.push(Edge {
-            from: format!("table:{t}"),
+            from: format!("{kind}:{t}"),
             to: id.clone(),
         });
     }

@@ -181,7 +181,12 @@ pub fn compile(
     let input_df_schema = scan.projected_schema.clone();
     let input_schema: SchemaRef = Arc::new(input_df_schema.as_arrow().clone());
     above.reverse();
-    let project = compile_steps(state, &above, &Default::default())?;
+    let (tables, views) = (Default::default(), Default::default());
+    let none = super::Relations {
+        tables: &tables,
+        views: &views,
+    };
+    let project = compile_steps(state, &above, &none)?;
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
 
     let mut clear_columns = std::collections::BTreeSet::new();

@@ -93,8 +93,25 @@ pub struct Lookup {
     pub inner: bool,
     /// The rows after the join: theirs, then the table's columns.
     pub schema: SchemaRef,
-    /// The table's current rows.
+    /// The table's current rows; for a windowed join, the other view's
+    /// rows of the windows closing now (the pipeline sets them).
     pub rows: crate::table::TableHandle,
+    /// A windowed join: the other view, and its side of the key
+    /// (keys and `window_start`, as one text) over its rows.
+    pub window_join: Option<(String, Arc<dyn PhysicalExpr>)>,
+}
+
+/// What a view can join with, by name.
+pub struct Relations<'a> {
+    pub tables: &'a HashMap<String, Arc<TableDef>>,
+    pub views: &'a HashMap<String, Arc<ViewPlan>>,
+}
+
+/// The other side of a join.
+enum JoinWith {
+    Table(Arc<TableDef>),
+    /// A windowed view of the same window and root stream; its composite key.
+    Window(Arc<ViewPlan>, Expr),
 }
 
 /// One aggregate of a view.
@@ -1017,6 +1034,10 @@ fn compile(
     tables: &HashMap<String, Arc<TableDef>>,
     planned: &HashMap<String, Arc<ViewPlan>>,
 ) -> Result<ViewPlan, String> {
+    let rel = Relations {
+        tables,
+        views: planned,
+    };
     // Walk down from the top, collecting nodes above the aggregate.
     let mut above: Vec<&LogicalPlan> = Vec::new();
     let mut node = plan;
@@ -1042,10 +1063,10 @@ fn compile(
     // Below the aggregate (or the whole plan for a filter view).
     let mut below: Vec<&LogicalPlan> = Vec::new();
     let scan = if let Some(a) = aggregate {
-        descend(&a.input, &mut below, tables)?
+        descend(&a.input, &mut below, &rel)?
     } else {
         below = std::mem::take(&mut above);
-        descend(node, &mut below, tables)?
+        descend(node, &mut below, &rel)?
     };
 
     let source = scan.table_name.table().to_ascii_lowercase();
@@ -1071,8 +1092,8 @@ fn compile(
     // Steps are listed top-down; they run bottom-up.
     below.reverse();
     above.reverse();
-    let pre = compile_steps(state, &below, tables)?;
-    let post = compile_steps(state, &above, tables)?;
+    let pre = compile_steps(state, &below, &rel)?;
+    let post = compile_steps(state, &above, &rel)?;
     let lookups: Vec<String> = pre
         .iter()
         .filter_map(|s| match s {
@@ -1126,7 +1147,21 @@ fn compile(
         _ => Vec::new(),
     };
 
-    let traced = lineage::trace(plan)?;
+    let mut traced = lineage::trace(plan)?;
+    // (the other side of a windowed join is a view, not a table)
+    for v in lookups.iter().filter(|t| !tables.contains_key(*t)) {
+        let (from, to) = (format!("table:{v}."), format!("view:{v}."));
+        let fix = |s: &String| match s.strip_prefix(&from) {
+            Some(rest) => format!("{to}{rest}"),
+            None => s.clone(),
+        };
+        for c in &mut traced.columns {
+            c.sources = c.sources.iter().map(|(k, e)| (fix(k), *e)).collect();
+            c.filters = c.filters.iter().map(fix).collect();
+        }
+        traced.row_filters = traced.row_filters.iter().map(fix).collect();
+        traced.join_keys = traced.join_keys.iter().map(fix).collect();
+    }
     let mut column_lineage = Vec::with_capacity(output_schema.fields().len());
     column_lineage.resize(
         output_schema.fields().len() - traced.columns.len(),
@@ -1145,8 +1180,10 @@ fn compile(
     // (a joined table's definition decides the rows too; views without joins keep theirs)
     let joined: String = lookups
         .iter()
-        .filter_map(|t| tables.get(t))
-        .map(|t| without_comments(&t.sql))
+        .filter_map(|t| match tables.get(t) {
+            Some(t) => Some(without_comments(&t.sql)),
+            None => planned.get(t).map(|v| v.fingerprint.to_string()),
+        })
         .collect();
     let fingerprint = fingerprint(&[
         &without_comments(&p.text),
@@ -1236,8 +1273,9 @@ fn physical(
 fn descend<'a>(
     mut node: &'a LogicalPlan,
     steps: &mut Vec<&'a LogicalPlan>,
-    tables: &HashMap<String, Arc<TableDef>>,
+    rel: &Relations,
 ) -> Result<&'a datafusion::logical_expr::TableScan, String> {
+    let tables = rel.tables;
     loop {
         match node {
             LogicalPlan::Projection(x) => {
@@ -1262,7 +1300,7 @@ fn descend<'a>(
                 return Ok(t);
             }
             LogicalPlan::Join(j) => {
-                lookup_join(j, tables)?;
+                lookup_join(j, rel)?;
                 steps.push(node);
                 node = &j.left;
             }
@@ -1306,13 +1344,15 @@ fn join_pairs(j: &datafusion::logical_expr::Join) -> Result<Vec<(Expr, Expr)>, S
 }
 
 /// Checks that a join is a lookup join of a stream or view (left) with a
-/// reference table (right) on the table's primary key; returns the left
-/// side's key expression and the table.
+/// reference table (right) on the table's primary key, or a windowed join
+/// of two windowed views; returns the left side's key expression and what
+/// it joins.
 fn lookup_join(
     j: &datafusion::logical_expr::Join,
-    tables: &HashMap<String, Arc<TableDef>>,
-) -> Result<(Expr, Arc<TableDef>), String> {
+    rel: &Relations,
+) -> Result<(Expr, JoinWith), String> {
     use datafusion::logical_expr::JoinType;
+    let tables = rel.tables;
     let left = side_name(&j.left);
     let right = side_name(&j.right);
     let table = match (&left, &right) {
@@ -1323,9 +1363,14 @@ fn lookup_join(
             ))
         }
         (Some(l), Some(r)) => {
-            return Err(format!(
-                "{l} and {r} are both streams or views: a join without a window is not supported. Join a reference table on its primary key (FROM stream s LEFT JOIN table t ON s.col = t.key), or two windowed views of the same window on their keys and window_start"
-            ))
+            return match (rel.views.get(l), rel.views.get(r)) {
+                (Some(lv), Some(rv)) if lv.window().is_some() && rv.window().is_some() => {
+                    window_join(j, lv, rv, rel)
+                }
+                _ => Err(format!(
+                    "{l} and {r} are not two windowed views: a join without a window is not supported. Join a reference table on its primary key (FROM stream s LEFT JOIN table t ON s.col = t.key), or two windowed views of the same window on their keys and window_start"
+                )),
+            }
         }
         _ => {
             return Err(
@@ -1375,7 +1420,7 @@ fn lookup_join(
         found = Some(l.clone());
     }
     match found {
-        Some(l) => Ok((l, table)),
+        Some(l) => Ok((l, JoinWith::Table(table))),
         None => Err(format!(
             "a lookup join needs ON <stream column> = {}.{}",
             table.name, table.key
@@ -1383,22 +1428,163 @@ fn lookup_join(
     }
 }
 
+/// The stream at the root of a view's inputs.
+fn root_of(v: &ViewPlan, views: &HashMap<String, Arc<ViewPlan>>) -> Option<String> {
+    let mut up = &v.upstream;
+    for _ in 0..=views.len() {
+        match up {
+            Upstream::Stream(s) => return Some(s.clone()),
+            Upstream::View(name) => up = &views.get(name)?.upstream,
+        }
+    }
+    None
+}
+
+/// Two windowed views of the same window and root stream, joined on all of
+/// the right view's keys and `window_start` (Arroyo's windowed join). Both
+/// close a window at the same watermark, so the join meets both sides'
+/// rows of a window in the same step, and writes them then.
+fn window_join(
+    j: &datafusion::logical_expr::Join,
+    lv: &ViewPlan,
+    rv: &ViewPlan,
+    rel: &Relations,
+) -> Result<(Expr, JoinWith), String> {
+    use datafusion::logical_expr::{BinaryExpr, Cast, JoinType, Operator};
+    let (lw, rw) = (lv.window(), rv.window());
+    if lw != rw {
+        return Err(format!(
+            "a windowed join needs the same window on both sides: {} is {}, {} is {}",
+            lv.name,
+            lw.map(|w| describe_window(&w)).unwrap_or_default(),
+            rv.name,
+            rw.map(|w| describe_window(&w)).unwrap_or_default()
+        ));
+    }
+    if matches!(lw, Some(crate::window::WindowSpec::Session { .. })) {
+        return Err("a windowed join of session windows is not supported (their bounds differ per key): use tumble or hop".into());
+    }
+    if root_of(lv, rel.views) != root_of(rv, rel.views) {
+        return Err(format!(
+            "{} and {} read different streams: a windowed join needs both views over the same stream (their windows close together)",
+            lv.name, rv.name
+        ));
+    }
+    if !matches!(j.join_type, JoinType::Inner | JoinType::Left) {
+        return Err(format!(
+            "{} JOIN is not supported for a windowed join: use JOIN or LEFT JOIN",
+            j.join_type.to_string().to_uppercase()
+        ));
+    }
+    let right_schema = j.right.schema();
+    let mut matched: HashMap<String, Expr> = HashMap::new();
+    for (a, b) in join_pairs(j)? {
+        let (l, r) =
+            match (&a, &b) {
+                (a, Expr::Column(c)) if right_schema.has_column(c) => (a.clone(), c.clone()),
+                (Expr::Column(c), b) if right_schema.has_column(c) => (b.clone(), c.clone()),
+                _ => return Err(format!(
+                    "a windowed join matches columns of {} with columns of {}: {a} = {b} does not",
+                    lv.name, rv.name
+                )),
+            };
+        let is_key = r.name == "window_start" || rv.key_columns.contains(&r.name);
+        if !is_key {
+            return Err(format!(
+                "{}.{} is not a key of {} ({}, window_start): a windowed join is on the views' keys and window_start; filter on other columns in WHERE",
+                rv.name,
+                r.name,
+                rv.name,
+                rv.key_columns.join(", ")
+            ));
+        }
+        matched.insert(r.name.clone(), l);
+    }
+    let mut wanted: Vec<String> = rv.key_columns.clone();
+    wanted.push("window_start".into());
+    if let Some(missing) = wanted.iter().find(|k| !matched.contains_key(*k)) {
+        return Err(format!(
+            "a windowed join matches every key of {} and window_start: ON lacks {}.{missing}",
+            rv.name, rv.name
+        ));
+    }
+    // Both sides' keys as one text, NULL when any part is (NULL matches nothing).
+    let text = |e: Expr| Expr::Cast(Cast::new(Box::new(e), DataType::Utf8));
+    let concat = |parts: Vec<Expr>| {
+        parts
+            .into_iter()
+            .reduce(|a, b| {
+                let a = Expr::BinaryExpr(BinaryExpr::new(
+                    Box::new(a),
+                    Operator::StringConcat,
+                    Box::new(Expr::Literal(ScalarValue::Utf8(Some("\u{1}".into())), None)),
+                ));
+                Expr::BinaryExpr(BinaryExpr::new(
+                    Box::new(a),
+                    Operator::StringConcat,
+                    Box::new(b),
+                ))
+            })
+            .unwrap_or(Expr::Literal(ScalarValue::Utf8(None), None))
+    };
+    let (alias, _) = j.right.schema().qualified_field(0);
+    let left_key = concat(wanted.iter().map(|k| text(matched[k].clone())).collect());
+    let right_key = concat(
+        wanted
+            .iter()
+            .map(|k| {
+                text(Expr::Column(datafusion::common::Column::new(
+                    alias.cloned(),
+                    k.clone(),
+                )))
+            })
+            .collect(),
+    );
+    Ok((left_key, JoinWith::Window(Arc::new(rv.clone()), right_key)))
+}
+
 fn compile_steps(
     state: &SessionState,
     nodes: &[&LogicalPlan],
-    tables: &HashMap<String, Arc<TableDef>>,
+    rel: &Relations,
 ) -> Result<Vec<Step>, String> {
     let mut steps = Vec::new();
     for node in nodes {
         match node {
             LogicalPlan::Join(j) => {
-                let (key, table) = lookup_join(j, tables)?;
-                steps.push(Step::Lookup(Arc::new(Lookup {
-                    table: table.name.clone(),
-                    key: physical(state, &key, j.left.schema())?,
-                    inner: j.join_type == datafusion::logical_expr::JoinType::Inner,
-                    schema: Arc::new(j.schema.as_arrow().clone()),
-                    rows: table.rows.clone(),
+                let (key, with) = lookup_join(j, rel)?;
+                let inner = j.join_type == datafusion::logical_expr::JoinType::Inner;
+                let key = physical(state, &key, j.left.schema())?;
+                let schema = Arc::new(j.schema.as_arrow().clone());
+                steps.push(Step::Lookup(Arc::new(match with {
+                    JoinWith::Table(table) => Lookup {
+                        table: table.name.clone(),
+                        key,
+                        inner,
+                        schema,
+                        rows: table.rows.clone(),
+                        window_join: None,
+                    },
+                    JoinWith::Window(view, right_key) => Lookup {
+                        table: view.name.clone(),
+                        key,
+                        inner,
+                        schema,
+                        rows: crate::table::TableHandle::new(
+                            Arc::new(Schema::new(
+                                view.output_schema
+                                    .fields()
+                                    .iter()
+                                    .map(|f| f.as_ref().clone().with_nullable(true))
+                                    .collect::<Vec<_>>(),
+                            )),
+                            0,
+                        ),
+                        window_join: Some((
+                            view.name.clone(),
+                            physical(state, &right_key, j.right.schema())?,
+                        )),
+                    },
                 })));
             }
             LogicalPlan::Filter(f) => steps.push(Step::Filter(physical(
@@ -1749,12 +1935,14 @@ pub fn describe(pipeline: &Pipeline) -> String {
         ));
         for step in &v.pre {
             if let Step::Lookup(l) = step {
-                out.push_str(&format!(
-                    "  lookup join: {} {} on {}\n",
-                    if l.inner { "JOIN" } else { "LEFT JOIN" },
-                    l.table,
-                    l.key
-                ));
+                let join = if l.inner { "JOIN" } else { "LEFT JOIN" };
+                out.push_str(&match l.window_join {
+                    Some(_) => format!(
+                        "  windowed join: {join} {}, on its keys and window_start, written as windows close\n",
+                        l.table
+                    ),
+                    None => format!("  lookup join: {join} {} on {}\n", l.table, l.key),
+                });
             }
         }
         if !v.key_columns.is_empty() {

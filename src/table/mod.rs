@@ -109,6 +109,35 @@ impl Rows {
         })
     }
 
+    /// Rows of `batches` (in `schema`, nullable), indexed by `key`
+    /// evaluated over them: the other side of a windowed join, whose key is
+    /// unique per batch set (a view's keys and window_start).
+    pub fn keyed(
+        schema: SchemaRef,
+        batches: &[RecordBatch],
+        key: &dyn datafusion::physical_expr::PhysicalExpr,
+    ) -> Result<Rows, datafusion::error::DataFusionError> {
+        let mut columns: Vec<RecordBatch> = Vec::with_capacity(batches.len());
+        for b in batches {
+            columns.push(RecordBatch::try_new(schema.clone(), b.columns().to_vec())?);
+        }
+        let batch = concat_batches(&schema, &columns)?;
+        let keys = key.evaluate(&batch)?.into_array(batch.num_rows())?;
+        let keys = key_strings(&keys)?;
+        let mut index = Index::with_capacity_and_hasher(keys.len(), Default::default());
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(k) = k {
+                index.insert(k.into(), i as u32);
+            }
+        }
+        Ok(Rows {
+            batch,
+            index,
+            key: 0,
+            lsn: 0,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.batch.num_rows()
     }

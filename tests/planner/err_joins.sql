@@ -63,3 +63,26 @@ CREATE SINK bad_key FROM ok_filter WITH (connector = 'postgres', connection = 'w
 CREATE SINK of_alert FROM table_alert WITH (connector = 'postgres', connection = 'w', table = 't');
 
 CREATE SINK of_nothing FROM nowhere WITH (connector = 'kafka', connection = 'w', table = 't', colour = 'red');
+
+CREATE VIEW per_minute AS
+SELECT terminal_id, count(*) AS n FROM telemetry GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+
+CREATE VIEW per_5_minutes AS
+SELECT terminal_id, count(*) AS n FROM telemetry GROUP BY terminal_id, tumble(INTERVAL '5' MINUTE);
+
+CREATE VIEW txn_per_minute AS
+SELECT terminal_id, sum(amount) AS total FROM txns GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+
+-- different windows
+CREATE VIEW mixed_windows AS
+SELECT a.terminal_id FROM per_minute a JOIN per_5_minutes b
+  ON a.terminal_id = b.terminal_id AND a.window_start = b.window_start;
+
+-- different streams
+CREATE VIEW mixed_streams AS
+SELECT a.terminal_id FROM per_minute a JOIN txn_per_minute b
+  ON a.terminal_id = b.terminal_id AND a.window_start = b.window_start;
+
+-- without window_start
+CREATE VIEW no_window_key AS
+SELECT a.terminal_id FROM per_minute a JOIN per_minute b ON a.terminal_id = b.terminal_id;

@@ -47,3 +47,21 @@ WITH (connector = 'postgres', connection = 'warehouse', table = 'analytics.low_b
 -- Enriched events, keyed by terminal and battery reading.
 CREATE SINK enriched_pg FROM enriched
 WITH (connector = 'postgres', connection = 'warehouse', table = 'enriched', key = 'terminal_id, battery_pct');
+
+-- Low-battery readings per terminal and minute.
+CREATE VIEW low_1m AS
+SELECT terminal_id, count(*) AS low_readings
+FROM telemetry WHERE battery_pct < 20
+GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+
+-- All readings per terminal and minute.
+CREATE VIEW all_1m AS
+SELECT terminal_id, count(*) AS readings, avg(battery_pct) AS avg_battery
+FROM telemetry GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+
+-- The share of low readings, per terminal and minute (a windowed join).
+CREATE VIEW low_share_1m AS
+SELECT a.terminal_id, a.window_start, a.readings, l.low_readings,
+       l.low_readings * 1.0 / a.readings AS low_share
+FROM all_1m a LEFT JOIN low_1m l
+  ON a.terminal_id = l.terminal_id AND a.window_start = l.window_start;
