@@ -51,6 +51,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Drop what weir created in Postgres to follow a reference table (its
+    /// replication slot, and its publication unless the table names the
+    /// DBA's): the next start reads the table afresh.
+    ResetSource {
+        /// The reference table (`CREATE TABLE ... WITH (connector = 'postgres')`).
+        name: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Parse and plan every pipeline, print each plan, and list every error with file:line.
     Check {
         #[arg(long, short)]
@@ -582,6 +591,46 @@ fn main() -> ExitCode {
             pipelines,
             json,
         } => plan_command(config, pipelines, json),
+        Command::ResetSource { name, config } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let pipeline = match plan::plan_dir(&config.pipelines.dir) {
+                Ok(p) => p,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            let Some(table) = pipeline.table(&name.to_ascii_lowercase()).cloned() else {
+                eprintln!("error: no reference table named {name:?} in {}", config.pipelines.dir.display());
+                return ExitCode::from(1);
+            };
+            let Some(connection) = config.connections.iter().find(|c| c.name == table.connection).cloned() else {
+                eprintln!("error: connection {:?} is not in the config's [[connections]]", table.connection);
+                return ExitCode::from(1);
+            };
+            let reset = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(weir::postgres::reset_source(&table, &connection)));
+            match reset {
+                Ok(done) => {
+                    for line in done {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check { config, pipelines } => {
             let config = match load_config(config) {
                 Ok(c) => c,

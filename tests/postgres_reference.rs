@@ -247,6 +247,50 @@ async fn a_reference_table_follows_postgres_and_enriches_events() {
     assert_eq!(table(&weir).await, expected);
     want.extend(publish_round(&weir, &[("t4", 31.0)], &expected).await);
     assert_eq!(triples(&weir.wait_rows("enriched", 10).await), want);
+
+    // weir reset-source drops the slot and the publication weir made; the
+    // next start reads the table afresh.
+    pg.start_server();
+    let dir = weir.stop().await;
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pipelines]\ndir = \"{}\"\n[[connections]]\nname = \"backoffice\"\nkind = \"postgres\"\nurl = \"{}\"\npassword_env = \"WEIR_TEST_BACKOFFICE_PASSWORD\"\ntls = \"disable\"\n",
+            dir.path().join("pipelines").display(),
+            pg.url("backoffice")
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["reset-source", "terminals", "--config"])
+        .arg(&config)
+        .env("WEIR_TEST_BACKOFFICE_PASSWORD", PASSWORD)
+        .output()
+        .expect("weir reset-source");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("replication slot weir_terminals: dropped"), "{said}");
+    let office = pg.backoffice().await;
+    let left: i64 = office
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .expect("slots and publications")
+        .get(0);
+    assert_eq!(left, 0, "reset-source left a slot or a publication");
+    office
+        .batch_execute("UPDATE terminals SET region = 'after-reset' WHERE terminal_id = 't3'")
+        .await
+        .expect("change while weir is stopped");
+    expected.insert("t3".into(), "after-reset".into());
+    let weir = Weir::start_configured(dir, None, |c| {
+        c.connections.push(pg.connection("backoffice"));
+    })
+    .await;
+    wait_table(&weir, &expected).await;
     weir.stop().await;
 }
 

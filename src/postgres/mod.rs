@@ -547,6 +547,44 @@ impl TableSource {
     }
 }
 
+/// Drops the replication slot weir created for `table`, and the publication
+/// unless the table names one of the DBA's; says what it did.
+pub async fn reset_source(table: &TableDef, conn: &ConnectionConfig) -> Result<Vec<String>, String> {
+    let client = connect(conn).await?;
+    let mut done = Vec::new();
+    let slot = table.slot_name();
+    let dropped = client
+        .query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| format!("cannot drop replication slot {slot} (is weir running? stop it first): {}", pg(e)))?;
+    done.push(match dropped.len() {
+        0 => format!("replication slot {slot}: none"),
+        _ => format!("replication slot {slot}: dropped"),
+    });
+    match &table.mode {
+        TableMode::Cdc { publication: None } => {
+            let name = table.publication_name();
+            client
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&name)))
+                .await
+                .map_err(|e| format!("cannot drop publication {name}: {}", pg(e)))?;
+            done.push(format!("publication {name}: dropped"));
+        }
+        TableMode::Cdc {
+            publication: Some(p),
+        } => done.push(format!("publication {p}: the DBA's, kept")),
+        TableMode::Snapshot { .. } => {}
+    }
+    done.push(format!(
+        "table {}: the next start reads {} afresh",
+        table.name, table.pg_table
+    ));
+    Ok(done)
+}
+
 /// A tuple's values in the declared columns' order (by name).
 fn project(
     r: &pgoutput::Relation,
