@@ -606,11 +606,22 @@ fn main() -> ExitCode {
                 }
             };
             let Some(table) = pipeline.table(&name.to_ascii_lowercase()).cloned() else {
-                eprintln!("error: no reference table named {name:?} in {}", config.pipelines.dir.display());
+                eprintln!(
+                    "error: no reference table named {name:?} in {}",
+                    config.pipelines.dir.display()
+                );
                 return ExitCode::from(1);
             };
-            let Some(connection) = config.connections.iter().find(|c| c.name == table.connection).cloned() else {
-                eprintln!("error: connection {:?} is not in the config's [[connections]]", table.connection);
+            let Some(connection) = config
+                .connections
+                .iter()
+                .find(|c| c.name == table.connection)
+                .cloned()
+            else {
+                eprintln!(
+                    "error: connection {:?} is not in the config's [[connections]]",
+                    table.connection
+                );
                 return ExitCode::from(1);
             };
             let reset = tokio::runtime::Builder::new_current_thread()

@@ -269,8 +269,15 @@ async fn a_reference_table_follows_postgres_and_enriches_events() {
         .output()
         .expect("weir reset-source");
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(said.contains("replication slot weir_terminals: dropped"), "{said}");
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("replication slot weir_terminals: dropped"),
+        "{said}"
+    );
     let office = pg.backoffice().await;
     let left: i64 = office
         .query_one(

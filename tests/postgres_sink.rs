@@ -359,3 +359,69 @@ async fn a_table_that_does_not_fit_is_refused_and_left_alone() {
         ["terminal_id text", "battery integer", "reports bigint"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_rules_records_follow_their_lifecycle_into_postgres() {
+    let pg = Postgres::start().await;
+    let rules = "
+CREATE ALERT battery_flat WITH (severity = 'critical', clear = 'battery_pct >= 20')
+AS SELECT terminal_id, battery_pct FROM telemetry WHERE battery_pct < 5;
+
+CREATE SINK battery_flat_pg FROM battery_flat
+WITH (connector = 'postgres', connection = 'warehouse', table = 'ops.alerts');
+";
+    let pipeline = common::battery_pipeline("1 hour", rules);
+    let connection = pg.connection("warehouse");
+    let weir = common::Weir::start_tweaked(&[("p.sql", &pipeline)], None, |c| {
+        c.connections.push(connection);
+    })
+    .await;
+    let db = pg.backoffice().await;
+    let row = |state: &'static str| {
+        let db = &db;
+        move || async move {
+            let rows = db
+                .query(
+                    "SELECT id, key, severity, state, acked, fired_by::jsonb ->> 'battery_pct'
+                     FROM ops.alerts",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let r = rows.first()?;
+            (rows.len() == 1 && r.get::<_, String>(3) == state).then(|| {
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, bool>(4),
+                    r.get::<_, Option<String>>(5),
+                )
+            })
+        }
+    };
+    // fires
+    weir.publish(&[("terminals/t1/telemetry", event(T0, 3.0, None))])
+        .await;
+    let (id, key, severity, acked, fired_by) =
+        wait_for("the firing alert in Postgres", row("firing")).await;
+    assert_eq!(
+        (key.as_str(), severity.as_str(), acked),
+        ("t1", "critical", false)
+    );
+    assert_eq!(fired_by.as_deref(), Some("3.0"));
+    // acknowledged through the API
+    let (status, body) = weir.post(&format!("/api/v1/alerts/{id}/ack"), "").await;
+    assert_eq!(status, 200, "{body}");
+    wait_for("the ack in Postgres", || async {
+        let r = row("firing")().await?;
+        r.3.then_some(())
+    })
+    .await;
+    // resolves: the same row, by id
+    weir.publish(&[("terminals/t1/telemetry", event(T0 + 10_000, 50.0, None))])
+        .await;
+    let (again, ..) = wait_for("the resolved alert in Postgres", row("resolved")).await;
+    assert_eq!(again, id);
+    weir.stop().await;
+}

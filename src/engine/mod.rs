@@ -561,9 +561,16 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
 
     // Sinks: each delivers its view's outbox to Postgres, on its own.
     let mut statuses = Vec::new();
+    store.set_sinked_rules(
+        pipeline
+            .sinks
+            .iter()
+            .filter(|s| s.from_alert)
+            .map(|s| s.from.clone()),
+    );
     for s in &pipeline.sinks {
-        let (Some(view), Some(connection)) = (
-            pipeline.view(&s.from),
+        let (Some(schema), Some(connection)) = (
+            sink_schema(&pipeline, s),
             config.connections.iter().find(|c| c.name == s.connection),
         ) else {
             continue;
@@ -577,7 +584,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
         statuses.push(status.clone());
         let task = crate::postgres::sink::SinkTask {
             def: s.clone(),
-            view: view.clone(),
+            schema,
             connection: connection.clone(),
             store: store.clone(),
             status,
@@ -699,6 +706,18 @@ pub fn unknown_connections(pipeline: &Pipeline, config: &Config) -> Vec<crate::p
         .collect()
 }
 
+/// The columns a sink delivers: its view's, or an alert record's.
+pub fn sink_schema(
+    pipeline: &Pipeline,
+    sink: &crate::plan::sink::SinkDef,
+) -> Option<datafusion::arrow::datatypes::SchemaRef> {
+    if sink.from_alert {
+        Some(crate::plan::sink::alert_schema())
+    } else {
+        pipeline.view(&sink.from).map(|v| v.output_schema.clone())
+    }
+}
+
 /// Checks each sink's table where Postgres can be reached (a table that
 /// does not fit the view is an error naming the column); one that cannot
 /// be reached is left to the sink, which retries. `create`: make missing
@@ -710,8 +729,8 @@ pub async fn check_sink_tables(
 ) -> Vec<crate::plan::PlanError> {
     let mut problems = Vec::new();
     for s in &pipeline.sinks {
-        let (Some(view), Some(conn)) = (
-            pipeline.view(&s.from),
+        let (Some(schema), Some(conn)) = (
+            sink_schema(pipeline, s),
             config.connections.iter().find(|c| c.name == s.connection),
         ) else {
             continue;
@@ -732,9 +751,7 @@ pub async fn check_sink_tables(
                 continue;
             }
         };
-        if let Err(e) =
-            crate::postgres::sink::ensure_table(&client, s, &view.output_schema, create).await
-        {
+        if let Err(e) = crate::postgres::sink::ensure_table(&client, s, &schema, create).await {
             problems.push(crate::plan::PlanError {
                 file: s.file.clone(),
                 line: s.line,

@@ -620,7 +620,12 @@ impl Runner {
         Ok(Self {
             streams,
             tables: pipeline.tables.clone(),
-            sinked: pipeline.sinks.iter().map(|s| s.from.clone()).collect(),
+            sinked: pipeline
+                .sinks
+                .iter()
+                .filter(|s| !s.from_alert)
+                .map(|s| s.from.clone())
+                .collect(),
             outbox_at: (0, 0),
             table_changes: None,
             views,
@@ -1772,7 +1777,12 @@ impl Runner {
         if tables(&next.tables) != tables(&self.tables) {
             return Err("the reference tables differ: a restart is needed".into());
         }
-        let sinked: HashSet<String> = next.sinks.iter().map(|s| s.from.clone()).collect();
+        let sinked: HashSet<String> = next
+            .sinks
+            .iter()
+            .filter(|s| !s.from_alert)
+            .map(|s| s.from.clone())
+            .collect();
         if sinked != self.sinked {
             return Err("the sinks differ: a restart is needed".into());
         }

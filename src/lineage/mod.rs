@@ -501,15 +501,22 @@ fn safe_url(url: &str) -> String {
 fn add_postgres_sinks(g: &mut Graph, pipeline: &Pipeline) {
     for s in &pipeline.sinks {
         let id = format!("sink:{}", s.name);
-        let from = format!("view:{}", s.from);
+        let from = match s.from_alert {
+            true => format!("alert:{}", s.from),
+            false => format!("view:{}", s.from),
+        };
         g.edges.push(Edge {
             from: from.clone(),
             to: id.clone(),
         });
-        let columns = pipeline
-            .view(&s.from)
-            .map(|v| columns_of(&v.output_schema, &v.column_docs))
-            .unwrap_or_default();
+        let columns = match s.from_alert {
+            // an alert rule's records, not columns of its node
+            true => Vec::new(),
+            false => pipeline
+                .view(&s.from)
+                .map(|v| columns_of(&v.output_schema, &v.column_docs))
+                .unwrap_or_default(),
+        };
         for c in &columns {
             g.columns.push(ColumnEdge {
                 from: format!("{from}.{}", c.name),

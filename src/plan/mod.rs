@@ -750,16 +750,26 @@ pub fn plan_sources_sharing(
             line: sink.line,
             message: format!("sink {}: {message}", sink.name),
         };
+        if alerts.iter().any(|a: &Arc<AlertPlan>| a.name == sink.from) {
+            if !sink.key.is_empty() {
+                errors.push(at("key: an alert rule's records are keyed by id".into()));
+                continue;
+            }
+            sink.from_alert = true;
+            sink.key_columns = vec!["id".into()];
+            planned_sinks.push(Arc::new(sink));
+            continue;
+        }
         let Some(view) = planned.get(&sink.from) else {
             let message = if pipeline_has(&pending_alerts, &sink.from) {
-                format!(
-                    "reads alert rule {}: sinks of alert records are not supported yet; sink a view",
-                    sink.from
-                )
+                format!("reads alert rule {}, which has errors", sink.from)
             } else if failed.contains(&sink.from) {
                 format!("reads view {}, which has errors", sink.from)
             } else {
-                format!("reads {}, which is not a view", sink.from)
+                format!(
+                    "reads {}, which is neither a view nor an alert rule",
+                    sink.from
+                )
             };
             errors.push(at(message));
             continue;
@@ -1479,15 +1489,16 @@ fn window_join(
     let right_schema = j.right.schema();
     let mut matched: HashMap<String, Expr> = HashMap::new();
     for (a, b) in join_pairs(j)? {
-        let (l, r) =
-            match (&a, &b) {
-                (a, Expr::Column(c)) if right_schema.has_column(c) => (a.clone(), c.clone()),
-                (Expr::Column(c), b) if right_schema.has_column(c) => (b.clone(), c.clone()),
-                _ => return Err(format!(
+        let (l, r) = match (&a, &b) {
+            (a, Expr::Column(c)) if right_schema.has_column(c) => (a.clone(), c.clone()),
+            (Expr::Column(c), b) if right_schema.has_column(c) => (b.clone(), c.clone()),
+            _ => {
+                return Err(format!(
                     "a windowed join matches columns of {} with columns of {}: {a} = {b} does not",
                     lv.name, rv.name
-                )),
-            };
+                ))
+            }
+        };
         let is_key = r.name == "window_start" || rv.key_columns.contains(&r.name);
         if !is_key {
             return Err(format!(

@@ -13,8 +13,10 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 #[derive(Debug, Clone)]
 pub struct SinkDef {
     pub name: String,
-    /// The view it delivers.
+    /// The view (or alert rule) it delivers.
     pub from: String,
+    /// `from` is an alert rule: its alert records, keyed by `id`.
+    pub from_alert: bool,
     pub connection: String,
     /// `schema.table` (`public.` when not given).
     pub table: String,
@@ -32,6 +34,34 @@ impl SinkDef {
     pub fn target(&self) -> String {
         format!("postgres:{}/{}", self.connection, self.table)
     }
+
+    /// Where its rows wait in the store's outbox.
+    pub fn outbox(&self) -> String {
+        if self.from_alert {
+            crate::store::alert_outbox_name(&self.from)
+        } else {
+            self.from.clone()
+        }
+    }
+}
+
+/// The columns of an alert rule's sink table: the alert record (DESIGN §5).
+pub fn alert_schema() -> datafusion::arrow::datatypes::SchemaRef {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let ts = super::timestamp_type;
+    std::sync::Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("rule", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("severity", DataType::Utf8, false),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("opened_at", ts(), false),
+        Field::new("resolved_at", ts(), true),
+        Field::new("acked", DataType::Boolean, false),
+        Field::new("acked_at", ts(), true),
+        Field::new("fired_by", DataType::Utf8, true),
+        Field::new("cleared_by", DataType::Utf8, true),
+    ]))
 }
 
 fn is_ident(word: &str) -> bool {
@@ -145,6 +175,7 @@ pub fn parse(text: &str) -> Result<SinkDef, Vec<String>> {
     Ok(SinkDef {
         name,
         from,
+        from_alert: false,
         connection,
         table,
         key,

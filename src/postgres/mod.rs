@@ -549,7 +549,10 @@ impl TableSource {
 
 /// Drops the replication slot weir created for `table`, and the publication
 /// unless the table names one of the DBA's; says what it did.
-pub async fn reset_source(table: &TableDef, conn: &ConnectionConfig) -> Result<Vec<String>, String> {
+pub async fn reset_source(
+    table: &TableDef,
+    conn: &ConnectionConfig,
+) -> Result<Vec<String>, String> {
     let client = connect(conn).await?;
     let mut done = Vec::new();
     let slot = table.slot_name();
@@ -568,7 +571,10 @@ pub async fn reset_source(table: &TableDef, conn: &ConnectionConfig) -> Result<V
         TableMode::Cdc { publication: None } => {
             let name = table.publication_name();
             client
-                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&name)))
+                .batch_execute(&format!(
+                    "DROP PUBLICATION IF EXISTS {}",
+                    quote_ident(&name)
+                ))
                 .await
                 .map_err(|e| format!("cannot drop publication {name}: {}", pg(e)))?;
             done.push(format!("publication {name}: dropped"));

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,6 @@ use tokio_util::sync::CancellationToken;
 use super::{connect, quote_ident};
 use crate::config::ConnectionConfig;
 use crate::plan::sink::SinkDef;
-use crate::plan::ViewPlan;
 use crate::store::Store;
 
 /// Most outbox rows delivered in one transaction.
@@ -253,7 +252,8 @@ pub async fn ensure_table(
 /// A sink's delivery loop.
 pub struct SinkTask {
     pub def: Arc<SinkDef>,
-    pub view: Arc<ViewPlan>,
+    /// The columns delivered: the view's, or an alert record's.
+    pub schema: SchemaRef,
     pub connection: ConnectionConfig,
     pub store: Store,
     pub status: Arc<SinkStatus>,
@@ -309,17 +309,29 @@ impl SinkTask {
 
     async fn deliver(&self, backoff: &mut Duration, logged: &mut bool) -> Result<(), String> {
         let mut client = connect(&self.connection).await?;
-        ensure_table(&client, &self.def, &self.view.output_schema, true).await?;
+        ensure_table(&client, &self.def, &self.schema, true).await?;
         let name = self.def.name.clone();
         let mut position: Option<Vec<u8>> = self
             .blocking(move |s| s.get_meta(&position_key(&name)))
             .await?;
         let mut healthy = false;
         loop {
-            let (view, after) = (self.def.from.clone(), position.clone());
+            let (view, after) = (self.def.outbox(), position.clone());
+            let alert = self.def.from_alert;
             let (rows, lag) = self
                 .blocking(move |s| {
-                    let rows = s.outbox(&view, after.as_deref(), BATCH_ROWS)?;
+                    let mut rows = s.outbox(&view, after.as_deref(), BATCH_ROWS)?;
+                    if alert {
+                        // the record as it is now (its id was queued)
+                        for (_, value) in &mut rows {
+                            let id: Option<crate::alert::AlertId> =
+                                value.as_slice().try_into().ok();
+                            *value = match id.map(|id| s.get_alert(&id)).transpose()?.flatten() {
+                                Some(a) => a.api_json().into_bytes(),
+                                None => b"{}".to_vec(),
+                            };
+                        }
+                    }
                     let lag = if rows.len() < BATCH_ROWS {
                         rows.len()
                     } else {
@@ -369,7 +381,7 @@ impl SinkTask {
 
     /// Trims the outbox to what every sink of the view has delivered.
     async fn trim(&self) -> Result<(), String> {
-        let (view, siblings) = (self.def.from.clone(), self.siblings.clone());
+        let (view, siblings) = (self.def.outbox(), self.siblings.clone());
         self.blocking(move |s| {
             let mut upto: Option<Vec<u8>> = None;
             for sink in &siblings {
@@ -398,7 +410,7 @@ impl SinkTask {
         client: &mut tokio_postgres::Client,
         rows: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<usize, String> {
-        let schema = &self.view.output_schema;
+        let schema = &self.schema;
         let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         // the last row of each key wins
         let mut latest: HashMap<String, usize> = HashMap::new();
@@ -406,6 +418,9 @@ impl SinkTask {
         for (_, json) in rows {
             let row: serde_json::Map<String, Value> = serde_json::from_slice(json)
                 .map_err(|e| format!("outbox row is not a JSON object: {e}"))?;
+            if row.is_empty() {
+                continue; // an alert removed by retention before it was delivered
+            }
             let key: String = self
                 .def
                 .key_columns
