@@ -56,7 +56,11 @@ pub struct ConnectionConfig {
     pub password_env: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// `disable`, `prefer` (default) or `require`; TLS is rustls.
+    /// `disable`; `prefer` (default: TLS when the server offers it,
+    /// encrypted but not checking the server's certificate, as libpq's
+    /// prefer; with `ca_file`, checked); `require` (TLS, the server's
+    /// certificate checked against the system's roots and `ca_file`, as
+    /// libpq's verify-full). TLS is rustls.
     #[serde(default)]
     pub tls: PgTls,
     /// CA certificates (PEM) to trust instead of the system's.

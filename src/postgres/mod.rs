@@ -97,8 +97,13 @@ pub async fn connect(conn: &ConnectionConfig) -> Result<tokio_postgres::Client, 
                 PgTls::Require => tokio_postgres::config::SslMode::Require,
                 _ => tokio_postgres::config::SslMode::Prefer,
             });
-            let tls = crate::tls::client_config(conn.ca_file.as_deref(), None, None)
-                .map_err(|e| format!("connection {}: tls: {e}", conn.name))?;
+            // prefer: encrypted, whoever the server is (libpq's prefer);
+            // require: encrypted to a server the roots or ca_file vouch for
+            let tls = match (mode, &conn.ca_file) {
+                (PgTls::Prefer, None) => crate::tls::unverified_client_config(),
+                _ => crate::tls::client_config(conn.ca_file.as_deref(), None, None),
+            }
+            .map_err(|e| format!("connection {}: tls: {e}", conn.name))?;
             let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
             let (client, connection) = config.connect(connector).await.map_err(scrub)?;
             tokio::spawn(connection);
