@@ -112,3 +112,37 @@ pub fn check_config(input: &[u8]) {
         assert!(!e.to_string().is_empty(), "a config error says why");
     }
 }
+
+/// The pgoutput decoder (what Postgres' logical decoding sends) on arbitrary
+/// bytes: a message or an error, never a panic; the text values of a tuple
+/// become typed columns or an error naming the column.
+pub fn check_pgoutput(input: &[u8]) {
+    use crate::postgres::pgoutput::{decode, Message, Value};
+    let Ok(message) = decode(input) else { return };
+    let values = match message {
+        Message::Insert { new, .. } | Message::Update { new, .. } => new,
+        Message::Delete { old, .. } => old,
+        _ => return,
+    };
+    let row: Vec<Option<String>> = values
+        .into_iter()
+        .map(|v| match v {
+            Value::Text(t) => Some(t),
+            Value::Null | Value::Unchanged => None,
+        })
+        .collect();
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Utf8, true),
+        Field::new("n", DataType::Int64, true),
+        Field::new("x", DataType::Float64, true),
+        Field::new("b", DataType::Boolean, true),
+        Field::new("at", crate::plan::timestamp_type(), true),
+    ]);
+    if let Err(e) = crate::postgres::text_columns(&schema, &[row]) {
+        assert!(
+            e.starts_with("column "),
+            "a conversion error names the column: {e}"
+        );
+    }
+}

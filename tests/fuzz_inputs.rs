@@ -196,3 +196,13 @@ fn the_planner_survives_mutated_pipelines() {
 fn the_config_parser_survives_mutated_files() {
     fuzz("config", 0x5eed_0003, 3_000, check_config);
 }
+
+#[test]
+fn the_pgoutput_decoder_survives_mutated_messages() {
+    fuzz(
+        "pgoutput",
+        0x5eed_0004,
+        20_000,
+        weir::fuzzing::check_pgoutput,
+    );
+}
