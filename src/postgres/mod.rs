@@ -78,7 +78,7 @@ pub async fn connect(conn: &ConnectionConfig) -> Result<tokio_postgres::Client, 
     config.application_name("weir");
     config.connect_timeout(Duration::from_secs(10));
     let scrub = |e: tokio_postgres::Error| {
-        let mut text = e.to_string();
+        let mut text = pg(e);
         if let Some(p) = password.as_deref().filter(|p| !p.is_empty()) {
             text = text.replace(p, "***");
         }
@@ -632,11 +632,20 @@ fn digest(rows: &[Vec<Option<String>>]) -> u64 {
     h.digest()
 }
 
+/// A Postgres error in words: the server's message, or the client's error
+/// with its causes ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer").
 fn pg(e: tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => e.to_string(),
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
     }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub struct Postgres {
     pub dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    /// More server settings (`-c name=value`), e.g. TLS.
+    extra: String,
 }
 
 /// Where `initdb` and `pg_ctl` are: Debian keeps them off the PATH.
@@ -67,12 +69,38 @@ impl Postgres {
 
     /// initdb and start; the `weir` role (LOGIN REPLICATION) owns database `backoffice`.
     pub async fn start() -> Postgres {
+        Self::start_with(None).await
+    }
+
+    /// As [`Postgres::start`], serving TLS with this certificate and key (PEM).
+    pub async fn start_tls(cert: &Path, key: &Path) -> Postgres {
+        Self::start_with(Some((cert, key))).await
+    }
+
+    async fn start_with(tls: Option<(&Path, &Path)>) -> Postgres {
         let dir = tempfile::tempdir().expect("temp dir");
-        let pg = Postgres {
+        let mut pg = Postgres {
             port: free_port(),
             bin: bin_dir(),
             dir,
+            extra: String::new(),
         };
+        if let Some((cert, key)) = tls {
+            let (c, k) = (
+                pg.dir.path().join("server.crt"),
+                pg.dir.path().join("server.key"),
+            );
+            std::fs::copy(cert, &c).expect("copy cert");
+            std::fs::copy(key, &k).expect("copy key");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod key");
+            pg.extra = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                c.display(),
+                k.display()
+            );
+        }
         std::fs::write(pg.dir.path().join("pw"), SUPER_PASSWORD).expect("pwfile");
         if is_root() {
             let chown = Command::new("chown")
@@ -123,9 +151,10 @@ impl Postgres {
     /// Starts the server (again).
     pub fn start_server(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=8 -c max_wal_senders=8 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=8 -c max_wal_senders=8 -c fsync=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.extra
         );
         let log = self.dir.path().join("postgres.log");
         let data = self.data();
