@@ -53,10 +53,9 @@ async fn tls_modes_do_what_they_say() {
     let wrong = pg.dir.path().join("wrong-password");
     std::fs::write(&wrong, "not-the-Password-42").expect("file");
     conn.password_file = Some(wrong);
-    let refused = weir::postgres::connect(&conn)
-        .await
-        .err()
-        .expect("wrong password");
+    let Err(refused) = weir::postgres::connect(&conn).await else {
+        panic!("a wrong password is refused");
+    };
     assert!(
         refused.contains("password authentication failed"),
         "{refused}"
