@@ -28,7 +28,10 @@ fn sql() -> String {
         env!("CARGO_MANIFEST_DIR"),
         "/config/pipelines/10_telemetry.sql"
     );
-    let shipped = std::fs::read_to_string(path).expect("shipped telemetry pipeline");
+    // (the fleet's batches carry many terminals: the topic binds none)
+    let shipped = std::fs::read_to_string(path)
+        .expect("shipped telemetry pipeline")
+        .replace("terminals/{terminal_id}/telemetry", "terminals/+/telemetry");
     let health = "SELECT terminal_id,
        count(*) AS samples, min(battery_pct) AS min_battery, avg(rssi_dbm) AS avg_rssi_dbm,
        avg(app_latency_ms) AS avg_latency_ms, approx_percentile_cont(app_latency_ms, 0.99) AS p99_latency_ms,

@@ -7,7 +7,8 @@
 //! pipeline puts them; one sink task (the engine's) delivers them into a
 //! new table with batched `INSERT ... ON CONFLICT DO UPDATE`. Reports rows/s
 //! and the CPU weir's side spent per row (Postgres' own CPU is not counted).
-//! Without WEIR_BENCH_PG_URL it says so and does nothing.
+//! WEIR_BENCH_COPY=1 delivers with COPY into a staging table and one merge
+//! instead. Without WEIR_BENCH_PG_URL it says so and does nothing.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,6 +35,8 @@ fn main() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(500_000);
+    // WEIR_BENCH_COPY=1: COPY into a staging table and one merge
+    let copy = std::env::var("WEIR_BENCH_COPY").is_ok_and(|v| v == "1");
     let dir = tempfile::tempdir().expect("temp dir");
     let store = weir::store::Store::open(dir.path()).expect("store");
     let view = "bench_health_1m";
@@ -110,6 +113,7 @@ fn main() {
             store: store.clone(),
             status: status.clone(),
             siblings: vec!["bench_pg".into()],
+            copy,
             shutdown: shutdown.clone(),
         };
         let (started, cpu) = (Instant::now(), cpu_seconds());
@@ -130,7 +134,8 @@ fn main() {
             .get(0);
         assert_eq!(count as usize, rows);
         println!(
-            "sink: {rows} rows in {took:.2} s = {:.0} rows/s; weir's CPU {:.2} s = {:.2} µs/row",
+            "sink ({}): {rows} rows in {took:.2} s = {:.0} rows/s; weir's CPU {:.2} s = {:.2} µs/row",
+            if copy { "COPY + merge" } else { "multi-row INSERT" },
             rows as f64 / took,
             cpu,
             cpu / rows as f64 * 1e6

@@ -594,6 +594,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                 .filter(|o| o.from == s.from)
                 .map(|o| o.name.clone())
                 .collect(),
+            copy: false,
             shutdown: shutdown.clone(),
         };
         tasks.push(guard.spawn(task.run()));

@@ -185,6 +185,7 @@ pub fn compile(
     let none = super::Relations {
         tables: &tables,
         views: &views,
+        read: Default::default(),
     };
     let project = compile_steps(state, &above, &none)?;
     let output_schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());

@@ -99,12 +99,17 @@ pub struct Lookup {
     /// A windowed join: the other view, and its side of the key
     /// (keys and `window_start`, as one text) over its rows.
     pub window_join: Option<(String, Arc<dyn PhysicalExpr>)>,
+    /// Per column of the other side: whether anything after the join
+    /// reads it (the others are NULL columns, not copied).
+    pub used: Vec<bool>,
 }
 
 /// What a view can join with, by name.
 pub struct Relations<'a> {
     pub tables: &'a HashMap<String, Arc<TableDef>>,
     pub views: &'a HashMap<String, Arc<ViewPlan>>,
+    /// Every column any expression of the plan reads.
+    pub read: HashSet<datafusion::common::Column>,
 }
 
 /// The other side of a join.
@@ -1044,9 +1049,17 @@ fn compile(
     tables: &HashMap<String, Arc<TableDef>>,
     planned: &HashMap<String, Arc<ViewPlan>>,
 ) -> Result<ViewPlan, String> {
+    let mut read = HashSet::new();
+    let _ = plan.apply(|node| {
+        for e in node.expressions() {
+            read.extend(e.column_refs().into_iter().cloned());
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
     let rel = Relations {
         tables,
         views: planned,
+        read,
     };
     // Walk down from the top, collecting nodes above the aggregate.
     let mut above: Vec<&LogicalPlan> = Vec::new();
@@ -1567,6 +1580,16 @@ fn compile_steps(
                 let inner = j.join_type == datafusion::logical_expr::JoinType::Inner;
                 let key = physical(state, &key, j.left.schema())?;
                 let schema = Arc::new(j.schema.as_arrow().clone());
+                let right = j.right.schema();
+                let used: Vec<bool> = (0..right.fields().len())
+                    .map(|i| {
+                        let (q, f) = right.qualified_field(i);
+                        rel.read.iter().any(|c| {
+                            &c.name == f.name()
+                                && (c.relation.is_none() || c.relation.as_ref() == q)
+                        })
+                    })
+                    .collect();
                 steps.push(Step::Lookup(Arc::new(match with {
                     JoinWith::Table(table) => Lookup {
                         table: table.name.clone(),
@@ -1575,6 +1598,7 @@ fn compile_steps(
                         schema,
                         rows: table.rows.clone(),
                         window_join: None,
+                        used,
                     },
                     JoinWith::Window(view, right_key) => Lookup {
                         table: view.name.clone(),
@@ -1595,6 +1619,7 @@ fn compile_steps(
                             view.name.clone(),
                             physical(state, &right_key, j.right.schema())?,
                         )),
+                        used,
                     },
                 })));
             }

@@ -51,7 +51,7 @@ pub struct SinkStatus {
     pub target: String,
     pub rows_written: AtomicU64,
     pub errors: AtomicU64,
-    /// Outbox rows not delivered yet (counted up to [`LAG_CAP`]).
+    /// Outbox rows not delivered yet (counted up to [`LAG_CAP`], at most once a second).
     pub lag_rows: AtomicU64,
     /// Age of the oldest row not delivered, ms (0 when caught up).
     pub lag_ms: AtomicI64,
@@ -59,7 +59,7 @@ pub struct SinkStatus {
 }
 
 /// The lag is counted up to this many rows.
-pub const LAG_CAP: usize = 10_000_000;
+pub const LAG_CAP: usize = 1_000_000;
 
 #[derive(Serialize)]
 pub struct SinkReport {
@@ -259,6 +259,9 @@ pub struct SinkTask {
     pub status: Arc<SinkStatus>,
     /// Every sink of the same view (the outbox is trimmed to the slowest).
     pub siblings: Vec<String>,
+    /// Deliver with COPY into a staging table and one merge, instead of
+    /// multi-row INSERTs (`benches/sink.rs` measures both).
+    pub copy: bool,
     pub shutdown: CancellationToken,
 }
 
@@ -315,9 +318,16 @@ impl SinkTask {
             .blocking(move |s| s.get_meta(&position_key(&name)))
             .await?;
         let mut healthy = false;
+        let mut last_count = std::time::Instant::now() - Duration::from_secs(2);
+        let mut trimmed: Option<Vec<u8>> = None;
         loop {
             let (view, after) = (self.def.outbox(), position.clone());
             let alert = self.def.from_alert;
+            // counting the lag walks the outbox: at most once a second
+            let count = last_count.elapsed() >= Duration::from_secs(1);
+            if count {
+                last_count = std::time::Instant::now();
+            }
             let (rows, lag) = self
                 .blocking(move |s| {
                     let mut rows = s.outbox(&view, after.as_deref(), BATCH_ROWS)?;
@@ -333,14 +343,18 @@ impl SinkTask {
                         }
                     }
                     let lag = if rows.len() < BATCH_ROWS {
-                        rows.len()
+                        Some(rows.len())
+                    } else if count {
+                        Some(s.outbox_len(&view, after.as_deref(), LAG_CAP)?)
                     } else {
-                        s.outbox_len(&view, after.as_deref(), LAG_CAP)?
+                        None
                     };
                     Ok((rows, lag))
                 })
                 .await?;
-            self.status.lag_rows.store(lag as u64, Ordering::Relaxed);
+            if let Some(lag) = lag {
+                self.status.lag_rows.store(lag as u64, Ordering::Relaxed);
+            }
             let age = rows
                 .first()
                 .and_then(|(k, _)| written_at(k))
@@ -375,32 +389,36 @@ impl SinkTask {
             self.status
                 .rows_written
                 .fetch_add(n as u64, Ordering::Relaxed);
-            self.trim().await?;
+            self.trim(&mut trimmed).await?;
         }
     }
 
     /// Trims the outbox to what every sink of the view has delivered.
-    async fn trim(&self) -> Result<(), String> {
-        let (view, siblings) = (self.def.outbox(), self.siblings.clone());
-        self.blocking(move |s| {
-            let mut upto: Option<Vec<u8>> = None;
-            for sink in &siblings {
-                match s.get_meta(&position_key(sink))? {
-                    Some(p) => {
-                        if upto.as_ref().is_none_or(|u| p < *u) {
-                            upto = Some(p);
+    async fn trim(&self, trimmed: &mut Option<Vec<u8>>) -> Result<(), String> {
+        let (view, siblings, from) = (self.def.outbox(), self.siblings.clone(), trimmed.clone());
+        let upto = self
+            .blocking(move |s| {
+                let mut upto: Option<Vec<u8>> = None;
+                for sink in &siblings {
+                    match s.get_meta(&position_key(sink))? {
+                        Some(p) => {
+                            if upto.as_ref().is_none_or(|u| p < *u) {
+                                upto = Some(p);
+                            }
                         }
+                        None => return Ok(None),
                     }
-                    None => return Ok(0),
                 }
-            }
-            match upto {
-                Some(u) => s.trim_outbox(&view, &u),
-                None => Ok(0),
-            }
-        })
-        .await
-        .map(|_| ())
+                if let Some(u) = &upto {
+                    s.trim_outbox(&view, from.as_deref(), u)?;
+                }
+                Ok(upto)
+            })
+            .await?;
+        if upto.is_some() {
+            *trimmed = upto;
+        }
+        Ok(())
     }
 
     /// Upserts the rows (JSON objects) in one transaction; returns how many
@@ -468,6 +486,53 @@ impl SinkTask {
                 .join(", ")
         );
         let tx = client.transaction().await.map_err(super::pg)?;
+        if self.copy {
+            // COPY into a staging table, then one INSERT ... SELECT ... ON CONFLICT
+            let stage = quote_ident(&format!("weir_stage_{}", self.def.name));
+            let list = columns
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+                quote_ident(&self.def.table)
+            ))
+            .await
+            .map_err(super::pg)?;
+            let mut text = String::with_capacity(keep.len() * 64);
+            for &i in &keep {
+                for (c, column) in columns.iter().enumerate() {
+                    if c > 0 {
+                        text.push('\t');
+                    }
+                    match parsed[i].get(*column) {
+                        None | Some(Value::Null) => text.push_str("\\N"),
+                        Some(Value::String(s)) => copy_escape(&mut text, s),
+                        Some(other) => copy_escape(&mut text, &other.to_string()),
+                    }
+                }
+                text.push('\n');
+            }
+            let copy = tx
+                .copy_in::<_, bytes::Bytes>(&format!("COPY {stage} ({list}) FROM STDIN"))
+                .await
+                .map_err(super::pg)?;
+            futures::pin_mut!(copy);
+            use futures::SinkExt;
+            copy.send(bytes::Bytes::from(text))
+                .await
+                .map_err(super::pg)?;
+            copy.finish().await.map_err(super::pg)?;
+            tx.batch_execute(&format!(
+                "INSERT INTO {} ({list}) SELECT {list} FROM {stage} {conflict}",
+                quote_ident(&self.def.table)
+            ))
+            .await
+            .map_err(super::pg)?;
+            tx.commit().await.map_err(super::pg)?;
+            return Ok(keep.len());
+        }
         for chunk in keep.chunks(per_statement) {
             let mut sql = head.clone();
             let mut params: Vec<Option<String>> = Vec::with_capacity(chunk.len() * columns.len());
@@ -504,9 +569,29 @@ impl SinkTask {
     }
 }
 
+/// A value in COPY's text format (backslash escapes).
+fn copy_escape(out: &mut String, s: &str) {
+    for ch in s.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_text_is_escaped() {
+        let mut out = String::new();
+        copy_escape(&mut out, "a\tb\nc\\d\re");
+        assert_eq!(out, "a\\tb\\nc\\\\d\\re");
+    }
 
     #[test]
     fn view_types_map_to_postgres_and_back() {

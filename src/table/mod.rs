@@ -150,9 +150,22 @@ impl Rows {
     /// key, or NULL when there is none.
     pub fn lookup(&self, keys: &ArrayRef) -> Result<UInt32Array, ArrowError> {
         let keys = key_strings(keys)?;
+        // a message's rows are mostly one terminal's: a key equal to the
+        // previous row's costs a comparison, not a hash
+        let mut last: Option<(&str, Option<u32>)> = None;
         Ok(keys
             .iter()
-            .map(|k| k.and_then(|k| self.index.get(k).copied()))
+            .map(|k| {
+                let k = k?;
+                if let Some((previous, at)) = last {
+                    if previous == k {
+                        return at;
+                    }
+                }
+                let at = self.index.get(k).copied();
+                last = Some((k, at));
+                at
+            })
             .collect())
     }
 

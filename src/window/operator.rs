@@ -1213,8 +1213,13 @@ pub fn run_steps(steps: &[Step], mut batch: EventBatch) -> Result<EventBatch, Da
                     at = filter(&at, &found)?.as_primitive().clone();
                 }
                 let mut columns = batch.data.columns().to_vec();
-                for column in rows.batch.columns() {
-                    columns.push(datafusion::arrow::compute::take(column, &at, None)?);
+                for (i, column) in rows.batch.columns().iter().enumerate() {
+                    columns.push(if lookup.used.get(i).copied().unwrap_or(true) {
+                        datafusion::arrow::compute::take(column, &at, None)?
+                    } else {
+                        // nothing reads it: not copied
+                        datafusion::arrow::array::new_null_array(column.data_type(), at.len())
+                    });
                 }
                 batch.data = RecordBatch::try_new_with_options(
                     nullable(&lookup.schema),
