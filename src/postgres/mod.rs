@@ -37,10 +37,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMillisecondBuilder,
+    ArrayRef, AsArray, BooleanBuilder, PrimitiveBuilder, RecordBatch, StringBuilder,
 };
-use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Float64Type, Int64Type, Schema, TimestampMillisecondType,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -148,26 +149,8 @@ pub fn text_columns(
                 }
                 Arc::new(b.finish())
             }
-            DataType::Int64 => {
-                let mut b = Int64Builder::new();
-                for r in rows {
-                    match cell(r) {
-                        None => b.append_null(),
-                        Some(v) => b.append_value(v.trim().parse().map_err(|_| bad(&v))?),
-                    }
-                }
-                Arc::new(b.finish())
-            }
-            DataType::Float64 => {
-                let mut b = Float64Builder::new();
-                for r in rows {
-                    match cell(r) {
-                        None => b.append_null(),
-                        Some(v) => b.append_value(v.trim().parse().map_err(|_| bad(&v))?),
-                    }
-                }
-                Arc::new(b.finish())
-            }
+            DataType::Int64 => primitive::<Int64Type>(rows, c, |v| v.trim().parse().ok(), bad)?,
+            DataType::Float64 => primitive::<Float64Type>(rows, c, |v| v.trim().parse().ok(), bad)?,
             DataType::Boolean => {
                 let mut b = BooleanBuilder::new();
                 for r in rows {
@@ -180,16 +163,12 @@ pub fn text_columns(
                 }
                 Arc::new(b.finish())
             }
-            DataType::Timestamp(_, _) => {
-                let mut b = TimestampMillisecondBuilder::new().with_timezone("UTC");
-                for r in rows {
-                    match cell(r) {
-                        None => b.append_null(),
-                        Some(v) => b.append_value(parse_timestamp(&v).ok_or_else(|| bad(&v))?),
-                    }
-                }
-                Arc::new(b.finish())
-            }
+            DataType::Timestamp(_, _) => Arc::new(
+                primitive::<TimestampMillisecondType>(rows, c, parse_timestamp, bad)?
+                    .as_primitive::<TimestampMillisecondType>()
+                    .clone()
+                    .with_timezone("UTC"),
+            ),
             other => {
                 return Err(format!(
                     "column {}: type {other} is not supported",
@@ -200,6 +179,23 @@ pub fn text_columns(
         columns.push(array);
     }
     Ok(columns)
+}
+
+/// Column `c` of `rows`, each text parsed by `parse` (`bad` says why not).
+fn primitive<T: ArrowPrimitiveType>(
+    rows: &[Vec<Option<String>>],
+    c: usize,
+    parse: impl Fn(&str) -> Option<T::Native>,
+    bad: impl Fn(&str) -> String,
+) -> Result<ArrayRef, String> {
+    let mut b = PrimitiveBuilder::<T>::with_capacity(rows.len());
+    for r in rows {
+        match r.get(c).and_then(|v| v.as_deref()) {
+            None => b.append_null(),
+            Some(v) => b.append_value(parse(v).ok_or_else(|| bad(v))?),
+        }
+    }
+    Ok(Arc::new(b.finish()))
 }
 
 /// `2026-12-03 10:15:00.123+00` (timestamptz in UTC) or without the offset (timestamp), as epoch ms.
