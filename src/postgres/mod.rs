@@ -118,6 +118,11 @@ pub async fn connect(conn: &ConnectionConfig) -> Result<tokio_postgres::Client, 
     Ok(client)
 }
 
+/// `schema.table` as its two parts (`public` when no schema is given).
+pub fn split_table(name: &str) -> (&str, &str) {
+    name.split_once('.').unwrap_or(("public", name))
+}
+
 /// Quotes an identifier (`schema.table` quotes each part).
 pub fn quote_ident(name: &str) -> String {
     name.split('.')
@@ -304,36 +309,25 @@ impl TableSource {
                             .map_err(|e| format!("cannot create publication {publication_name} (it needs the table's owner; or create one and name it with publication = '...'): {}", pg(e)))?;
                     }
                 }
-                let existing = client
-                    .query_opt(
-                        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await
-                    .map_err(pg)?;
+                let existing = slot_position(&client, &slot).await?;
                 let applied = self.def.rows.get().lsn.max(0) as u64;
                 let start = match existing {
                     Some(_) if applied > 0 || sent.is_some() => sent.unwrap_or(applied),
                     _ => {
                         // a new slot (or one weir never read): its start, then the table as it is
-                        if existing.is_none() {
-                            client
-                                .query_one(
-                                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                                    &[&slot],
-                                )
-                                .await
-                                .map_err(|e| format!("cannot create replication slot {slot} (the role needs REPLICATION, and wal_level = logical): {}", pg(e)))?;
-                        }
-                        let row = client
-                            .query_one(
-                                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                                &[&slot],
-                            )
-                            .await
-                            .map_err(pg)?;
-                        let at: Option<String> = row.get(0);
-                        let at = at.as_deref().and_then(pgoutput::parse_lsn).unwrap_or(0);
+                        let at = match existing {
+                            Some(at) => at,
+                            None => {
+                                client
+                                    .query_one(
+                                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                                        &[&slot],
+                                    )
+                                    .await
+                                    .map_err(|e| format!("cannot create replication slot {slot} (the role needs REPLICATION, and wal_level = logical): {}", pg(e)))?;
+                                slot_position(&client, &slot).await?.unwrap_or(0)
+                            }
+                        };
                         let rows = self.read_rows(&client, &columns).await?;
                         self.send_snapshot(rows, at).await?;
                         at
@@ -365,11 +359,7 @@ impl TableSource {
 
     /// Every declared column must exist in the Postgres table.
     async fn check_columns(&self, client: &tokio_postgres::Client) -> Result<Vec<String>, String> {
-        let (schema, table) = self
-            .def
-            .pg_table
-            .split_once('.')
-            .unwrap_or(("public", &self.def.pg_table));
+        let (schema, table) = split_table(&self.def.pg_table);
         let rows = client
             .query(
                 "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
@@ -478,11 +468,7 @@ impl TableSource {
         let mut out_rows = Vec::new();
         let mut out_ops = Vec::new();
         let mut out_lsns = Vec::new();
-        let (want_schema, want_table) = self
-            .def
-            .pg_table
-            .split_once('.')
-            .unwrap_or(("public", &self.def.pg_table));
+        let (want_schema, want_table) = split_table(&self.def.pg_table);
         let declared: Vec<String> = self
             .def
             .schema
@@ -494,8 +480,11 @@ impl TableSource {
         for row in rows {
             let data: Vec<u8> = row.get(0);
             match pgoutput::decode(&data)? {
+                // (only this table's: changes of others in the publication are not ours)
                 pgoutput::Message::Relation(r) => {
-                    relations.insert(r.id, r);
+                    if r.namespace == want_schema && r.name == want_table {
+                        relations.insert(r.id, r);
+                    }
                 }
                 pgoutput::Message::Begin { .. } => pending.clear(),
                 pgoutput::Message::Commit { end_lsn } => {
@@ -511,27 +500,17 @@ impl TableSource {
                 }
                 pgoutput::Message::Insert { relation, new }
                 | pgoutput::Message::Update { relation, new } => {
-                    if let Some(r) = relations
-                        .get(&relation)
-                        .filter(|r| r.namespace == want_schema && r.name == want_table)
-                    {
+                    if let Some(r) = relations.get(&relation) {
                         pending.push((project(r, &new, &declared), OP_UPSERT));
                     }
                 }
                 pgoutput::Message::Delete { relation, old } => {
-                    if let Some(r) = relations
-                        .get(&relation)
-                        .filter(|r| r.namespace == want_schema && r.name == want_table)
-                    {
+                    if let Some(r) = relations.get(&relation) {
                         pending.push((project(r, &old, &declared), OP_DELETE));
                     }
                 }
                 pgoutput::Message::Truncate { relations: ids } => {
-                    if ids.iter().any(|id| {
-                        relations
-                            .get(id)
-                            .is_some_and(|r| r.namespace == want_schema && r.name == want_table)
-                    }) {
+                    if ids.iter().any(|id| relations.contains_key(id)) {
                         pending.push((vec![None; declared.len()], OP_REPLACE));
                     }
                 }
@@ -590,6 +569,22 @@ pub async fn reset_source(
         table.name, table.pg_table
     ));
     Ok(done)
+}
+
+/// Where a replication slot's changes start (its confirmed flush LSN);
+/// `None` when there is no such slot.
+async fn slot_position(client: &tokio_postgres::Client, slot: &str) -> Result<Option<u64>, String> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(row.map(|r| {
+        let lsn: Option<String> = r.get(0);
+        lsn.as_deref().and_then(pgoutput::parse_lsn).unwrap_or(0)
+    }))
 }
 
 /// A tuple's values in the declared columns' order (by name).

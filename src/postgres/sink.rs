@@ -131,10 +131,7 @@ pub async fn ensure_table(
     schema: &Schema,
     create: bool,
 ) -> Result<(), String> {
-    let (pg_schema, table) = sink
-        .table
-        .split_once('.')
-        .unwrap_or(("public", &sink.table));
+    let (pg_schema, table) = super::split_table(&sink.table);
     let present = client
         .query(
             "SELECT column_name::text, data_type::text, is_nullable = 'YES', column_default IS NOT NULL
