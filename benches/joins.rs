@@ -9,6 +9,16 @@
 //!   e.terminal_id = t.terminal_id` (100 000 rows in `terminals`; the join
 //!   is done, its columns not used);
 //! - `by_region`: the same, grouped by `t.region` as well (a key more).
+//!
+//! Two shapes of the same 120 000 events: `mixed`, the benchmark fleet's
+//! messages of 100 events of 100 terminals (the worst case for the lookup:
+//! no two neighbouring rows share a key), and `own`, each message one
+//! terminal's samples, as terminals publish on their own topic (and as
+//! weir-loadgen sends them).
+//!
+//! Before criterion's wall-clock runs it prints the thread's CPU time per
+//! event of each view and its ratio to `plain`, medians of 31 rounds that
+//! take the three views in turn (A against B in the same run: this machine is shared and noisy).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -16,6 +26,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use datafusion::arrow::array::{ArrayRef, StringArray};
 use weir::plan::plan_sources;
+use weir::source::decode::Message;
 use weir::table::{change_batch, OP_UPSERT};
 use weir::window::operator::{EventBatch, ViewOperator};
 
@@ -56,6 +67,17 @@ GROUP BY e.terminal_id, t.region, tumble(INTERVAL '1' MINUTE);
     )
 }
 
+/// CPU time of this thread so far, in ns.
+fn thread_cpu_ns() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
+}
+
 fn bench(c: &mut Criterion) {
     let pipeline = plan_sources(&[("bench.sql".into(), sql())]).expect("plans");
     let table = pipeline.table("terminals").expect("table");
@@ -80,29 +102,90 @@ fn bench(c: &mut Criterion) {
     assert_eq!(rows.len(), REFERENCE_ROWS);
     table.rows.set(Arc::new(rows));
 
-    let mut rejects = Vec::new();
-    let decoded = common::decoder(&pipeline, "telemetry").decode(&common::messages(), &mut rejects);
-    assert!(rejects.is_empty(), "{rejects:?}");
-    let input = EventBatch::new(decoded.batch, decoded.event_time, 1);
+    let inputs = [
+        ("mixed", decode(&pipeline, &common::messages())),
+        ("own", decode(&pipeline, &own_messages())),
+    ];
+    let views = ["plain", "joined", "by_region"];
+    let run = |view: &str, input: &EventBatch| {
+        let plan = pipeline.view(view).expect("view").clone();
+        let mut op = ViewOperator::new(plan).expect("operator");
+        let processed = op.process(black_box(input)).expect("process");
+        let closed = op.advance_watermark(i64::MAX / 2).expect("close");
+        let rows = processed.output.map_or(0, |o| o.rows.num_rows())
+            + closed.map_or(0, |o| o.rows.num_rows());
+        assert!(rows > 0, "{view} emitted nothing");
+        rows
+    };
+    for (shape, input) in &inputs {
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); views.len()];
+        for _ in 0..ROUNDS {
+            for (v, view) in views.iter().enumerate() {
+                let t = thread_cpu_ns();
+                black_box(run(view, input));
+                cpu[v].push((thread_cpu_ns() - t) / input.num_rows() as f64);
+            }
+        }
+        for (v, view) in views.iter().enumerate() {
+            // each round's ratio to the plain view of the same round: the
+            // machine's load drifts between rounds, less within one
+            let ratios: Vec<f64> = cpu[v].iter().zip(&cpu[0]).map(|(a, b)| a / b).collect();
+            println!(
+                "joins/{shape}/{view}: {:.1} ns CPU/event, {:+.1} % against plain (medians of {ROUNDS} rounds)",
+                median(cpu[v].clone()),
+                (median(ratios) - 1.0) * 100.0
+            );
+        }
+    }
 
     let mut group = c.benchmark_group("joins");
     group.sample_size(20);
-    group.throughput(Throughput::Elements(input.num_rows() as u64));
-    for view in ["plain", "joined", "by_region"] {
-        let plan = pipeline.view(view).expect("view").clone();
-        group.bench_function(view, |b| {
-            b.iter(|| {
-                let mut op = ViewOperator::new(plan.clone()).expect("operator");
-                let processed = op.process(black_box(&input)).expect("process");
-                let closed = op.advance_watermark(i64::MAX / 2).expect("close");
-                let rows = processed.output.map_or(0, |o| o.rows.num_rows())
-                    + closed.map_or(0, |o| o.rows.num_rows());
-                assert!(rows > 0, "{view} emitted nothing");
-                rows
-            })
-        });
+    for (shape, input) in &inputs {
+        group.throughput(Throughput::Elements(input.num_rows() as u64));
+        for view in views {
+            group.bench_function(format!("{shape}/{view}"), |b| b.iter(|| run(view, input)));
+        }
     }
     group.finish();
+}
+
+const ROUNDS: usize = 31;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn decode(pipeline: &weir::plan::Pipeline, messages: &[Message]) -> EventBatch {
+    let mut rejects = Vec::new();
+    let decoded = common::decoder(pipeline, "telemetry").decode(messages, &mut rejects);
+    assert!(rejects.is_empty(), "{rejects:?}");
+    EventBatch::new(decoded.batch, decoded.event_time, 1)
+}
+
+/// The same 120 000 events as `common::messages()`, but as the terminals
+/// (and weir-loadgen) send them: each message one terminal's 12 samples,
+/// spaced 300 ms (a message spans 3.3 s, inside the stream's 5 s bound).
+fn own_messages() -> Vec<Message> {
+    let mut out = Vec::with_capacity(common::TERMINALS);
+    let mut n = 0usize;
+    for terminal in 0..common::TERMINALS {
+        let base = common::T0 + terminal as i64 * 5;
+        let mut payload = String::from("[");
+        for e in 0..12 {
+            if e > 0 {
+                payload.push(',');
+            }
+            common::telemetry_event(&mut payload, terminal, n, base + e * 300);
+            n += 1;
+        }
+        payload.push(']');
+        out.push(common::message(
+            &format!("terminals/T{terminal:05}/telemetry"),
+            payload,
+        ));
+    }
+    out
 }
 
 criterion_group!(benches, bench);

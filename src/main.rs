@@ -14,6 +14,11 @@ use weir::config::Config;
 /// with mimalloc the pipeline thread needs a fifth less CPU per event and
 /// the longest pause is under half a millisecond (BENCHMARKS.md
 /// "Checkpoints that do not stop the pipeline").
+///
+/// The `system-allocator` feature keeps glibc's, for heap profilers that see
+/// only `malloc` (heaptrack): `cargo build --profile bench --features
+/// system-allocator` (BENCHMARKS.md, "Where the memory goes").
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

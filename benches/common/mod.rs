@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+/// The allocator weir runs with (src/main.rs): what allocates shows in the
+/// numbers as it costs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -49,7 +54,6 @@ pub fn messages() -> Vec<Message> {
 
 /// `count` messages of 100 events from `terminals` terminals taking turns.
 pub fn fleet(terminals: usize, count: usize) -> Vec<Message> {
-    let networks = ["wifi", "lte", "none"];
     let mut out = Vec::with_capacity(count);
     let mut n = 0usize;
     for m in 0..count {
@@ -60,29 +64,43 @@ pub fn fleet(terminals: usize, count: usize) -> Vec<Message> {
             if e > 0 {
                 payload.push(',');
             }
-            payload.push_str(&format!(
-                r#"{{"terminal_id":"T{terminal:05}","merchant_id":"M{:04}","ts":{ts},"battery_pct":{:.1},"charging":{},"network":"{}","rssi_dbm":{},"app_latency_ms":{:.1},"app_version":"2.{}.0","error_count":{}}}"#,
-                terminal / 10,
-                20.0 + (n % 80) as f64,
-                n.is_multiple_of(7),
-                networks[n % 3],
-                -50 - (n % 40) as i64,
-                80.0 + (n % 300) as f64 / 3.0,
-                n % 4,
-                n % 3,
-            ));
+            telemetry_event(&mut payload, terminal, n, ts);
             n += 1;
         }
         payload.push(']');
-        out.push(Message {
-            topic: format!("terminals/T{:05}/telemetry", m % terminals),
-            payload: Bytes::from(payload),
-            received_at: T0,
-            ack: None,
-            dup: false,
-        });
+        out.push(message(
+            &format!("terminals/T{:05}/telemetry", m % terminals),
+            payload,
+        ));
     }
     out
+}
+
+/// Appends the `n`th event of the fleet, from `terminal` at `ts`, as JSON.
+pub fn telemetry_event(payload: &mut String, terminal: usize, n: usize, ts: i64) {
+    let networks = ["wifi", "lte", "none"];
+    payload.push_str(&format!(
+        r#"{{"terminal_id":"T{terminal:05}","merchant_id":"M{:04}","ts":{ts},"battery_pct":{:.1},"charging":{},"network":"{}","rssi_dbm":{},"app_latency_ms":{:.1},"app_version":"2.{}.0","error_count":{}}}"#,
+        terminal / 10,
+        20.0 + (n % 80) as f64,
+        n.is_multiple_of(7),
+        networks[n % 3],
+        -50 - (n % 40) as i64,
+        80.0 + (n % 300) as f64 / 3.0,
+        n % 4,
+        n % 3,
+    ));
+}
+
+/// A message received at [`T0`].
+pub fn message(topic: &str, payload: String) -> Message {
+    Message {
+        topic: topic.to_string(),
+        payload: Bytes::from(payload),
+        received_at: T0,
+        ack: None,
+        dup: false,
+    }
 }
 
 /// Every shipped pipeline file, planned together (the engine's view of `config/pipelines`).

@@ -560,6 +560,17 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     drop(table_tx);
 
     // Sinks: each delivers its view's outbox to Postgres, on its own.
+    // Rows left for a sink that was removed from the pipelines go.
+    let sinked: std::collections::HashSet<String> =
+        pipeline.sinks.iter().map(|s| s.outbox()).collect();
+    match store.drop_outboxes_except(&sinked) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            entries = n,
+            "removed the undelivered rows of sinks no longer defined"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not remove the rows of removed sinks"),
+    }
     let mut statuses = Vec::new();
     store.set_sinked_rules(
         pipeline
@@ -996,6 +1007,7 @@ async fn housekeeping(
             _ = interval.tick() => {}
             _ = quota.tick() => {
                 metrics.deadletter_bytes.store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
+                metrics.store_memtable_bytes.store(store.memtable_bytes(), Ordering::Relaxed);
                 let store = store.clone();
                 let metrics = metrics.clone();
                 let storage = config.storage.clone();

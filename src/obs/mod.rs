@@ -148,6 +148,7 @@ pub struct Metrics {
     /// weir's own MQTT server.
     pub broker: BrokerMetrics,
     pub store_disk_bytes: AtomicU64,
+    pub store_memtable_bytes: AtomicU64,
     pub store_errors: AtomicU64,
     /// HTTP requests refused by access control.
     pub http_denied: AtomicU64,
@@ -633,7 +634,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 28] = [
+        let single: [(&str, &str, &str, i64); 29] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -795,6 +796,12 @@ impl Metrics {
                 "gauge",
                 "Bytes the store uses on disk.",
                 load(&self.store_disk_bytes) as i64,
+            ),
+            (
+                "weir_store_memtable_bytes",
+                "gauge",
+                "Bytes the store holds in memtables (every keyspace), sampled each second.",
+                load(&self.store_memtable_bytes) as i64,
             ),
             (
                 "weir_store_errors_total",

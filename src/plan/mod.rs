@@ -1049,8 +1049,12 @@ fn compile(
     tables: &HashMap<String, Arc<TableDef>>,
     planned: &HashMap<String, Arc<ViewPlan>>,
 ) -> Result<ViewPlan, String> {
+    // (a join's ON is the lookup's own business: its columns are not copied)
     let mut read = HashSet::new();
     let _ = plan.apply(|node| {
+        if matches!(node, LogicalPlan::Join(_)) {
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue);
+        }
         for e in node.expressions() {
             read.extend(e.column_refs().into_iter().cloned());
         }

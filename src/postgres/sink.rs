@@ -1,9 +1,10 @@
 //! Postgres sinks (DESIGN §3 "Sinks: Postgres"): a view's rows, upserted
 //! into a warehouse table.
 //!
-//! The pipeline never waits for Postgres. Each row a sinked view writes is
-//! also put in the store's *outbox*, in the same atomic batch as the row
-//! itself, under the log record's sequence number and an index
+//! The pipeline never waits for Postgres. The rows a sinked view writes are
+//! also put in the store's *outbox*, in the same atomic batch as the rows
+//! themselves: one entry per write, its rows one JSON object per line,
+//! under the log record's sequence number and an index
 //! (`Store::write_rows_to_sinks`). A sink task reads the outbox in order,
 //! upserts a batch in one transaction, then records its position (the last
 //! outbox key it delivered, in the store's meta) and trims what every sink
@@ -17,17 +18,22 @@
 //!   delivering a row again after a crash between the commit and the
 //!   position write leaves the table as it was.
 //!
-//! Upserts are multi-row `INSERT ... ON CONFLICT ... DO UPDATE` with text
-//! parameters cast to each column's type; rows with the same key in one
+//! Upserts are COPY into a staging table and one `INSERT ... SELECT ... ON
+//! CONFLICT ... DO UPDATE` (or multi-row `INSERT ... ON CONFLICT` with text
+//! parameters cast to each column's type); rows with the same key in one
 //! batch are folded to the last (an updating view writes each key often).
+//! A row's JSON is read straight into its cells' text, borrowed where it
+//! has no escapes ([`row_cells`]): no map or value tree per row.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
-use serde::Serialize;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +44,8 @@ use crate::store::Store;
 
 /// Most outbox rows delivered in one transaction.
 const BATCH_ROWS: usize = 5_000;
+/// Connections a sink writes through, in parallel (each a Postgres process).
+const CONNECTIONS: usize = 2;
 /// Postgres takes at most 65 535 parameters a statement.
 const MAX_PARAMS: usize = 65_535;
 const IDLE: Duration = Duration::from_millis(100);
@@ -308,8 +316,12 @@ impl SinkTask {
     }
 
     async fn deliver(&self, backoff: &mut Duration, logged: &mut bool) -> Result<(), String> {
-        let mut client = connect(&self.connection).await?;
-        ensure_table(&client, &self.def, &self.schema, true).await?;
+        let mut clients = Vec::with_capacity(CONNECTIONS);
+        for _ in 0..CONNECTIONS {
+            clients.push(connect(&self.connection).await?);
+        }
+        ensure_table(&clients[0], &self.def, &self.schema, true).await?;
+        let statements = Statements::new(&self.def, &self.schema);
         let name = self.def.name.clone();
         let mut position: Option<Vec<u8>> = self
             .blocking(move |s| s.get_meta(&position_key(&name)))
@@ -378,7 +390,7 @@ impl SinkTask {
                 continue;
             };
             let last = last.clone();
-            let n = self.upsert(&mut client, &rows).await?;
+            let n = self.upsert(&mut clients, &statements, &rows).await?;
             let (name, at) = (self.def.name.clone(), last.clone());
             self.blocking(move |s| s.put_meta(&position_key(&name), &at))
                 .await?;
@@ -422,47 +434,161 @@ impl SinkTask {
     /// distinct keys were written.
     async fn upsert(
         &self,
-        client: &mut tokio_postgres::Client,
+        clients: &mut [tokio_postgres::Client],
+        statements: &Statements,
         rows: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<usize, String> {
         let schema = &self.schema;
         let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         // the last row of each key wins
-        let mut latest: HashMap<String, usize> = HashMap::new();
-        let mut parsed: Vec<serde_json::Map<String, Value>> = Vec::with_capacity(rows.len());
-        for (_, json) in rows {
-            let row: serde_json::Map<String, Value> = serde_json::from_slice(json)
-                .map_err(|e| format!("outbox row is not a JSON object: {e}"))?;
-            if row.is_empty() {
-                continue; // an alert removed by retention before it was delivered
-            }
-            let key: String = self
-                .def
-                .key_columns
-                .iter()
-                .map(|k| row.get(k).map_or("null".into(), |v| v.to_string()))
-                .collect::<Vec<_>>()
-                .join("\u{1}");
-            latest.insert(key, parsed.len());
-            parsed.push(row);
-        }
-        let mut keep: Vec<usize> = latest.into_values().collect();
-        keep.sort_unstable();
-        let per_statement = (MAX_PARAMS / columns.len().max(1)).clamp(1, 1000);
-        let casts: Vec<&str> = schema
-            .fields()
+        let names: HashMap<&str, usize> =
+            columns.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+        let key_at: Vec<usize> = self
+            .def
+            .key_columns
             .iter()
-            .map(|f| pg_type(f.data_type()))
+            .filter_map(|k| names.get(k.as_str()).copied())
             .collect();
+        let mut latest: HashMap<Vec<Option<&str>>, usize> = HashMap::new();
+        let mut parsed: Vec<Vec<Option<Cow<str>>>> = Vec::with_capacity(rows.len());
+        for (_, entry) in rows {
+            for json in crate::store::outbox_rows(entry) {
+                let Some(cells) = row_cells(json, &names)? else {
+                    continue; // an alert removed by retention before it was delivered
+                };
+                parsed.push(cells);
+            }
+        }
+        for (i, cells) in parsed.iter().enumerate() {
+            let key = key_at.iter().map(|&k| cells[k].as_deref()).collect();
+            latest.insert(key, i);
+        }
+        // Each key's last row, split over the connections by key (a key's
+        // rows always take the same one), each part in its own transaction,
+        // all of them in parallel: Postgres' side of an upsert is most of
+        // its cost, and one connection is one Postgres process, one core.
+        let parts = clients.len().max(1);
+        let hasher = ahash::RandomState::new();
+        let mut split: Vec<Vec<usize>> = vec![Vec::new(); parts];
+        let written = latest.len();
+        for (key, i) in latest {
+            split[(hasher.hash_one(&key) % parts as u64) as usize].push(i);
+        }
+        let parsed = &parsed;
+        let work = clients
+            .iter_mut()
+            .zip(split)
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(client, mut rows)| {
+                rows.sort_unstable();
+                async move { self.write_part(client, parsed, &rows, statements).await }
+            });
+        futures::future::try_join_all(work).await?;
+        Ok(written)
+    }
+
+    /// Upserts `rows` of `parsed` in one transaction.
+    async fn write_part(
+        &self,
+        client: &mut tokio_postgres::Client,
+        parsed: &[Vec<Option<Cow<'_, str>>>],
+        rows: &[usize],
+        sql: &Statements,
+    ) -> Result<(), String> {
+        let tx = client.transaction().await.map_err(super::pg)?;
+        if self.copy {
+            // COPY into a staging table, then one INSERT ... SELECT ... ON CONFLICT
+            tx.batch_execute(&sql.create_stage)
+                .await
+                .map_err(super::pg)?;
+            let mut text = String::with_capacity(rows.len() * 64);
+            for &i in rows {
+                for (c, cell) in parsed[i].iter().enumerate() {
+                    if c > 0 {
+                        text.push('\t');
+                    }
+                    match cell {
+                        None => text.push_str("\\N"),
+                        Some(s) => copy_escape(&mut text, s),
+                    }
+                }
+                text.push('\n');
+            }
+            let copy = tx
+                .copy_in::<_, bytes::Bytes>(&sql.copy)
+                .await
+                .map_err(super::pg)?;
+            futures::pin_mut!(copy);
+            use futures::SinkExt;
+            copy.send(bytes::Bytes::from(text))
+                .await
+                .map_err(super::pg)?;
+            copy.finish().await.map_err(super::pg)?;
+            tx.batch_execute(&sql.merge).await.map_err(super::pg)?;
+            return tx.commit().await.map_err(super::pg);
+        }
+        let width = sql.casts.len().max(1);
+        for chunk in rows.chunks((MAX_PARAMS / width).clamp(1, 1000)) {
+            let mut text = sql.insert.clone();
+            let mut params: Vec<Option<String>> = Vec::with_capacity(chunk.len() * width);
+            for (r, &i) in chunk.iter().enumerate() {
+                if r > 0 {
+                    text.push(',');
+                }
+                text.push('(');
+                for (c, cell) in parsed[i].iter().enumerate() {
+                    if c > 0 {
+                        text.push(',');
+                    }
+                    params.push(cell.as_deref().map(str::to_string));
+                    text.push_str(&format!("${}::{}", params.len(), sql.casts[c]));
+                }
+                text.push(')');
+            }
+            text.push(' ');
+            text.push_str(&sql.conflict);
+            let types = vec![tokio_postgres::types::Type::TEXT; params.len()];
+            let statement = tx.prepare_typed(&text, &types).await.map_err(super::pg)?;
+            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            tx.execute(&statement, &refs).await.map_err(super::pg)?;
+        }
+        tx.commit().await.map_err(super::pg)
+    }
+}
+
+/// The SQL of a sink's upserts.
+struct Statements {
+    /// Each column's Postgres type (text parameters are cast to it).
+    casts: Vec<&'static str>,
+    /// `INSERT INTO t (columns) VALUES ` (rows follow).
+    insert: String,
+    /// `ON CONFLICT (keys) DO UPDATE SET ...` (or `DO NOTHING`).
+    conflict: String,
+    create_stage: String,
+    copy: String,
+    /// `INSERT INTO t SELECT ... FROM stage ON CONFLICT ...`.
+    merge: String,
+}
+
+impl Statements {
+    fn new(def: &SinkDef, schema: &Schema) -> Statements {
+        let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let list = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
         let updates: Vec<String> = columns
             .iter()
-            .filter(|c| !self.def.key_columns.iter().any(|k| k == *c))
+            .filter(|c| !def.key_columns.iter().any(|k| k == *c))
             .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
             .collect();
         let conflict = format!(
             "ON CONFLICT ({}) {}",
-            self.def
-                .key_columns
+            def.key_columns
                 .iter()
                 .map(|k| quote_ident(k))
                 .collect::<Vec<_>>()
@@ -473,96 +599,136 @@ impl SinkTask {
                 format!("DO UPDATE SET {}", updates.join(", "))
             }
         );
-        let head = format!(
-            "INSERT INTO {} ({}) VALUES ",
-            quote_ident(&self.def.table),
-            columns
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let tx = client.transaction().await.map_err(super::pg)?;
-        if self.copy {
-            // COPY into a staging table, then one INSERT ... SELECT ... ON CONFLICT
-            let stage = quote_ident(&format!("weir_stage_{}", self.def.name));
-            let list = columns
-                .iter()
-                .map(|c| quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", ");
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-                quote_ident(&self.def.table)
-            ))
-            .await
-            .map_err(super::pg)?;
-            let mut text = String::with_capacity(keep.len() * 64);
-            for &i in &keep {
-                for (c, column) in columns.iter().enumerate() {
-                    if c > 0 {
-                        text.push('\t');
-                    }
-                    match parsed[i].get(*column) {
-                        None | Some(Value::Null) => text.push_str("\\N"),
-                        Some(Value::String(s)) => copy_escape(&mut text, s),
-                        Some(other) => copy_escape(&mut text, &other.to_string()),
-                    }
-                }
-                text.push('\n');
-            }
-            let copy = tx
-                .copy_in::<_, bytes::Bytes>(&format!("COPY {stage} ({list}) FROM STDIN"))
-                .await
-                .map_err(super::pg)?;
-            futures::pin_mut!(copy);
-            use futures::SinkExt;
-            copy.send(bytes::Bytes::from(text))
-                .await
-                .map_err(super::pg)?;
-            copy.finish().await.map_err(super::pg)?;
-            tx.batch_execute(&format!(
-                "INSERT INTO {} ({list}) SELECT {list} FROM {stage} {conflict}",
-                quote_ident(&self.def.table)
-            ))
-            .await
-            .map_err(super::pg)?;
-            tx.commit().await.map_err(super::pg)?;
-            return Ok(keep.len());
+        let table = quote_ident(&def.table);
+        let stage = quote_ident(&format!("weir_stage_{}", def.name));
+        Statements {
+            casts: schema.fields().iter().map(|f| pg_type(f.data_type())).collect(),
+            insert: format!("INSERT INTO {table} ({list}) VALUES "),
+            create_stage: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            ),
+            copy: format!("COPY {stage} ({list}) FROM STDIN"),
+            merge: format!("INSERT INTO {table} ({list}) SELECT {list} FROM {stage} {conflict}"),
+            conflict,
         }
-        for chunk in keep.chunks(per_statement) {
-            let mut sql = head.clone();
-            let mut params: Vec<Option<String>> = Vec::with_capacity(chunk.len() * columns.len());
-            for (r, &i) in chunk.iter().enumerate() {
-                if r > 0 {
-                    sql.push(',');
+    }
+}
+
+/// One outbox row's cells in the table's column order (`columns`: name →
+/// position), as text: a string's own text (borrowed from `json` when it
+/// has no escapes), a number or boolean as JSON writes it, an object or
+/// array as its JSON; `None` for null or absent. `Ok(None)` for `{}` (an
+/// alert record removed before it was delivered).
+fn row_cells<'a>(
+    json: &'a [u8],
+    columns: &HashMap<&str, usize>,
+) -> Result<Option<Vec<Option<Cow<'a, str>>>>, String> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let row = RowSeed { columns }
+        .deserialize(&mut de)
+        .and_then(|row| de.end().map(|()| row))
+        .map_err(|e| format!("outbox row is not a JSON object: {e}"))?;
+    Ok(row)
+}
+
+struct RowSeed<'c> {
+    columns: &'c HashMap<&'c str, usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = Option<Vec<Option<Cow<'de, str>>>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_> {
+    type Value = Option<Vec<Option<Cow<'de, str>>>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut cells: Vec<Option<Cow<'de, str>>> = vec![None; self.columns.len()];
+        let mut any = false;
+        while let Some(name) = map.next_key_seed(Cell)? {
+            any = true;
+            match name.as_deref().and_then(|n| self.columns.get(n)) {
+                Some(&at) => cells[at] = map.next_value_seed(Cell)?,
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
                 }
-                sql.push('(');
-                for (c, column) in columns.iter().enumerate() {
-                    if c > 0 {
-                        sql.push(',');
-                    }
-                    params.push(match parsed[i].get(*column) {
-                        None | Some(Value::Null) => None,
-                        Some(Value::String(s)) => Some(s.clone()),
-                        Some(other) => Some(other.to_string()),
-                    });
-                    sql.push_str(&format!("${}::{}", params.len(), casts[c]));
-                }
-                sql.push(')');
             }
-            sql.push(' ');
-            sql.push_str(&conflict);
-            let types = vec![tokio_postgres::types::Type::TEXT; params.len()];
-            let statement = tx.prepare_typed(&sql, &types).await.map_err(super::pg)?;
-            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                .iter()
-                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            tx.execute(&statement, &refs).await.map_err(super::pg)?;
         }
-        tx.commit().await.map_err(super::pg)?;
-        Ok(keep.len())
+        Ok(any.then_some(cells))
+    }
+}
+
+/// One JSON value as the text COPY or a text parameter takes (`None`: null).
+struct Cell;
+
+impl<'de> DeserializeSeed<'de> for Cell {
+    type Value = Option<Cow<'de, str>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Cell {
+    type Value = Option<Cow<'de, str>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v)))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(if v { "true" } else { "false" })))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(itoa::Buffer::new().format(v).to_string())))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(itoa::Buffer::new().format(v).to_string())))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        // as serde_json writes a float (JSON has no NaN or infinity)
+        Ok(Some(Cow::Owned(Value::from(v).to_string())))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let v = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Some(Cow::Owned(v.to_string())))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        let v = Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Some(Cow::Owned(v.to_string())))
     }
 }
 
@@ -588,6 +754,52 @@ mod tests {
         let mut out = String::new();
         copy_escape(&mut out, "a\tb\nc\\d\re");
         assert_eq!(out, "a\\tb\\nc\\\\d\\re");
+    }
+
+    #[test]
+    fn outbox_rows_become_cells_in_column_order() {
+        let columns: HashMap<&str, usize> = [
+            ("id", 0),
+            ("note", 1),
+            ("n", 2),
+            ("x", 3),
+            ("ok", 4),
+            ("row", 5),
+            ("gone", 6),
+        ]
+        .into_iter()
+        .collect();
+        let json = br#"{"n":-12,"x":2.5,"note":"tab\there \u00e9","ok":true,"id":"T1","row":{"a":[1,null]},"extra":[1,{"b":2}],"gone":null}"#;
+        let cells = row_cells(json, &columns).unwrap().unwrap();
+        let text: Vec<Option<&str>> = cells.iter().map(|c| c.as_deref()).collect();
+        assert_eq!(
+            text,
+            [
+                Some("T1"),
+                Some("tab\there é"),
+                Some("-12"),
+                Some("2.5"),
+                Some("true"),
+                Some(r#"{"a":[1,null]}"#),
+                None
+            ]
+        );
+        // a string without escapes is borrowed, not copied
+        assert!(matches!(cells[0], Some(Cow::Borrowed(_))));
+        // a large float and an integer past i64 keep JSON's spelling of them
+        let cells = row_cells(br#"{"x":1e300,"n":18446744073709551615}"#, &columns)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cells[3].as_deref(), Some("1e+300"));
+        assert_eq!(cells[2].as_deref(), Some("18446744073709551615"));
+        assert_eq!(row_cells(b"{}", &columns).unwrap(), None);
+        for bad in [&b"[1]"[..], b"{\"id\":", b"{} {}", b"", b"\"id\""] {
+            assert!(
+                row_cells(bad, &columns).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

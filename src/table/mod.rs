@@ -6,6 +6,12 @@
 //! key's row (`lookup`), and `take`s the table's columns at those rows — the
 //! same vectorised path as every other step, no row-at-a-time code.
 //!
+//! The index holds a key of up to 11 bytes inline with its row (a longer
+//! one as the row number, compared against the key column), and a lookup
+//! first numbers the batch's own distinct keys, so a terminal's events in
+//! one batch probe the table once: the table's index is larger than the
+//! CPU's cache and each probe of it is a cache miss.
+//!
 //! Rows change only through the ingest log. The Postgres source
 //! (`crate::postgres`) turns a snapshot or a batch of logical-decoding
 //! changes into a *change batch* — the table's columns plus [`OP_COLUMN`] and
@@ -22,6 +28,8 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
+
+use hashbrown::HashTable;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, Int8Array, RecordBatch, StringArray, UInt32Array,
@@ -45,7 +53,124 @@ pub const OP_DELETE: i8 = 1;
 /// the row's own values are not read.
 pub const OP_REPLACE: i8 = 2;
 
-type Index = HashMap<Box<str>, u32, ahash::RandomState>;
+/// A key as the index holds it: at most 11 bytes (a terminal id) inline as
+/// two integers, its bytes then its length (equal keys, equal pairs), so
+/// that finding it reads no string; a longer one as its text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Key<'a> {
+    Short(u64, u32),
+    Long(&'a str),
+}
+
+impl<'a> Key<'a> {
+    #[inline]
+    fn of(key: &'a str) -> Key<'a> {
+        let k = key.as_bytes();
+        if k.len() > 11 {
+            return Key::Long(key);
+        }
+        // (shifts, not a copy into a buffer read back as integers: that read
+        // waits for the copy's bytes to reach memory)
+        let (mut lo, mut hi) = (0u64, (k.len() as u32) << 24);
+        for (i, &c) in k.iter().enumerate() {
+            if i < 8 {
+                lo |= (c as u64) << (8 * i);
+            } else {
+                hi |= (c as u32) << (8 * (i - 8));
+            }
+        }
+        Key::Short(lo, hi)
+    }
+
+    fn hash(self, hasher: &ahash::RandomState) -> u64 {
+        match self {
+            Key::Short(lo, hi) => hasher.hash_one((lo, hi)),
+            Key::Long(k) => hasher.hash_one(k),
+        }
+    }
+}
+
+/// Primary key → row: short keys with their row in one hash table, long
+/// ones as row numbers compared against the key column's text.
+#[derive(Clone)]
+struct Index {
+    hasher: ahash::RandomState,
+    short: HashTable<(u64, u32, u32)>,
+    long: HashTable<u32>,
+    /// The key column as text (a BIGINT key is indexed by its decimal text).
+    keys: StringArray,
+}
+
+impl Default for Index {
+    fn default() -> Index {
+        Index::build(StringArray::from(Vec::<&str>::new())).0
+    }
+}
+
+impl Index {
+    /// The index of `keys`; with equal keys, the last row's. Returns it and
+    /// whether some key was NULL or not unique.
+    fn build(keys: StringArray) -> (Index, bool) {
+        let hasher = ahash::RandomState::new();
+        let mut short: HashTable<(u64, u32, u32)> = HashTable::with_capacity(keys.len());
+        let mut long: HashTable<u32> = HashTable::new();
+        let mut unfit = false;
+        for (i, k) in keys.iter().enumerate() {
+            let Some(k) = k else {
+                unfit = true;
+                continue;
+            };
+            let key = Key::of(k);
+            let hash = key.hash(&hasher);
+            let row = i as u32;
+            let replaced = match key {
+                Key::Short(lo, hi) => match short.find_mut(hash, |e| (e.0, e.1) == (lo, hi)) {
+                    Some(e) => Some(std::mem::replace(&mut e.2, row)),
+                    None => {
+                        short.insert_unique(hash, (lo, hi, row), |e| hasher.hash_one((e.0, e.1)));
+                        None
+                    }
+                },
+                Key::Long(k) => match long.find_mut(hash, |&r| keys.value(r as usize) == k) {
+                    Some(r) => Some(std::mem::replace(r, row)),
+                    None => {
+                        long.insert_unique(hash, row, |&r| hasher.hash_one(keys.value(r as usize)));
+                        None
+                    }
+                },
+            };
+            unfit |= replaced.is_some();
+        }
+        let index = Index {
+            hasher,
+            short,
+            long,
+            keys,
+        };
+        (index, unfit)
+    }
+
+    fn find(&self, key: Key, hash: u64) -> Option<u32> {
+        match key {
+            Key::Short(lo, hi) => self
+                .short
+                .find(hash, |e| (e.0, e.1) == (lo, hi))
+                .map(|e| e.2),
+            Key::Long(k) => self
+                .long
+                .find(hash, |&r| self.keys.value(r as usize) == k)
+                .copied(),
+        }
+    }
+
+    /// Every row the index points to.
+    fn rows(&self) -> impl Iterator<Item = u32> + '_ {
+        self.short
+            .iter()
+            .map(|e| e.2)
+            .chain(self.long.iter().copied())
+    }
+}
 
 /// The rows of a reference table at one point of the log.
 pub struct Rows {
@@ -64,6 +189,72 @@ impl std::fmt::Debug for Rows {
             .field("lsn", &self.lsn)
             .finish()
     }
+}
+
+/// Numbers the distinct values of `keys` in order of appearance: each row's
+/// id ([`NULL_KEY`](crate::window::operator::NULL_KEY) for NULL), and each
+/// id's key with its hash. A key equal to the previous row's costs a
+/// comparison; another, a hash and a probe of a table of the batch's keys
+/// alone, which stays in the CPU's cache.
+fn number<'a>(
+    keys: &'a StringArray,
+    hasher: &ahash::RandomState,
+) -> (Vec<u32>, Vec<(Key<'a>, u64)>) {
+    let mut distinct: Vec<(Key, u64)> = Vec::new();
+    let mut seen: HashTable<u32> = HashTable::with_capacity(keys.len().min(4096));
+    let mut ids: Vec<u32> = Vec::with_capacity(keys.len());
+    let mut last: Option<(&str, u32)> = None;
+    for i in 0..keys.len() {
+        if keys.is_null(i) {
+            ids.push(crate::window::operator::NULL_KEY);
+            continue;
+        }
+        let k = keys.value(i);
+        if let Some((previous, id)) = last {
+            if previous == k {
+                ids.push(id);
+                continue;
+            }
+        }
+        let key = Key::of(k);
+        let hash = key.hash(hasher);
+        let id = match seen.find(hash, |&id| distinct[id as usize].0 == key) {
+            Some(&id) => id,
+            None => {
+                let id = distinct.len() as u32;
+                distinct.push((key, hash));
+                seen.insert_unique(hash, id, |&id| distinct[id as usize].1);
+                id
+            }
+        };
+        last = Some((k, id));
+        ids.push(id);
+    }
+    (ids, distinct)
+}
+
+/// The rows of a text column numbered by value (see [`number`]), for an
+/// aggregate grouped by it alone; None for a column of another type.
+pub fn number_keys(
+    column: &ArrayRef,
+    hasher: &ahash::RandomState,
+) -> Option<crate::window::operator::KeyIds> {
+    let keys = column.as_string_opt::<i32>()?;
+    let (ids, distinct) = number(keys, hasher);
+    Some(crate::window::operator::KeyIds {
+        column: Arc::clone(column),
+        ids,
+        distinct: distinct.len() as u32,
+        dependent: Vec::new(),
+    })
+}
+
+/// What [`Rows::lookup`] found.
+pub struct Lookup {
+    /// Each key's row, NULL where the table has none.
+    pub rows: UInt32Array,
+    /// The batch's keys, numbered.
+    pub keys: crate::window::operator::KeyIds,
 }
 
 /// The text form of a key column's values (a BIGINT key is indexed by its decimal text).
@@ -86,17 +277,10 @@ impl Rows {
 
     /// Rows from a batch whose keys are unique (the last of equal keys wins).
     fn from_batch(batch: RecordBatch, key: usize, lsn: i64) -> Result<Rows, ArrowError> {
-        let keys = key_strings(batch.column(key))?;
-        let mut index = Index::with_capacity_and_hasher(keys.len(), Default::default());
-        let mut duplicate = false;
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(k) = k {
-                duplicate |= index.insert(k.into(), i as u32).is_some();
-            }
-        }
-        if duplicate || index.len() != batch.num_rows() {
+        let (index, unfit) = Index::build(key_strings(batch.column(key))?);
+        if unfit {
             // keep only each key's last row (and no NULL keys)
-            let mut rows: Vec<u32> = index.values().copied().collect();
+            let mut rows: Vec<u32> = index.rows().collect();
             rows.sort_unstable();
             let batch = take_rows(&batch, &UInt32Array::from(rows))?;
             return Rows::from_batch(batch, key, lsn);
@@ -123,13 +307,7 @@ impl Rows {
         }
         let batch = concat_batches(&schema, &columns)?;
         let keys = key.evaluate(&batch)?.into_array(batch.num_rows())?;
-        let keys = key_strings(&keys)?;
-        let mut index = Index::with_capacity_and_hasher(keys.len(), Default::default());
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(k) = k {
-                index.insert(k.into(), i as u32);
-            }
-        }
+        let (index, _) = Index::build(key_strings(&keys)?);
         Ok(Rows {
             batch,
             index,
@@ -147,26 +325,32 @@ impl Rows {
     }
 
     /// For each value of `keys` (a stream's join column), the row with that
-    /// key, or NULL when there is none.
-    pub fn lookup(&self, keys: &ArrayRef) -> Result<UInt32Array, ArrowError> {
-        let keys = key_strings(keys)?;
-        // a message's rows are mostly one terminal's: a key equal to the
-        // previous row's costs a comparison, not a hash
-        let mut last: Option<(&str, Option<u32>)> = None;
-        Ok(keys
+    /// key, or NULL when there is none; and the numbering of the batch's
+    /// keys it was found through (the view's aggregate may reuse it).
+    pub fn lookup(&self, column: &ArrayRef) -> Result<Lookup, ArrowError> {
+        let keys = key_strings(column)?;
+        // First the batch's distinct keys, numbered in a table of its own
+        // that stays in the cache (the table's index does not).
+        let (ids, distinct) = number(&keys, &self.index.hasher);
+        // Then one probe of the index per distinct key: independent probes,
+        // whose cache misses the CPU overlaps.
+        let rows: Vec<Option<u32>> = distinct
             .iter()
-            .map(|k| {
-                let k = k?;
-                if let Some((previous, at)) = last {
-                    if previous == k {
-                        return at;
-                    }
-                }
-                let at = self.index.get(k).copied();
-                last = Some((k, at));
-                at
-            })
-            .collect())
+            .map(|&(key, hash)| self.index.find(key, hash))
+            .collect();
+        let rows = ids
+            .iter()
+            .map(|&id| rows.get(id as usize).copied().flatten())
+            .collect();
+        Ok(Lookup {
+            rows,
+            keys: crate::window::operator::KeyIds {
+                column: Arc::clone(column),
+                ids,
+                distinct: distinct.len() as u32,
+                dependent: Vec::new(),
+            },
+        })
     }
 
     /// The rows after `changes` (the table's columns, then [`OP_COLUMN`] and
@@ -381,7 +565,7 @@ mod tests {
 
     fn region(rows: &Rows, key: &str) -> Option<String> {
         let keys: ArrayRef = Arc::new(StringArray::from(vec![key]));
-        let at = rows.lookup(&keys).unwrap();
+        let at = rows.lookup(&keys).unwrap().rows;
         if at.is_null(0) {
             return None;
         }
@@ -392,6 +576,69 @@ mod tests {
         } else {
             col.value(i).to_string()
         })
+    }
+
+    #[test]
+    fn lookups_find_every_key_short_or_long_and_nothing_else() {
+        // keys around the 11 bytes held inline, ones that differ only in
+        // length or a trailing NUL, an empty one, and multi-byte text
+        let table: Vec<String> = (0..20)
+            .map(|n| "k".repeat(n))
+            .chain(
+                [
+                    "a",
+                    "a\0",
+                    "\0",
+                    "ünïcödé-key",
+                    "ünïcödé-ke",
+                    "T000001",
+                    "T0000012345678",
+                ]
+                .map(String::from),
+            )
+            .collect();
+        let rows: Vec<(&str, Option<&str>, i8, i64)> = table
+            .iter()
+            .map(|k| (k.as_str(), Some(k.as_str()), OP_UPSERT, 1))
+            .collect();
+        let t = Rows::empty(schema(), 0).apply(&changes(&rows)).unwrap();
+        assert_eq!(t.len(), table.len());
+        // a batch that repeats keys, neighbouring and not, misses some, has NULLs
+        let probes: Vec<Option<String>> = table
+            .iter()
+            .chain(table.iter().rev())
+            .flat_map(|k| {
+                [
+                    Some(k.clone()),
+                    Some(format!("{k}x")),
+                    None,
+                    Some(k.clone()),
+                ]
+            })
+            .collect();
+        let keys: ArrayRef = Arc::new(StringArray::from(probes.clone()));
+        let at = t.lookup(&keys).unwrap().rows;
+        let values = t.batch.column(1).as_string::<i32>();
+        for (i, probe) in probes.iter().enumerate() {
+            let expected = probe.as_ref().filter(|p| table.contains(p));
+            let found = (!at.is_null(i)).then(|| values.value(at.value(i) as usize).to_string());
+            assert_eq!(found.as_ref(), expected, "probe {probe:?}");
+        }
+        // and the batch's keys numbered: equal keys share an id, others do
+        // not, NULLs have none
+        let numbered = t.lookup(&keys).unwrap().keys;
+        let distinct: std::collections::HashSet<&String> = probes.iter().flatten().collect();
+        assert_eq!(numbered.distinct as usize, distinct.len());
+        for (i, a) in probes.iter().enumerate() {
+            let id = numbered.ids[i];
+            assert_eq!(a.is_none(), id == crate::window::operator::NULL_KEY);
+            assert!(a.is_none() || id < numbered.distinct);
+            for (j, b) in probes.iter().enumerate() {
+                if a.is_some() && b.is_some() {
+                    assert_eq!(a == b, id == numbered.ids[j], "{a:?} {b:?}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -475,9 +722,9 @@ mod tests {
             )
             .unwrap();
         let ints: ArrayRef = Arc::new(Int64Array::from(vec![Some(7), None, Some(8)]));
-        let at = t.lookup(&ints).unwrap();
+        let at = t.lookup(&ints).unwrap().rows;
         assert!(at.is_valid(0) && at.is_null(1) && at.is_null(2));
         let text: ArrayRef = Arc::new(StringArray::from(vec!["42"]));
-        assert!(t.lookup(&text).unwrap().is_valid(0));
+        assert!(t.lookup(&text).unwrap().rows.is_valid(0));
     }
 }

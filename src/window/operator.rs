@@ -17,7 +17,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, RecordBatchOptions,
     UInt32Array,
 };
-use datafusion::arrow::compute::{cast, filter, filter_record_batch};
+use datafusion::arrow::compute::{cast, filter, filter_record_batch, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -52,6 +52,93 @@ pub struct EventBatch {
     pub row_ids: UInt32Array,
     /// Sequence number of the batch; part of the store key of filter-view rows.
     pub seq: u64,
+    /// The rows numbered by the value of one of the columns, when a step
+    /// numbered them (a lookup join, by its key).
+    pub keys: Option<Arc<KeyIds>>,
+}
+
+/// A batch's rows numbered by the value of `column` (one of the batch's
+/// columns): equal values, equal ids, in `0..distinct`; a NULL has
+/// [`NULL_KEY`]. A lookup join numbers its key column to probe the table
+/// once per distinct key; an aggregate grouped by that same column reuses
+/// the numbering to find each group once per distinct key and window, not
+/// once per row.
+#[derive(Debug)]
+pub struct KeyIds {
+    pub column: ArrayRef,
+    pub ids: Vec<u32>,
+    pub distinct: u32,
+    /// Columns of the batch whose value is fixed by `column`'s (a lookup
+    /// join's columns of the table): grouping by them as well as by
+    /// `column` partitions the rows the same way.
+    pub dependent: Vec<ArrayRef>,
+}
+
+/// The id of a NULL in [`KeyIds`].
+pub const NULL_KEY: u32 = u32::MAX;
+
+impl KeyIds {
+    /// The numbering of the rows `mask` keeps, `data` and `kept` being the
+    /// batch before and after; none if the column is not one of `data`'s.
+    fn filtered(
+        &self,
+        data: &RecordBatch,
+        kept: &RecordBatch,
+        mask: &BooleanArray,
+    ) -> Option<Self> {
+        let position =
+            |column: &ArrayRef| data.columns().iter().position(|c| Arc::ptr_eq(c, column));
+        let at = position(&self.column)?;
+        let dependent = (self.dependent.iter())
+            .filter_map(|d| position(d).map(|i| Arc::clone(kept.column(i))))
+            .collect();
+        let ids = self
+            .ids
+            .iter()
+            .zip(mask.iter())
+            .filter(|(_, keep)| keep.unwrap_or(false))
+            .map(|(&id, _)| id)
+            .collect();
+        Some(KeyIds {
+            column: Arc::clone(kept.column(at)),
+            ids,
+            distinct: self.distinct,
+            dependent,
+        })
+    }
+}
+
+/// A [`KeyIds`] as the aggregate uses it: each row's slot (its key's, in
+/// order of first appearance) and each slot's first row.
+struct Numbering {
+    slots: Vec<u32>,
+    firsts: UInt32Array,
+}
+
+impl Numbering {
+    /// None if an id is out of its range (then each row is looked up).
+    fn new(keys: &KeyIds) -> Option<Numbering> {
+        let null_slot = keys.distinct as usize;
+        let mut slot_of = vec![u32::MAX; null_slot + 1];
+        let mut firsts = Vec::new();
+        let mut slots = Vec::with_capacity(keys.ids.len());
+        for (r, &id) in keys.ids.iter().enumerate() {
+            let id = match id {
+                NULL_KEY => null_slot,
+                id if id < keys.distinct => id as usize,
+                _ => return None,
+            };
+            if slot_of[id] == u32::MAX {
+                slot_of[id] = firsts.len() as u32;
+                firsts.push(r as u32);
+            }
+            slots.push(slot_of[id]);
+        }
+        Some(Numbering {
+            slots,
+            firsts: UInt32Array::from(firsts),
+        })
+    }
 }
 
 impl EventBatch {
@@ -62,6 +149,7 @@ impl EventBatch {
             event_time,
             row_ids,
             seq,
+            keys: None,
         }
     }
 
@@ -76,6 +164,7 @@ impl EventBatch {
             event_time: self.event_time.slice(row, 1),
             row_ids: self.row_ids.slice(row, 1),
             seq: self.seq,
+            keys: None,
         }
     }
 }
@@ -220,6 +309,37 @@ pub struct ViewOperator {
     evicted_at: Millis,
     /// Keys evicted since the last `take_evicted`.
     evicted: u64,
+    /// Hashes the keys of a batch numbered by the operator itself.
+    hasher: ahash::RandomState,
+    own_numbering: NumberingPolicy,
+}
+
+/// Whether the operator numbers a batch's keys itself: not while batches
+/// have mostly distinct keys (a view grouped by a transaction id), where
+/// numbering saves nothing; such a view tries again every
+/// [`NumberingPolicy::PAUSE`] batches.
+#[derive(Debug, Default)]
+struct NumberingPolicy {
+    pause: u32,
+}
+
+impl NumberingPolicy {
+    const PAUSE: u32 = 64;
+
+    fn wanted(&mut self) -> bool {
+        if self.pause == 0 {
+            return true;
+        }
+        self.pause -= 1;
+        false
+    }
+
+    /// A batch of `rows` rows had `distinct` keys.
+    fn observe(&mut self, distinct: usize, rows: usize) {
+        if distinct * 4 > rows * 3 {
+            self.pause = Self::PAUSE;
+        }
+    }
 }
 
 impl std::fmt::Debug for ViewOperator {
@@ -301,6 +421,8 @@ impl ViewOperator {
             key_ttl: None,
             evicted_at: Millis::MIN,
             evicted: 0,
+            hasher: ahash::RandomState::new(),
+            own_numbering: NumberingPolicy::default(),
         })
     }
 
@@ -414,9 +536,45 @@ impl ViewOperator {
             .map(|e| e.evaluate(&batch.data).and_then(|v| v.into_array(n)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.df_err())?;
-        let rows = match &self.converter {
-            Some(c) => Some(c.convert_columns(&key_arrays).map_err(self.arrow_err())?),
-            None => None,
+        // Grouped by one text column (windows and updating views; sessions
+        // go row by row), the rows are numbered by key first — or a lookup
+        // join on that column already did it, which also serves a grouping
+        // by the table's columns as well — so that only each distinct key is
+        // converted to its row bytes and found in the groups, once per
+        // window: numbering costs a probe of a table of the batch's keys,
+        // which stays in the cache; finding a group, a probe of all of them.
+        // Otherwise every row is converted and found.
+        let numberable = matches!(self.state, State::Fixed { .. } | State::Updating { .. });
+        let shared = (batch.keys.as_ref()).filter(|k| {
+            k.ids.len() == n
+                && key_arrays.iter().any(|a| Arc::ptr_eq(a, &k.column))
+                && key_arrays.iter().all(|a| {
+                    Arc::ptr_eq(a, &k.column) || k.dependent.iter().any(|d| Arc::ptr_eq(a, d))
+                })
+        });
+        let numbering = match (key_arrays.as_slice(), shared) {
+            _ if !numberable => None,
+            (_, Some(k)) => Numbering::new(k),
+            ([key], None) if self.own_numbering.wanted() => {
+                let own =
+                    crate::table::number_keys(key, &self.hasher).and_then(|k| Numbering::new(&k));
+                if let Some(own) = &own {
+                    self.own_numbering.observe(own.firsts.len(), n);
+                }
+                own
+            }
+            _ => None,
+        };
+        let rows = match (&self.converter, &numbering) {
+            (Some(c), Some(numbering)) => {
+                let firsts = (key_arrays.iter())
+                    .map(|a| take(a, &numbering.firsts, None))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(self.arrow_err())?;
+                Some(c.convert_columns(&firsts).map_err(self.arrow_err())?)
+            }
+            (Some(c), None) => Some(c.convert_columns(&key_arrays).map_err(self.arrow_err())?),
+            (None, _) => None,
         };
         let mut args = Vec::with_capacity(agg.aggs.len());
         let mut masks: Vec<Option<BooleanArray>> = Vec::with_capacity(agg.aggs.len());
@@ -448,6 +606,28 @@ impl ViewOperator {
                 None => &[],
             }
         };
+        // Row r's group in `groups`; `run` names the window's run of rows (a
+        // numbered key is found once per run).
+        let fresh = &self.fresh;
+        let mut memo = numbering
+            .as_ref()
+            .map(|nb| vec![(0u32, 0u32); nb.firsts.len()]);
+        let mut group_of = |groups: &mut Groups, r: usize, run: u32| -> usize {
+            match (&numbering, memo.as_mut()) {
+                (Some(nb), Some(memo)) => {
+                    let slot = nb.slots[r] as usize;
+                    let (seen_in, g) = memo[slot];
+                    if seen_in == run {
+                        return g as usize;
+                    }
+                    let g = groups.group(key_of(slot), fresh);
+                    memo[slot] = (run, g as u32);
+                    g
+                }
+                _ => groups.group(key_of(r), fresh),
+            }
+        };
+        let mut run: u32 = 0;
         let n_aggs = agg.aggs.len();
         let ignore_nulls: Vec<bool> = agg.aggs.iter().map(|a| a.ignore_nulls).collect();
         let fold = |states: &mut [AggState], i: usize, t: Millis| {
@@ -474,7 +654,7 @@ impl ViewOperator {
             } => {
                 for i in 0..n {
                     let t = batch.event_time.value(i);
-                    let g = groups.group(key_of(i), &self.fresh);
+                    let g = group_of(groups, i, 1);
                     groups.fold(g, t, |states| fold(states, i, t));
                     if is_dirty.len() <= g {
                         is_dirty.resize(g + 1, false);
@@ -516,12 +696,13 @@ impl ViewOperator {
                             continue;
                         }
                         let groups = windows.entry(start).or_default();
+                        run += 1;
                         for r in i..end {
                             let t = times[r];
                             if start + size <= t {
                                 continue; // this window ends before t
                             }
-                            let g = groups.group(key_of(r), &self.fresh);
+                            let g = group_of(groups, r, run);
                             groups.fold(g, t, |states| fold(states, r, t));
                         }
                         i = end;
@@ -1186,7 +1367,12 @@ pub fn run_steps(steps: &[Step], mut batch: EventBatch) -> Result<EventBatch, Da
                 if mask.true_count() == n {
                     continue;
                 }
-                batch.data = filter_record_batch(&batch.data, &mask)?;
+                let kept = filter_record_batch(&batch.data, &mask)?;
+                batch.keys = batch
+                    .keys
+                    .take()
+                    .and_then(|k| k.filtered(&batch.data, &kept, &mask).map(Arc::new));
+                batch.data = kept;
                 batch.event_time = filter(&batch.event_time, &mask)?.as_primitive().clone();
                 batch.row_ids = filter(&batch.row_ids, &mask)?.as_primitive().clone();
             }
@@ -1204,23 +1390,36 @@ pub fn run_steps(steps: &[Step], mut batch: EventBatch) -> Result<EventBatch, Da
             Step::Lookup(lookup) => {
                 let keys = lookup.key.evaluate(&batch.data)?.into_array(n)?;
                 let rows = lookup.rows.get();
-                let mut at = rows.lookup(&keys)?;
+                let found = rows.lookup(&keys)?;
+                let mut at = found.rows;
+                let mut numbered = Some(found.keys);
                 if lookup.inner && at.null_count() > 0 {
                     let found = datafusion::arrow::compute::is_not_null(&at)?;
-                    batch.data = filter_record_batch(&batch.data, &found)?;
+                    let kept = filter_record_batch(&batch.data, &found)?;
+                    numbered = numbered.and_then(|k| k.filtered(&batch.data, &kept, &found));
+                    batch.data = kept;
                     batch.event_time = filter(&batch.event_time, &found)?.as_primitive().clone();
                     batch.row_ids = filter(&batch.row_ids, &found)?.as_primitive().clone();
                     at = filter(&at, &found)?.as_primitive().clone();
                 }
                 let mut columns = batch.data.columns().to_vec();
+                let mut from_table = Vec::with_capacity(rows.batch.num_columns());
                 for (i, column) in rows.batch.columns().iter().enumerate() {
-                    columns.push(if lookup.used.get(i).copied().unwrap_or(true) {
+                    from_table.push(if lookup.used.get(i).copied().unwrap_or(true) {
                         datafusion::arrow::compute::take(column, &at, None)?
                     } else {
                         // nothing reads it: not copied
                         datafusion::arrow::array::new_null_array(column.data_type(), at.len())
                     });
                 }
+                columns.extend(from_table.iter().cloned());
+                // The numbering, with the table's columns as fixed by the key.
+                // (A key computed by an expression is no column of the batch:
+                // no aggregate can be grouped by the same array.)
+                batch.keys = numbered.map(|mut k| {
+                    k.dependent = from_table;
+                    Arc::new(k)
+                });
                 batch.data = RecordBatch::try_new_with_options(
                     nullable(&lookup.schema),
                     columns,
@@ -1580,6 +1779,182 @@ mod tests {
         for w in times.windows(2) {
             assert!(time_key(w[0]) < time_key(w[1]));
             assert_eq!(time_from_key(time_key(w[0])), w[0]);
+        }
+    }
+
+    /// Batches of mostly distinct keys are not numbered for a while.
+    #[test]
+    fn numbering_pauses_while_keys_are_mostly_distinct() {
+        let mut policy = NumberingPolicy::default();
+        assert!(policy.wanted());
+        policy.observe(10, 100);
+        assert!(policy.wanted(), "few keys: numbered");
+        policy.observe(80, 100);
+        let skipped = (0..200).take_while(|_| !policy.wanted()).count();
+        assert_eq!(skipped, NumberingPolicy::PAUSE as usize);
+        assert!(policy.wanted());
+    }
+
+    /// A view grouped by one text column finds its groups through a
+    /// numbering of the batch's keys (once per key and window, not per
+    /// row), its own or, when it joins a reference table on that column,
+    /// the join's: its counts and sums must be those of every row found on
+    /// its own, for hop windows (a row in two windows, runs of rows by
+    /// window), an updating view, NULL keys, keys the table lacks, an inner
+    /// join and a WHERE on the table's column (rows filtered after the
+    /// numbering).
+    #[test]
+    fn numbered_keys_group_as_rows_found_one_by_one() {
+        let sql = "CREATE TABLE readings (terminal_id TEXT, ts TIMESTAMP NOT NULL, v DOUBLE,
+                WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+            WITH (connector = 'mqtt', topic = 'r/+', format = 'json');
+            CREATE TABLE terminals (terminal_id TEXT NOT NULL PRIMARY KEY, region TEXT)
+            WITH (connector = 'postgres', connection = 'backoffice', table = 'terminals');
+            CREATE VIEW hop_joined AS SELECT r.terminal_id, count(*) AS n, sum(r.v) AS s
+              FROM readings r LEFT JOIN terminals t ON r.terminal_id = t.terminal_id
+              GROUP BY r.terminal_id, hop(INTERVAL '1' MINUTE, INTERVAL '2' MINUTE);
+            CREATE VIEW hop_plain AS SELECT terminal_id, count(*) AS n, sum(v) AS s
+              FROM readings GROUP BY terminal_id, hop(INTERVAL '1' MINUTE, INTERVAL '2' MINUTE);
+            CREATE VIEW north_joined AS SELECT r.terminal_id, count(*) AS n, sum(r.v) AS s
+              FROM readings r JOIN terminals t ON r.terminal_id = t.terminal_id
+              WHERE t.region = 'north'
+              GROUP BY r.terminal_id, tumble(INTERVAL '1' MINUTE);
+            CREATE VIEW north_plain AS SELECT terminal_id, count(*) AS n, sum(v) AS s
+              FROM readings WHERE terminal_id IN ('a', 'c')
+              GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);
+            CREATE VIEW latest_joined AS SELECT r.terminal_id, count(*) AS n, sum(r.v) AS s
+              FROM readings r LEFT JOIN terminals t ON r.terminal_id = t.terminal_id
+              GROUP BY r.terminal_id;
+            CREATE VIEW latest_plain AS SELECT terminal_id, count(*) AS n, sum(v) AS s
+              FROM readings GROUP BY terminal_id;
+            CREATE VIEW region_joined AS SELECT r.terminal_id, t.region, count(*) AS n, sum(r.v) AS s
+              FROM readings r LEFT JOIN terminals t ON r.terminal_id = t.terminal_id
+              GROUP BY r.terminal_id, t.region, tumble(INTERVAL '1' MINUTE);
+            CREATE VIEW region_plain AS SELECT terminal_id, count(*) AS n, sum(v) AS s
+              FROM readings GROUP BY terminal_id, tumble(INTERVAL '1' MINUTE);";
+        let pipeline = plan_sources(&[("t.sql".into(), sql.to_string())]).unwrap();
+        let table = pipeline.table("terminals").unwrap();
+        let changes = crate::table::change_batch(
+            &table.schema,
+            vec![
+                Arc::new(datafusion::arrow::array::StringArray::from(vec![
+                    "a", "b", "c", "d",
+                ])),
+                Arc::new(datafusion::arrow::array::StringArray::from(vec![
+                    "north", "south", "north", "south",
+                ])),
+            ],
+            vec![crate::table::OP_UPSERT; 4],
+            vec![1; 4],
+        )
+        .unwrap();
+        table
+            .rows
+            .set(Arc::new(table.rows.get().apply(&changes).unwrap()));
+
+        // keys interleaved, some NULL, "x" and "y" not in the table; times
+        // over three minutes, not in order
+        let keys = ["a", "b", "x", "c", "a", "", "d", "b", "y", "a", "c", ""];
+        let batches: Vec<EventBatch> = (0..6)
+            .map(|b| {
+                let rows: Vec<(Option<&str>, Millis, f64)> = (0..40)
+                    .map(|i| {
+                        let k = keys[(i * 7 + b * 5) % keys.len()];
+                        let t = ((i * 37 + b * 11) % 180) as Millis * 1_000;
+                        (Some(k).filter(|k| !k.is_empty()), t, (i + b) as f64)
+                    })
+                    .collect();
+                let schema = pipeline.streams[0].schema.clone();
+                let data = RecordBatch::try_new(
+                    schema,
+                    vec![
+                        Arc::new(datafusion::arrow::array::StringArray::from(
+                            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                        )),
+                        Arc::new(
+                            datafusion::arrow::array::TimestampMillisecondArray::from(
+                                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                            )
+                            .with_timezone_opt(
+                                match crate::plan::timestamp_type() {
+                                    DataType::Timestamp(_, tz) => tz,
+                                    _ => None,
+                                },
+                            ),
+                        ),
+                        Arc::new(datafusion::arrow::array::Float64Array::from(
+                            rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                        )),
+                    ],
+                )
+                .unwrap();
+                let times = Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+                EventBatch::new(data, times, b as u64 + 1)
+            })
+            .collect();
+
+        for (joined, plain) in [
+            ("hop_joined", "hop_plain"),
+            ("north_joined", "north_plain"),
+            ("latest_joined", "latest_plain"),
+            ("region_joined", "region_plain"),
+        ] {
+            let view = |name: &str| {
+                let plan = pipeline.views.iter().find(|v| v.name == name).unwrap();
+                ViewOperator::new(plan.clone()).unwrap()
+            };
+            let (mut j, mut p, mut per_row) = (view(joined), view(plain), view(plain));
+            // the reference: every row converted and found on its own
+            per_row.own_numbering.pause = u32::MAX;
+            // the joined view does take the numbered path
+            // (grouped by the join's key, and by the table's region as well)
+            let stepped = run_steps(&j.plan.pre, batches[0].clone()).unwrap();
+            let numbered = stepped.keys.as_ref().expect("the join numbers its keys");
+            let keys = &j.plan.aggregate.as_ref().unwrap().keys;
+            for (i, key) in keys.iter().enumerate() {
+                let key = key.evaluate(&stepped.data).unwrap();
+                let key = key.into_array(stepped.num_rows()).unwrap();
+                let same = |a: &ArrayRef| Arc::ptr_eq(a, &key);
+                match i {
+                    0 => assert!(same(&numbered.column), "{joined}"),
+                    _ => assert!(numbered.dependent.iter().any(same), "{joined}"),
+                }
+            }
+            let out = |op: &mut ViewOperator| {
+                let mut rows = Vec::new();
+                for b in &batches {
+                    rows.extend(op.process(b).unwrap().output.iter().flat_map(show));
+                }
+                rows.extend(
+                    op.advance_watermark(10 * MIN)
+                        .unwrap()
+                        .iter()
+                        .flat_map(show),
+                );
+                rows.sort();
+                rows
+            };
+            let (from_joined, from_plain) = (out(&mut j), out(&mut p));
+            let reference = out(&mut per_row);
+            assert!(reference.len() > 5, "{plain}: {reference:?}");
+            assert_eq!(from_plain, reference, "{plain}, its keys numbered");
+            // region_joined: the plain rows with each terminal's region
+            let mut expected: Vec<String> = reference
+                .iter()
+                .map(|row| {
+                    if joined != "region_joined" {
+                        return row.clone();
+                    }
+                    let region = match row.split(' ').find(|f| f.starts_with("terminal_id=")) {
+                        Some("terminal_id=a" | "terminal_id=c") => "north",
+                        Some("terminal_id=b" | "terminal_id=d") => "south",
+                        _ => "",
+                    };
+                    row.replace(" n=", &format!(" region={region} n="))
+                })
+                .collect();
+            expected.sort();
+            assert_eq!(from_joined, expected, "{joined} against {plain}");
         }
     }
 }
