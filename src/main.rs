@@ -18,22 +18,106 @@ use weir::config::Config;
 /// The `system-allocator` feature keeps glibc's, for heap profilers that see
 /// only `malloc` (heaptrack): `cargo build --profile bench --features
 /// system-allocator` (BENCHMARKS.md, "Where the memory goes").
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(all(not(feature = "system-allocator"), not(feature = "heap-gauge")))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The `heap-gauge` feature counts the bytes the allocator hands out and
+/// takes back (`weir_heap_live_bytes` in `/metrics`), to tell memory the
+/// program holds from memory the allocator keeps: an atomic add on every
+/// allocation, so not for production.
+#[cfg(feature = "heap-gauge")]
+#[global_allocator]
+static ALLOCATOR: counting::Counting = counting::Counting;
+
+#[cfg(feature = "heap-gauge")]
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::Ordering;
+
+    use weir::obs::HEAP_LIVE_BYTES;
+
+    #[cfg(not(feature = "system-allocator"))]
+    static INNER: mimalloc::MiMalloc = mimalloc::MiMalloc;
+    #[cfg(feature = "system-allocator")]
+    static INNER: std::alloc::System = std::alloc::System;
+
+    pub struct Counting;
+
+    fn add(bytes: usize) {
+        HEAP_LIVE_BYTES.fetch_add(bytes as i64, Ordering::Relaxed);
+    }
+
+    fn sub(bytes: usize) {
+        HEAP_LIVE_BYTES.fetch_sub(bytes as i64, Ordering::Relaxed);
+    }
+
+    // SAFETY: every call is passed on unchanged to the inner allocator; the
+    // counter is only arithmetic on the sizes.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { INNER.alloc(layout) };
+            if !p.is_null() {
+                add(layout.size());
+            }
+            p
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { INNER.alloc_zeroed(layout) };
+            if !p.is_null() {
+                add(layout.size());
+            }
+            p
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { INNER.dealloc(ptr, layout) };
+            sub(layout.size());
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let p = unsafe { INNER.realloc(ptr, layout, new_size) };
+            if !p.is_null() {
+                add(new_size);
+                sub(layout.size());
+            }
+            p
+        }
+    }
+}
 
 /// `mi_option_purge_delay` in the vendored mimalloc 3 (`mimalloc.h`,
 /// `enum mi_option_e`; the crate names no constant for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// `mi_option_allow_thp` in the same enum.
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// Freed memory goes back to the OS at once instead of after a second
 /// (mimalloc 3's default, `src/options.c`): the
 /// checkpoint thread frees a checkpoint's worth every 10 s, and with the
 /// delay weir's peak RSS at 100 000 terminals was 1.1–1.3 GiB instead of
 /// 1.06, for no measurable CPU.
+///
+/// And no transparent huge pages: with them, weir's RSS at 100 000
+/// terminals was 40–60 MiB higher minute by minute and peaked at 777
+/// instead of 680 MiB, for no measurable CPU (BENCHMARKS.md, "Where the
+/// memory goes"). mimalloc turns THP off for the process when it starts
+/// with the option off (`MIMALLOC_ALLOW_THP=0`), before `main`; set from
+/// here, the option stops its own huge-page advice, and the `prctl` does
+/// what its start would have done.
 fn tune_allocator() {
-    // SAFETY: sets a plain integer option, before any thread is started.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    // SAFETY: sets plain integer options, before any thread is started.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+    }
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and changes only
+    // this process's THP flag. A kernel without it says EINVAL: weir then
+    // runs as before, which is harmless.
+    #[cfg(target_os = "linux")]
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 use weir::plan;
 

@@ -11,6 +11,12 @@ use std::sync::Arc;
 
 use crate::source::decode::RejectReason;
 
+/// Bytes allocated and not yet freed, counted by the allocator of a build
+/// with the `heap-gauge` feature (src/main.rs) and shown as
+/// `weir_heap_live_bytes`: what the heap holds, against the RSS, which also
+/// holds what the allocator keeps of freed memory.
+pub static HEAP_LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+
 /// Counters of one source stream.
 #[derive(Debug, Default)]
 pub struct StreamMetrics {
@@ -819,6 +825,17 @@ impl Metrics {
                 vec![(String::new(), value.to_string())],
             );
         }
+        #[cfg(feature = "heap-gauge")]
+        family(
+            &mut out,
+            "weir_heap_live_bytes",
+            "gauge",
+            "Bytes allocated and not freed (builds with the heap-gauge feature).",
+            vec![(
+                String::new(),
+                HEAP_LIVE_BYTES.load(Ordering::Relaxed).to_string(),
+            )],
+        );
         self.render_alerts(&mut out);
         out
     }
