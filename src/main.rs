@@ -101,9 +101,9 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// 1.06, for no measurable CPU.
 ///
 /// And no transparent huge pages: with them, weir's RSS at 100 000
-/// terminals was 40–60 MiB higher minute by minute and peaked at 777
-/// instead of 680 MiB, for no measurable CPU (BENCHMARKS.md, "Where the
-/// memory goes"). mimalloc turns THP off for the process when it starts
+/// terminals and 200 000 events/s was 25–60 MiB higher minute by minute
+/// over 10 minutes (peak 747 against 719 MiB), for no measurable CPU
+/// (BENCHMARKS.md, "The live heap is flat"). mimalloc turns THP off for the process when it starts
 /// with the option off (`MIMALLOC_ALLOW_THP=0`), before `main`; set from
 /// here, the option stops its own huge-page advice, and the `prctl` does
 /// what its start would have done.

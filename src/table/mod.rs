@@ -241,12 +241,11 @@ pub fn number_keys(
 ) -> Option<crate::window::operator::KeyIds> {
     let keys = column.as_string_opt::<i32>()?;
     let (ids, distinct) = number(keys, hasher);
-    Some(crate::window::operator::KeyIds {
-        column: Arc::clone(column),
+    Some(crate::window::operator::KeyIds::new(
+        column,
         ids,
-        distinct: distinct.len() as u32,
-        dependent: Vec::new(),
-    })
+        distinct.len(),
+    ))
 }
 
 /// What [`Rows::lookup`] found.
@@ -344,12 +343,7 @@ impl Rows {
             .collect();
         Ok(Lookup {
             rows,
-            keys: crate::window::operator::KeyIds {
-                column: Arc::clone(column),
-                ids,
-                distinct: distinct.len() as u32,
-                dependent: Vec::new(),
-            },
+            keys: crate::window::operator::KeyIds::new(column, ids, distinct.len()),
         })
     }
 

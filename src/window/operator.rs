@@ -78,6 +78,17 @@ pub struct KeyIds {
 pub const NULL_KEY: u32 = u32::MAX;
 
 impl KeyIds {
+    /// The numbering `ids` of `column`'s rows, with `distinct` keys and no
+    /// dependent columns yet.
+    pub fn new(column: &ArrayRef, ids: Vec<u32>, distinct: usize) -> KeyIds {
+        KeyIds {
+            column: Arc::clone(column),
+            ids,
+            distinct: distinct as u32,
+            dependent: Vec::new(),
+        }
+    }
+
     /// The numbering of the rows `mask` keeps, `data` and `kept` being the
     /// batch before and after; none if the column is not one of `data`'s.
     fn filtered(
