@@ -108,10 +108,16 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// here, the option stops its own huge-page advice, and the `prctl` does
 /// what its start would have done.
 fn tune_allocator() {
+    // (mimalloc's own variables, `MIMALLOC_PURGE_DELAY` and
+    // `MIMALLOC_ALLOW_THP`, still decide when they are set)
     // SAFETY: sets plain integer options, before any thread is started.
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+        }
     }
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments and changes only
     // this process's THP flag. A kernel without it says EINVAL: weir then

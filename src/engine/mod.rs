@@ -1008,6 +1008,7 @@ async fn housekeeping(
             _ = quota.tick() => {
                 metrics.deadletter_bytes.store(store.dead_letter_bytes() as i64, Ordering::Relaxed);
                 metrics.store_memtable_bytes.store(store.memtable_bytes(), Ordering::Relaxed);
+                metrics.store_cache_bytes.store(store.cache_bytes(), Ordering::Relaxed);
                 let store = store.clone();
                 let metrics = metrics.clone();
                 let storage = config.storage.clone();

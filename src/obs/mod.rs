@@ -155,6 +155,7 @@ pub struct Metrics {
     pub broker: BrokerMetrics,
     pub store_disk_bytes: AtomicU64,
     pub store_memtable_bytes: AtomicU64,
+    pub store_cache_bytes: AtomicU64,
     pub store_errors: AtomicU64,
     /// HTTP requests refused by access control.
     pub http_denied: AtomicU64,
@@ -640,7 +641,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 29] = [
+        let single: [(&str, &str, &str, i64); 30] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -808,6 +809,12 @@ impl Metrics {
                 "gauge",
                 "Bytes the store holds in memtables (every keyspace), sampled each second.",
                 load(&self.store_memtable_bytes) as i64,
+            ),
+            (
+                "weir_store_cache_bytes",
+                "gauge",
+                "Bytes the store holds in its block cache, sampled each second.",
+                load(&self.store_cache_bytes) as i64,
             ),
             (
                 "weir_store_errors_total",

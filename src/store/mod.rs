@@ -1281,6 +1281,13 @@ impl Store {
         self.db.write_buffer_size()
     }
 
+    /// Bytes of blocks in the store's block cache (fjall's default
+    /// capacity, 32 MiB): it fills as blocks are read back — the alerts'
+    /// read-modify-writes — and stays at its capacity after.
+    pub fn cache_bytes(&self) -> u64 {
+        self.db.cache_size()
+    }
+
     /// Flushes the journal to disk.
     pub fn sync(&self) -> Result<(), StoreError> {
         self.db

@@ -171,6 +171,10 @@ async fn telemetry_flows_into_every_view_shape() {
         common::process::metric_value(&text, "weir_store_memtable_bytes").filter(|&b| b > 0.0)
     })
     .await;
+    // and its block cache, bounded by fjall's capacity
+    let cache = common::process::metric_value(&weir.metrics().await, "weir_store_cache_bytes")
+        .expect("weir_store_cache_bytes in /metrics");
+    assert!(cache <= (32 << 20) as f64, "block cache {cache} bytes");
 
     // Streams and views describe themselves.
     let streams = weir.get_ok("/api/v1/streams").await;
