@@ -537,7 +537,10 @@ fn preview(
             return ExitCode::from(2);
         }
     };
-    let store = match weir::store::Store::open(&config.storage.dir) {
+    let store = match weir::store::Store::open_with_cache(
+        &config.storage.dir,
+        config.storage.cache_bytes,
+    ) {
         Ok(s) => s,
         Err(e) if e.is_locked() => return preview_remote(&config, &sql, from),
         Err(e) => {

@@ -367,6 +367,11 @@ pub struct StorageConfig {
     pub housekeeping_interval: Duration,
     /// When an acknowledged message is safe. Default `sync`.
     pub durability: Durability,
+    /// Bytes of the store's block cache (blocks read back: alerts updated
+    /// by a transition or an ack, queries, replay). It fills to this size
+    /// and stays there; the operating system's page cache holds the files
+    /// besides. Default 32 MiB (fjall's).
+    pub cache_bytes: u64,
 }
 
 /// How far the ingest log goes before a QoS 1 message is acknowledged.
@@ -396,9 +401,13 @@ impl Default for StorageConfig {
             deadletter_max_bytes: 1 << 30,
             deadletter_max_bytes_per_stream: 256 << 20,
             durability: Durability::Sync,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
+
+/// `storage.cache_bytes` by default.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -730,6 +739,9 @@ impl Config {
         if self.limits.max_future > Duration::from_secs(366 * 24 * 3600) {
             problems.push("limits.max_future: at most a year".into());
         }
+        if self.storage.cache_bytes < 1 << 20 {
+            problems.push("storage.cache_bytes: at least 1 MiB (1048576)".into());
+        }
         if self.storage.deadletter_max_bytes < 1 << 20 {
             problems.push("storage.deadletter_max_bytes: at least 1 MiB (1048576)".into());
         }
@@ -893,6 +905,21 @@ mod tests {
         let f = write("[storage]\ncheckpoint_interval = \"ten seconds\"\n");
         let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
         assert!(err.contains("ten seconds"), "{err}");
+    }
+
+    #[test]
+    fn the_block_cache_size_is_set_or_refused() {
+        let env = vec![(
+            "WEIR_STORAGE__CACHE_BYTES".to_string(),
+            "67108864".to_string(),
+        )];
+        assert_eq!(
+            Config::load(None, env).unwrap().storage.cache_bytes,
+            64 << 20
+        );
+        let f = write("[storage]\ncache_bytes = 4096\n");
+        let err = Config::load(Some(f.path()), []).unwrap_err().to_string();
+        assert!(err.contains("storage.cache_bytes: at least 1 MiB"), "{err}");
     }
 
     #[test]

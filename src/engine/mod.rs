@@ -170,7 +170,7 @@ impl Guard {
 
 /// Starts weir: store, broker (when embedded), MQTT source, pipeline, HTTP API.
 pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, EngineError> {
-    let store = Store::open(&config.storage.dir)?;
+    let store = Store::open_with_cache(&config.storage.dir, config.storage.cache_bytes)?;
     let changes = crate::plan::changes::changes(
         &pipeline,
         &deployed(&store)?,

@@ -244,13 +244,25 @@ fn view_prefix(view: &str) -> Vec<u8> {
 }
 
 impl Store {
+    /// Opens (or creates) the store in `dir` with the default block cache.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with_cache(dir, crate::config::DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the store with a block cache of `cache_bytes`
+    /// (`storage.cache_bytes`).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open {
             path: dir.display().to_string(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(fjall::Error::from(e)))?;
-        let db = Database::builder(dir).open().map_err(open_err)?;
+        // (at 100 000 terminals the cache fills by 2-3 MiB a minute, with
+        // the alerts each transition reads back: `weir_store_cache_bytes`)
+        let db = Database::builder(dir)
+            .cache_size(cache_bytes)
+            .open()
+            .map_err(open_err)?;
         // fjall gives every keyspace a 64 MiB memtable; weir writes to five
         // at a rate, so that alone could hold 320 MiB. 16 MiB keeps weir's
         // RSS within its budget at 100 000 terminals (BENCHMARKS.md,
@@ -1281,8 +1293,8 @@ impl Store {
         self.db.write_buffer_size()
     }
 
-    /// Bytes of blocks in the store's block cache (fjall's default
-    /// capacity, 32 MiB): it fills as blocks are read back — the alerts'
+    /// Bytes of blocks in the store's block cache (`storage.cache_bytes` at
+    /// most): it fills as blocks are read back — the alerts'
     /// read-modify-writes — and stays at its capacity after.
     pub fn cache_bytes(&self) -> u64 {
         self.db.cache_size()
