@@ -120,7 +120,10 @@ impl DistinctKey {
 
 /// `DistinctKey` in checkpoints. Variants 0-2 are how weir stored values
 /// before it hashed text (checkpoints written then still restore, each value
-/// becoming the key it is now); it writes only `Key`.
+/// becoming the key it is now); it writes only `Key`. One thing does not
+/// carry over: a group already past the exact bound holds a sketch of the
+/// old form's hashes, so until its window closes a value it had seen may
+/// be counted once more.
 #[derive(Serialize, Deserialize)]
 enum StoredDistinctKey {
     Int(i64),
