@@ -257,8 +257,9 @@ impl Store {
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(fjall::Error::from(e)))?;
-        // (at 100 000 terminals the cache fills by 2-3 MiB a minute, with
-        // the alerts each transition reads back: `weir_store_cache_bytes`)
+        // (at 100 000 terminals the cache fills by 2-3 MiB a minute, most
+        // likely with the alerts each transition reads back — not traced
+        // per read: `weir_store_cache_bytes`)
         let db = Database::builder(dir)
             .cache_size(cache_bytes)
             .open()
@@ -1294,8 +1295,8 @@ impl Store {
     }
 
     /// Bytes of blocks in the store's block cache (`storage.cache_bytes` at
-    /// most): it fills as blocks are read back — the alerts'
-    /// read-modify-writes — and stays at its capacity after.
+    /// most): it fills as blocks are read back (alert read-modify-writes,
+    /// queries, the log's retention scan) and stays at its capacity after.
     pub fn cache_bytes(&self) -> u64 {
         self.db.cache_size()
     }
