@@ -125,6 +125,29 @@ fn tune_allocator() {
     #[cfg(target_os = "linux")]
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
+/// A diagnostic for memory benchmarks (BENCHMARKS.md): every 30 s,
+/// mimalloc's statistics as JSON into `dir` (`030.json`, `060.json`, ...).
+/// Pages per size class need a build with `CFLAGS=-DMI_STAT=2`.
+fn write_allocator_stats(dir: PathBuf) {
+    std::thread::spawn(move || {
+        for i in 1u64.. {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            // SAFETY: with no buffer given, mimalloc allocates the text and
+            // returns it (or null); it is freed here with mi_free.
+            let json = unsafe {
+                let p = libmimalloc_sys::mi_stats_get_json(0, std::ptr::null_mut());
+                if p.is_null() {
+                    continue;
+                }
+                let text = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+                libmimalloc_sys::mi_free(p.cast());
+                text
+            };
+            let _ = std::fs::write(dir.join(format!("{:03}.json", i * 30)), json);
+        }
+    });
+}
+
 use weir::plan;
 
 #[derive(Parser)]
@@ -644,6 +667,9 @@ fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     tune_allocator();
+    if let Some(dir) = std::env::var_os("WEIR_ALLOC_STATS") {
+        write_allocator_stats(PathBuf::from(dir));
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Token {

@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec::QoS;
+use super::codec::{detach, QoS};
 use super::topics::{matches, SubscriptionTree};
 use crate::store::Store;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties, RetainForwardRule};
@@ -414,12 +414,19 @@ impl BrokerState {
         if publish.payload.is_empty() {
             self.retained.remove(&topic);
         } else {
+            // kept for as long as the topic has it: in allocations of its
+            // own, not as slices of the read buffer it arrived in
             let mut kept = publish.clone();
             kept.dup = false;
             kept.pkid = 0;
+            kept.topic = detach(&kept.topic);
+            kept.payload = detach(&kept.payload);
             if let Some(p) = kept.properties.as_mut() {
                 p.topic_alias = None;
                 p.subscription_identifiers.clear();
+                if let Some(data) = p.correlation_data.as_mut() {
+                    *data = detach(data);
+                }
             }
             self.retained.insert(
                 topic,
@@ -740,6 +747,28 @@ mod tests {
         }
         assert_eq!(state.sessions["a"].stored.queue.len(), 2);
         assert_eq!(state.sessions["b"].stored.queue.len(), 2);
+    }
+
+    /// Whether `part` lies inside `whole`'s memory.
+    fn within(part: &Bytes, whole: &Bytes) -> bool {
+        let range = whole.as_ptr_range();
+        range.contains(&part.as_ptr())
+    }
+
+    #[test]
+    fn a_retained_message_keeps_its_own_bytes_not_the_buffer_it_arrived_in() {
+        // what the codec reads is a slice of the connection's read buffer:
+        // kept as it is, a 16-byte status would hold the whole buffer
+        let read_buffer = Bytes::from(vec![b'x'; 64 * 1024]);
+        let mut status = publish("terminals/t1/status", QoS::AtLeastOnce, true);
+        status.topic = read_buffer.slice(100..119);
+        status.payload = read_buffer.slice(200..216);
+        let mut state = BrokerState::new(10, 100, None);
+        state.retain(&status, None);
+        let kept = &state.retained["xxxxxxxxxxxxxxxxxxx"].publish;
+        assert_eq!(kept.payload, status.payload);
+        assert!(!within(&kept.payload, &read_buffer));
+        assert!(!within(&kept.topic, &read_buffer));
     }
 
     #[test]

@@ -88,6 +88,29 @@ pub fn read_connect(
     Ok(read(buf, protocol, max)?.map(|packet| (protocol, packet)))
 }
 
+/// `bytes` in an allocation of its own. What [`read`] returns shares the
+/// connection's read buffer (a packet's topic and payload are slices of
+/// it), so a packet kept after it is handled — a retained message, a last
+/// will — would keep the whole buffer it arrived in alive (8 KiB or more,
+/// for a payload of a few bytes) for as long as it is kept.
+pub fn detach(bytes: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(bytes)
+}
+
+/// A will that holds none of the read buffer (see [`detach`]).
+pub fn detach_will(mut will: v5::LastWill) -> v5::LastWill {
+    will.topic = detach(&will.topic);
+    will.message = detach(&will.message);
+    if let Some(data) = will
+        .properties
+        .as_mut()
+        .and_then(|p| p.correlation_data.as_mut())
+    {
+        *data = detach(data);
+    }
+    will
+}
+
 /// Reads the next packet, if it is all in `buf`.
 pub fn read(
     buf: &mut BytesMut,
@@ -317,6 +340,32 @@ mod tests {
         let mut out = BytesMut::new();
         packet.write(&mut out, usize::MAX).unwrap();
         out
+    }
+
+    #[test]
+    fn a_will_kept_for_the_connection_holds_none_of_the_read_buffer() {
+        let mut connect = v4::Connect::new("t1");
+        connect.last_will = Some(v4::LastWill::new(
+            "terminals/t1/status",
+            r#"{"state": "offline"}"#,
+            m4::QoS::AtLeastOnce,
+            true,
+        ));
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        buf.extend_from_slice(&v4_bytes(v4::Packet::Connect(connect)));
+        let start = buf.as_ptr() as usize;
+        let read_buffer = start..start + buf.capacity();
+        let (_, packet) = read_connect(&mut buf, 1 << 20).unwrap().unwrap();
+        let Packet::Connect(_, Some(will), _) = packet else {
+            panic!("{packet:?}")
+        };
+        // as read, the will is a slice of the buffer: kept, it would keep it
+        assert!(read_buffer.contains(&(will.message.as_ptr() as usize)));
+        let will = detach_will(will);
+        assert_eq!(&will.message[..], br#"{"state": "offline"}"#);
+        assert_eq!(&will.topic[..], b"terminals/t1/status");
+        assert!(!read_buffer.contains(&(will.message.as_ptr() as usize)));
+        assert!(!read_buffer.contains(&(will.topic.as_ptr() as usize)));
     }
 
     #[test]

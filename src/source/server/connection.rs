@@ -326,6 +326,8 @@ impl Connection {
         identity: Identity,
         mut writer: Writer,
     ) -> Option<Connection> {
+        // kept for the whole connection (and past it, with a will delay)
+        let will = will.map(codec::detach_will);
         let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         let clean = connect.clean_start;
         let props = connect.properties.clone();
