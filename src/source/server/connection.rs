@@ -652,7 +652,7 @@ impl Connection {
     fn on_message(&mut self, message: ToConnection) -> Option<End> {
         match message {
             ToConnection::Deliver(d) => {
-                if !self.state.enqueue(d, self.shared.options.max_queued) {
+                if !self.state.enqueue(*d, self.shared.options.max_queued) {
                     self.shared
                         .metrics
                         .broker
