@@ -83,7 +83,16 @@ impl Reader {
                     buf.reserve(READ_CHUNK);
                 }
                 match reader.try_read_buf(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // The readiness was stale (left from the last read,
+                        // which did not drain the socket to WouldBlock): let
+                        // the buffer go again before waiting, or every idle
+                        // connection would hold READ_CHUNK.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     other => return other,
                 }
             },
