@@ -125,6 +125,7 @@ fn tune_allocator() {
     #[cfg(target_os = "linux")]
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
+
 /// A diagnostic for memory benchmarks (BENCHMARKS.md): every 30 s,
 /// mimalloc's statistics as JSON into `dir` (`030.json`, `060.json`, ...).
 /// Pages per size class need a build with `CFLAGS=-DMI_STAT=2`.

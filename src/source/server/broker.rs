@@ -768,13 +768,16 @@ mod tests {
     fn a_retained_message_keeps_its_own_bytes_not_the_buffer_it_arrived_in() {
         // what the codec reads is a slice of the connection's read buffer:
         // kept as it is, a 16-byte status would hold the whole buffer
-        let read_buffer = Bytes::from(vec![b'x'; 64 * 1024]);
-        let mut status = publish("terminals/t1/status", QoS::AtLeastOnce, true);
+        let mut raw = vec![0u8; 64 * 1024];
+        raw[100..119].copy_from_slice(b"terminals/t1/status");
+        raw[200..218].copy_from_slice(br#"{"state":"online"}"#);
+        let read_buffer = Bytes::from(raw);
+        let mut status = publish("", QoS::AtLeastOnce, true);
         status.topic = read_buffer.slice(100..119);
-        status.payload = read_buffer.slice(200..216);
+        status.payload = read_buffer.slice(200..218);
         let mut state = BrokerState::new(10, 100, None);
         state.retain(&status, None);
-        let kept = &state.retained["xxxxxxxxxxxxxxxxxxx"].publish;
+        let kept = &state.retained["terminals/t1/status"].publish;
         assert_eq!(kept.payload, status.payload);
         assert!(!within(&kept.payload, &read_buffer));
         assert!(!within(&kept.topic, &read_buffer));
