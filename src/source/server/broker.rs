@@ -39,6 +39,20 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Copies the message out of the read buffer it arrived in (see
+    /// [`detach`]), for a delivery kept while its session is offline.
+    pub fn detach(&mut self) {
+        self.topic = detach(&self.topic);
+        self.payload = detach(&self.payload);
+        if let Some(data) = self
+            .properties
+            .as_mut()
+            .and_then(|p| p.correlation_data.as_mut())
+        {
+            *data = detach(data);
+        }
+    }
+
     /// The PUBLISH to send, or `None` if the message expired on the way.
     pub fn to_publish(&self, pkid: u16, dup: bool, now: Instant) -> Option<Publish> {
         let mut properties = self.properties.as_deref().cloned();
@@ -94,6 +108,19 @@ impl SessionState {
             }
         }
         None
+    }
+
+    /// Copies every kept message out of the read buffers they arrived in,
+    /// as the session goes offline (see [`Delivery::detach`]).
+    pub fn detach(&mut self) {
+        for d in self.queue.iter_mut() {
+            d.detach();
+        }
+        for flight in self.inflight.values_mut() {
+            if let OutFlight::Published(d) = flight {
+                d.detach();
+            }
+        }
     }
 
     /// Queues a delivery, dropping the oldest QoS 0 message (or else this
@@ -575,7 +602,12 @@ impl BrokerState {
                     .is_ok(),
                 // QoS 0 messages are not kept for an offline session.
                 None if d.qos == QoS::AtMostOnce => continue,
-                None => session.stored.enqueue(d, self.max_queued),
+                // kept until the session is back: not as slices of the
+                // publisher's read buffer
+                None => {
+                    d.detach();
+                    session.stored.enqueue(d, self.max_queued)
+                }
             };
             if kept {
                 routed.delivered += 1;
@@ -781,6 +813,28 @@ mod tests {
         assert_eq!(kept.payload, status.payload);
         assert!(!within(&kept.payload, &read_buffer));
         assert!(!within(&kept.topic, &read_buffer));
+    }
+
+    #[test]
+    fn a_message_kept_for_an_offline_session_holds_none_of_the_read_buffer() {
+        let mut raw = vec![0u8; 64 * 1024];
+        raw[100..119].copy_from_slice(b"terminals/t1/config");
+        raw[200..212].copy_from_slice(br#"{"rate": 10}"#);
+        let read_buffer = Bytes::from(raw);
+        let mut config = publish("", QoS::AtLeastOnce, false);
+        config.topic = read_buffer.slice(100..119);
+        config.payload = read_buffer.slice(200..212);
+        let mut state = BrokerState::new(10, 100, None);
+        offline(
+            &mut state,
+            "t1",
+            &[("terminals/t1/#", options(QoS::AtLeastOnce))],
+        );
+        state.route("backoffice", &config, None);
+        let kept = &state.sessions["t1"].stored.queue[0];
+        assert_eq!(kept.payload, config.payload);
+        assert!(!within(&kept.topic, &read_buffer));
+        assert!(!within(&kept.payload, &read_buffer));
     }
 
     #[test]

@@ -1144,6 +1144,8 @@ impl Connection {
                     state.queue.extend(session.stored.queue.drain(..));
                     // Unsent QoS 0 messages are not kept for an offline session.
                     state.queue.retain(|d| d.qos != QoS::AtMostOnce);
+                    // kept until the client is back, maybe for days
+                    state.detach();
                     session.stored = state;
                     if changed {
                         broker.save_session(&self.client_id);
