@@ -144,6 +144,41 @@ impl Publisher {
     }
 }
 
+/// The packet ids of one connection's publishes the pipeline has made
+/// durable, waiting for the connection to send their acks. (Not a channel:
+/// every connection has one, and a channel's first block of `Vec`s is
+/// ~1.3 KiB where this is ~100 bytes.)
+#[derive(Default)]
+struct AckInbox {
+    pkids: Mutex<Vec<u16>>,
+    ready: tokio::sync::Notify,
+}
+
+impl AckInbox {
+    fn put(&self, pkids: impl Iterator<Item = u16>) {
+        self.pkids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(pkids);
+        // Stored as a permit when the connection is not waiting.
+        self.ready.notify_one();
+    }
+
+    /// What has come since the last take.
+    fn take(&self) -> Vec<u16> {
+        std::mem::take(&mut *self.pkids.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What became of a publish handed to [`Shared::publish_now`].
+enum Published {
+    Done,
+    /// The pipeline has stopped.
+    Stopped,
+    /// The pipeline's queue is full: the message waits for room.
+    QueueFull(Message),
+}
+
 /// What every connection task shares.
 pub(crate) struct Shared {
     options: ServerOptions,
@@ -153,7 +188,7 @@ pub(crate) struct Shared {
     next_connection: AtomicU64,
     connections: AtomicUsize,
     /// Where the pipeline's acks for each connection go.
-    ack_routes: Mutex<HashMap<u64, mpsc::UnboundedSender<Vec<u16>>>>,
+    ack_routes: Mutex<HashMap<u64, Arc<AckInbox>>>,
     shutdown: CancellationToken,
 }
 
@@ -335,23 +370,10 @@ impl Shared {
     /// Hands each connection the packet ids the pipeline made durable.
     fn dispatch_acks(&self, batch: Vec<AckToken>) {
         let routes = self.ack_routes.lock().unwrap_or_else(|e| e.into_inner());
-        let mut run: Vec<u16> = Vec::new();
-        let mut current = None;
-        for token in batch {
-            if current != Some(token.connection) {
-                if let Some(c) = current {
-                    if let Some(tx) = routes.get(&c) {
-                        let _ = tx.send(std::mem::take(&mut run));
-                    }
-                }
-                run.clear();
-                current = Some(token.connection);
-            }
-            run.push(token.pkid);
-        }
-        if let Some(c) = current {
-            if let Some(tx) = routes.get(&c) {
-                let _ = tx.send(run);
+        // A connection's tokens come in runs (its publishes in order).
+        for run in batch.chunk_by(|a, b| a.connection == b.connection) {
+            if let Some(inbox) = routes.get(&run[0].connection) {
+                inbox.put(run.iter().map(|t| t.pkid));
             }
         }
     }
@@ -367,6 +389,23 @@ impl Shared {
         ack: Option<AckToken>,
         dup: bool,
     ) -> bool {
+        match self.publish_now(origin, publish, ack, dup) {
+            Published::Done => true,
+            Published::Stopped => false,
+            Published::QueueFull(message) => self.wait_to_ingest(message).await,
+        }
+    }
+
+    /// [`Shared::publish`] up to the point where it would wait: a connection
+    /// task waits for the pipeline's queue in a future of its own, so that
+    /// the state it keeps while idle stays small.
+    fn publish_now(
+        &self,
+        origin: &str,
+        publish: Publish,
+        ack: Option<AckToken>,
+        dup: bool,
+    ) -> Published {
         let expires_at = publish
             .properties
             .as_ref()
@@ -385,12 +424,12 @@ impl Shared {
         m.deliveries_dropped
             .fetch_add(routed.dropped, Ordering::Relaxed);
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return true;
+            return Published::Done;
         };
         // An empty retained message clears the retained one: a command to
         // the broker, not data.
         if (publish.retain && publish.payload.is_empty()) || !self.is_stream_topic(topic) {
-            return true;
+            return Published::Done;
         }
         let message = Message {
             topic: topic.to_string(),
@@ -400,16 +439,20 @@ impl Shared {
             dup,
         };
         match self.ingest.try_send(message) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-            Err(mpsc::error::TrySendError::Full(message)) => {
-                let blocked = std::time::Instant::now();
-                let sent = self.ingest.send(message).await.is_ok();
-                self.metrics
-                    .source_blocked_ns
-                    .fetch_add(blocked.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                sent
-            }
+            Ok(()) => Published::Done,
+            Err(mpsc::error::TrySendError::Closed(_)) => Published::Stopped,
+            Err(mpsc::error::TrySendError::Full(message)) => Published::QueueFull(message),
         }
+    }
+
+    /// Waits for room in the pipeline's queue (the time counts as the
+    /// source blocked); false when the pipeline has stopped.
+    async fn wait_to_ingest(&self, message: Message) -> bool {
+        let blocked = std::time::Instant::now();
+        let sent = self.ingest.send(message).await.is_ok();
+        self.metrics
+            .source_blocked_ns
+            .fetch_add(blocked.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        sent
     }
 }
