@@ -3,8 +3,8 @@
 //!
 //! One `std::sync::Mutex` guards it all; it is held only for map lookups and
 //! queue pushes, never across an await or I/O. A session is either *online*
-//! (a connection task owns its delivery state and gets messages over a
-//! bounded channel) or *offline* (its state is here, and QoS 1 and 2
+//! (a connection task owns its delivery state and gets messages through its
+//! [`Inbox`], up to `max_queued` waiting) or *offline* (its state is here, and QoS 1 and 2
 //! messages queue in it, up to `max_queued`, until it reconnects or expires).
 //!
 //! With a store, what must outlive weir itself is written through as it
@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::codec::{detach, QoS};
 use super::topics::{matches, SubscriptionTree};
@@ -158,10 +158,7 @@ pub struct SubOptions {
 /// Messages to a connection task.
 #[derive(Debug)]
 pub enum ToConnection {
-    /// Boxed: the channel allocates its first block of 32 messages when the
-    /// connection starts, and every terminal holds one — unboxed, that block
-    /// was about 3.3 KiB a connection, boxed it is about 0.5 KiB.
-    Deliver(Box<Delivery>),
+    Deliver(Delivery),
     /// Another connection took the client id: hand the state over and close.
     TakeOver {
         state: oneshot::Sender<SessionState>,
@@ -170,13 +167,71 @@ pub enum ToConnection {
     },
 }
 
-// (what a connection's channel holds per slot; see `Deliver`)
-const _: () = assert!(std::mem::size_of::<ToConnection>() <= 16);
+/// What one connection is handed from outside its task: messages from the
+/// broker side, and the packet ids of its publishes the pipeline has made
+/// durable; and a wake-up.
+///
+/// Not channels: every connected terminal has one, and two tokio channels
+/// cost ~2.4 KiB a connection before anything is sent (each cache-padded
+/// channel state, and a first block of 32 slots); this is ~100 bytes.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    waiting: std::sync::Mutex<Waiting>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+pub struct Waiting {
+    pub messages: VecDeque<ToConnection>,
+    pub acks: Vec<u16>,
+}
+
+impl Inbox {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a delivery over; false (not handed) when `max` messages are
+    /// already waiting for the connection.
+    pub fn deliver(&self, d: Delivery, max: usize) -> bool {
+        {
+            let mut waiting = self.waiting();
+            if waiting.messages.len() >= max {
+                return false;
+            }
+            waiting.messages.push_back(ToConnection::Deliver(d));
+        }
+        // Stored as a permit when the connection is not waiting.
+        self.ready.notify_one();
+        true
+    }
+
+    /// A message that always goes through (a takeover).
+    pub fn tell(&self, message: ToConnection) {
+        self.waiting().messages.push_back(message);
+        self.ready.notify_one();
+    }
+
+    pub fn acks(&self, pkids: impl Iterator<Item = u16>) {
+        self.waiting().acks.extend(pkids);
+        self.ready.notify_one();
+    }
+
+    /// Wakes when something was handed over since the last [`Inbox::take`].
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Everything handed over so far.
+    pub fn take(&self) -> Waiting {
+        std::mem::take(&mut *self.waiting())
+    }
+}
 
 #[derive(Debug)]
 pub struct Online {
     pub connection: u64,
-    pub tx: mpsc::Sender<ToConnection>,
+    pub inbox: std::sync::Arc<Inbox>,
     /// Ends the connection even while it is stuck writing to a client that
     /// does not read (a takeover must not wait on it).
     pub kick: tokio_util::sync::CancellationToken,
@@ -596,10 +651,7 @@ impl BrokerState {
                 add_identifier(&mut d, Some(id));
             }
             let kept = match &session.online {
-                Some(online) => online
-                    .tx
-                    .try_send(ToConnection::Deliver(Box::new(d)))
-                    .is_ok(),
+                Some(online) => online.inbox.deliver(d, self.max_queued),
                 // QoS 0 messages are not kept for an offline session.
                 None if d.qos == QoS::AtMostOnce => continue,
                 // kept until the session is back: not as slices of the

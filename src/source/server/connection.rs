@@ -19,15 +19,15 @@ use rumqttc::v5::mqttbytes::v5::{Filter, PingResp, RetainForwardRule, Subscribe,
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_rustls::server::TlsStream;
 
 use super::broker::{
-    empty_properties, Online, OutFlight, Session, SessionState, SubOptions, ToConnection,
+    empty_properties, Inbox, Online, OutFlight, Session, SessionState, SubOptions, ToConnection,
 };
 use super::codec::{self, Packet, Protocol, QoS, ReadError};
 use super::topics::{parse_filter, validate_topic};
-use super::{AckInbox, Published, Shared};
+use super::{Published, Shared};
 use crate::auth::mqtt::{reserved_client_id, Identity, Refusal};
 use crate::source::decode::{AckToken, Message};
 
@@ -129,8 +129,8 @@ struct Connection {
     /// QoS 1 and 2 publishes still to come that may be redeliveries of
     /// messages logged before the connection (or weir) went down.
     maybe_redelivered: usize,
-    rx: mpsc::Receiver<ToConnection>,
-    acks: Arc<AckInbox>,
+    /// Deliveries, a takeover, and the pipeline's acks.
+    inbox: Arc<Inbox>,
     kick: tokio_util::sync::CancellationToken,
 }
 
@@ -432,31 +432,25 @@ impl Connection {
         let mut handed = None;
         if let Some(holder) = holder {
             let (tx, rx) = oneshot::channel();
-            let handover = async {
-                holder
-                    .tx
-                    .send(ToConnection::TakeOver { state: tx, clean })
-                    .await
-                    .ok()?;
-                rx.await.ok()
-            };
-            handed = tokio::time::timeout(TAKEOVER_WAIT, handover)
+            holder
+                .inbox
+                .tell(ToConnection::TakeOver { state: tx, clean });
+            handed = tokio::time::timeout(TAKEOVER_WAIT, rx)
                 .await
                 .ok()
-                .flatten();
+                .and_then(Result::ok);
             // Handed over or not (stuck writing to a client that does not
             // read), the old connection ends now.
             holder.kick.cancel();
         }
         let kick = tokio_util::sync::CancellationToken::new();
 
-        let (tx, rx) = mpsc::channel(shared.options.max_queued.max(1));
-        let acks = Arc::new(AckInbox::default());
+        let inbox = Arc::new(Inbox::default());
         shared
             .ack_routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, acks.clone());
+            .insert(id, inbox.clone());
         let (session_present, state) = {
             let mut broker = shared.state();
             let generation = broker.generation();
@@ -486,7 +480,7 @@ impl Connection {
             state.dropped = 0;
             session.online = Some(Online {
                 connection: id,
-                tx,
+                inbox: inbox.clone(),
                 kick: kick.clone(),
             });
             let changed = session.expiry != session_expiry || !present;
@@ -547,8 +541,7 @@ impl Connection {
             } else {
                 0
             },
-            rx,
-            acks,
+            inbox,
             kick,
         });
         let properties = (protocol == Protocol::V5).then(|| ConnAckProperties {
@@ -666,20 +659,14 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
                 _ = self.kick.cancelled() => return End::TakenOver,
-                _ = self.acks.ready.notified() => {
-                    let pkids = self.acks.take();
-                    self.mark_durable(pkids);
-                }
-                message = self.rx.recv() => {
-                    // Closed: the broker has let go of this session.
-                    let Some(message) = message else { return End::Shutdown };
-                    let mut next = Some(message);
-                    // Everything already queued, in order (a takeover ends it).
-                    while let Some(message) = next {
+                _ = self.inbox.ready() => {
+                    let waiting = self.inbox.take();
+                    self.mark_durable(waiting.acks);
+                    // In order (a takeover ends it).
+                    for message in waiting.messages {
                         if let Some(end) = self.on_message(message) {
                             return end;
                         }
-                        next = self.rx.try_recv().ok();
                     }
                 }
                 // Readable first, then a buffer: an idle connection holds none.
@@ -707,7 +694,7 @@ impl Connection {
     fn on_message(&mut self, message: ToConnection) -> Option<End> {
         match message {
             ToConnection::Deliver(d) => {
-                if !self.state.enqueue(*d, self.shared.options.max_queued) {
+                if !self.state.enqueue(d, self.shared.options.max_queued) {
                     self.shared
                         .metrics
                         .broker
@@ -1273,6 +1260,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
     use crate::source::server::{Server, ServerOptions};
+    use tokio::sync::mpsc;
 
     /// An idle terminal costs weir mostly its connection's task, which keeps
     /// the size of its largest state for as long as the terminal stays

@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::mqtt::MqttAuth;
 use crate::obs::{now_ms, Metrics};
 use crate::source::decode::{AckToken, Message};
-use broker::BrokerState;
+use broker::{BrokerState, Inbox};
 use rumqttc::v5::mqttbytes::v5::Publish;
 
 /// How the server behaves; from `[mqtt]`.
@@ -144,32 +144,6 @@ impl Publisher {
     }
 }
 
-/// The packet ids of one connection's publishes the pipeline has made
-/// durable, waiting for the connection to send their acks. (Not a channel:
-/// every connection has one, and a channel's first block of `Vec`s is
-/// ~1.3 KiB where this is ~100 bytes.)
-#[derive(Default)]
-struct AckInbox {
-    pkids: Mutex<Vec<u16>>,
-    ready: tokio::sync::Notify,
-}
-
-impl AckInbox {
-    fn put(&self, pkids: impl Iterator<Item = u16>) {
-        self.pkids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(pkids);
-        // Stored as a permit when the connection is not waiting.
-        self.ready.notify_one();
-    }
-
-    /// What has come since the last take.
-    fn take(&self) -> Vec<u16> {
-        std::mem::take(&mut *self.pkids.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
 /// What became of a publish handed to [`Shared::publish_now`].
 enum Published {
     Done,
@@ -188,7 +162,7 @@ pub(crate) struct Shared {
     next_connection: AtomicU64,
     connections: AtomicUsize,
     /// Where the pipeline's acks for each connection go.
-    ack_routes: Mutex<HashMap<u64, Arc<AckInbox>>>,
+    ack_routes: Mutex<HashMap<u64, Arc<Inbox>>>,
     shutdown: CancellationToken,
 }
 
@@ -373,7 +347,7 @@ impl Shared {
         // A connection's tokens come in runs (its publishes in order).
         for run in batch.chunk_by(|a, b| a.connection == b.connection) {
             if let Some(inbox) = routes.get(&run[0].connection) {
-                inbox.put(run.iter().map(|t| t.pkid));
+                inbox.acks(run.iter().map(|t| t.pkid));
             }
         }
     }
