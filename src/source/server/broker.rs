@@ -184,6 +184,8 @@ pub struct Inbox {
 pub struct Waiting {
     pub messages: VecDeque<ToConnection>,
     pub acks: Vec<u16>,
+    /// The connection has ended: nothing more is taken in.
+    closed: bool,
 }
 
 impl Inbox {
@@ -196,7 +198,7 @@ impl Inbox {
     pub fn deliver(&self, d: Delivery, max: usize) -> bool {
         {
             let mut waiting = self.waiting();
-            if waiting.messages.len() >= max {
+            if waiting.closed || waiting.messages.len() >= max {
                 return false;
             }
             waiting.messages.push_back(ToConnection::Deliver(d));
@@ -206,10 +208,25 @@ impl Inbox {
         true
     }
 
-    /// A message that always goes through (a takeover).
+    /// A message that goes through however many are waiting (a takeover);
+    /// dropped at once when the connection has ended.
     pub fn tell(&self, message: ToConnection) {
-        self.waiting().messages.push_back(message);
-        self.ready.notify_one();
+        let mut waiting = self.waiting();
+        if !waiting.closed {
+            waiting.messages.push_back(message);
+            drop(waiting);
+            self.ready.notify_one();
+        }
+    }
+
+    /// The connection has ended: what waits is dropped (a takeover's
+    /// reply channel with it, so a new connection waits no longer), and
+    /// nothing more is taken in.
+    pub fn close(&self) {
+        let mut waiting = self.waiting();
+        waiting.closed = true;
+        waiting.messages.clear();
+        waiting.acks.clear();
     }
 
     pub fn acks(&self, pkids: impl Iterator<Item = u16>) {
@@ -224,7 +241,12 @@ impl Inbox {
 
     /// Everything handed over so far.
     pub fn take(&self) -> Waiting {
-        std::mem::take(&mut *self.waiting())
+        let mut waiting = self.waiting();
+        Waiting {
+            messages: std::mem::take(&mut waiting.messages),
+            acks: std::mem::take(&mut waiting.acks),
+            closed: waiting.closed,
+        }
     }
 }
 
@@ -809,6 +831,72 @@ mod tests {
         assert!(state.sessions["me"].stored.queue.is_empty());
         state.route("other", &publish("t", QoS::AtLeastOnce, false), None);
         assert_eq!(state.sessions["me"].stored.queue.len(), 1);
+    }
+
+    #[test]
+    fn an_online_session_gets_at_most_max_queued_and_an_ended_one_lets_a_takeover_go() {
+        let mut state = BrokerState::new(2, 100, None);
+        offline(&mut state, "c", &[("t", options(QoS::AtLeastOnce))]);
+        let inbox = std::sync::Arc::new(Inbox::default());
+        if let Some(session) = state.sessions.get_mut("c") {
+            session.online = Some(Online {
+                connection: 1,
+                inbox: inbox.clone(),
+                kick: tokio_util::sync::CancellationToken::new(),
+            });
+        }
+        let mut routed = Routed::default();
+        for _ in 0..3 {
+            let r = state.route("p", &publish("t", QoS::AtLeastOnce, false), None);
+            routed.delivered += r.delivered;
+            routed.dropped += r.dropped;
+        }
+        assert_eq!(
+            routed,
+            Routed {
+                delivered: 2,
+                dropped: 1
+            }
+        );
+        // a takeover goes through a full inbox
+        let (tx, mut waiting_for_state) = oneshot::channel();
+        inbox.tell(ToConnection::TakeOver {
+            state: tx,
+            clean: false,
+        });
+        let taken = inbox.take();
+        assert_eq!(taken.messages.len(), 3);
+        assert!(matches!(
+            taken.messages.back(),
+            Some(ToConnection::TakeOver { .. })
+        ));
+        // The connection ends before it reads a second takeover, or one
+        // comes after: neither leaves the new connection waiting.
+        let (tx, mut before) = oneshot::channel();
+        inbox.tell(ToConnection::TakeOver {
+            state: tx,
+            clean: false,
+        });
+        inbox.close();
+        let (tx, mut after) = oneshot::channel();
+        inbox.tell(ToConnection::TakeOver {
+            state: tx,
+            clean: false,
+        });
+        let closed = |r| matches!(r, Err(oneshot::error::TryRecvError::Closed));
+        assert!(closed(before.try_recv()));
+        assert!(closed(after.try_recv()));
+        assert!(!inbox.deliver(
+            delivery(
+                &publish("t", QoS::AtLeastOnce, false),
+                QoS::AtLeastOnce,
+                false,
+                None
+            ),
+            2
+        ));
+        drop(taken);
+        assert!(closed(waiting_for_state.try_recv()));
     }
 
     #[test]

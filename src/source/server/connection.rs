@@ -134,6 +134,14 @@ struct Connection {
     kick: tokio_util::sync::CancellationToken,
 }
 
+impl Drop for Connection {
+    /// After its session is stored or handed over (the end of `close`): a
+    /// takeover waiting on this connection goes on at once.
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
+}
+
 /// Counts a connection as connected for as long as it lives.
 struct Counted(Arc<Shared>);
 
@@ -1207,7 +1215,7 @@ impl Connection {
             return;
         }
         let shared = self.shared.clone();
-        let client = self.client_id;
+        let client = self.client_id.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
