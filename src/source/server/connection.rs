@@ -116,7 +116,8 @@ struct Connection {
     writer: Writer,
     out: BytesMut,
     keep_alive: Duration,
-    /// Boxed: most clients have none, and the connection lives long.
+    /// Boxed: a will is ~200 bytes, kept as long as the connection lives,
+    /// and many clients have none.
     will: Option<Box<LastWill>>,
     will_delay: u32,
     session_expiry: u32,
@@ -142,7 +143,9 @@ impl Drop for Connection {
     }
 }
 
-/// Counts a connection as connected for as long as it lives.
+/// Counts a connection for as long as it lives: the `connected` gauge, and
+/// its place in `Shared::connections` (taken when `max_connections` was
+/// checked), both given back when it is dropped.
 struct Counted(Arc<Shared>);
 
 impl Counted {
