@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::codec::{detach, QoS};
+use super::codec::{detach_message, QoS};
 use super::topics::{matches, SubscriptionTree};
 use crate::store::Store;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties, RetainForwardRule};
@@ -42,15 +42,11 @@ impl Delivery {
     /// Copies the message out of the read buffer it arrived in (see
     /// [`detach`]), for a delivery kept while its session is offline.
     pub fn detach(&mut self) {
-        self.topic = detach(&self.topic);
-        self.payload = detach(&self.payload);
-        if let Some(data) = self
+        let correlation_data = self
             .properties
             .as_mut()
-            .and_then(|p| p.correlation_data.as_mut())
-        {
-            *data = detach(data);
-        }
+            .and_then(|p| p.correlation_data.as_mut());
+        detach_message(&mut self.topic, &mut self.payload, correlation_data);
     }
 
     /// The PUBLISH to send, or `None` if the message expired on the way.
@@ -181,9 +177,9 @@ pub struct Inbox {
 }
 
 #[derive(Debug, Default)]
-pub struct Waiting {
-    pub messages: VecDeque<ToConnection>,
-    pub acks: Vec<u16>,
+struct Waiting {
+    messages: VecDeque<ToConnection>,
+    acks: Vec<u16>,
     /// The connection has ended: nothing more is taken in.
     closed: bool,
 }
@@ -239,14 +235,14 @@ impl Inbox {
         self.ready.notified().await
     }
 
-    /// Everything handed over so far.
-    pub fn take(&self) -> Waiting {
+    /// Everything handed over so far: the acked packet ids, and the
+    /// messages in order.
+    pub fn take(&self) -> (Vec<u16>, VecDeque<ToConnection>) {
         let mut waiting = self.waiting();
-        Waiting {
-            messages: std::mem::take(&mut waiting.messages),
-            acks: std::mem::take(&mut waiting.acks),
-            closed: waiting.closed,
-        }
+        (
+            std::mem::take(&mut waiting.acks),
+            std::mem::take(&mut waiting.messages),
+        )
     }
 }
 
@@ -529,15 +525,15 @@ impl BrokerState {
             let mut kept = publish.clone();
             kept.dup = false;
             kept.pkid = 0;
-            kept.topic = detach(&kept.topic);
-            kept.payload = detach(&kept.payload);
             if let Some(p) = kept.properties.as_mut() {
                 p.topic_alias = None;
                 p.subscription_identifiers.clear();
-                if let Some(data) = p.correlation_data.as_mut() {
-                    *data = detach(data);
-                }
             }
+            let correlation_data = kept
+                .properties
+                .as_mut()
+                .and_then(|p| p.correlation_data.as_mut());
+            detach_message(&mut kept.topic, &mut kept.payload, correlation_data);
             self.retained.insert(
                 topic,
                 Retained {
@@ -864,12 +860,9 @@ mod tests {
             state: tx,
             clean: false,
         });
-        let taken = inbox.take();
-        assert_eq!(taken.messages.len(), 3);
-        assert!(matches!(
-            taken.messages.back(),
-            Some(ToConnection::TakeOver { .. })
-        ));
+        let (_, taken) = inbox.take();
+        assert_eq!(taken.len(), 3);
+        assert!(matches!(taken.back(), Some(ToConnection::TakeOver { .. })));
         // The connection ends before it reads a second takeover, or one
         // comes after: neither leaves the new connection waiting.
         let (tx, mut before) = oneshot::channel();

@@ -97,17 +97,27 @@ pub fn detach(bytes: &Bytes) -> Bytes {
     Bytes::copy_from_slice(bytes)
 }
 
-/// A will that holds none of the read buffer (see [`detach`]).
-pub fn detach_will(mut will: v5::LastWill) -> v5::LastWill {
-    will.topic = detach(&will.topic);
-    will.message = detach(&will.message);
-    if let Some(data) = will
-        .properties
-        .as_mut()
-        .and_then(|p| p.correlation_data.as_mut())
-    {
+/// [`detach`] for the parts of a message that are slices of the read
+/// buffer: its topic, payload and correlation data.
+pub fn detach_message(
+    topic: &mut Bytes,
+    payload: &mut Bytes,
+    correlation_data: Option<&mut Bytes>,
+) {
+    *topic = detach(topic);
+    *payload = detach(payload);
+    if let Some(data) = correlation_data {
         *data = detach(data);
     }
+}
+
+/// A will that holds none of the read buffer (see [`detach`]).
+pub fn detach_will(mut will: v5::LastWill) -> v5::LastWill {
+    let correlation_data = will
+        .properties
+        .as_mut()
+        .and_then(|p| p.correlation_data.as_mut());
+    detach_message(&mut will.topic, &mut will.message, correlation_data);
     will
 }
 

@@ -671,10 +671,10 @@ impl Connection {
                 _ = shutdown.cancelled() => return End::Shutdown,
                 _ = self.kick.cancelled() => return End::TakenOver,
                 _ = self.inbox.ready() => {
-                    let waiting = self.inbox.take();
-                    self.mark_durable(waiting.acks);
+                    let (acks, messages) = self.inbox.take();
+                    self.mark_durable(acks);
                     // In order (a takeover ends it).
-                    for message in waiting.messages {
+                    for message in messages {
                         if let Some(end) = self.on_message(message) {
                             return end;
                         }
