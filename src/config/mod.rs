@@ -441,6 +441,11 @@ pub struct AlertsConfig {
     /// Publish every alert change, retained, to `weir/alerts/{rule}/{key}`
     /// on the broker weir reads from. Default `true`.
     pub mqtt: bool,
+    /// How long a resolved alert's retained notification stays on weir's
+    /// own MQTT server (its message expiry); a firing alert's stays until
+    /// the alert changes. Default `1h`.
+    #[serde(with = "duration_str")]
+    pub mqtt_resolved_expiry: Duration,
     /// Interval of the keep-alive comments on `/api/v1/alerts/stream`. Default `15s`.
     #[serde(with = "duration_str")]
     pub sse_keepalive: Duration,
@@ -453,6 +458,7 @@ impl Default for AlertsConfig {
         Self {
             retention: Duration::from_secs(30 * 24 * 3600),
             mqtt: true,
+            mqtt_resolved_expiry: Duration::from_secs(3600),
             sse_keepalive: Duration::from_secs(15),
             webhook: Vec::new(),
         }
@@ -762,6 +768,13 @@ impl Config {
         }
         if self.storage.dir.as_os_str().is_empty() {
             problems.push("storage.dir: must not be empty".into());
+        }
+        if self.alerts.mqtt_resolved_expiry.is_zero()
+            || self.alerts.mqtt_resolved_expiry.as_secs() > u64::from(u32::MAX)
+        {
+            problems.push(
+                "alerts.mqtt_resolved_expiry: must be at least 1s and at most 136 years".into(),
+            );
         }
         if self.alerts.sse_keepalive.is_zero() {
             problems.push("alerts.sse_keepalive: must be greater than 0".into());

@@ -325,7 +325,10 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
     let log_floor = Arc::new(AtomicU64::new(0));
     let handle = tokio::runtime::Handle::current();
     let mqtt_target = match &server {
-        Some((server, _)) => MqttTarget::Embedded(server.publisher()),
+        Some((server, _)) => MqttTarget::Embedded {
+            publisher: server.publisher(),
+            resolved_expiry: config.alerts.mqtt_resolved_expiry,
+        },
         None => MqttTarget::External(ExternalTarget {
             host: host.clone(),
             port,

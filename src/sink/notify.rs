@@ -76,7 +76,12 @@ pub struct Notifier {
 pub enum MqttTarget {
     /// weir's own server: published in-process, as weir (no client, no
     /// credentials; nobody else may publish under `weir/alerts/`).
-    Embedded(crate::source::server::Publisher),
+    /// A resolved alert's notification expires after `resolved_expiry`
+    /// (`alerts.mqtt_resolved_expiry`).
+    Embedded {
+        publisher: crate::source::server::Publisher,
+        resolved_expiry: Duration,
+    },
     /// The operator's broker, as a client.
     External(ExternalTarget),
 }
@@ -108,10 +113,14 @@ impl Notifier {
             let metrics = ChannelMetrics::named("mqtt");
             channels.push(metrics.clone());
             match target {
-                MqttTarget::Embedded(publisher) => handle.spawn(publish_embedded(
+                MqttTarget::Embedded {
+                    publisher,
+                    resolved_expiry,
+                } => handle.spawn(publish_embedded(
                     publisher,
                     rx,
                     metrics.clone(),
+                    resolved_expiry,
                     shutdown.clone(),
                 )),
                 MqttTarget::External(target) => {
@@ -217,18 +226,24 @@ pub fn alert_topic(rule: &str, key: &str) -> String {
     format!("weir/alerts/{rule}/{key}")
 }
 
-/// Alerts into weir's own server, retained at QoS 1, as weir.
+/// Alerts into weir's own server, retained at QoS 1, as weir. A resolved
+/// alert's notification expires after `resolved_expiry`, so the retained
+/// set holds the firing alerts and the recently resolved ones, not every
+/// rule and key that ever fired (which would crowd out the terminals' own
+/// retained messages under `mqtt.max_retained`).
 async fn publish_embedded(
     publisher: crate::source::server::Publisher,
     mut rx: mpsc::Receiver<Arc<AlertEvent>>,
     metrics: Arc<ChannelMetrics>,
+    resolved_expiry: Duration,
     shutdown: CancellationToken,
 ) {
     while let Some(event) = next_queued(&mut rx, &metrics, &shutdown).await {
         let topic = alert_topic(&event.alert.rule, &event.alert.key);
         let payload = event.alert.api_json();
+        let expiry = event.alert.resolved_at.is_some().then_some(resolved_expiry);
         if publisher
-            .publish(&topic, payload.into_bytes().into(), true)
+            .publish(&topic, payload.into_bytes().into(), true, expiry)
             .await
         {
             metrics.sent.fetch_add(1, Ordering::Relaxed);

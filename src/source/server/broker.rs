@@ -14,7 +14,7 @@
 //! to offline subscribers are not kept across a restart of weir.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -283,6 +283,10 @@ pub struct Routed {
     pub dropped: u64,
 }
 
+/// How often, at most, expired retained messages are looked for (besides
+/// when `max_retained` is reached).
+const RETAINED_SWEEP: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub struct BrokerState {
     pub sessions: HashMap<String, Session>,
@@ -294,6 +298,10 @@ pub struct BrokerState {
     max_retained: usize,
     /// Retained messages not kept because `max_retained` was reached.
     pub retained_refused: u64,
+    /// The earliest expiry among the retained messages (`None`: none
+    /// expires), and when expired ones were last dropped.
+    next_retained_expiry: Option<Instant>,
+    last_retained_sweep: Option<Instant>,
     next_generation: u64,
     store: Option<Store>,
 }
@@ -343,6 +351,8 @@ impl BrokerState {
         Self {
             max_retained,
             retained_refused: 0,
+            next_retained_expiry: None,
+            last_retained_sweep: None,
             sessions: HashMap::new(),
             subscriptions: SubscriptionTree::default(),
             retained: HashMap::new(),
@@ -413,7 +423,12 @@ impl BrokerState {
                         continue;
                     };
                     let left = match r.expires_at_ms {
-                        Some(at) if at <= now_ms => continue,
+                        Some(at) if at <= now_ms => {
+                            if let Err(e) = store.put_broker(&key, None) {
+                                tracing::warn!(error = %e, "cannot remove an expired retained message");
+                            }
+                            continue;
+                        }
                         Some(at) => {
                             Some(now + std::time::Duration::from_millis((at - now_ms) as u64))
                         }
@@ -440,6 +455,7 @@ impl BrokerState {
                             ..empty_properties()
                         }),
                     };
+                    self.note_retained_expiry(left);
                     self.retained.insert(
                         String::from_utf8_lossy(&publish.topic).into_owned(),
                         Retained {
@@ -508,7 +524,18 @@ impl BrokerState {
 
     /// Keeps or clears the retained message of `publish`'s topic.
     pub fn retain(&mut self, publish: &Publish, expires_at: Option<Instant>) {
+        self.retain_at(publish, expires_at, Instant::now());
+    }
+
+    fn retain_at(&mut self, publish: &Publish, expires_at: Option<Instant>, now: Instant) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let full = self.retained.len() >= self.max_retained;
+        let swept_lately = self
+            .last_retained_sweep
+            .is_some_and(|at| now.saturating_duration_since(at) < RETAINED_SWEEP);
+        if full || !swept_lately {
+            self.drop_expired_retained(now);
+        }
         if !publish.payload.is_empty()
             && self.retained.len() >= self.max_retained
             && !self.retained.contains_key(&topic)
@@ -516,6 +543,7 @@ impl BrokerState {
             self.retained_refused += 1;
             return;
         }
+        self.note_retained_expiry(expires_at);
         self.store_retained(publish, expires_at);
         if publish.payload.is_empty() {
             self.retained.remove(&topic);
@@ -541,6 +569,44 @@ impl BrokerState {
                     expires_at,
                 },
             );
+        }
+    }
+
+    fn note_retained_expiry(&mut self, expires_at: Option<Instant>) {
+        if let Some(at) = expires_at {
+            self.next_retained_expiry = Some(self.next_retained_expiry.map_or(at, |n| n.min(at)));
+        }
+    }
+
+    /// Drops the retained messages whose expiry has passed, from memory and
+    /// from the store, once the earliest of them has: expired messages are
+    /// never delivered, and they would count against `max_retained`.
+    fn drop_expired_retained(&mut self, now: Instant) {
+        self.last_retained_sweep = Some(now);
+        if self.next_retained_expiry.is_none_or(|at| at > now) {
+            return;
+        }
+        let mut next: Option<Instant> = None;
+        let mut gone = Vec::new();
+        self.retained.retain(|topic, r| match r.expires_at {
+            Some(at) if at <= now => {
+                gone.push(topic.clone());
+                false
+            }
+            Some(at) => {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                true
+            }
+            None => true,
+        });
+        self.next_retained_expiry = next;
+        if let Some(store) = &self.store {
+            for topic in gone {
+                let key = [b"r/".as_slice(), topic.as_bytes()].concat();
+                if let Err(e) = store.put_broker(&key, None) {
+                    tracing::warn!(error = %e, "cannot remove an expired retained message");
+                }
+            }
         }
     }
 
@@ -1006,6 +1072,42 @@ mod tests {
         state.retain(&clear, None);
         state.retain(&publish("c", QoS::AtMostOnce, true), None);
         assert!(state.retained.contains_key("c"));
+    }
+
+    /// A resolved alert's notification expires (`alerts.mqtt_resolved_expiry`):
+    /// once it has, it no longer counts against `max_retained`, and it is
+    /// gone from the store, so a restart does not bring it back.
+    #[test]
+    fn expired_retained_messages_make_room_and_leave_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let mut state = BrokerState::new(10, 2, Some(store.clone()));
+        let t0 = Instant::now();
+        let resolved = publish("weir/alerts/low_battery/T1", QoS::AtLeastOnce, true);
+        state.retain_at(&resolved, Some(t0 + Duration::from_secs(60)), t0);
+        state.retain_at(
+            &publish("terminals/T1/status", QoS::AtLeastOnce, true),
+            None,
+            t0,
+        );
+        let status = publish("terminals/T2/status", QoS::AtLeastOnce, true);
+        state.retain_at(&status, None, t0 + Duration::from_secs(30));
+        assert_eq!(
+            state.retained_refused, 1,
+            "full, and nothing has expired yet"
+        );
+
+        state.retain_at(&status, None, t0 + Duration::from_secs(61));
+        assert_eq!(state.retained_refused, 1, "the expired one made room");
+        let mut kept: Vec<&str> = state.retained.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["terminals/T1/status", "terminals/T2/status"]);
+
+        let mut restarted = BrokerState::new(10, 2, Some(store));
+        restarted.restore();
+        let mut kept: Vec<&str> = restarted.retained.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["terminals/T1/status", "terminals/T2/status"]);
     }
 
     #[test]

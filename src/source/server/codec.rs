@@ -16,7 +16,7 @@ use rumqttc::mqttbytes::{self as m4, v4};
 use rumqttc::v5::mqttbytes::{self as m5, v5};
 
 pub use m5::QoS;
-pub use v5::Packet;
+pub use v5::{Packet, PublishProperties};
 
 /// A connection's protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

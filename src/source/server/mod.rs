@@ -136,9 +136,21 @@ pub struct Server {
 pub struct Publisher(Arc<Shared>);
 
 impl Publisher {
-    /// Retains (when asked) and routes a QoS 1 message; false once weir stops.
-    pub async fn publish(&self, topic: &str, payload: bytes::Bytes, retain: bool) -> bool {
-        let mut publish = Publish::new(topic, codec::QoS::AtLeastOnce, payload, None);
+    /// Retains (when asked) and routes a QoS 1 message, which expires
+    /// after `expiry` when given (MQTT 5 message expiry); false once weir
+    /// stops.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: bytes::Bytes,
+        retain: bool,
+        expiry: Option<Duration>,
+    ) -> bool {
+        let properties = expiry.map(|e| codec::PublishProperties {
+            message_expiry_interval: Some(u32::try_from(e.as_secs().max(1)).unwrap_or(u32::MAX)),
+            ..Default::default()
+        });
+        let mut publish = Publish::new(topic, codec::QoS::AtLeastOnce, payload, properties);
         publish.retain = retain;
         self.0.publish("weir", publish, None, false).await
     }
