@@ -58,29 +58,6 @@ async fn terminal_online(port: u16, id: &str) -> (AsyncClient, EventLoop) {
     (client, eventloop)
 }
 
-/// The retained notification on `weir/alerts/terminal_offline/{id}`, as a
-/// client subscribing now receives it.
-async fn retained_notification(port: u16, id: &str) -> Option<Value> {
-    let mut options = MqttOptions::new(format!("watcher-{id}-{}", now_nanos()), "127.0.0.1", port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    client
-        .subscribe(
-            format!("weir/alerts/terminal_offline/{id}"),
-            QoS::AtLeastOnce,
-        )
-        .await
-        .ok()?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, eventloop.poll()).await {
-        if let Event::Incoming(Packet::Publish(p)) = event {
-            let _ = client.disconnect().await;
-            return serde_json::from_slice(&p.payload).ok();
-        }
-    }
-    None
-}
-
 fn now_nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -182,26 +159,35 @@ async fn scenario(weir: &Weir, broker: Broker) {
     }
 }
 
-/// The message expiry an MQTT 5 client sees on the retained notification
-/// of `weir/alerts/terminal_offline/{id}` (`None` inside: it has none).
+/// The retained notification on `weir/alerts/terminal_offline/{id}`, as an
+/// MQTT 5 client subscribing now receives it.
+async fn retained_notification(port: u16, id: &str) -> Option<Value> {
+    retained(port, id).await.map(|(json, _)| json)
+}
+
+/// Its message expiry (`None` inside: it has none).
 async fn retained_expiry(port: u16, id: &str) -> Option<Option<u32>> {
-    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
-    use rumqttc::v5::mqttbytes::QoS as QoS5;
-    use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
-    let options = Options5::new(format!("watcher5-{id}-{}", now_nanos()), "127.0.0.1", port);
-    let (client, mut eventloop) = Client5::new(options, 10);
+    retained(port, id).await.map(|(_, expiry)| expiry)
+}
+
+async fn retained(port: u16, id: &str) -> Option<(Value, Option<u32>)> {
+    use rumqttc::v5::mqttbytes::{v5::Packet, QoS};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let options = MqttOptions::new(format!("watcher-{id}-{}", now_nanos()), "127.0.0.1", port);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
     client
         .subscribe(
             format!("weir/alerts/terminal_offline/{id}"),
-            QoS5::AtLeastOnce,
+            QoS::AtLeastOnce,
         )
         .await
         .ok()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, eventloop.poll()).await {
-        if let Event5::Incoming(Packet5::Publish(p)) = event {
+        if let Event::Incoming(Packet::Publish(p)) = event {
             let _ = client.disconnect().await;
-            return Some(p.properties.and_then(|p| p.message_expiry_interval));
+            let expiry = p.properties.and_then(|p| p.message_expiry_interval);
+            return Some((serde_json::from_slice(&p.payload).ok()?, expiry));
         }
     }
     None
