@@ -284,8 +284,15 @@ pub struct Routed {
 }
 
 /// How often, at most, expired retained messages are looked for (besides
-/// when `max_retained` is reached).
+/// when `max_retained` is reached, and when a client subscribes).
 const RETAINED_SWEEP: Duration = Duration::from_secs(10);
+
+/// Where the store keeps retained messages: `r/{topic}`.
+const RETAINED_PREFIX: &[u8] = b"r/";
+
+fn retained_key(topic: &[u8]) -> Vec<u8> {
+    [RETAINED_PREFIX, topic].concat()
+}
 
 #[derive(Debug)]
 pub struct BrokerState {
@@ -415,10 +422,10 @@ impl BrokerState {
         }
         let now_ms = crate::obs::now_ms();
         let now = Instant::now();
-        match store.broker_records(b"r/") {
+        match store.broker_records(RETAINED_PREFIX) {
             Ok(records) => {
                 for (key, value) in records {
-                    let topic = Bytes::from(key[2..].to_vec());
+                    let topic = Bytes::from(key[RETAINED_PREFIX.len()..].to_vec());
                     let Ok(r) = postcard::from_bytes::<StoredRetained>(&value) else {
                         continue;
                     };
@@ -602,8 +609,7 @@ impl BrokerState {
         self.next_retained_expiry = next;
         if let Some(store) = &self.store {
             for topic in gone {
-                let key = [b"r/".as_slice(), topic.as_bytes()].concat();
-                if let Err(e) = store.put_broker(&key, None) {
+                if let Err(e) = store.put_broker(&retained_key(topic.as_bytes()), None) {
                     tracing::warn!(error = %e, "cannot remove an expired retained message");
                 }
             }
@@ -612,7 +618,7 @@ impl BrokerState {
 
     fn store_retained(&self, publish: &Publish, expires_at: Option<Instant>) {
         let Some(store) = &self.store else { return };
-        let key = [b"r/".as_slice(), &publish.topic].concat();
+        let key = retained_key(&publish.topic);
         let record = (!publish.payload.is_empty()).then(|| {
             let p = publish.properties.as_ref();
             StoredRetained {
@@ -642,8 +648,7 @@ impl BrokerState {
         options: &SubOptions,
         now: Instant,
     ) -> Vec<Delivery> {
-        self.retained
-            .retain(|_, r| r.expires_at.is_none_or(|at| at > now));
+        self.drop_expired_retained(now);
         let mut out: Vec<Delivery> = self
             .retained
             .iter()
