@@ -105,6 +105,10 @@ impl Network {
     }
 }
 
+/// The chance that a healthy terminal's app starts a degradation episode
+/// at a sample.
+const DEGRADATION_CHANCE: f64 = 0.000_05;
+
 const VERSIONS: [&str; 3] = ["2.3.0", "2.4.0", "2.5.0-beta"];
 
 /// One terminal's evolving state.
@@ -167,6 +171,27 @@ impl Terminal {
         t
     }
 
+    /// Terminal `index` as it would be after the fleet has been running
+    /// for a long time: somewhere in its battery cycle, drawn from the
+    /// cycle's stationary distribution (the share of time it spends
+    /// charging, and a battery level uniform between where it is plugged
+    /// in and where it is unplugged). A fresh fleet ([`Terminal::new`])
+    /// starts every battery uniform over 10–100 %, unplugged mostly, so
+    /// its low batteries keep climbing for the first tens of minutes.
+    pub fn in_steady_state(seed: u64, index: usize) -> Self {
+        let mut t = Self::new(seed, index);
+        // time charging : draining = 1/charge : 1/drain
+        t.charging = t.rng.chance(t.drain / (t.drain + t.charge));
+        t.battery = t.rng.range(t.plug_at, t.unplug_at);
+        // and, as often as a running fleet is, part way through a
+        // degradation episode (600 samples on average, one in 20 000 starts)
+        if t.rng.chance(600.0 / (600.0 + 1.0 / DEGRADATION_CHANCE)) {
+            let length = 200 + t.rng.below(800);
+            t.degraded_for = 1 + t.rng.below(length) as u32;
+        }
+        t
+    }
+
     fn next_plug_at(&mut self) -> f64 {
         if self.neglected {
             self.rng.range(1.0, 8.0)
@@ -175,9 +200,8 @@ impl Terminal {
         }
     }
 
-    /// Advances one sample and appends it as a JSON object at event time `ts` (epoch ms).
-    pub fn write_sample(&mut self, ts: i64, out: &mut Vec<u8>) {
-        // battery cycle
+    /// One sample of the battery cycle.
+    fn advance_battery(&mut self) {
         if self.charging {
             self.battery = (self.battery + self.charge).min(100.0);
             if self.battery >= self.unplug_at {
@@ -191,6 +215,11 @@ impl Terminal {
                 self.plug_at = self.next_plug_at();
             }
         }
+    }
+
+    /// Advances one sample and appends it as a JSON object at event time `ts` (epoch ms).
+    pub fn write_sample(&mut self, ts: i64, out: &mut Vec<u8>) {
+        self.advance_battery();
         // network: sticky, a switch every ~500 samples
         if self.rng.chance(0.002) {
             self.network = match self.rng.unit() {
@@ -200,7 +229,7 @@ impl Terminal {
             };
         }
         // app latency, with degradation episodes (~1 in 20 000 samples)
-        if self.degraded_for == 0 && self.rng.chance(0.000_05) {
+        if self.degraded_for == 0 && self.rng.chance(DEGRADATION_CHANCE) {
             self.degraded_for = 200 + self.rng.below(800) as u32;
         }
         let degraded = self.degraded_for > 0;
@@ -466,6 +495,41 @@ mod tests {
         let recharged = values[low..].iter().any(|&b| b > 80.0);
         assert!(recharged, "a low battery is charged again");
         assert!(values.iter().all(|&b| (0.0..=100.0).contains(&b)));
+    }
+
+    #[test]
+    fn a_steady_fleet_starts_where_a_long_running_one_is() {
+        // The share of neglected terminals under low_battery's 15 %, which
+        // is what drives the alerts firing; the same 2 000 or so terminals
+        // in each fleet.
+        let neglected = |fleet: Vec<Terminal>| -> Vec<Terminal> {
+            fleet.into_iter().filter(|t| t.neglected).collect()
+        };
+        let low = |fleet: &[Terminal]| {
+            fleet.iter().filter(|t| t.battery < 15.0).count() as f64 / fleet.len() as f64
+        };
+        let mut running = neglected((0..20_000).map(|i| Terminal::new(5, i)).collect());
+        let fresh = low(&running);
+        // run it for 60 000 samples (several charge cycles of the slowest
+        // battery), then average the share over the next 40 000
+        let mut long_running = 0.0;
+        for step in 0..100_000 {
+            for t in &mut running {
+                t.advance_battery();
+            }
+            if step >= 60_000 && step % 1_000 == 0 {
+                long_running += low(&running) / 40.0;
+            }
+        }
+        let steady = low(&neglected(
+            (0..20_000)
+                .map(|i| Terminal::in_steady_state(5, i))
+                .collect(),
+        ));
+        let report =
+            format!("fresh {fresh:.3}, long running {long_running:.3}, steady {steady:.3}");
+        assert!((steady - long_running).abs() < 0.015, "{report}");
+        assert!(fresh < long_running - 0.02, "{report}");
     }
 
     #[test]

@@ -73,6 +73,13 @@ struct Args {
     /// Seed of the fleet's values, so runs repeat.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Start the fleet as it is after running for a long time (batteries
+    /// anywhere in their charge cycle, some apps part way through a
+    /// degradation episode) instead of fresh (batteries spread evenly over
+    /// 10–100 %), whose alerts keep opening faster than they resolve for
+    /// the first tens of minutes.
+    #[arg(long)]
+    steady_fleet: bool,
     /// weir's HTTP API, e.g. http://127.0.0.1:8080: measure the latency from
     /// a marker event's time to its alert on the SSE stream.
     #[arg(long)]
@@ -346,7 +353,13 @@ async fn telemetry(
 ) -> anyhow::Result<()> {
     let mut terminals: Vec<fleet::Terminal> = (index..args.terminals)
         .step_by(args.connections)
-        .map(|i| fleet::Terminal::new(args.seed, i))
+        .map(|i| {
+            if args.steady_fleet {
+                fleet::Terminal::in_steady_state(args.seed, i)
+            } else {
+                fleet::Terminal::new(args.seed, i)
+            }
+        })
         .collect();
     if terminals.is_empty() {
         return Ok(());
