@@ -108,6 +108,8 @@ impl Network {
 /// The chance that a healthy terminal's app starts a degradation episode
 /// at a sample.
 const DEGRADATION_CHANCE: f64 = 0.000_05;
+/// A degradation episode lasts this many samples, uniformly.
+const EPISODE_SAMPLES: std::ops::Range<u64> = 200..1_000;
 
 const VERSIONS: [&str; 3] = ["2.3.0", "2.4.0", "2.5.0-beta"];
 
@@ -177,17 +179,19 @@ impl Terminal {
     /// charging, and a battery level uniform between where it is plugged
     /// in and where it is unplugged). A fresh fleet ([`Terminal::new`])
     /// starts every battery uniform over 10–100 %, unplugged mostly, so
-    /// its low batteries keep climbing for the first tens of minutes.
+    /// its low batteries keep climbing for its first few thousand samples
+    /// (about ten minutes at two samples a terminal a second).
     pub fn in_steady_state(seed: u64, index: usize) -> Self {
         let mut t = Self::new(seed, index);
         // time charging : draining = 1/charge : 1/drain
         t.charging = t.rng.chance(t.drain / (t.drain + t.charge));
         t.battery = t.rng.range(t.plug_at, t.unplug_at);
         // and, as often as a running fleet is, part way through a
-        // degradation episode (600 samples on average, one in 20 000 starts)
-        if t.rng.chance(600.0 / (600.0 + 1.0 / DEGRADATION_CHANCE)) {
-            let length = 200 + t.rng.below(800);
-            t.degraded_for = 1 + t.rng.below(length) as u32;
+        // degradation episode: the share of time spent in one
+        let mean = (EPISODE_SAMPLES.start + EPISODE_SAMPLES.end) as f64 / 2.0;
+        if t.rng.chance(mean / (mean + 1.0 / DEGRADATION_CHANCE)) {
+            let length = t.episode_length();
+            t.degraded_for = 1 + t.rng.below(u64::from(length)) as u32;
         }
         t
     }
@@ -198,6 +202,11 @@ impl Terminal {
         } else {
             self.rng.range(5.0, 35.0)
         }
+    }
+
+    fn episode_length(&mut self) -> u32 {
+        let span = EPISODE_SAMPLES.end - EPISODE_SAMPLES.start;
+        (EPISODE_SAMPLES.start + self.rng.below(span)) as u32
     }
 
     /// One sample of the battery cycle.
@@ -230,7 +239,7 @@ impl Terminal {
         }
         // app latency, with degradation episodes (~1 in 20 000 samples)
         if self.degraded_for == 0 && self.rng.chance(DEGRADATION_CHANCE) {
-            self.degraded_for = 200 + self.rng.below(800) as u32;
+            self.degraded_for = self.episode_length();
         }
         let degraded = self.degraded_for > 0;
         self.degraded_for = self.degraded_for.saturating_sub(1);

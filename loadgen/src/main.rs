@@ -77,7 +77,8 @@ struct Args {
     /// anywhere in their charge cycle, some apps part way through a
     /// degradation episode) instead of fresh (batteries spread evenly over
     /// 10–100 %), whose alerts keep opening faster than they resolve for
-    /// the first tens of minutes.
+    /// its first few thousand samples (about ten minutes at two samples a
+    /// terminal a second).
     #[arg(long)]
     steady_fleet: bool,
     /// weir's HTTP API, e.g. http://127.0.0.1:8080: measure the latency from
