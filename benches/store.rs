@@ -8,7 +8,11 @@
 //!   `GET /api/v1/views/{name}/rows` reads them, per row;
 //! - `store/query_group_by`: `POST /api/v1/query`'s work for a GROUP BY
 //!   over the 10 000 stored rows (load the view, plan, run, render), per
-//!   stored row read.
+//!   stored row read;
+//! - `store/log_retention_pass`: one retention pass of the ingest log
+//!   (`Store::truncate_log`) over a log that takes 300 records a second,
+//!   keeps 60 s and is truncated once a minute, per record removed; the
+//!   block cache's size afterwards is printed.
 
 mod common;
 
@@ -17,7 +21,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use weir::sink;
-use weir::store::Store;
+use weir::store::{LogAppend, Store};
 use weir::window::operator::{EventBatch, ViewOperator};
 
 use common::{health_view, messages, pipeline, telemetry_decoder};
@@ -75,7 +79,54 @@ fn bench(c: &mut Criterion) {
             black_box(body)
         })
     });
+    log_retention(&mut group);
     group.finish();
+}
+
+/// A minute of appends (untimed), then the retention pass that removes the
+/// minute that fell out of the window (timed).
+fn log_retention(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    const PER_MINUTE: u64 = 60 * 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let record = vec![7u8; 2048];
+    let mut seq = 0u64;
+    let mut append_minute = |store: &Store| {
+        for _ in 0..60 {
+            let appends: Vec<LogAppend> = (0..PER_MINUTE / 60)
+                .map(|_| {
+                    seq += 1;
+                    LogAppend {
+                        seq,
+                        record: record.clone(),
+                        ids: vec![1u8; 80],
+                    }
+                })
+                .collect();
+            store.append_log(&appends, &[]).expect("append");
+        }
+        seq
+    };
+    append_minute(&store);
+    group.throughput(Throughput::Elements(PER_MINUTE));
+    group.sample_size(10);
+    group.bench_function("log_retention_pass", |b| {
+        b.iter_custom(|passes| {
+            let mut spent = std::time::Duration::ZERO;
+            for _ in 0..passes {
+                let last = append_minute(&store);
+                let start = std::time::Instant::now();
+                let removed = store.truncate_log(last - PER_MINUTE + 1).expect("truncate");
+                spent += start.elapsed();
+                assert_eq!(removed as u64, PER_MINUTE);
+            }
+            spent
+        })
+    });
+    eprintln!(
+        "block cache after the passes: {} KiB",
+        store.cache_bytes() >> 10
+    );
 }
 
 criterion_group!(benches, bench);

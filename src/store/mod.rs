@@ -138,6 +138,19 @@ pub struct Store {
     dir: std::sync::Arc<std::path::PathBuf>,
     /// The journal file `sync_journal` last synced, kept open.
     journal: std::sync::Arc<std::sync::Mutex<Option<(std::path::PathBuf, std::fs::File)>>>,
+    /// Every log record below this sequence number has been deleted: the
+    /// next retention pass starts its scan here (`truncate_log`).
+    log_truncated_below: std::sync::Arc<AtomicU64>,
+}
+
+/// The sequence number an ingest log key holds (8 bytes, big-endian).
+fn log_seq(key: &[u8]) -> Result<u64, StoreError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "ingest log",
+            message: format!("key of {} bytes", key.len()),
+        })
 }
 
 /// A key and its value, as stored.
@@ -319,6 +332,7 @@ impl Store {
             dead_letter_seq: std::sync::Arc::new(AtomicU64::new(seq)),
             dir: std::sync::Arc::new(dir.to_path_buf()),
             journal: Default::default(),
+            log_truncated_below: Default::default(),
         })
     }
 
@@ -399,15 +413,7 @@ impl Store {
         let start = after.saturating_add(1).to_be_bytes();
         for guard in self.log.range(start..) {
             let (key, value) = guard.into_inner().map_err(io("read the ingest log"))?;
-            let seq = key
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    what: "ingest log",
-                    message: format!("key of {} bytes", key.len()),
-                })?;
-            if !f(seq, &value) {
+            if !f(log_seq(&key)?, &value) {
                 break;
             }
         }
@@ -417,21 +423,20 @@ impl Store {
     /// The newest log record's sequence number.
     pub fn last_log_seq(&self) -> Result<Option<u64>, StoreError> {
         match self.log.last_key_value() {
-            Some(guard) => {
-                let key = guard.key().map_err(io("read the ingest log"))?;
-                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
-            }
+            Some(guard) => log_seq(&guard.key().map_err(io("read the ingest log"))?).map(Some),
             None => Ok(None),
         }
     }
 
     /// The oldest record the log still holds.
     pub fn first_log_seq(&self) -> Result<Option<u64>, StoreError> {
-        match self.log.first_key_value() {
-            Some(guard) => {
-                let key = guard.key().map_err(io("read the ingest log"))?;
-                Ok(key.as_ref().try_into().ok().map(u64::from_be_bytes))
-            }
+        // from where retention ended: the tombstones before it are not read
+        let from = self
+            .log_truncated_below
+            .load(Ordering::Relaxed)
+            .to_be_bytes();
+        match self.log.range(from..).next() {
+            Some(guard) => log_seq(&guard.key().map_err(io("read the ingest log"))?).map(Some),
             None => Ok(None),
         }
     }
@@ -467,24 +472,39 @@ impl Store {
 
     /// Deletes log records with a sequence number below `below` (retention).
     pub fn truncate_log(&self, below: u64) -> Result<usize, StoreError> {
-        let end = below.to_be_bytes();
-        let mut n = 0;
         // in chunks, so that a long backlog does not become one huge batch
-        loop {
+        const CHUNK: usize = 1024;
+        let end = below.to_be_bytes();
+        // Start where the last pass ended, not at the log's first key: the
+        // records before it are deleted, but their tombstones stay in the
+        // tree until compaction drops them, and a scan from the start reads
+        // through all of them (and their blocks, into the block cache) again
+        // at every pass and every chunk.
+        let mut from = self.log_truncated_below.load(Ordering::Relaxed);
+        let mut n = 0;
+        while from < below {
             let mut batch = self.db.batch();
             let mut in_batch = 0;
-            for guard in self.log.range(..end).take(1024) {
+            let mut last = None;
+            for guard in self.log.range(from.to_be_bytes()..end).take(CHUNK) {
                 let key = guard.key().map_err(io("truncate the ingest log"))?;
+                last = Some(log_seq(&key)?);
                 batch.remove(&self.logids, key.clone());
                 batch.remove(&self.log, key);
                 in_batch += 1;
             }
-            if in_batch == 0 {
-                return Ok(n);
-            }
+            let Some(last) = last else { break };
             batch.commit().map_err(io("truncate the ingest log"))?;
             n += in_batch;
+            // Every record up to `last` is gone, and none is appended there
+            // later: sequence numbers only grow (`log::next_seq`).
+            from = last + 1;
+            self.log_truncated_below.fetch_max(from, Ordering::Relaxed);
+            if in_batch < CHUNK {
+                break;
+            }
         }
+        Ok(n)
     }
 
     /// Starts writing a checkpoint into `slot` part by part: removes the
@@ -1348,6 +1368,52 @@ mod tests {
             .unwrap();
         assert_eq!(ids, vec![5, 4, 3], "ids of truncated records go too");
         assert_eq!(store.last_log_seq().unwrap(), Some(5));
+    }
+
+    #[test]
+    fn each_retention_pass_starts_where_the_last_one_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let append = |seqs: std::ops::RangeInclusive<u64>| {
+            let appends: Vec<LogAppend> = seqs
+                .map(|seq| LogAppend {
+                    seq,
+                    record: seq.to_be_bytes().to_vec(),
+                    ids: vec![1],
+                })
+                .collect();
+            store.append_log(&appends, &[]).unwrap();
+        };
+        let first_left = || {
+            let mut first = None;
+            store
+                .scan_log(0, |seq, _| {
+                    first = Some(seq);
+                    false
+                })
+                .unwrap();
+            first
+        };
+        // more than one chunk of 1 024 in a pass
+        append(1..=3000);
+        assert_eq!(store.truncate_log(2500).unwrap(), 2499);
+        assert_eq!(first_left(), Some(2500));
+        // what came since, and what was left below the next floor
+        append(3001..=4000);
+        assert_eq!(store.truncate_log(3500).unwrap(), 1000);
+        assert_eq!(first_left(), Some(3500));
+        assert_eq!(store.truncate_log(3500).unwrap(), 0, "nothing twice");
+        assert_eq!(
+            store.truncate_log(100).unwrap(),
+            0,
+            "a lower floor removes nothing"
+        );
+        assert_eq!(first_left(), Some(3500));
+        // a reopened store starts from the log's start again
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.truncate_log(3600).unwrap(), 100);
+        assert_eq!(store.last_log_seq().unwrap(), Some(4000));
     }
 
     #[test]
