@@ -1,7 +1,7 @@
 //! What durability costs.
 //!
 //! `cargo bench --bench durability` — for one micro-batch of the shipped
-//! telemetry stream (512 messages of 100 events):
+//! telemetry stream (512 messages of 12 events):
 //! - `log/encode_{plain,lz4,zstd}`: the ingest-log record in each Arrow IPC
 //!   encoding (sizes are printed, next to the JSON they came from);
 //! - `log/append_buffered`, `log/append_sync`: appending that record to
@@ -26,7 +26,7 @@ use weir::log::{self, Encoding, LoggedBatch, MessageId, MessageMeta, Record};
 use weir::store::{LogAppend, Store};
 use weir::window::operator::{EventBatch, ViewOperator};
 
-use common::{fleet, pipeline, telemetry_decoder, EVENTS_PER_MESSAGE, T0};
+use common::{fleet, pipeline, telemetry_decoder, T0};
 
 const MICRO_BATCH: usize = 512;
 const CHECKPOINT_TERMINALS: usize = 100_000;
@@ -40,6 +40,7 @@ fn bench(c: &mut Criterion) {
     let json_bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
     let mut rejects = Vec::new();
     let decoded = decoder.decode(&messages, &mut rejects);
+    assert!(rejects.is_empty(), "{rejects:?}");
     let events = decoded.batch.num_rows() as u64;
     let record = Record::Batch(Box::new(LoggedBatch {
         stream: "telemetry".to_string(),
@@ -113,10 +114,7 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     // Operators of the shipped telemetry views holding 100 000 terminals.
-    let state_messages = fleet(
-        CHECKPOINT_TERMINALS,
-        2 * CHECKPOINT_TERMINALS / EVENTS_PER_MESSAGE,
-    );
+    let state_messages = fleet(CHECKPOINT_TERMINALS, CHECKPOINT_TERMINALS);
     let mut operators: Vec<ViewOperator> = pipeline
         .views
         .iter()
@@ -124,6 +122,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     for chunk in state_messages.chunks(MICRO_BATCH) {
         let decoded = decoder.decode(chunk, &mut rejects);
+        assert!(rejects.is_empty(), "{rejects:?}");
         let batch = EventBatch::new(decoded.batch, decoded.event_time, 1);
         for op in &mut operators {
             op.process(&batch).expect("process");

@@ -10,8 +10,8 @@
 //!   is done, its columns not used);
 //! - `by_region`: the same, grouped by `t.region` as well (a key more).
 //!
-//! Two shapes of the same 120 000 events: `mixed`, the benchmark fleet's
-//! messages of 100 events of 100 terminals (the worst case for the lookup:
+//! Two shapes of the same 120 000 events: `mixed`, messages of 100
+//! events of 100 terminals (the worst case for the lookup:
 //! no two neighbouring rows share a key), and `own`, each message one
 //! terminal's samples, as terminals publish on their own topic (and as
 //! weir-loadgen sends them).
@@ -103,8 +103,8 @@ fn bench(c: &mut Criterion) {
     table.rows.set(Arc::new(rows));
 
     let inputs = [
-        ("mixed", decode(&pipeline, &common::messages())),
-        ("own", decode(&pipeline, &own_messages())),
+        ("mixed", decode(&pipeline, &common::mixed_messages())),
+        ("own", decode(&pipeline, &common::messages())),
     ];
     let views = ["plain", "joined", "by_region"];
     let run = |view: &str, input: &EventBatch| {
@@ -161,31 +161,6 @@ fn decode(pipeline: &weir::plan::Pipeline, messages: &[Message]) -> EventBatch {
     let decoded = common::decoder(pipeline, "telemetry").decode(messages, &mut rejects);
     assert!(rejects.is_empty(), "{rejects:?}");
     EventBatch::new(decoded.batch, decoded.event_time, 1)
-}
-
-/// The same 120 000 events as `common::messages()`, but as the terminals
-/// (and weir-loadgen) send them: each message one terminal's 12 samples,
-/// spaced 300 ms (a message spans 3.3 s, inside the stream's 5 s bound).
-fn own_messages() -> Vec<Message> {
-    let mut out = Vec::with_capacity(common::TERMINALS);
-    let mut n = 0usize;
-    for terminal in 0..common::TERMINALS {
-        let base = common::T0 + terminal as i64 * 5;
-        let mut payload = String::from("[");
-        for e in 0..12 {
-            if e > 0 {
-                payload.push(',');
-            }
-            common::telemetry_event(&mut payload, terminal, n, base + e * 300);
-            n += 1;
-        }
-        payload.push(']');
-        out.push(common::message(
-            &format!("terminals/T{terminal:05}/telemetry"),
-            payload,
-        ));
-    }
-    out
 }
 
 criterion_group!(benches, bench);

@@ -1,7 +1,7 @@
 //! Decode and window aggregation of the reference telemetry.
 //!
 //! `cargo bench --bench pipeline` — reports events per second for:
-//! - `decode`: JSON arrays of 100 events -> one Arrow batch (the shipped telemetry schema);
+//! - `decode`: JSON arrays of 12 events (a terminal's minute) -> one Arrow batch (the shipped telemetry schema);
 //! - `tumble`: the shipped `terminal_health_1m` view over decoded batches;
 //! - `decode_and_tumble`: both, the path from a message to a window aggregate.
 //!

@@ -40,6 +40,7 @@ fn bench(c: &mut Criterion) {
         .expect("close")
         .expect("a closed minute");
     let rows = output.rows.num_rows();
+    assert!(rejects.is_empty(), "{rejects:?}");
     eprintln!("{rows} window rows");
 
     let dir = tempfile::tempdir().expect("tempdir");

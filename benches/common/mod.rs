@@ -16,9 +16,10 @@ use weir::plan::{plan_sources, Pipeline, ViewPlan};
 use weir::source::decode::{Decoder, Message};
 
 pub const TERMINALS: usize = 10_000;
-pub const EVENTS_PER_MESSAGE: usize = 100;
-/// 1 200 messages of 100 events: 12 samples for each of 10 000 terminals, one minute.
-pub const MESSAGES: usize = 1200;
+/// A terminal's minute: 12 samples, one message.
+pub const EVENTS_PER_MESSAGE: usize = 12;
+/// 10 000 messages of 12 events: one minute of 10 000 terminals.
+pub const MESSAGES: usize = TERMINALS;
 pub const T0: i64 = 1_699_999_980_000;
 
 pub fn pipeline() -> Pipeline {
@@ -47,20 +48,51 @@ pub fn health_view(pipeline: &Pipeline) -> Arc<ViewPlan> {
         .clone()
 }
 
-/// Messages of 100 events each, as a terminal batch would carry them, in event-time order.
+/// One minute of the fleet: each message one terminal's 12 samples (see [`fleet`]).
 pub fn messages() -> Vec<Message> {
     fleet(TERMINALS, MESSAGES)
 }
 
-/// `count` messages of 100 events from `terminals` terminals taking turns.
+/// `count` messages of [`EVENTS_PER_MESSAGE`] samples, as terminals (and
+/// weir-loadgen) send them: each message holds samples of the one terminal
+/// its topic names — the shipped telemetry stream dead-letters a row whose
+/// `terminal_id` disagrees with the topic — 300 ms apart (a message spans
+/// 3.3 s, inside the stream's 5 s bound), terminals taking turns, a minute
+/// apart per round.
 pub fn fleet(terminals: usize, count: usize) -> Vec<Message> {
     let mut out = Vec::with_capacity(count);
     let mut n = 0usize;
     for m in 0..count {
+        let terminal = m % terminals;
+        let base = T0 + (m / terminals) as i64 * 60_000 + (terminal % 10_000) as i64 * 5;
         let mut payload = String::from("[");
         for e in 0..EVENTS_PER_MESSAGE {
-            let terminal = n % terminals;
-            let ts = T0 + (n / terminals) as i64 * 5_000 + (terminal % 5000) as i64;
+            if e > 0 {
+                payload.push(',');
+            }
+            telemetry_event(&mut payload, terminal, n, base + e as i64 * 300);
+            n += 1;
+        }
+        payload.push(']');
+        out.push(message(
+            &format!("terminals/T{terminal:05}/telemetry"),
+            payload,
+        ));
+    }
+    out
+}
+
+/// The same 120 000 events as [`messages`] in messages of 100 events of 100
+/// terminals each, in event-time order: no two neighbouring rows share a
+/// key. Only for streams whose topic does not name the terminal.
+pub fn mixed_messages() -> Vec<Message> {
+    let mut out = Vec::with_capacity(1200);
+    let mut n = 0usize;
+    for m in 0..1200 {
+        let mut payload = String::from("[");
+        for e in 0..100 {
+            let terminal = n % TERMINALS;
+            let ts = T0 + (n / TERMINALS) as i64 * 5_000 + (terminal % 5000) as i64;
             if e > 0 {
                 payload.push(',');
             }
@@ -69,7 +101,7 @@ pub fn fleet(terminals: usize, count: usize) -> Vec<Message> {
         }
         payload.push(']');
         out.push(message(
-            &format!("terminals/T{:05}/telemetry", m % terminals),
+            &format!("terminals/T{:05}/telemetry", m % TERMINALS),
             payload,
         ));
     }
