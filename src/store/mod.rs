@@ -1398,6 +1398,7 @@ mod tests {
         append(1..=3000);
         assert_eq!(store.truncate_log(2500).unwrap(), 2499);
         assert_eq!(first_left(), Some(2500));
+        assert_eq!(store.first_log_seq().unwrap(), Some(2500));
         // what came since, and what was left below the next floor
         append(3001..=4000);
         assert_eq!(store.truncate_log(3500).unwrap(), 1000);
@@ -1412,7 +1413,9 @@ mod tests {
         // a reopened store starts from the log's start again
         drop(store);
         let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.first_log_seq().unwrap(), Some(3500));
         assert_eq!(store.truncate_log(3600).unwrap(), 100);
+        assert_eq!(store.first_log_seq().unwrap(), Some(3600));
         assert_eq!(store.last_log_seq().unwrap(), Some(4000));
     }
 
