@@ -32,6 +32,7 @@ fn bench(c: &mut Criterion) {
     let decoder = telemetry_decoder(&pipeline);
     let mut rejects = Vec::new();
     let decoded = decoder.decode(&messages(), &mut rejects);
+    assert!(rejects.is_empty(), "{rejects:?}");
     let batch = EventBatch::new(decoded.batch, decoded.event_time, 1);
     let mut op = ViewOperator::new(Arc::clone(&view)).expect("operator");
     op.process(&batch).expect("process");
@@ -40,7 +41,6 @@ fn bench(c: &mut Criterion) {
         .expect("close")
         .expect("a closed minute");
     let rows = output.rows.num_rows();
-    assert!(rejects.is_empty(), "{rejects:?}");
     eprintln!("{rows} window rows");
 
     let dir = tempfile::tempdir().expect("tempdir");
