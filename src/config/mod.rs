@@ -264,8 +264,9 @@ pub struct MqttConfig {
     pub max_session_expiry: Duration,
     /// weir's MQTT server: subscriptions per session. Default 1000.
     pub max_subscriptions: usize,
-    /// weir's MQTT server: retained messages kept; beyond, a retained
-    /// message is delivered but not kept. Default 100 000.
+    /// weir's MQTT server: retained messages clients may keep; beyond, a
+    /// client's retained message is delivered but not kept. weir's own
+    /// alert notifications (`weir/alerts/...`) do not count. Default 100 000.
     pub max_retained: usize,
 }
 

@@ -222,6 +222,9 @@ pub struct BrokerMetrics {
     pub sessions: AtomicI64,
     pub subscriptions: AtomicI64,
     pub retained: AtomicI64,
+    /// Retained messages delivered but not kept: `mqtt.max_retained` was
+    /// reached.
+    pub retained_refused: AtomicI64,
 }
 
 impl Metrics {
@@ -641,7 +644,7 @@ impl Metrics {
             family(&mut out, name, kind, help, vec![(String::new(), value)]);
         }
         let b = &self.broker;
-        let single: [(&str, &str, &str, i64); 30] = [
+        let single: [(&str, &str, &str, i64); 31] = [
             (
                 "weir_mqtt_sessions",
                 "gauge",
@@ -659,6 +662,12 @@ impl Metrics {
                 "gauge",
                 "Retained messages weir's MQTT server holds.",
                 b.retained.load(Ordering::Relaxed),
+            ),
+            (
+                "weir_mqtt_retained_refused_total",
+                "counter",
+                "Retained messages delivered but not kept: clients' retained messages reached mqtt.max_retained.",
+                b.retained_refused.load(Ordering::Relaxed),
             ),
             (
                 "weir_mqtt_clients_connected",

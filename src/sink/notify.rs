@@ -229,8 +229,8 @@ pub fn alert_topic(rule: &str, key: &str) -> String {
 /// Alerts into weir's own server, retained at QoS 1, as weir. A resolved
 /// alert's notification expires after `resolved_expiry`, so the retained
 /// set holds the firing alerts and the recently resolved ones, not every
-/// rule and key that ever fired (which would crowd out the terminals' own
-/// retained messages under `mqtt.max_retained`).
+/// rule and key that ever fired. (They do not count against
+/// `mqtt.max_retained`, which bounds what clients retain.)
 async fn publish_embedded(
     publisher: crate::source::server::Publisher,
     mut rx: mpsc::Receiver<Arc<AlertEvent>>,

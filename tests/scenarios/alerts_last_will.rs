@@ -212,3 +212,39 @@ async fn last_will_on_mosquitto() {
     scenario(&weir, Broker::Mosquitto).await;
     weir.stop().await;
 }
+
+/// A fleet's retained status messages fill `mqtt.max_retained` (here one
+/// terminal does, with a limit of 1): weir's own alert notification is
+/// still retained, so a dashboard subscribing after the alert opened sees
+/// it; a terminal's further retained status is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_notifications_are_retained_when_the_fleet_filled_max_retained() {
+    let weir = Weir::start_tweaked(&[("status.sql", STATUS)], None, |c| {
+        c.mqtt.max_retained = 1;
+    })
+    .await;
+    let port = weir.broker_port;
+    let mut sse = Sse::connect(&weir.base, "/api/v1/alerts/stream").await;
+    let (_client, eventloop) = terminal_online(port, "T-1").await; // the one retained status
+    drop(eventloop);
+    let (name, opened) = sse.next_event().await;
+    assert_eq!(name, "opened", "{opened}");
+    assert_eq!(opened["alert"]["key"], "T-1");
+
+    let retained = wait_for("the firing alert's retained notification", || async {
+        retained_notification(port, "T-1").await
+    })
+    .await;
+    assert_eq!(retained["state"], "firing", "{retained}");
+
+    // the limit still holds for the terminals' own retained messages
+    let (_client2, _eventloop2) = terminal_online(port, "T-2").await;
+    let refused = wait_for("the refused retained status counted", || async {
+        let metrics = weir.metrics().await;
+        common::process::metric_value(&metrics, "weir_mqtt_retained_refused_total")
+            .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert_eq!(refused, 1.0);
+    weir.stop().await;
+}

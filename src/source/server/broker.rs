@@ -290,6 +290,12 @@ const RETAINED_SWEEP: Duration = Duration::from_secs(10);
 /// Where the store keeps retained messages: `r/{topic}`.
 const RETAINED_PREFIX: &[u8] = b"r/";
 
+/// Whether a retained message on `topic` is one of weir's own alert
+/// notifications (only weir publishes under `weir/alerts/`).
+fn is_own_retained(topic: &str) -> bool {
+    matches(crate::auth::mqtt::ALERTS_FILTER, topic)
+}
+
 fn retained_key(topic: &[u8]) -> Vec<u8> {
     [RETAINED_PREFIX, topic].concat()
 }
@@ -302,7 +308,14 @@ pub struct BrokerState {
     /// Round-robin position per shared subscription (group, filter).
     share_cursor: HashMap<(String, String), usize>,
     pub max_queued: usize,
+    /// Retained messages clients may keep (`mqtt.max_retained`).
     max_retained: usize,
+    /// Of `retained`, those under `weir/alerts/`: weir's own alert
+    /// notifications, which only weir may publish. They do not count
+    /// against `max_retained`, which bounds what clients retain (a fleet's
+    /// retained status messages can fill it alone): there is at most one
+    /// per rule and key, and a resolved alert's expires.
+    own_retained: usize,
     /// Retained messages not kept because `max_retained` was reached.
     pub retained_refused: u64,
     /// The earliest expiry among the retained messages (`None`: none
@@ -357,6 +370,7 @@ impl BrokerState {
     pub fn new(max_queued: usize, max_retained: usize, store: Option<Store>) -> Self {
         Self {
             max_retained,
+            own_retained: 0,
             retained_refused: 0,
             next_retained_expiry: None,
             last_retained_sweep: None,
@@ -463,7 +477,7 @@ impl BrokerState {
                         }),
                     };
                     self.note_retained_expiry(left);
-                    self.retained.insert(
+                    self.keep_retained(
                         String::from_utf8_lossy(&publish.topic).into_owned(),
                         Retained {
                             publish,
@@ -536,15 +550,17 @@ impl BrokerState {
 
     fn retain_at(&mut self, publish: &Publish, expires_at: Option<Instant>, now: Instant) {
         let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let full = self.retained.len() >= self.max_retained;
+        let own = is_own_retained(&topic);
+        let full = !own && self.clients_retained() >= self.max_retained;
         let swept_lately = self
             .last_retained_sweep
             .is_some_and(|at| now.saturating_duration_since(at) < RETAINED_SWEEP);
         if full || !swept_lately {
             self.drop_expired_retained(now);
         }
-        if !publish.payload.is_empty()
-            && self.retained.len() >= self.max_retained
+        if !own
+            && !publish.payload.is_empty()
+            && self.clients_retained() >= self.max_retained
             && !self.retained.contains_key(&topic)
         {
             self.retained_refused += 1;
@@ -553,7 +569,9 @@ impl BrokerState {
         self.note_retained_expiry(expires_at);
         self.store_retained(publish, expires_at);
         if publish.payload.is_empty() {
-            self.retained.remove(&topic);
+            if self.retained.remove(&topic).is_some() && own {
+                self.own_retained = self.own_retained.saturating_sub(1);
+            }
         } else {
             // kept for as long as the topic has it: in allocations of its
             // own, not as slices of the read buffer it arrived in
@@ -569,13 +587,27 @@ impl BrokerState {
                 .as_mut()
                 .and_then(|p| p.correlation_data.as_mut());
             detach_message(&mut kept.topic, &mut kept.payload, correlation_data);
-            self.retained.insert(
+            self.keep_retained(
                 topic,
                 Retained {
                     publish: kept,
                     expires_at,
                 },
             );
+        }
+    }
+
+    /// Retained messages that count against `max_retained`.
+    fn clients_retained(&self) -> usize {
+        self.retained.len().saturating_sub(self.own_retained)
+    }
+
+    /// Keeps `retained` as the topic's retained message, in place of the
+    /// one it had.
+    fn keep_retained(&mut self, topic: String, retained: Retained) {
+        let own = is_own_retained(&topic);
+        if self.retained.insert(topic, retained).is_none() && own {
+            self.own_retained += 1;
         }
     }
 
@@ -595,8 +627,10 @@ impl BrokerState {
         }
         let mut next: Option<Instant> = None;
         let mut gone = Vec::new();
+        let mut own_gone = 0;
         self.retained.retain(|topic, r| match r.expires_at {
             Some(at) if at <= now => {
+                own_gone += usize::from(is_own_retained(topic));
                 gone.push(topic.clone());
                 false
             }
@@ -607,6 +641,7 @@ impl BrokerState {
             None => true,
         });
         self.next_retained_expiry = next;
+        self.own_retained = self.own_retained.saturating_sub(own_gone);
         if let Some(store) = &self.store {
             for topic in gone {
                 if let Err(e) = store.put_broker(&retained_key(topic.as_bytes()), None) {
@@ -1059,6 +1094,65 @@ mod tests {
             .is_empty());
     }
 
+    /// weir's alert notifications do not count against `max_retained`: a
+    /// fleet's retained status messages may fill it, and a firing alert's
+    /// notification is still there for a dashboard that subscribes later;
+    /// clients' messages are still refused at the limit, also after weir's
+    /// own have come and gone (cleared, expired, restored from the store).
+    #[test]
+    fn alert_notifications_are_retained_when_clients_filled_the_limit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let mut state = BrokerState::new(10, 2, Some(store.clone()));
+        let t0 = Instant::now();
+        for t in ["terminals/T1/status", "terminals/T2/status"] {
+            state.retain_at(&publish(t, QoS::AtLeastOnce, true), None, t0);
+        }
+        let firing = publish("weir/alerts/terminal_offline/T3", QoS::AtLeastOnce, true);
+        state.retain_at(&firing, None, t0);
+        let resolved = publish("weir/alerts/low_battery/T4", QoS::AtLeastOnce, true);
+        state.retain_at(&resolved, Some(t0 + Duration::from_secs(60)), t0);
+        let alerts = |state: &mut BrokerState, now| -> Vec<String> {
+            state
+                .retained_for("weir/alerts/#", &options(QoS::AtLeastOnce), now)
+                .iter()
+                .map(|d| String::from_utf8_lossy(&d.topic).into_owned())
+                .collect()
+        };
+        assert_eq!(
+            alerts(&mut state, t0),
+            [
+                "weir/alerts/low_battery/T4",
+                "weir/alerts/terminal_offline/T3"
+            ]
+        );
+        assert_eq!(state.retained_refused, 0);
+
+        let status = publish("terminals/T5/status", QoS::AtLeastOnce, true);
+        state.retain_at(&status, None, t0);
+        assert_eq!(state.retained_refused, 1, "the clients' limit still holds");
+
+        // the resolved one expires and the firing one is cleared: the
+        // clients' limit is where it was
+        let mut clear = firing.clone();
+        clear.payload = Bytes::new();
+        state.retain_at(&clear, None, t0 + Duration::from_secs(61));
+        assert!(alerts(&mut state, t0 + Duration::from_secs(61)).is_empty());
+        state.retain_at(&status, None, t0 + Duration::from_secs(61));
+        assert_eq!(state.retained_refused, 2);
+
+        // and after a restart
+        let mut restarted = BrokerState::new(10, 2, Some(store));
+        restarted.restore();
+        restarted.retain_at(&firing, None, t0);
+        restarted.retain_at(&status, None, t0);
+        assert_eq!(restarted.retained_refused, 1);
+        assert_eq!(
+            alerts(&mut restarted, t0),
+            ["weir/alerts/terminal_offline/T3"]
+        );
+    }
+
     #[test]
     fn retained_messages_stop_at_the_limit_but_replace_and_clear() {
         let mut state = BrokerState::new(10, 2, None);
@@ -1079,17 +1173,17 @@ mod tests {
         assert!(state.retained.contains_key("c"));
     }
 
-    /// A resolved alert's notification expires (`alerts.mqtt_resolved_expiry`):
-    /// once it has, it no longer counts against `max_retained`, and it is
-    /// gone from the store, so a restart does not bring it back.
+    /// A retained message with an expiry (MQTT 5): once it has expired, it
+    /// no longer counts against `max_retained`, and it is gone from the
+    /// store, so a restart does not bring it back.
     #[test]
     fn expired_retained_messages_make_room_and_leave_the_store() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path()).expect("store");
         let mut state = BrokerState::new(10, 2, Some(store.clone()));
         let t0 = Instant::now();
-        let resolved = publish("weir/alerts/low_battery/T1", QoS::AtLeastOnce, true);
-        state.retain_at(&resolved, Some(t0 + Duration::from_secs(60)), t0);
+        let expiring = publish("terminals/T1/notice", QoS::AtLeastOnce, true);
+        state.retain_at(&expiring, Some(t0 + Duration::from_secs(60)), t0);
         state.retain_at(
             &publish("terminals/T1/status", QoS::AtLeastOnce, true),
             None,

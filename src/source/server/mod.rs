@@ -74,7 +74,8 @@ pub struct ServerOptions {
     pub max_session_expiry: u32,
     /// Subscriptions one session may hold.
     pub max_subscriptions: usize,
-    /// Retained messages the server keeps; more are passed on, not retained.
+    /// Retained messages the server keeps for clients; more are passed on,
+    /// not retained (weir's own alert notifications do not count).
     pub max_retained: usize,
     /// How long a new connection has to send CONNECT.
     pub connect_timeout: Duration,
@@ -206,6 +207,10 @@ impl Drop for StateGuard<'_> {
             .store(self.guard.subscriptions.len() as i64, Ordering::Relaxed);
         m.retained
             .store(self.guard.retained.len() as i64, Ordering::Relaxed);
+        m.retained_refused.store(
+            i64::try_from(self.guard.retained_refused).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
 
