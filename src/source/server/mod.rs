@@ -31,7 +31,7 @@
 //! them (clients see `session_present = false`). The events themselves are
 //! in the ingest log.
 
-mod broker;
+pub mod broker;
 pub mod codec;
 mod connection;
 pub mod topics;
