@@ -27,9 +27,12 @@
 //!   (`max_queued`); what does not fit is dropped and counted
 //!   (`weir_mqtt_deliveries_dropped_total`), never an ingested event.
 //!
-//! Sessions and retained messages live in memory: a restart of weir ends
-//! them (clients see `session_present = false`). The events themselves are
-//! in the ingest log.
+//! Sessions and retained messages live in memory and are written through to
+//! the store as they change ([`broker`]): after a restart of weir a
+//! persistent session is found again (`session_present = true`, and its
+//! client resends what was not acknowledged) and the retained messages are
+//! still there; deliveries queued for offline subscribers are not kept. The
+//! events themselves are in the ingest log.
 
 pub mod broker;
 pub mod codec;
