@@ -146,3 +146,57 @@ pub fn check_pgoutput(input: &[u8]) {
         );
     }
 }
+
+/// weir's MQTT server reading what a client sends
+/// (`source::server::codec`), before and after authentication: the first
+/// byte picks how (even: the bytes open a connection, CONNECT first; odd:
+/// a connection already on 3.1.1, bit 1 set, or on MQTT 5), the rest
+/// arrive as from the socket. Each read is a packet, "not yet" or an error,
+/// never a panic; a packet read takes its bytes, no more than the limit; a
+/// PUBLISH read is written as the broker forwards it to a subscriber of
+/// either protocol.
+pub fn check_mqtt(input: &[u8]) {
+    use crate::source::server::codec::{read, read_connect, write, Packet, Protocol, QoS};
+    /// Small, so that inputs reach it.
+    const MAX: usize = 4096;
+    let Some((&mode, bytes)) = input.split_first() else {
+        return;
+    };
+    let mut buf = bytes::BytesMut::from(bytes);
+    let protocol = if mode % 2 == 0 {
+        match read_connect(&mut buf, MAX) {
+            Ok(Some((protocol, _))) => protocol,
+            Ok(None) | Err(_) => return,
+        }
+    } else if mode & 2 != 0 {
+        Protocol::V4
+    } else {
+        Protocol::V5
+    };
+    loop {
+        let before = buf.len();
+        let Ok(Some(packet)) = read(&mut buf, protocol, MAX) else {
+            return;
+        };
+        let taken = before - buf.len();
+        assert!(taken > 0, "a packet read takes its bytes");
+        assert!(
+            taken <= MAX,
+            "a packet of {taken} bytes passed the {MAX}-byte limit"
+        );
+        if let Packet::Publish(mut publish) = packet {
+            // as forwarded: a packet id of the subscriber's session, no alias
+            if publish.qos != QoS::AtMostOnce {
+                publish.pkid = 1;
+            }
+            if let Some(p) = publish.properties.as_mut() {
+                p.topic_alias = None;
+            }
+            let publish = Packet::Publish(publish);
+            for to in [Protocol::V4, Protocol::V5] {
+                let mut out = bytes::BytesMut::new();
+                let _ = write(&publish, to, &mut out);
+            }
+        }
+    }
+}

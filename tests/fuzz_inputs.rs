@@ -1,7 +1,9 @@
 //! A mutation fuzzer in the normal suite (the coverage-guided one is
 //! `fuzz/`, cargo-fuzz), for everything that parses input from outside:
-//! the JSON decoder with topic binding (what terminals send), the pipeline
-//! planner (`weir check` on arbitrary text) and the config parser. Seeds
+//! the JSON decoder with topic binding (what terminals send), the MQTT
+//! server's packet reader (what any client sends, before it has logged
+//! in), the pipeline planner (`weir check` on arbitrary text), the config
+//! parser and the pgoutput decoder. Seeds
 //! are the checked-in corpus under `fuzz/corpus/`; each iteration mutates
 //! one (bit flips, cut, duplicated and spliced ranges, hostile tokens) and
 //! feeds it to the checks in `weir::fuzzing`, which both fuzzers share.
@@ -205,4 +207,56 @@ fn the_pgoutput_decoder_survives_mutated_messages() {
         20_000,
         weir::fuzzing::check_pgoutput,
     );
+}
+
+#[test]
+fn the_mqtt_server_survives_mutated_client_bytes() {
+    fuzz("mqtt", 0x5eed_0005, 200_000, weir::fuzzing::check_mqtt);
+}
+
+/// The hand-written MQTT seeds (`fuzz/corpus/mqtt/v4-*`, `v5-*`; the rest
+/// are what libFuzzer kept) are sessions weir's server reads to their end,
+/// packet by packet (3.1.1 and 5, CONNECT with will and login, PUBLISH at
+/// each QoS with properties and a topic alias, SUBSCRIBE, acks,
+/// DISCONNECT), so the mutations start from what clients send, not from
+/// bytes it refuses.
+#[test]
+fn the_mqtt_seeds_are_sessions_the_server_reads_to_their_end() {
+    use weir::source::server::codec::{read, read_connect, Protocol};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/mqtt");
+    let seeds: Vec<Vec<u8>> = [
+        "v4-session",
+        "v4-will-login",
+        "v4-connected",
+        "v5-session",
+        "v5-connected",
+    ]
+    .iter()
+    .map(|name| std::fs::read(dir.join(name)).expect("a hand-written seed"))
+    .collect();
+    for seed in seeds {
+        let (mode, bytes) = seed.split_first().expect("a mode byte");
+        let mut buf = bytes::BytesMut::from(bytes);
+        let mut packets = 0;
+        let protocol = if mode % 2 == 0 {
+            let (protocol, _) = read_connect(&mut buf, 4096)
+                .expect("a CONNECT")
+                .expect("a whole CONNECT");
+            packets += 1;
+            protocol
+        } else if mode & 2 != 0 {
+            Protocol::V4
+        } else {
+            Protocol::V5
+        };
+        while !buf.is_empty() {
+            let read = read(&mut buf, protocol, 4096);
+            assert!(
+                matches!(read, Ok(Some(_))),
+                "seed {seed:?}: after {packets} packets: {read:?}"
+            );
+            packets += 1;
+        }
+        assert!(packets >= 2, "seed {seed:?}: {packets} packets");
+    }
 }
