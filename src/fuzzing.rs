@@ -154,9 +154,12 @@ pub fn check_pgoutput(input: &[u8]) {
 /// arrive as from the socket. Each read is a packet, "not yet" or an error,
 /// never a panic; a packet read takes its bytes, no more than the limit; a
 /// PUBLISH read is written as the broker forwards it to a subscriber of
-/// either protocol.
+/// either protocol. The filters a SUBSCRIBE and UNSUBSCRIBE carry go into
+/// and out of a subscription tree, which must find for each PUBLISH's topic
+/// exactly the filters `matches` says match it.
 pub fn check_mqtt(input: &[u8]) {
     use crate::source::server::codec::{read, read_connect, write, Packet, Protocol, QoS};
+    use crate::source::server::topics::{matches, parse_filter, validate_topic, SubscriptionTree};
     /// Small, so that inputs reach it.
     const MAX: usize = 4096;
     let Some((&mode, bytes)) = input.split_first() else {
@@ -173,6 +176,8 @@ pub fn check_mqtt(input: &[u8]) {
     } else {
         Protocol::V5
     };
+    let mut tree = SubscriptionTree::default();
+    let mut subscribed = std::collections::HashSet::new();
     loop {
         let before = buf.len();
         let Ok(Some(packet)) = read(&mut buf, protocol, MAX) else {
@@ -184,6 +189,38 @@ pub fn check_mqtt(input: &[u8]) {
             taken <= MAX,
             "a packet of {taken} bytes passed the {MAX}-byte limit"
         );
+        match &packet {
+            Packet::Subscribe(s) => {
+                for f in &s.filters {
+                    if let Ok((group, filter)) = parse_filter(&f.path) {
+                        tree.insert(filter, "c", group, ());
+                        subscribed.insert((group.map(str::to_string), filter.to_string()));
+                    }
+                }
+            }
+            Packet::Unsubscribe(u) => {
+                for path in &u.filters {
+                    if let Ok((group, filter)) = parse_filter(path) {
+                        let removed = tree.remove(filter, "c", group);
+                        let known =
+                            subscribed.remove(&(group.map(str::to_string), filter.to_string()));
+                        assert_eq!(removed, known, "unsubscribe {path:?}");
+                    }
+                }
+            }
+            Packet::Publish(p) => {
+                if let Ok(topic) = std::str::from_utf8(&p.topic) {
+                    if validate_topic(topic).is_ok() {
+                        let mut found = 0;
+                        tree.for_each_match(topic, |_, _, _| found += 1);
+                        let want = subscribed.iter().filter(|(_, f)| matches(f, topic)).count();
+                        assert_eq!(found, want, "subscriptions matching {topic:?}");
+                    }
+                }
+            }
+            _ => {}
+        }
+        assert_eq!(tree.len(), subscribed.len());
         if let Packet::Publish(mut publish) = packet {
             // as forwarded: a packet id of the subscriber's session, no alias
             if publish.qos != QoS::AtMostOnce {

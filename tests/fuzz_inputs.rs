@@ -216,10 +216,11 @@ fn the_mqtt_server_survives_mutated_client_bytes() {
 
 /// The hand-written MQTT seeds (`fuzz/corpus/mqtt/v4-*`, `v5-*`; the rest
 /// are what libFuzzer kept) are sessions weir's server reads to their end,
-/// packet by packet (3.1.1 and 5, CONNECT with will and login, PUBLISH at
-/// each QoS with properties and a topic alias, SUBSCRIBE, acks,
-/// DISCONNECT), so the mutations start from what clients send, not from
-/// bytes it refuses.
+/// packet by packet (3.1.1 and 5: CONNECT with will and login, PUBLISH at
+/// each QoS with properties and a topic alias, SUBSCRIBE with shared and
+/// wildcard filters then PUBLISH to topics they match and do not,
+/// UNSUBSCRIBE, acks, DISCONNECT), so the mutations start from what
+/// clients send, not from bytes the server refuses.
 #[test]
 fn the_mqtt_seeds_are_sessions_the_server_reads_to_their_end() {
     use weir::source::server::codec::{read, read_connect, Protocol};
@@ -228,8 +229,10 @@ fn the_mqtt_seeds_are_sessions_the_server_reads_to_their_end() {
         "v4-session",
         "v4-will-login",
         "v4-connected",
+        "v4-subscribed",
         "v5-session",
         "v5-connected",
+        "v5-subscribed",
     ]
     .iter()
     .map(|name| std::fs::read(dir.join(name)).expect("a hand-written seed"))

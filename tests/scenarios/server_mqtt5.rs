@@ -379,6 +379,55 @@ async fn reason_codes_for_bad_filters_and_unknown_unsubscribes() {
     weir.stop().await;
 }
 
+/// A filter as deep as one SUBSCRIBE can carry (65 535 slashes, 65 536
+/// levels) once overflowed the stack of the task that routed a message to
+/// it, and so aborted weir. Filters and topic names have at most 128
+/// levels: the deep filter is refused (0x8F) beside a good one, a PUBLISH
+/// to a deep topic ends its connection (0x90), and weir serves the next
+/// clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_or_topic_too_deep_is_refused_and_weir_goes_on() {
+    let weir = broker().await;
+    let port = weir.broker_port;
+    let deep = "/".repeat(65_535);
+    let mut c = Client::simple(port, "deep").await;
+    let codes = c
+        .subscribe(
+            vec![
+                Filter::new(deep.clone(), QoS::AtMostOnce),
+                Filter::new("ok/#", QoS::AtMostOnce),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(
+        codes,
+        [
+            v5::SubscribeReasonCode::TopicFilterInvalid,
+            v5::SubscribeReasonCode::Success(QoS::AtMostOnce)
+        ]
+    );
+    c.publish(&deep, "down", QoS::AtMostOnce, false, None).await;
+    let mut reason = None;
+    while let Some(packet) = c.try_recv().await {
+        if let Packet::Disconnect(d) = packet {
+            reason = Some(d.reason_code);
+        }
+    }
+    assert_eq!(reason, Some(v5::DisconnectReasonCode::TopicNameInvalid));
+
+    let mut subscriber = Client::simple(port, "after").await;
+    subscriber
+        .subscribe(vec![Filter::new("ok/#", QoS::AtLeastOnce)], None)
+        .await;
+    let mut publisher = Client::simple(port, "publisher").await;
+    publisher
+        .publish("ok/1", "still here", QoS::AtLeastOnce, false, None)
+        .await;
+    assert_eq!(subscriber.next_publish().await.payload, "still here");
+    weir.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_after_its_expiry_and_a_queued_message_after_its_own() {
     let weir = broker().await;

@@ -9,10 +9,25 @@
 
 use std::collections::HashMap;
 
+/// The most levels a topic name or filter may have (EMQX's default
+/// `max_topic_levels`). The subscription tree has a node per level and is
+/// walked, pruned and dropped recursively: a filter of 65 535 slashes, which
+/// fits in one SUBSCRIBE, overflowed a connection task's stack and so
+/// aborted weir. No fleet's topics come near it.
+pub const MAX_TOPIC_LEVELS: usize = 128;
+
+/// Whether `text` has more than [`MAX_TOPIC_LEVELS`] levels.
+fn too_deep(text: &str) -> bool {
+    text.bytes().filter(|&b| b == b'/').count() >= MAX_TOPIC_LEVELS
+}
+
 /// Why a topic name or filter is refused.
 pub fn validate_topic(topic: &str) -> Result<(), &'static str> {
     if topic.is_empty() {
         return Err("a topic name must not be empty");
+    }
+    if too_deep(topic) {
+        return Err("a topic name has at most 128 levels");
     }
     if topic.contains(['+', '#']) {
         return Err("a topic name must not contain wildcards");
@@ -39,6 +54,9 @@ pub fn parse_filter(text: &str) -> Result<(Option<&str>, &str), &'static str> {
     }
     if filter.contains('\0') {
         return Err("a topic filter must not contain NUL");
+    }
+    if too_deep(filter) {
+        return Err("a topic filter has at most 128 levels");
     }
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -253,6 +271,21 @@ mod tests {
         for bad in ["", "a/+", "a/#", "a\0b"] {
             assert!(validate_topic(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// 128 levels are a topic or filter; 129 are not (the tree recurses by
+    /// level: a filter of 65 535 slashes once overflowed a task's stack).
+    #[test]
+    fn topics_and_filters_have_at_most_128_levels() {
+        let deepest = vec!["l"; MAX_TOPIC_LEVELS].join("/");
+        let deeper = format!("{deepest}/l");
+        assert_eq!(parse_filter(&deepest), Ok((None, deepest.as_str())));
+        assert!(validate_topic(&deepest).is_ok());
+        assert!(parse_filter(&deeper).is_err());
+        assert!(parse_filter(&format!("$share/g/{deeper}")).is_err());
+        assert!(validate_topic(&deeper).is_err());
+        assert!(parse_filter(&"/".repeat(65_535)).is_err());
+        assert!(validate_topic(&"/".repeat(65_535)).is_err());
     }
 
     #[test]
