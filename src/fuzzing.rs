@@ -189,7 +189,7 @@ pub fn check_mqtt(input: &[u8]) {
             taken <= MAX,
             "a packet of {taken} bytes passed the {MAX}-byte limit"
         );
-        match &packet {
+        match packet {
             Packet::Subscribe(s) => {
                 for f in &s.filters {
                     if let Ok((group, filter)) = parse_filter(&f.path) {
@@ -208,8 +208,8 @@ pub fn check_mqtt(input: &[u8]) {
                     }
                 }
             }
-            Packet::Publish(p) => {
-                if let Ok(topic) = std::str::from_utf8(&p.topic) {
+            Packet::Publish(mut publish) => {
+                if let Ok(topic) = std::str::from_utf8(&publish.topic) {
                     if validate_topic(topic).is_ok() {
                         let mut found = 0;
                         tree.for_each_match(topic, |_, _, _| found += 1);
@@ -217,23 +217,21 @@ pub fn check_mqtt(input: &[u8]) {
                         assert_eq!(found, want, "subscriptions matching {topic:?}");
                     }
                 }
+                // as forwarded: a packet id of the subscriber's session, no alias
+                if publish.qos != QoS::AtMostOnce {
+                    publish.pkid = 1;
+                }
+                if let Some(p) = publish.properties.as_mut() {
+                    p.topic_alias = None;
+                }
+                let publish = Packet::Publish(publish);
+                for to in [Protocol::V4, Protocol::V5] {
+                    let mut out = bytes::BytesMut::new();
+                    let _ = write(&publish, to, &mut out);
+                }
             }
             _ => {}
         }
         assert_eq!(tree.len(), subscribed.len());
-        if let Packet::Publish(mut publish) = packet {
-            // as forwarded: a packet id of the subscriber's session, no alias
-            if publish.qos != QoS::AtMostOnce {
-                publish.pkid = 1;
-            }
-            if let Some(p) = publish.properties.as_mut() {
-                p.topic_alias = None;
-            }
-            let publish = Packet::Publish(publish);
-            for to in [Protocol::V4, Protocol::V5] {
-                let mut out = bytes::BytesMut::new();
-                let _ = write(&publish, to, &mut out);
-            }
-        }
     }
 }
