@@ -268,6 +268,11 @@ pub struct MqttConfig {
     /// client's retained message is delivered but not kept. weir's own
     /// alert notifications (`weir/alerts/...`) do not count. Default 100 000.
     pub max_retained: usize,
+    /// weir's MQTT server: bytes (topics and payloads) of the retained
+    /// messages clients may keep, beyond which one is delivered but not
+    /// kept, as at `max_retained`: the count alone let 100 000 payloads of
+    /// `max_packet_bytes` each be kept. Default 256 MiB.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -296,6 +301,7 @@ impl Default for MqttConfig {
             max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_subscriptions: 1000,
             max_retained: 100_000,
+            max_retained_bytes: 256 << 20,
         }
     }
 }

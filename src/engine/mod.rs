@@ -234,6 +234,7 @@ pub async fn start(config: Config, pipeline: Pipeline) -> Result<Running, Engine
                 .min(u32::MAX as u64) as u32;
             options.max_subscriptions = config.mqtt.max_subscriptions;
             options.max_retained = config.mqtt.max_retained;
+            options.max_retained_bytes = config.mqtt.max_retained_bytes;
             if let Some(path) = &config.mqtt.users_file {
                 let auth = crate::auth::mqtt::MqttAuth::load(path).map_err(EngineError::Config)?;
                 tracing::info!(users = auth.user_count(), file = %path.display(), "MQTT clients must log in");

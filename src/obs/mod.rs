@@ -222,8 +222,8 @@ pub struct BrokerMetrics {
     pub sessions: AtomicI64,
     pub subscriptions: AtomicI64,
     pub retained: AtomicI64,
-    /// Retained messages delivered but not kept: `mqtt.max_retained` was
-    /// reached.
+    /// Retained messages delivered but not kept: `mqtt.max_retained` or
+    /// `mqtt.max_retained_bytes` was reached.
     pub retained_refused: AtomicI64,
 }
 
@@ -666,7 +666,7 @@ impl Metrics {
             (
                 "weir_mqtt_retained_refused_total",
                 "counter",
-                "Retained messages delivered but not kept: clients' retained messages reached mqtt.max_retained.",
+                "Retained messages delivered but not kept: clients' retained messages reached mqtt.max_retained or mqtt.max_retained_bytes.",
                 b.retained_refused.load(Ordering::Relaxed),
             ),
             (

@@ -428,6 +428,57 @@ async fn a_filter_or_topic_too_deep_is_refused_and_weir_goes_on() {
     weir.stop().await;
 }
 
+/// `mqtt.max_retained_bytes` bounds the bytes of what clients retain (the
+/// count alone let 100 000 payloads of 2 MiB each be kept): a retained
+/// message that would pass it is delivered but not kept, and a later
+/// subscriber gets what fitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_past_max_retained_bytes_are_not_kept() {
+    let weir = Weir::start_tweaked(&[], None, |c| {
+        c.mqtt.max_retained_bytes = 1000;
+        c.alerts.mqtt = false;
+    })
+    .await;
+    let port = weir.broker_port;
+    let mut publisher = Client::simple(port, "config-push").await;
+    let big = "x".repeat(600);
+    for topic in ["config/T1", "config/T2"] {
+        publisher
+            .publish(topic, &big, QoS::AtLeastOnce, true, None)
+            .await;
+    }
+    publisher
+        .publish("config/T3", "small", QoS::AtLeastOnce, true, None)
+        .await;
+
+    let mut subscriber = Client::simple(port, "later").await;
+    subscriber
+        .subscribe(vec![Filter::new("config/#", QoS::AtLeastOnce)], None)
+        .await;
+    publisher
+        .publish("config/end", "live", QoS::AtLeastOnce, false, None)
+        .await;
+    let mut retained = Vec::new();
+    loop {
+        let p = subscriber.next_publish().await;
+        if p.topic == "config/end" {
+            break;
+        }
+        retained.push((
+            String::from_utf8_lossy(&p.topic).into_owned(),
+            p.payload.len(),
+        ));
+    }
+    retained.sort();
+    assert_eq!(
+        retained,
+        [("config/T1".to_string(), 600), ("config/T3".to_string(), 5)]
+    );
+    let refused = metric_value(&weir.metrics().await, "weir_mqtt_retained_refused_total");
+    assert_eq!(refused, Some(1.0));
+    weir.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_after_its_expiry_and_a_queued_message_after_its_own() {
     let weir = broker().await;

@@ -335,6 +335,11 @@ pub struct Routed {
 /// when `max_retained` is reached, and when a client subscribes).
 const RETAINED_SWEEP: Duration = Duration::from_secs(10);
 
+/// What a client's retained message counts against `max_retained_bytes`.
+fn retained_bytes(topic: &str, r: &Retained) -> usize {
+    topic.len() + r.payload.len()
+}
+
 /// Where the store keeps retained messages: `r/{topic}`.
 const RETAINED_PREFIX: &[u8] = b"r/";
 
@@ -364,7 +369,12 @@ pub struct BrokerState {
     /// retained status messages can fill it alone): there is at most one
     /// per rule and key, and a resolved alert's expires.
     own_retained: usize,
-    /// Retained messages not kept because `max_retained` was reached.
+    /// Bytes (topics and payloads) clients' retained messages may take
+    /// (`mqtt.max_retained_bytes`), and what they take.
+    max_retained_bytes: usize,
+    clients_retained_bytes: usize,
+    /// Retained messages not kept because `max_retained` or
+    /// `max_retained_bytes` was reached.
     pub retained_refused: u64,
     /// The earliest expiry among the retained messages (`None`: none
     /// expires), and when expired ones were last dropped.
@@ -418,6 +428,8 @@ impl BrokerState {
     pub fn new(max_queued: usize, max_retained: usize, store: Option<Store>) -> Self {
         Self {
             max_retained,
+            max_retained_bytes: 256 << 20,
+            clients_retained_bytes: 0,
             own_retained: 0,
             retained_refused: 0,
             next_retained_expiry: None,
@@ -592,34 +604,60 @@ impl BrokerState {
     fn retain_at(&mut self, publish: &Publish, expires_at: Option<Instant>, now: Instant) {
         let topic = String::from_utf8_lossy(&publish.topic);
         let own = is_own_retained(&topic);
-        let full = !own && self.clients_retained() >= self.max_retained;
+        let payload = publish.payload.len();
         let swept_lately = self
             .last_retained_sweep
             .is_some_and(|at| now.saturating_duration_since(at) < RETAINED_SWEEP);
-        if full || !swept_lately {
+        if !swept_lately || self.refuses(&topic, own, payload) {
             self.drop_expired_retained(now);
         }
-        if !own
-            && !publish.payload.is_empty()
-            && self.clients_retained() >= self.max_retained
-            && !self.retained.contains_key(&*topic)
-        {
+        if self.refuses(&topic, own, payload) {
+            // not kept, and what the topic had is no longer its retained
+            // message: a later subscriber gets nothing rather than a stale one
             self.retained_refused += 1;
+            if self.forget_retained(&topic) {
+                self.unstore_retained(&topic);
+            }
             return;
         }
         self.note_retained_expiry(expires_at);
         self.store_retained(publish, expires_at);
-        if publish.payload.is_empty() {
-            if self.retained.remove(&*topic).is_some() && own {
-                self.own_retained = self.own_retained.saturating_sub(1);
-            }
+        if payload == 0 {
+            self.forget_retained(&topic);
         } else {
             let retained = Retained::new(publish, expires_at);
             match self.retained.get_mut(&*topic) {
-                Some(kept) => *kept = retained,
+                Some(kept) => {
+                    if !own {
+                        self.clients_retained_bytes = self.clients_retained_bytes
+                            - retained_bytes(&topic, kept)
+                            + retained_bytes(&topic, &retained);
+                    }
+                    *kept = retained;
+                }
                 None => self.keep_retained(topic.into(), retained),
             }
         }
+    }
+
+    /// Whether a client's retained message of `payload` bytes on `topic`
+    /// is not kept: it would pass `max_retained` or `max_retained_bytes`.
+    /// weir's own, and clearing a topic, always are.
+    fn refuses(&self, topic: &str, own: bool, payload: usize) -> bool {
+        if own || payload == 0 {
+            return false;
+        }
+        let kept = self.retained.get(topic);
+        let bytes = self.clients_retained_bytes - kept.map_or(0, |r| retained_bytes(topic, r))
+            + topic.len()
+            + payload;
+        (kept.is_none() && self.clients_retained() >= self.max_retained)
+            || bytes > self.max_retained_bytes
+    }
+
+    /// Sets `mqtt.max_retained_bytes` (`new` sets 256 MiB).
+    pub fn set_max_retained_bytes(&mut self, bytes: usize) {
+        self.max_retained_bytes = bytes;
     }
 
     /// Retained messages that count against `max_retained`.
@@ -627,12 +665,34 @@ impl BrokerState {
         self.retained.len().saturating_sub(self.own_retained)
     }
 
-    /// Keeps `retained` as the topic's retained message, in place of the
-    /// one it had.
+    /// Keeps `retained` for `topic`, which has none.
     fn keep_retained(&mut self, topic: Box<str>, retained: Retained) {
-        let own = is_own_retained(&topic);
-        if self.retained.insert(topic, retained).is_none() && own {
+        if is_own_retained(&topic) {
             self.own_retained += 1;
+        } else {
+            self.clients_retained_bytes += retained_bytes(&topic, &retained);
+        }
+        self.retained.insert(topic, retained);
+    }
+
+    /// Drops `topic`'s retained message from memory; whether it had one.
+    fn forget_retained(&mut self, topic: &str) -> bool {
+        let Some(old) = self.retained.remove(topic) else {
+            return false;
+        };
+        if is_own_retained(topic) {
+            self.own_retained = self.own_retained.saturating_sub(1);
+        } else {
+            self.clients_retained_bytes -= retained_bytes(topic, &old);
+        }
+        true
+    }
+
+    fn unstore_retained(&self, topic: &str) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.put_broker(&retained_key(topic.as_bytes()), None) {
+                tracing::warn!(error = %e, "cannot remove a retained message");
+            }
         }
     }
 
@@ -653,9 +713,14 @@ impl BrokerState {
         let mut next: Option<Instant> = None;
         let mut gone = Vec::new();
         let mut own_gone = 0;
+        let mut bytes_gone = 0;
         self.retained.retain(|topic, r| match r.expires_at {
             Some(at) if at <= now => {
-                own_gone += usize::from(is_own_retained(topic));
+                if is_own_retained(topic) {
+                    own_gone += 1;
+                } else {
+                    bytes_gone += retained_bytes(topic, r);
+                }
                 gone.push(topic.clone());
                 false
             }
@@ -667,12 +732,9 @@ impl BrokerState {
         });
         self.next_retained_expiry = next;
         self.own_retained = self.own_retained.saturating_sub(own_gone);
-        if let Some(store) = &self.store {
-            for topic in gone {
-                if let Err(e) = store.put_broker(&retained_key(topic.as_bytes()), None) {
-                    tracing::warn!(error = %e, "cannot remove an expired retained message");
-                }
-            }
+        self.clients_retained_bytes -= bytes_gone;
+        for topic in gone {
+            self.unstore_retained(&topic);
         }
     }
 
@@ -1245,6 +1307,58 @@ mod tests {
         state.retain(&clear, None);
         state.retain(&publish("c", QoS::AtMostOnce, true), None);
         assert!(state.retained.contains_key("c"));
+    }
+
+    /// `max_retained_bytes` bounds what clients' retained messages take
+    /// (topics and payloads): one that would pass it is not kept, and what
+    /// its topic had is gone rather than stale; clearing and expiry give
+    /// the room back; weir's own notifications do not count; a restart
+    /// counts what it restored.
+    #[test]
+    fn retained_bytes_are_bounded_and_a_refused_replacement_leaves_nothing_stale() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let msg = |topic: &str, bytes: usize| {
+            let mut p = publish(topic, QoS::AtLeastOnce, true);
+            p.payload = Bytes::from(vec![b'x'; bytes]);
+            p
+        };
+        let kept = |state: &BrokerState| {
+            let mut topics: Vec<String> = state.retained.keys().map(|t| t.to_string()).collect();
+            topics.sort_unstable();
+            topics
+        };
+        let mut state = BrokerState::new(10, 100, Some(store.clone()));
+        state.set_max_retained_bytes(100);
+        let t0 = Instant::now();
+        state.retain_at(&msg("a", 40), None, t0); // 41 bytes with its topic
+        state.retain_at(&msg("b", 40), None, t0); // 82
+        state.retain_at(&msg("c", 40), None, t0); // 123: no
+        state.retain_at(&msg("weir/alerts/r/k", 500), None, t0);
+        assert_eq!(state.retained_refused, 1);
+        assert_eq!(kept(&state), ["a", "b", "weir/alerts/r/k"]);
+
+        state.retain_at(&msg("a", 50), None, t0); // 92
+        state.retain_at(&msg("b", 60), None, t0); // 112: no, and b's 40 are gone
+        assert_eq!(state.retained_refused, 2);
+        assert_eq!(kept(&state), ["a", "weir/alerts/r/k"]);
+
+        let t60 = t0 + Duration::from_secs(60);
+        state.retain_at(&msg("d", 40), Some(t60), t0); // 92
+        state.retain_at(&msg("e", 40), None, t0 + Duration::from_secs(30)); // 133: no
+        assert_eq!(state.retained_refused, 3);
+        state.retain_at(&msg("e", 40), None, t60 + Duration::from_secs(1)); // d expired: 92
+        state.retain_at(&msg("a", 0), None, t60 + Duration::from_secs(1)); // cleared: 41
+        state.retain_at(&msg("f", 40), None, t60 + Duration::from_secs(1)); // 82
+        assert_eq!(state.retained_refused, 3);
+        assert_eq!(kept(&state), ["e", "f", "weir/alerts/r/k"]);
+
+        let mut restarted = BrokerState::new(10, 100, Some(store));
+        restarted.set_max_retained_bytes(100);
+        restarted.restore();
+        assert_eq!(kept(&restarted), ["e", "f", "weir/alerts/r/k"]);
+        restarted.retain_at(&msg("g", 40), None, t0); // 123: no
+        assert_eq!(restarted.retained_refused, 1);
     }
 
     /// A retained message with an expiry (MQTT 5): once it has expired, it

@@ -80,6 +80,9 @@ pub struct ServerOptions {
     /// Retained messages the server keeps for clients; more are passed on,
     /// not retained (weir's own alert notifications do not count).
     pub max_retained: usize,
+    /// Bytes (topics and payloads) of the retained messages kept for
+    /// clients; beyond, as beyond `max_retained`.
+    pub max_retained_bytes: usize,
     /// How long a new connection has to send CONNECT.
     pub connect_timeout: Duration,
     /// The stream topics' filters: publishes matching one go to the pipeline.
@@ -104,6 +107,7 @@ impl ServerOptions {
             max_session_expiry: 7 * 24 * 3600,
             max_subscriptions: 1000,
             max_retained: 100_000,
+            max_retained_bytes: 256 << 20,
             connect_timeout: Duration::from_secs(10),
             stream_filters,
             tls_listen: None,
@@ -243,6 +247,7 @@ impl Server {
             _ => None,
         };
         let mut state = BrokerState::new(options.max_queued, options.max_retained, store);
+        state.set_max_retained_bytes(options.max_retained_bytes);
         let expiring = state.restore();
         if !state.sessions.is_empty() || !state.retained.is_empty() {
             tracing::info!(
