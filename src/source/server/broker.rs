@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::codec::{detach_message, QoS};
+use super::codec::{detach_message, detach_publish, QoS};
 use super::topics::{matches, SubscriptionTree};
 use crate::store::Store;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties, RetainForwardRule};
@@ -288,17 +288,14 @@ pub struct Retained {
 
 impl Retained {
     fn new(publish: &Publish, expires_at: Option<Instant>) -> Self {
-        let properties = publish
-            .properties
-            .as_ref()
-            .map(|p| {
-                let mut p = p.clone();
-                p.topic_alias = None;
-                p.subscription_identifiers.clear();
+        // the correlation data is detached with the payload: the rest of
+        // the properties are owned strings
+        let properties = forwarded_properties(publish)
+            .map(|mut p| {
                 if let Some(data) = p.correlation_data.as_mut() {
                     *data = super::codec::detach(data);
                 }
-                Box::new(p)
+                p
             })
             .filter(|p| **p != empty_properties());
         Retained {
@@ -857,15 +854,7 @@ impl BrokerState {
                 Some(_) => publish,
                 // QoS 0 messages are not kept for an offline session.
                 None if qos == QoS::AtMostOnce => continue,
-                None => kept_copy.get_or_insert_with(|| {
-                    let mut copy = publish.clone();
-                    let correlation_data = copy
-                        .properties
-                        .as_mut()
-                        .and_then(|p| p.correlation_data.as_mut());
-                    detach_message(&mut copy.topic, &mut copy.payload, correlation_data);
-                    copy
-                }),
+                None => kept_copy.get_or_insert_with(|| detach_publish(publish.clone())),
             };
             let mut d = delivery(
                 source,
@@ -890,12 +879,18 @@ impl BrokerState {
     }
 }
 
-fn delivery(publish: &Publish, qos: QoS, retain: bool, expires_at: Option<Instant>) -> Delivery {
-    let properties = publish.properties.clone().map(|mut p| {
+/// The publisher's properties as passed on: without the topic alias and
+/// subscription identifiers, which belonged to its own PUBLISH.
+fn forwarded_properties(publish: &Publish) -> Option<Box<PublishProperties>> {
+    publish.properties.clone().map(|mut p| {
         p.topic_alias = None;
         p.subscription_identifiers.clear();
         Box::new(p)
-    });
+    })
+}
+
+fn delivery(publish: &Publish, qos: QoS, retain: bool, expires_at: Option<Instant>) -> Delivery {
+    let properties = forwarded_properties(publish);
     Delivery {
         topic: publish.topic.clone(),
         payload: publish.payload.clone(),

@@ -111,6 +111,16 @@ pub fn detach_message(
     }
 }
 
+/// A PUBLISH that holds none of the read buffer (see [`detach`]).
+pub fn detach_publish(mut publish: v5::Publish) -> v5::Publish {
+    let correlation_data = publish
+        .properties
+        .as_mut()
+        .and_then(|p| p.correlation_data.as_mut());
+    detach_message(&mut publish.topic, &mut publish.payload, correlation_data);
+    publish
+}
+
 /// A will that holds none of the read buffer (see [`detach`]).
 pub fn detach_will(mut will: v5::LastWill) -> v5::LastWill {
     let correlation_data = will
